@@ -1,0 +1,156 @@
+"""Configuration: dataclass defaults, overridden by a YAML file, overridden by ``key=value`` arguments.
+
+Every stage owns a small config dataclass (next to its code); :class:`CurateConfig` gathers them under one key each.
+Unknown keys are errors that list the valid ones, YAML is read with ``safe_load`` and no string is ever evaluated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from lvdkit.curation.dedup_exact import DedupExactConfig
+from lvdkit.curation.dedup_phash import DedupPhashConfig
+from lvdkit.curation.ingest import IngestConfig
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override is malformed, names an unknown key, or has a value of the wrong type."""
+
+
+@dataclasses.dataclass
+class RayConfig:
+    """Where stages run. With no address a local Ray starts (and stops) inside the lvdkit process."""
+
+    address: str | None = None  # a running cluster ("auto", "ray://host:10001", "127.0.0.1:6379"); else RAY_ADDRESS
+    num_cpus: int | None = None  # local Ray only; default: all cores
+    object_store_memory_mb: int | None = None  # local Ray only; default: Ray's (30% of RAM)
+    max_task_retries: int = 3  # a shard whose task dies (worker crash, OOM kill) is retried this often
+
+
+@dataclasses.dataclass
+class CurateConfig:
+    """The whole curation run: output folder, Ray settings, and one section per stage."""
+
+    out: str = "out/curate"
+    progress: bool = True
+    ray: RayConfig = dataclasses.field(default_factory=RayConfig)
+    ingest: IngestConfig = dataclasses.field(default_factory=IngestConfig)
+    dedup_exact: DedupExactConfig = dataclasses.field(default_factory=DedupExactConfig)
+    dedup_phash: DedupPhashConfig = dataclasses.field(default_factory=DedupPhashConfig)
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
+    """Build ``cls`` from its defaults, then the YAML file at ``path``, then ``key.sub=value`` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        text = Path(path).read_text()
+        loaded = yaml.safe_load(text) if text.strip() else {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys at the top level, got {type(loaded).__name__}")
+        data = loaded
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(data, key, value)
+    return from_dict(cls, data)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"dedup_phash.max_distance=2"`` -> ``("dedup_phash.max_distance", 2)``; values are YAML scalars or lists."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. ingest.files_per_shard=500)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from exc
+    return key.strip(), value
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """Instantiate dataclass ``cls`` from a nested dict, checking keys and value types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(repr(where + k) for k in unknown)}; "
+            f"valid keys{' in ' + where.rstrip('.') if where else ''}: {', '.join(sorted(fields))}"
+        )
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: _coerce(hints[name], value, where + name) for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value if value is not None else {}, where + ".")  # type: ignore[arg-type]
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0])
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            value = [value]  # a single value where a list is expected is a one-item list
+        return [_coerce(args[0], v, where) for v in value] if args else list(value)
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain data (what ``config.yaml`` and ``_SUCCESS`` record)."""
+    return dataclasses.asdict(cfg)
+
+
+def config_hash(section: Any) -> str:
+    """A short, order-independent hash of a config section; a changed value means the stage is redone."""
+    blob = json.dumps(to_dict(section), sort_keys=True, default=str).encode()
+    return hashlib.blake2b(blob, digest_size=8).hexdigest()
+
+
+def save_config(cfg: Any, path: Path) -> None:
+    """Write the resolved config as YAML (loadable again with ``--config``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)

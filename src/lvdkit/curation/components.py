@@ -1,0 +1,60 @@
+"""Duplicate groups from pairwise links: union-find connected components, and a chaining-proof variant.
+
+Plain union-find is transitive: A~B and B~C put A and C together even when they look nothing alike, so one loose
+threshold can chain a whole dataset into one "duplicate" group. :func:`star_groups` links an image only to a group's
+representative, so every member is within the threshold of the image that is kept.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.sparse.csgraph import connected_components as _scipy_components
+
+
+def connected_components(n: int, pairs: np.ndarray) -> np.ndarray:
+    """Component label (0..C-1) of each of ``n`` nodes linked by ``pairs`` ([P, 2] int) ; union-find semantics."""
+    pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    if not len(pairs):
+        return np.arange(n, dtype=np.int64)
+    graph = sp.coo_matrix((np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    _, labels = _scipy_components(graph, directed=False)
+    return labels.astype(np.int64)
+
+
+def star_groups(n: int, pairs: np.ndarray, priority: np.ndarray) -> np.ndarray:
+    """Group ``n`` nodes so each joins a representative it is directly linked to; returns each node's representative.
+
+    Nodes are visited best ``priority`` first (lowest value first, ties by index). An unassigned node becomes a
+    representative and claims its unassigned neighbours. So the kept image of a group is its best member and every
+    member is linked to it directly: no chains.
+    """
+    pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    rep = np.full(n, -1, dtype=np.int64)
+    if not len(pairs):
+        return np.arange(n, dtype=np.int64)
+    both = np.concatenate([pairs, pairs[:, ::-1]])
+    adj = sp.csr_matrix((np.ones(len(both), dtype=np.int8), (both[:, 0], both[:, 1])), shape=(n, n))
+    for node in np.lexsort((np.arange(n), priority)):
+        if rep[node] != -1:
+            continue
+        rep[node] = node
+        nbrs = adj.indices[adj.indptr[node] : adj.indptr[node + 1]]
+        free = nbrs[rep[nbrs] == -1]
+        rep[free] = node
+    return rep
+
+
+def representatives(labels: np.ndarray, priority: np.ndarray) -> np.ndarray:
+    """For component ``labels``, the index of each node's component member with the best (lowest) ``priority``."""
+    order = np.lexsort((np.arange(len(labels)), priority, labels))  # by component, then priority, then index
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = labels[order][1:] != labels[order][:-1]
+    best_of_label = np.empty(labels.max() + 1 if len(labels) else 0, dtype=np.int64)
+    best_of_label[labels[order][first]] = order[first]
+    return best_of_label[labels]
+
+
+def component_sizes(rep: np.ndarray) -> np.ndarray:
+    """Size of each group, as a count per representative (groups of one included)."""
+    return np.bincount(np.unique(rep, return_inverse=True)[1])

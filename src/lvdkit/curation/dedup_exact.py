@@ -1,0 +1,60 @@
+"""Stage ``dedup_exact``: byte-identical files (same content hash) keep one copy.
+
+The kept file of a group is the one whose URI sorts first (shortest, then lexicographic), a rule that does not depend
+on listing order or on which worker saw the file first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from lvdkit import schema
+from lvdkit.curation.components import representatives
+
+
+@dataclass
+class DedupExactConfig:
+    """Exact dedup has one switch: it costs a sort of the content hashes and nothing else."""
+
+    enabled: bool = True
+
+
+def dedup_exact(images: pa.Table, cfg: DedupExactConfig) -> pa.Table:
+    """``images`` (``image_id``, ``uri``, ``content_hash`` of ingested, usable images) -> dedup rows (schema.DEDUP)."""
+    n = images.num_rows
+    if not cfg.enabled or n == 0:
+        return _no_duplicates(images)
+    _, labels = np.unique(images["content_hash"].to_numpy(zero_copy_only=False), return_inverse=True)
+    uris = images[schema.URI].to_numpy(zero_copy_only=False)
+    uri_rank = np.lexsort((uris, pc.utf8_length(images[schema.URI]).to_numpy()))  # shortest URI, then lexicographic
+    priority = np.empty(n, dtype=np.int64)
+    priority[uri_rank] = np.arange(n)
+    rep = representatives(labels.ravel(), priority)
+    return groups_table(images[schema.IMAGE_ID], rep, np.zeros(n, dtype=np.float32))
+
+
+def _no_duplicates(images: pa.Table) -> pa.Table:
+    n = images.num_rows
+    return groups_table(images[schema.IMAGE_ID], np.arange(n), np.zeros(n, dtype=np.float32))
+
+
+def groups_table(ids: pa.ChunkedArray | pa.Array, rep: np.ndarray, distance: np.ndarray) -> pa.Table:
+    """Dedup rows from each image's representative index: the representative is kept, the others name it."""
+    ids_np = np.asarray(ids.to_numpy(zero_copy_only=False), dtype=object)
+    keep = rep == np.arange(len(rep))
+    group = ids_np[rep]
+    dup_of = np.where(keep, None, group)
+    return pa.table(
+        {
+            schema.IMAGE_ID: pa.array(ids_np, pa.string()),
+            schema.GROUP_ID: pa.array(group, pa.string()),
+            schema.KEEP: pa.array(keep),
+            schema.DUP_OF: pa.array(dup_of, pa.string()),
+            "distance": pa.array(np.where(keep, 0, distance).astype(np.float32)),
+        },
+        schema=schema.DEDUP,
+    )

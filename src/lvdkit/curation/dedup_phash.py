@@ -1,0 +1,112 @@
+"""Stage ``dedup_phash``: perceptual near duplicates by PHash Hamming distance, found with a Faiss binary index.
+
+A cheap first pass (the copy-detection dedup does the real near-duplicate work). Pairs within ``max_distance`` bits
+come from Faiss's multi-index hashing (``IndexBinaryMultiHash``): with ``max_distance + 1`` disjoint chunks of the
+64 bits, any two hashes within ``max_distance`` agree exactly on at least one chunk (pigeonhole), so recall is exact
+without comparing all pairs. Groups are formed by :func:`lvdkit.curation.components.star_groups` so a loose link can
+never chain unrelated images together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import faiss
+import numpy as np
+import pyarrow as pa
+
+from lvdkit import schema
+from lvdkit.curation.components import component_sizes, connected_components, representatives, star_groups
+from lvdkit.curation.dedup_exact import groups_table
+
+
+@dataclass
+class DedupPhashConfig:
+    """PHash near-duplicate removal. ``max_distance`` was measured on the demo (see README): keep it small."""
+
+    enabled: bool = True
+    max_distance: int = 0  # Hamming bits; imagededup's default of 10 merges unrelated low-detail images
+    grouping: Literal["star", "components"] = "star"  # star: linked to the kept image; components: union-find
+    query_chunk: int = 65536  # queries per Faiss range search (bounds memory)
+
+
+def hamming_pairs(hashes: np.ndarray, max_distance: int, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """All pairs i < j with Hamming(hashes[i], hashes[j]) <= max_distance, and their distances.
+
+    hashes: [N] uint64. Returns pairs [P, 2] int64 and distances [P] int64.
+    """
+    hashes = np.ascontiguousarray(hashes, dtype=np.uint64)
+    if max_distance == 0:
+        return _equal_pairs(hashes)
+    codes = hashes.view(np.uint8).reshape(-1, 8)  # [N, 8]: 64 bits as Faiss binary codes
+    nhash = max_distance + 1
+    index = faiss.IndexBinaryMultiHash(64, nhash, 64 // nhash)
+    index.add(codes)
+    out_pairs, out_dist = [], []
+    for start in range(0, len(codes), chunk):
+        lims, dist, ids = index.range_search(codes[start : start + chunk], max_distance + 1)  # radius is exclusive
+        queries = start + np.repeat(np.arange(len(lims) - 1), np.diff(lims).astype(np.int64))
+        upper = ids > queries
+        out_pairs.append(np.stack([queries[upper], ids[upper]], axis=1))
+        out_dist.append(dist[upper].astype(np.int64))
+    if not out_pairs:
+        return np.empty((0, 2), np.int64), np.empty(0, np.int64)
+    return np.concatenate(out_pairs).astype(np.int64), np.concatenate(out_dist)
+
+
+def _equal_pairs(hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs of equal hashes as a star from the first of each run (enough for components; avoids k^2 pairs)."""
+    order = np.argsort(hashes, kind="stable")
+    same = hashes[order][1:] == hashes[order][:-1]
+    run_start = np.maximum.accumulate(np.where(np.concatenate([[True], ~same]), np.arange(len(order)), 0))
+    members = np.nonzero(np.concatenate([[False], same]))[0]
+    pairs = np.stack([order[run_start[members]], order[members]], axis=1)
+    return pairs.astype(np.int64), np.zeros(len(pairs), np.int64)
+
+
+def dedup_phash(images: pa.Table, cfg: DedupPhashConfig) -> tuple[pa.Table, dict[str, int]]:
+    """``images`` (``image_id``, ``phash``, ``width``, ``height`` of images kept so far) -> dedup rows and stats.
+
+    The kept image of a group is the one with the most pixels (ties: smallest ``image_id``).
+    """
+    n = images.num_rows
+    hashes = images["phash"].to_numpy(zero_copy_only=False).astype(np.uint64) if n else np.empty(0, np.uint64)
+    pairs, dist = hamming_pairs(hashes, cfg.max_distance, cfg.query_chunk) if cfg.enabled and n else (
+        np.empty((0, 2), np.int64),
+        np.empty(0, np.int64),
+    )
+    priority = _priority(images)
+    if cfg.grouping == "star":
+        rep = star_groups(n, pairs, priority)
+    elif cfg.grouping == "components":
+        rep = representatives(connected_components(n, pairs), priority)
+    else:
+        raise ValueError(f"dedup_phash.grouping={cfg.grouping!r}; valid: 'star', 'components'")
+    distance = _distance_to_rep(hashes, rep)
+    sizes = component_sizes(rep) if n else np.zeros(1, np.int64)
+    stats = {"pairs": int(len(pairs)), "groups_with_duplicates": int((sizes > 1).sum()), "largest_group": int(sizes.max())}
+    return groups_table(images[schema.IMAGE_ID], rep, distance.astype(np.float32)), stats
+
+
+def _priority(images: pa.Table) -> np.ndarray:
+    """Rank (0 = best) by pixel count descending, then image_id ascending."""
+    n = images.num_rows
+    if n == 0:
+        return np.empty(0, np.int64)
+    pixels = images["width"].to_numpy(zero_copy_only=False).astype(np.int64) * images["height"].to_numpy(
+        zero_copy_only=False
+    ).astype(np.int64)
+    ids = images[schema.IMAGE_ID].to_numpy(zero_copy_only=False)
+    order = np.lexsort((ids, -pixels))
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n)
+    return rank
+
+
+def _distance_to_rep(hashes: np.ndarray, rep: np.ndarray) -> np.ndarray:
+    """Hamming distance of each hash to its representative's hash."""
+    if not len(hashes):
+        return np.empty(0, np.int64)
+    xor = np.bitwise_xor(hashes, hashes[rep])
+    return np.unpackbits(xor.view(np.uint8).reshape(-1, 8), axis=1).sum(axis=1)

@@ -1,0 +1,172 @@
+"""Stage ``ingest``: list input files, read and fully decode each one, and record one row per file.
+
+Nothing is dropped: a file that is not a usable image gets a ``quarantined`` row with a reason. The PHash that the
+perceptual dedup needs is computed here, while the pixels are in memory, so no image is decoded twice.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import hashlib
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from lvdkit import schema
+from lvdkit.curation.decode import DecodeError, decode, to_rgb
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff")
+
+
+@dataclass
+class IngestConfig:
+    """What to read and what counts as a usable image."""
+
+    inputs: list[str] = field(default_factory=list)  # folders (recursive), globs, .txt file lists, or fs URIs
+    extensions: list[str] | None = None  # e.g. [.jpg, .png]; None reads every file (non-images are quarantined)
+    files_per_shard: int = 1000  # one part-*.parquet (and one resumable unit of work) per this many files
+    keep_bytes: bool = False  # store the file bytes in the table (else later stages re-read ``uri``)
+    max_pixels: int = 100_000_000  # decompression-bomb guard: larger images are quarantined, never decoded
+    max_file_mb: float = 256.0  # larger files are quarantined without being read
+    min_side: int = 16  # images whose shorter side is below this are quarantined (too_small)
+    phash: bool = True  # compute imagededup's PHash for dedup_phash
+
+
+def image_id(uri: str) -> str:
+    """Stable id of an input file: the same ``uri`` always gets the same id, across runs and machines."""
+    return hashlib.blake2b(uri.encode("utf-8", "surrogateescape"), digest_size=8).hexdigest()
+
+
+def content_hash(data: bytes) -> str:
+    """blake2b-128 of the file bytes, hex."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def list_inputs(inputs: Sequence[str], extensions: Sequence[str] | None = None) -> Iterator[str]:
+    """Yield every file URI under ``inputs`` once, in a deterministic order.
+
+    Each input is a folder (walked recursively), a glob, a ``.txt``/``.lst`` file with one path per line, a single
+    file, or a URI that pyarrow understands (``s3://bucket/prefix``, ``gs://...``, ``file:///...``).
+    """
+    if not inputs:
+        raise ValueError("no inputs: set ingest.inputs to folders, globs, file lists or URIs")
+    exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions) if extensions else None
+    seen: set[str] = set()
+    for entry in inputs:
+        for uri in _expand(entry):
+            if uri in seen or (exts is not None and not uri.lower().endswith(exts)):
+                continue
+            seen.add(uri)
+            yield uri
+
+
+def _expand(entry: str) -> Iterator[str]:
+    if "://" in entry:
+        yield from _list_uri(entry)
+    elif any(ch in entry for ch in "*?["):
+        yield from sorted(os.path.abspath(p) for p in glob.glob(entry, recursive=True) if not os.path.isdir(p))
+    elif os.path.isdir(entry):
+        yield from _walk(os.path.abspath(entry))
+    elif entry.endswith((".txt", ".lst")) and os.path.isfile(entry):
+        base = os.path.dirname(os.path.abspath(entry))
+        with open(entry, encoding="utf-8") as fh:
+            for line in fh:
+                path = line.strip()
+                if path and not path.startswith("#"):
+                    yield path if "://" in path else os.path.normpath(os.path.join(base, path))
+    elif os.path.lexists(entry):
+        yield os.path.abspath(entry)
+    else:
+        raise FileNotFoundError(f"input {entry!r} does not exist (not a folder, file, glob match or URI)")
+
+
+def _walk(root: str) -> Iterator[str]:
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            yield os.path.join(dirpath, name)
+
+
+def _list_uri(uri: str) -> Iterator[str]:
+    fs, path = pafs.FileSystem.from_uri(uri)
+    scheme = uri.split("://", 1)[0]
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        yield uri
+        return
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"input {uri!r} does not exist")
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    for item in sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path):
+        yield item.path if scheme == "file" else f"{scheme}://{item.path}"
+
+
+def read_bytes(uri: str, max_bytes: int) -> bytes:
+    """Read a local path or filesystem URI, refusing files larger than ``max_bytes``."""
+    if "://" in uri:
+        fs, path = pafs.FileSystem.from_uri(uri)
+        with fs.open_input_stream(path) as fh:
+            data = fh.read(max_bytes + 1)
+    else:
+        if not os.path.isfile(uri):
+            raise IsADirectoryError(f"{uri} is not a regular file")
+        with open(uri, "rb") as fh:
+            data = fh.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise _TooLarge(f"file is larger than {max_bytes} bytes")
+    return bytes(data)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+@functools.cache
+def _phasher() -> Any:
+    from imagededup.methods import PHash  # imports torch: load it only in processes that hash
+
+    return PHash(verbose=False)
+
+
+def phash64(rgb: np.ndarray) -> int:
+    """imagededup's PHash of an RGB array as an unsigned 64-bit integer (its hex string, parsed)."""
+    return int(_phasher().encode_image(image_array=rgb), 16)
+
+
+def inspect_file(uri: str, cfg: IngestConfig) -> dict[str, object]:
+    """One ingest row for ``uri`` (schema :data:`lvdkit.schema.INGEST`); never raises for a bad file."""
+    row: dict[str, object] = {schema.IMAGE_ID: image_id(uri), schema.URI: uri, "status": schema.STATUS_QUARANTINED}
+    try:
+        data = read_bytes(uri, int(cfg.max_file_mb * 2**20))
+    except _TooLarge as exc:
+        return {**row, "error": schema.REASON_FILE_TOO_LARGE, "error_detail": str(exc)}
+    except IsADirectoryError as exc:
+        return {**row, "error": schema.REASON_NOT_FILE, "error_detail": str(exc)}
+    except OSError as exc:
+        return {**row, "error": schema.REASON_UNREADABLE, "error_detail": f"{type(exc).__name__}: {exc}"}
+    row.update(size_bytes=len(data), content_hash=content_hash(data))
+    if cfg.keep_bytes:
+        row["image_bytes"] = data
+    try:
+        dec = decode(data, cfg.max_pixels)
+    except DecodeError as exc:
+        return {**row, "error": exc.reason, "error_detail": exc.detail}
+    width, height = dec.image.size
+    row.update(format=dec.format, width=width, height=height, mode=dec.mode, n_frames=dec.n_frames)
+    if min(width, height) < cfg.min_side:
+        return {**row, "error": schema.REASON_TOO_SMALL, "error_detail": f"{width}x{height} < min_side={cfg.min_side}"}
+    if cfg.phash:
+        row["phash"] = phash64(np.asarray(to_rgb(dec.image)))
+    row["status"] = schema.STATUS_OK
+    return row
+
+
+def ingest_files(uris: Sequence[str], cfg: IngestConfig) -> pa.Table:
+    """Inspect each file; one row per URI, in order."""
+    return pa.Table.from_pylist([inspect_file(u, cfg) for u in uris], schema=schema.INGEST)

@@ -1,0 +1,99 @@
+"""Completion markers: ``_SUCCESS`` (a finished stage) and ``_RUNNING`` (a stage in progress, resumable).
+
+A stage is skipped when its ``_SUCCESS`` records the same config hash and input fingerprint as the current run. An
+interrupted stage keeps its finished parts only if its ``_RUNNING`` marker matches; otherwise it starts clean.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lvdkit import __version__
+
+SUCCESS = "_SUCCESS"
+RUNNING = "_RUNNING"
+
+
+@dataclass(frozen=True)
+class RunKey:
+    """What determines a stage's output: its own config and its inputs."""
+
+    config_hash: str
+    fingerprint: str
+
+    def matches(self, record: dict[str, Any] | None) -> bool:
+        return bool(record) and record.get("config_hash") == self.config_hash and record.get(
+            "fingerprint"
+        ) == self.fingerprint  # type: ignore[union-attr]
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """The JSON object at ``path``, or None if absent or unreadable (a torn write counts as absent)."""
+    try:
+        data = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def success(stage_dir: Path) -> dict[str, Any] | None:
+    """The stage's ``_SUCCESS`` record, if it finished."""
+    return read_json(stage_dir / SUCCESS)
+
+
+def prepare(stage_dir: Path, key: RunKey, force: bool) -> str:
+    """Decide what to do with ``stage_dir``: 'skip' (done), 'resume' (same run interrupted) or 'fresh'."""
+    if not force and key.matches(success(stage_dir)):
+        return "skip"
+    if not force and key.matches(read_json(stage_dir / RUNNING)) and not (stage_dir / SUCCESS).exists():
+        return "resume"
+    if stage_dir.exists():
+        shutil.rmtree(stage_dir)
+    stage_dir.mkdir(parents=True)
+    write_json_atomic(stage_dir / RUNNING, {"config_hash": key.config_hash, "fingerprint": key.fingerprint})
+    return "fresh"
+
+
+def finish(stage_dir: Path, stage: str, key: RunKey, config: dict[str, Any], rows: int, seconds: float,
+           stats: dict[str, Any]) -> dict[str, Any]:
+    """Write ``_SUCCESS`` and drop the ``_RUNNING`` marker; returns the record."""
+    record = {
+        "stage": stage,
+        "rows": rows,
+        "stats": stats,
+        "config_hash": key.config_hash,
+        "fingerprint": key.fingerprint,
+        "config": config,
+        "lvdkit_version": __version__,
+        "seconds": round(seconds, 3),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "parts": sorted(p.name for p in stage_dir.glob("part-*.parquet")),
+    }
+    write_json_atomic(stage_dir / SUCCESS, record)
+    (stage_dir / RUNNING).unlink(missing_ok=True)
+    return record
+
+
+def fingerprint_of(*records: dict[str, Any] | None) -> str:
+    """Fingerprint of a downstream stage's inputs: the identity of the upstream outputs it reads."""
+    h = hashlib.blake2b(digest_size=8)
+    for rec in records:
+        if rec is None:
+            raise FileNotFoundError("an upstream stage has not finished")
+        h.update(f"{rec['stage']}|{rec['config_hash']}|{rec['fingerprint']}|{rec['rows']}\n".encode())
+    return h.hexdigest()

@@ -1,0 +1,109 @@
+"""Every Parquet column name and schema lvdkit reads or writes.
+
+One module so that stages, tests, benchmarks and the README agree. Users can open any of these tables with pandas,
+polars or duckdb; the README documents each one.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+# --- column names shared across tables ---------------------------------------------------------------------------
+IMAGE_ID = "image_id"  # stable id of an input file: 16 hex chars of blake2b(uri)
+URI = "uri"  # where the file was read from (local path or filesystem URI)
+GROUP_ID = "group_id"  # duplicate group (the image_id of the image kept for the group)
+KEEP = "keep"  # True for the one image kept per group
+DUP_OF = "dup_of"  # image_id of the kept image this one duplicates (null when kept)
+
+# Status values of the final per-image decision (``status.parquet``).
+STATUS_OK = "ok"
+STATUS_QUARANTINED = "quarantined"
+FINAL_KEPT = "kept"
+FINAL_DUPLICATE = "duplicate"
+
+# Quarantine reasons written by ingest (``error`` column). Each is specific enough to act on.
+REASON_EMPTY = "empty_file"
+REASON_UNREADABLE = "unreadable"  # permission denied, vanished between listing and reading, I/O error
+REASON_NOT_FILE = "not_a_regular_file"
+REASON_FILE_TOO_LARGE = "file_too_large"
+REASON_NOT_IMAGE = "not_an_image"
+REASON_TRUNCATED = "truncated"
+REASON_DECODE = "decode_error"
+REASON_TOO_MANY_PIXELS = "too_many_pixels"
+REASON_TOO_SMALL = "too_small"
+REASONS = (
+    REASON_EMPTY,
+    REASON_UNREADABLE,
+    REASON_NOT_FILE,
+    REASON_FILE_TOO_LARGE,
+    REASON_NOT_IMAGE,
+    REASON_TRUNCATED,
+    REASON_DECODE,
+    REASON_TOO_MANY_PIXELS,
+    REASON_TOO_SMALL,
+)
+
+# --- ingest: OUT/ingest/part-*.parquet --------------------------------------------------------------------------
+INGEST = pa.schema(
+    [
+        pa.field(IMAGE_ID, pa.string(), nullable=False),
+        pa.field(URI, pa.string(), nullable=False),
+        pa.field("size_bytes", pa.int64()),
+        pa.field("content_hash", pa.string()),  # blake2b-128 hex of the file bytes
+        pa.field("format", pa.string()),  # Pillow format: JPEG, PNG, GIF, ...
+        pa.field("width", pa.int32()),  # after EXIF orientation
+        pa.field("height", pa.int32()),
+        pa.field("mode", pa.string()),  # Pillow mode of the stored image: RGB, L, CMYK, P, I;16, ...
+        pa.field("n_frames", pa.int32()),  # >1 for animated images; the first frame is used
+        pa.field("phash", pa.uint64()),  # imagededup PHash (64 bits), computed while the image is decoded
+        pa.field("status", pa.string(), nullable=False),  # ok | quarantined
+        pa.field("error", pa.string()),  # quarantine reason (one of REASONS) for quarantined rows
+        pa.field("error_detail", pa.string()),  # the exception text, for humans
+        pa.field("image_bytes", pa.binary()),  # only with ingest.keep_bytes=true
+    ]
+)
+
+# --- dedup_exact / dedup_phash: OUT/<stage>/part-*.parquet -------------------------------------------------------
+DEDUP = pa.schema(
+    [
+        pa.field(IMAGE_ID, pa.string(), nullable=False),
+        pa.field(GROUP_ID, pa.string(), nullable=False),
+        pa.field(KEEP, pa.bool_(), nullable=False),
+        pa.field(DUP_OF, pa.string()),
+        pa.field("distance", pa.float32()),  # to the kept image: Hamming bits (phash), 0 (exact)
+    ]
+)
+
+# --- OUT/status.parquet: one row per input file, the final decision ----------------------------------------------
+STATUS = pa.schema(
+    [
+        pa.field(IMAGE_ID, pa.string(), nullable=False),
+        pa.field(URI, pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),  # kept | duplicate | quarantined
+        pa.field("reason", pa.string()),  # quarantine reason, or the dedup stage that removed it
+        pa.field(DUP_OF, pa.string()),  # the finally kept image (chains across stages resolved)
+    ]
+)
+
+# --- demo data: DIR/truth.parquet --------------------------------------------------------------------------------
+TRUTH_ORIGINAL = "original"
+TRUTH_EXACT = "exact_dup"
+TRUTH_NEAR = "near_dup"
+TRUTH_BROKEN = "broken"
+TRUTH_SEED = "seed"
+TRUTH_HELDOUT = "heldout"
+TRUTH = pa.schema(
+    [
+        pa.field("path", pa.string(), nullable=False),  # relative to the demo folder, '/' separated
+        pa.field("kind", pa.string(), nullable=False),  # original | exact_dup | near_dup | broken | seed | heldout
+        pa.field("original", pa.string()),  # path of the original a copy was made from (copies only)
+        pa.field("label", pa.string()),  # digit '0'..'9' for MNIST images, photo name for photos
+        pa.field("transform", pa.string()),  # near_dup: crop | resize | jpeg | rotate | flip | brightness; broken: how
+        pa.field("seed_set", pa.string()),  # seed: the seed set's name (folder under seeds/)
+    ]
+)
+
+
+def empty(schema: pa.Schema) -> pa.Table:
+    """An empty table with ``schema``."""
+    return schema.empty_table()
