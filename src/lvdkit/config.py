@@ -53,10 +53,15 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     """Build ``cls`` from its defaults, then the YAML file at ``path``, then ``key.sub=value`` overrides."""
     data: dict[str, Any] = {}
     if path is not None:
-        text = Path(path).read_text()
-        loaded = yaml.safe_load(text) if text.strip() else {}
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML (or uses a tag safe_load refuses): {exc}") from exc
+        loaded = {} if loaded is None else loaded  # empty or comments only: all defaults
         if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of config keys at the top level, got {type(loaded).__name__}")
+            raise ConfigError(
+                f"{path}: expected a mapping of config keys at the top level, got {type(loaded).__name__}"
+            )
         data = loaded
     for item in overrides:
         key, value = parse_override(item)
@@ -80,7 +85,9 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
     node = data
     for part in parts[:-1]:
-        child = node.setdefault(part, {})
+        child = node.get(part)
+        if child is None:  # absent, or an empty section in the YAML file
+            child = node[part] = {}
         if not isinstance(child, dict):
             raise ConfigError(f"override {key!r}: {part!r} is a value, not a section")
         node = child

@@ -439,4 +439,3 @@ def _shrink(image: Image.Image) -> Image.Image:
     if scale >= 1:
         return image
     return image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.LANCZOS)
-

@@ -44,8 +44,12 @@ class DedupScore:
         return self.correct / self.decisions if self.decisions else 1.0
 
     def as_dict(self) -> dict[str, float | int]:
-        return {**asdict(self), "near_recall": self.near_recall, "exact_recall": self.exact_recall,
-                "precision": self.precision}
+        return {
+            **asdict(self),
+            "near_recall": self.near_recall,
+            "exact_recall": self.exact_recall,
+            "precision": self.precision,
+        }
 
 
 def load_truth(demo_dir: str | Path) -> pa.Table:

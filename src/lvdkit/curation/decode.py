@@ -7,6 +7,7 @@ with grey), so a file is either fully decoded or rejected with a reason from :mo
 from __future__ import annotations
 
 import io
+import re
 import struct
 import warnings
 from dataclasses import dataclass
@@ -54,12 +55,17 @@ def decode(data: bytes, max_pixels: int) -> Decoded:
             upright = ImageOps.exif_transpose(im)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DecodeError(schema.REASON_TOO_MANY_PIXELS, str(exc)) from None
-    except UnidentifiedImageError as exc:
-        raise DecodeError(schema.REASON_NOT_IMAGE, str(exc)) from None
+    except UnidentifiedImageError:
+        raise DecodeError(schema.REASON_NOT_IMAGE, "Pillow recognises no image format in these bytes") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error) as exc:
         reason = schema.REASON_TRUNCATED if "truncated" in str(exc).lower() else schema.REASON_DECODE
-        raise DecodeError(reason, f"{type(exc).__name__}: {exc}") from None
+        raise DecodeError(reason, _stable(f"{type(exc).__name__}: {exc}")) from None
     return Decoded(image=upright if upright is not None else im, format=fmt, mode=mode, n_frames=n_frames)
+
+
+def _stable(message: str) -> str:
+    """Drop object addresses from an error message so that reruns write identical rows."""
+    return re.sub(r" ?<[^<>]* at 0x[0-9a-fA-F]+>", "", message)
 
 
 def to_rgb(im: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
@@ -73,6 +79,6 @@ def to_rgb(im: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) 
         return Image.fromarray(scaled, mode="L").convert("RGB")
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, background + (255,))
+        canvas = Image.new("RGBA", rgba.size, (*background, 255))
         return Image.alpha_composite(canvas, rgba).convert("RGB")
     return im.convert("RGB")

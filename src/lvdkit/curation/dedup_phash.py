@@ -56,13 +56,14 @@ def hamming_pairs(hashes: np.ndarray, max_distance: int, chunk: int = 65536) -> 
 
 
 def _equal_pairs(hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs of equal hashes as a star from the first of each run (enough for components; avoids k^2 pairs)."""
-    order = np.argsort(hashes, kind="stable")
-    same = hashes[order][1:] == hashes[order][:-1]
-    run_start = np.maximum.accumulate(np.where(np.concatenate([[True], ~same]), np.arange(len(order)), 0))
-    members = np.nonzero(np.concatenate([[False], same]))[0]
-    pairs = np.stack([order[run_start[members]], order[members]], axis=1)
-    return pairs.astype(np.int64), np.zeros(len(pairs), np.int64)
+    """Every pair of equal hashes (k*(k-1)/2 per bucket of k)."""
+    _, labels = np.unique(hashes, return_inverse=True)
+    order = np.argsort(labels, kind="stable")
+    bounds = np.flatnonzero(np.diff(labels[order])) + 1
+    groups = [g for g in np.split(order, bounds) if len(g) > 1]
+    out = [g[np.array(np.triu_indices(len(g), 1)).T] for g in groups]  # [k*(k-1)/2, 2] per bucket
+    flat = np.concatenate(out).astype(np.int64) if out else np.empty((0, 2), np.int64)
+    return np.sort(flat, axis=1), np.zeros(len(flat), np.int64)
 
 
 def dedup_phash(images: pa.Table, cfg: DedupPhashConfig) -> tuple[pa.Table, dict[str, int]]:
@@ -72,21 +73,29 @@ def dedup_phash(images: pa.Table, cfg: DedupPhashConfig) -> tuple[pa.Table, dict
     """
     n = images.num_rows
     hashes = images["phash"].to_numpy(zero_copy_only=False).astype(np.uint64) if n else np.empty(0, np.uint64)
-    pairs, dist = hamming_pairs(hashes, cfg.max_distance, cfg.query_chunk) if cfg.enabled and n else (
-        np.empty((0, 2), np.int64),
-        np.empty(0, np.int64),
-    )
     priority = _priority(images)
-    if cfg.grouping == "star":
-        rep = star_groups(n, pairs, priority)
-    elif cfg.grouping == "components":
-        rep = representatives(connected_components(n, pairs), priority)
-    else:
+    if cfg.grouping not in ("star", "components"):
         raise ValueError(f"dedup_phash.grouping={cfg.grouping!r}; valid: 'star', 'components'")
+    if cfg.enabled and n and cfg.max_distance == 0:
+        # Equal hashes form cliques, so star and components agree: group by value, no pair list needed.
+        labels = np.unique(hashes, return_inverse=True)[1].ravel()
+        rep = representatives(labels, priority)
+        sizes = np.bincount(labels)
+        n_pairs = int((sizes * (sizes - 1) // 2).sum())
+    else:
+        pairs = hamming_pairs(hashes, cfg.max_distance, cfg.query_chunk)[0] if cfg.enabled and n else np.empty((0, 2))
+        rep = _group(n, pairs, priority, cfg.grouping)
+        n_pairs = len(pairs)
     distance = _distance_to_rep(hashes, rep)
     sizes = component_sizes(rep) if n else np.zeros(1, np.int64)
-    stats = {"pairs": int(len(pairs)), "groups_with_duplicates": int((sizes > 1).sum()), "largest_group": int(sizes.max())}
+    stats = {"pairs": n_pairs, "groups_with_duplicates": int((sizes > 1).sum()), "largest_group": int(sizes.max())}
     return groups_table(images[schema.IMAGE_ID], rep, distance.astype(np.float32)), stats
+
+
+def _group(n: int, pairs: np.ndarray, priority: np.ndarray, grouping: str) -> np.ndarray:
+    if grouping == "star":
+        return star_groups(n, pairs, priority)
+    return representatives(connected_components(n, pairs), priority)
 
 
 def _priority(images: pa.Table) -> np.ndarray:

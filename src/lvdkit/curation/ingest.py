@@ -114,6 +114,8 @@ def read_bytes(uri: str, max_bytes: int) -> bytes:
         with fs.open_input_stream(path) as fh:
             data = fh.read(max_bytes + 1)
     else:
+        if not os.path.exists(uri):  # vanished since listing, or a dangling symlink
+            raise FileNotFoundError(f"{uri} does not exist (anymore)")
         if not os.path.isfile(uri):
             raise IsADirectoryError(f"{uri} is not a regular file")
         with open(uri, "rb") as fh:

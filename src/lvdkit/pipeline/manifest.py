@@ -29,9 +29,9 @@ class RunKey:
     fingerprint: str
 
     def matches(self, record: dict[str, Any] | None) -> bool:
-        return bool(record) and record.get("config_hash") == self.config_hash and record.get(
-            "fingerprint"
-        ) == self.fingerprint  # type: ignore[union-attr]
+        if not record:
+            return False
+        return record.get("config_hash") == self.config_hash and record.get("fingerprint") == self.fingerprint
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -69,8 +69,9 @@ def prepare(stage_dir: Path, key: RunKey, force: bool) -> str:
     return "fresh"
 
 
-def finish(stage_dir: Path, stage: str, key: RunKey, config: dict[str, Any], rows: int, seconds: float,
-           stats: dict[str, Any]) -> dict[str, Any]:
+def finish(
+    stage_dir: Path, stage: str, key: RunKey, config: dict[str, Any], rows: int, seconds: float, stats: dict[str, Any]
+) -> dict[str, Any]:
     """Write ``_SUCCESS`` and drop the ``_RUNNING`` marker; returns the record."""
     record = {
         "stage": stage,

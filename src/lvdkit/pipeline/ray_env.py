@@ -40,15 +40,19 @@ class LazyRay:
             return
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         address = self.address or os.environ.get("RAY_ADDRESS") or None
-        kwargs: dict[str, object] = {"logging_level": logging.WARNING, "log_to_driver": True}
         if address:
-            ray.init(address=address, **kwargs)  # type: ignore[arg-type]
+            ray.init(address=address, logging_level=logging.WARNING)
         else:
             tmp = ray_temp_dir(self.out)
             Path(tmp).mkdir(parents=True, exist_ok=True)
             store = self.object_store_mb * 2**20 if self.object_store_mb else None
-            ray.init(num_cpus=self.num_cpus, object_store_memory=store, _temp_dir=tmp, include_dashboard=False,
-                     **kwargs)  # type: ignore[arg-type]
+            ray.init(
+                num_cpus=self.num_cpus,
+                object_store_memory=store,
+                _temp_dir=tmp,
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+            )
         self.started_here = True
         _quiet_ray_data()
 

@@ -20,10 +20,11 @@ from tqdm import tqdm
 
 from lvdkit import schema
 from lvdkit.config import CurateConfig, config_hash, save_config, to_dict
+from lvdkit.pipeline import faults
 from lvdkit.pipeline.io import part_files, part_name, remove_temporaries, write_parquet_atomic
 from lvdkit.pipeline.manifest import RunKey, finish, prepare, success, write_json_atomic
-from lvdkit.pipeline.ray_env import LazyRay, ray_session
 from lvdkit.pipeline.names import CURATE_ORDER, stage_names
+from lvdkit.pipeline.ray_env import LazyRay, ray_session
 from lvdkit.pipeline.stages import STAGES, StageSpec
 from lvdkit.pipeline.views import DEDUP_STAGES, final_status
 
@@ -43,8 +44,10 @@ def run_stage(name: str, cfg: CurateConfig, ray_: LazyRay, force: bool = False) 
     out = Path(cfg.out)
     for up in spec.upstream:
         if success(out / up) is None:
-            raise RuntimeError(f"stage {name!r} needs the output of {up!r}, which has not finished in {out}: "
-                               f"run `lvdkit run {up}` (or `lvdkit curate`) first")
+            raise RuntimeError(
+                f"stage {name!r} needs the output of {up!r}, which has not finished in {out}: "
+                f"run `lvdkit run {up}` (or `lvdkit curate`) first"
+            )
     stage_dir = out / name
     start = time.time()
     plan = spec.plan(cfg, out)
@@ -81,8 +84,8 @@ def _run_sharded(spec: StageSpec, cfg: CurateConfig, stage_dir: Path, n_shards: 
         fn = spec.shard_fn(cfg, stage_dir)
         ds = ray.data.from_items([{"shard": i} for i in pending], override_num_blocks=len(pending))
         results = ds.map_batches(
-            _write_shards,
-            fn_kwargs={"fn": fn, "stage_dir": str(stage_dir)},
+            _write_shards,  # type: ignore[arg-type]
+            fn_kwargs={"fn": fn, "stage_dir": str(stage_dir), "delay": faults.shard_delay()},
             batch_size=1,
             num_cpus=1,
             ray_remote_args_fn=partial(dict, max_retries=cfg.ray.max_task_retries),
@@ -99,10 +102,11 @@ def _run_sharded(spec: StageSpec, cfg: CurateConfig, stage_dir: Path, n_shards: 
     return rows, stats
 
 
-def _write_shards(batch: dict[str, np.ndarray], fn: Any, stage_dir: str) -> dict[str, np.ndarray]:
+def _write_shards(batch: dict[str, np.ndarray], fn: Any, stage_dir: str, delay: float) -> dict[str, np.ndarray]:
     """Ray Data UDF: process each shard index in the batch and write its part file atomically (idempotent)."""
     rows = []
     for index in batch["shard"]:
+        time.sleep(delay)
         table = fn(int(index))
         write_parquet_atomic(table, Path(stage_dir) / part_name(int(index)))
         rows.append(table.num_rows)
@@ -128,7 +132,7 @@ def _parquet_rows(path: Path) -> int:
 
 
 def run(cfg: CurateConfig, stages: tuple[str, ...] = CURATE_ORDER, force: bool = False) -> dict[str, Any]:
-    """Run ``stages`` in order inside one Ray session, then write ``config.yaml``, ``status.parquet``, ``summary.json``."""
+    """Run ``stages`` in order in one Ray session; write ``config.yaml``, ``status.parquet`` and ``summary.json``."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
@@ -152,10 +156,10 @@ def write_summary(out: Path) -> dict[str, Any]:
     removed_by = reasons[st == schema.FINAL_DUPLICATE]
     stage_records = {s: success(out / s) or {} for s in finished}
     summary = {
-        "images_in": int(len(st)),
+        "images_in": len(st),
         "kept": int((st == schema.FINAL_KEPT).sum()),
         "duplicates": int((st == schema.FINAL_DUPLICATE).sum()),
-        "quarantined": int(len(quarantined)),
+        "quarantined": len(quarantined),
         "duplicates_by_stage": {s: int((removed_by == s).sum()) for s in dedup},
         "quarantined_by_reason": {r: int((quarantined == r).sum()) for r in sorted(set(quarantined))},
         "stages": {

@@ -25,7 +25,7 @@ from lvdkit.config import CurateConfig
 from lvdkit.curation.dedup_exact import dedup_exact
 from lvdkit.curation.dedup_phash import dedup_phash
 from lvdkit.curation.ingest import ingest_files, list_inputs
-from lvdkit.pipeline.io import part_name, read_parts, write_parquet_atomic
+from lvdkit.pipeline.io import read_parts
 from lvdkit.pipeline.manifest import fingerprint_of, success
 from lvdkit.pipeline.names import CURATE_ORDER
 from lvdkit.pipeline.views import alive
@@ -167,4 +167,3 @@ STAGES: dict[str, StageSpec] = {
     )
 }
 assert tuple(STAGES) == CURATE_ORDER, "lvdkit.pipeline.names.CURATE_ORDER must list STAGES in order"
-

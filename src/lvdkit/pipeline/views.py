@@ -39,11 +39,12 @@ def final_status(out: Path, dedup_stages: tuple[str, ...]) -> pa.Table:
     """One row per ingested file: kept, duplicate (naming the finally kept image) or quarantined (with reason)."""
     ing = ingested(out, [schema.IMAGE_ID, schema.URI, "status", "error"])
     ids = ing[schema.IMAGE_ID].to_numpy(zero_copy_only=False)
-    status = np.where(ing["status"].to_numpy(zero_copy_only=False) == schema.STATUS_OK, schema.FINAL_KEPT,
-                      schema.STATUS_QUARANTINED).astype(object)
+    status = np.where(
+        ing["status"].to_numpy(zero_copy_only=False) == schema.STATUS_OK, schema.FINAL_KEPT, schema.STATUS_QUARANTINED
+    ).astype(object)
     reason = np.array(ing["error"].to_pylist(), dtype=object)
     dup_of = np.full(len(ids), None, dtype=object)
-    pos = {image_id: i for i, image_id in enumerate(ids)}
+    pos: dict[str, int] = {image_id: i for i, image_id in enumerate(ids)}
     for stage in dedup_stages:
         dedup = read_parts(out / stage, columns=[schema.IMAGE_ID, schema.DUP_OF], schema=schema.DEDUP)
         dups = dedup.filter(pc.invert(pc.is_null(dedup[schema.DUP_OF])))
@@ -51,7 +52,7 @@ def final_status(out: Path, dedup_stages: tuple[str, ...]) -> pa.Table:
             i = pos[image_id]
             status[i], reason[i], dup_of[i] = schema.FINAL_DUPLICATE, stage, target
     # A later stage may remove the image an earlier duplicate pointed at: follow the chain to the survivor.
-    for i in np.nonzero(status == schema.FINAL_DUPLICATE)[0]:
+    for i in map(int, np.nonzero(status == schema.FINAL_DUPLICATE)[0]):
         target = dup_of[i]
         for _ in range(len(dedup_stages)):
             j = pos[target]

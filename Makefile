@@ -1,0 +1,55 @@
+# lvdkit developer and user entry points. Everything depends on `setup`, so each target works on a fresh clone.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+OUT ?= out/demo
+DEMO ?= out/demo-data
+CONFIG ?= configs/demo.yaml
+PYTEST_ARGS ?=
+LVDKIT := $(BIN)/lvdkit
+
+.PHONY: setup curate demo-data test test-all lint bench ingest dedup_exact dedup_phash summary clean help
+
+help:  ## list targets
+	@grep -E '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
+
+# (Re)install only when the venv is missing or pyproject.toml changed since the last install.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv and install lvdkit with dev extras (skipped when up to date)
+
+$(DEMO)/truth.parquet: | $(STAMP)
+	$(LVDKIT) demo $(DEMO)
+
+demo-data: $(DEMO)/truth.parquet  ## build the demo images in $(DEMO) (once)
+
+curate: $(STAMP) $(DEMO)/truth.parquet  ## run every curation stage on the demo into $(OUT)
+	$(LVDKIT) curate --config $(CONFIG) out=$(OUT)
+
+ingest dedup_exact dedup_phash: $(STAMP) $(DEMO)/truth.parquet  ## run one stage (make ingest, make dedup_phash, ...)
+	$(LVDKIT) run $@ --config $(CONFIG) out=$(OUT)
+
+summary: $(STAMP)  ## print $(OUT)/summary.json
+	$(LVDKIT) summary $(OUT)
+
+test: $(STAMP)  ## run the test suite (CI runs this)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-all: $(STAMP)  ## tests including the slow marker
+	$(BIN)/python -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)  ## ruff and mypy
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/mypy src
+
+bench: $(STAMP)  ## run the benchmarks (prints figures; slow)
+	$(BIN)/python bench/dedup_phash.py
+
+clean:  ## remove outputs (keeps .venv)
+	rm -rf out

@@ -1,0 +1,55 @@
+"""Shared fixtures: one real local Ray for the session, and a small real demo dataset."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+SMALL_DEMO_PER_DIGIT = 10
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    """A real local Ray with 2 CPUs and a small object store, shared by the tests that need one."""
+    import ray
+
+    tmp = tempfile.mkdtemp(prefix="lvdk-ray-", dir="/tmp")
+    ray.init(
+        num_cpus=2, object_store_memory=200 * 2**20, _temp_dir=tmp, include_dashboard=False, logging_level="WARNING"
+    )
+    from lvdkit.pipeline.ray_env import _quiet_ray_data
+
+    _quiet_ray_data()
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def small_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small demo (10 MNIST per digit, photos, planted copies and broken files), built once per session."""
+    from lvdkit.demo import make_demo
+
+    out = tmp_path_factory.mktemp("demo")
+    make_demo(out, seed=0, n_per_digit=SMALL_DEMO_PER_DIGIT, progress=False)
+    return out
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run ``lvdkit ARGS`` in a fresh interpreter (its own Ray), capturing output."""
+    return subprocess.run(
+        [sys.executable, "-m", "lvdkit.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )

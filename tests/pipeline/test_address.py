@@ -1,0 +1,80 @@
+"""A stage runs unchanged on a separately started Ray cluster (``ray start --head`` on loopback) via ``--address``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from lvdkit.pipeline.io import part_files
+
+from ..conftest import run_cli
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def ray_head() -> Iterator[str]:
+    port = _free_port()
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    tmp = tempfile.mkdtemp(prefix="lvdk-head-", dir="/tmp")
+    head = subprocess.Popen(
+        [
+            ray_bin,
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={port}",
+            "--num-cpus=2",
+            f"--temp-dir={tmp}",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+        ],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+    )
+    address = f"127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        assert head.poll() is None, "ray start --head exited"
+        time.sleep(0.5)
+    try:
+        yield address
+    finally:
+        tree = psutil.Process(head.pid).children(recursive=True)
+        os.killpg(head.pid, signal.SIGTERM)
+        _, alive = psutil.wait_procs([psutil.Process(head.pid), *tree], timeout=30)
+        for p in alive:
+            p.kill()
+
+
+def test_stage_runs_on_a_separately_started_head(ray_head: str, small_demo: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = [f"out={out}", f"ingest.inputs=[{small_demo / 'raw'}]", "ingest.files_per_shard=50", "progress=false"]
+    result = run_cli("run", "ingest", "--address", ray_head, *args, env={"RAY_AUTH_MODE": "disabled"})
+    assert result.returncode == 0, result.stderr
+    assert (out / "ingest" / "_SUCCESS").exists() and len(part_files(out / "ingest")) >= 2
+    assert not (out / "_ray").exists()  # no local Ray was started: the driver joined the head
+    # The head outlives the driver: a second stage joins it through RAY_ADDRESS as well.
+    result = run_cli("run", "dedup_exact", *args, env={"RAY_ADDRESS": ray_head, "RAY_AUTH_MODE": "disabled"})
+    assert result.returncode == 0, result.stderr
+    assert (out / "dedup_exact" / "_SUCCESS").exists()

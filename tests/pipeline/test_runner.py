@@ -1,0 +1,131 @@
+"""The stage runner on a real local Ray over the real small demo: outputs, invariant, skip and redo rules."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from lvdkit import schema
+from lvdkit.config import CurateConfig, load_config
+from lvdkit.pipeline.io import part_files
+from lvdkit.pipeline.runner import run
+from lvdkit.truth import load_truth, score_status
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def _config(out: Path, demo: Path, *overrides: str) -> CurateConfig:
+    return load_config(
+        CurateConfig,
+        None,
+        [f"out={out}", f"ingest.inputs=[{demo / 'raw'}]", "ingest.files_per_shard=40", "progress=false", *overrides],
+    )
+
+
+@pytest.fixture(scope="module")
+def curated(small_demo: Path, tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("curated")
+    summary = run(_config(out, small_demo))
+    return out, summary
+
+
+def test_every_input_file_ends_in_exactly_one_state(curated: tuple[Path, dict], small_demo: Path) -> None:
+    out, summary = curated
+    raw_files = sorted(str(p) for p in (small_demo / "raw").rglob("*") if p.is_file())
+    status = pq.read_table(out / "status.parquet")
+    assert sorted(status[schema.URI].to_pylist()) == raw_files  # one row per file, none lost, none twice
+    assert summary["images_in"] == len(raw_files)
+    assert summary["images_in"] == summary["kept"] + summary["duplicates"] + summary["quarantined"]
+    assert summary == json.loads((out / "summary.json").read_text())
+    counts = pc.value_counts(status["status"]).to_pylist()
+    assert {c["values"]: c["counts"] for c in counts} == {
+        k: v
+        for k, v in {
+            "kept": summary["kept"],
+            "duplicate": summary["duplicates"],
+            "quarantined": summary["quarantined"],
+        }.items()
+        if v
+    }
+
+
+def test_broken_files_are_quarantined_with_a_reason(curated: tuple[Path, dict], small_demo: Path) -> None:
+    out, _ = curated
+    truth = load_truth(small_demo)
+    broken = set(truth.filter(pc.equal(truth["kind"], schema.TRUTH_BROKEN))[schema.URI].to_pylist())
+    status = pq.read_table(out / "status.parquet").to_pylist()
+    quarantined = {r[schema.URI]: r["reason"] for r in status if r["status"] == schema.STATUS_QUARANTINED}
+    assert broken and set(quarantined) == broken
+    assert all(reason in schema.REASONS for reason in quarantined.values())
+    by_transform = dict(zip(truth[schema.URI].to_pylist(), truth["transform"].to_pylist(), strict=True))
+    expected = {
+        "empty": schema.REASON_EMPTY,
+        "truncated": schema.REASON_TRUNCATED,
+        "text": schema.REASON_NOT_IMAGE,
+        "huge_header": schema.REASON_TOO_MANY_PIXELS,
+    }
+    assert {u: expected[by_transform[u]] for u in broken} == quarantined
+
+
+def test_exact_copies_found_and_duplicates_name_a_kept_image(curated: tuple[Path, dict], small_demo: Path) -> None:
+    out, _ = curated
+    score = score_status(load_truth(small_demo), pq.read_table(out / "status.parquet"))
+    assert score.exact_total > 0 and score.exact_found == score.exact_total
+    status = pq.read_table(out / "status.parquet").to_pylist()
+    kept = {r[schema.IMAGE_ID] for r in status if r["status"] == schema.FINAL_KEPT}
+    dups = [r for r in status if r["status"] == schema.FINAL_DUPLICATE]
+    assert dups and all(r[schema.DUP_OF] in kept for r in dups)
+    assert all(r["reason"] in ("dedup_exact", "dedup_phash") for r in dups)
+
+
+def test_outputs_have_the_documented_schemas_and_manifests(curated: tuple[Path, dict]) -> None:
+    out, summary = curated
+    expected = {"ingest": schema.INGEST, "dedup_exact": schema.DEDUP, "dedup_phash": schema.DEDUP}
+    for stage, sch in expected.items():
+        parts = part_files(out / stage)
+        assert parts and all(pq.read_schema(p).equals(sch, check_metadata=False) for p in parts)
+        record = json.loads((out / stage / "_SUCCESS").read_text())
+        assert record["rows"] == sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
+        assert record["parts"] == [p.name for p in parts]
+        assert {"config", "config_hash", "fingerprint", "lvdkit_version", "seconds"} <= set(record)
+        assert summary["stages"][stage]["rows"] == record["rows"]
+        assert not list((out / stage).glob(".*tmp*")) and not (out / stage / "_RUNNING").exists()
+    assert len(part_files(out / "ingest")) > 1  # files_per_shard=40 split the small demo into several shards
+    assert load_config(CurateConfig, out / "config.yaml").ingest.files_per_shard == 40
+
+
+def test_rerun_skips_and_changes_redo_only_what_they_affect(small_demo: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    run(_config(out, small_demo))
+    mtimes = {s: (out / s / "_SUCCESS").stat().st_mtime_ns for s in ("ingest", "dedup_exact", "dedup_phash")}
+    run(_config(out, small_demo))  # same config, same inputs: nothing rewritten
+    assert mtimes == {s: (out / s / "_SUCCESS").stat().st_mtime_ns for s in mtimes}
+
+    run(_config(out, small_demo, "dedup_phash.max_distance=2"))  # a dedup_phash key: only that stage redone
+    after = {s: (out / s / "_SUCCESS").stat().st_mtime_ns for s in mtimes}
+    assert after["ingest"] == mtimes["ingest"] and after["dedup_exact"] == mtimes["dedup_exact"]
+    assert after["dedup_phash"] != mtimes["dedup_phash"]
+    assert json.loads((out / "dedup_phash" / "_SUCCESS").read_text())["config"]["max_distance"] == 2
+
+    extra = small_demo / "raw" / "zz_added_later.txt"  # a new input file changes the ingest fingerprint
+    extra.write_text("not an image")
+    try:
+        summary = run(_config(out, small_demo, "dedup_phash.max_distance=2"))
+        assert all((out / s / "_SUCCESS").stat().st_mtime_ns != after[s] for s in after)
+        assert summary["quarantined_by_reason"].get(schema.REASON_NOT_IMAGE, 0) >= 1
+    finally:
+        os.remove(extra)
+
+    before_force = (out / "dedup_exact" / "_SUCCESS").stat().st_mtime_ns
+    run(_config(out, small_demo, "dedup_phash.max_distance=2"), stages=("dedup_exact",), force=True)
+    assert (out / "dedup_exact" / "_SUCCESS").stat().st_mtime_ns != before_force
+
+
+def test_a_stage_refuses_to_run_before_its_inputs_exist(tmp_path: Path, small_demo: Path) -> None:
+    with pytest.raises(RuntimeError, match="needs the output of 'ingest'"):
+        run(_config(tmp_path / "empty", small_demo), stages=("dedup_exact",))

@@ -1,0 +1,54 @@
+"""The command line: help everywhere, clear errors, the demo and a run with its printed result."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lvdkit.cli import main
+from lvdkit.pipeline.names import CURATE_ORDER
+
+from .conftest import run_cli
+
+
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["demo", "--help"], ["curate", "--help"], ["run", "--help"], ["summary", "--help"]]
+)
+def test_every_command_has_help(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 0
+    assert "usage: lvdkit" in capsys.readouterr().out
+
+
+def test_run_help_lists_the_stages(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    out = capsys.readouterr().out
+    assert all(stage in out for stage in CURATE_ORDER)
+
+
+def test_unknown_stage_and_unknown_key_are_clear_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["run", "embedd", f"out={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown stage 'embedd'" in err and all(s in err for s in CURATE_ORDER)
+    assert main(["curate", f"out={tmp_path}", "dedup_phash.max_distnce=3"]) == 2
+    err = capsys.readouterr().err
+    assert "max_distnce" in err and "max_distance" in err
+
+
+def test_missing_input_names_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    result = run_cli("run", "ingest", f"out={tmp_path / 'o'}", f"ingest.inputs=[{tmp_path / 'nope'}]", "progress=false")
+    assert result.returncode == 2 and str(tmp_path / "nope") in result.stderr
+
+
+def test_curate_prints_the_funnel_and_summary_matches(small_demo: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = run_cli("curate", f"out={out}", f"ingest.inputs=[{small_demo / 'raw'}]", "progress=false")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert f"images in: {summary['images_in']}" in result.stdout and str(out) in result.stdout
+    again = run_cli("curate", f"out={out}", f"ingest.inputs=[{small_demo / 'raw'}]", "progress=false")
+    assert again.returncode == 0 and again.stderr.count("skipped") == len(CURATE_ORDER)
