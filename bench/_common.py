@@ -95,8 +95,10 @@ def ensure_pool(demo_dir: Path, pool: Path, n: int, seed: int = 0, workers: int 
         jobs = [(pool, list(ch), n_base, seed) for ch in _chunks(range(n_base, n))]
         procs.starmap(_write_variations, jobs)
     marker.write_text(json.dumps(want))
-    print(f"made {pool} ({n_base} demo images + {n - n_base} variations) in {time.perf_counter() - start:.0f}s",
-          flush=True)
+    print(
+        f"made {pool} ({n_base} demo images + {n - n_base} variations) in {time.perf_counter() - start:.0f}s",
+        flush=True,
+    )
     return pool
 
 

@@ -16,6 +16,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 SMALL_DEMO_PER_DIGIT = 10
+# A small random-init model for the embed stage in tests that run the whole curation (no weights, no network).
+TINY_EMBED = (
+    "embed.models={copy: 'timm:resnet10t'}",
+    "embed.model_options={}",
+    "embed.images_per_shard=64",
+    "embed.calibration_copies=30",
+)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import pytest
 from lvdkit.cli import main
 from lvdkit.pipeline.names import CURATE_ORDER
 
-from .conftest import run_cli
+from .conftest import TINY_EMBED, run_cli
 
 
 @pytest.mark.parametrize(
@@ -46,9 +46,9 @@ def test_missing_input_names_it(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 def test_curate_prints_the_funnel_and_summary_matches(small_demo: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    result = run_cli("curate", f"out={out}", f"ingest.inputs=[{small_demo / 'raw'}]", "progress=false")
+    result = run_cli("curate", f"out={out}", f"ingest.inputs=[{small_demo / 'raw'}]", "progress=false", *TINY_EMBED)
     assert result.returncode == 0, result.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert f"images in: {summary['images_in']}" in result.stdout and str(out) in result.stdout
-    again = run_cli("curate", f"out={out}", f"ingest.inputs=[{small_demo / 'raw'}]", "progress=false")
+    again = run_cli("curate", f"out={out}", f"ingest.inputs=[{small_demo / 'raw'}]", "progress=false", *TINY_EMBED)
     assert again.returncode == 0 and again.stderr.count("skipped") == len(CURATE_ORDER)

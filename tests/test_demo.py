@@ -17,6 +17,7 @@ from lvdkit.schema import (
     TRUTH_BROKEN,
     TRUTH_EXACT,
     TRUTH_HELDOUT,
+    TRUTH_LEAKED,
     TRUTH_NEAR,
     TRUTH_ORIGINAL,
     TRUTH_SEED,
@@ -79,12 +80,15 @@ def test_kinds_and_counts(demo: tuple[Path, list[dict[str, str | None]]]) -> Non
     assert {str(d) for d in range(10)} | {"astronaut", "camera", "coffee", "china", "flower"} <= labels
     seeds = collections.Counter((r["seed_set"], r["label"]) for r in by_kind(rows, TRUTH_SEED))
     assert seeds == {(f"digit_{d}", str(d)): N_PER_DIGIT // 5 for d in SEED_DIGITS}
+    kind_of = {r["path"]: r for r in rows}
     heldout = collections.Counter(r["label"] for r in by_kind(rows, TRUTH_HELDOUT))
     assert set(heldout) == {str(d) for d in range(10)} and min(heldout.values()) >= 2
     for r in rows:
         top = str(r["path"]).split("/")[0]
         assert top == {TRUTH_SEED: "seeds", TRUTH_HELDOUT: "heldout"}.get(str(r["kind"]), "raw")
-        assert (r["original"] is not None) == (r["kind"] in (TRUTH_EXACT, TRUTH_NEAR))
+        assert (r["original"] is not None) == (r["kind"] in (TRUTH_EXACT, TRUTH_NEAR, TRUTH_LEAKED))
+    leaked = by_kind(rows, TRUTH_LEAKED)
+    assert leaked and all(kind_of[r["original"]]["kind"] == TRUTH_HELDOUT for r in leaked)
 
 
 def test_copies_point_at_originals(demo: tuple[Path, list[dict[str, str | None]]]) -> None:

@@ -16,9 +16,12 @@ from typing import Any, TypeVar
 
 import yaml
 
+from lvdkit.curation.dedup_copy import DedupCopyConfig
 from lvdkit.curation.dedup_exact import DedupExactConfig
 from lvdkit.curation.dedup_phash import DedupPhashConfig
+from lvdkit.curation.dedup_relative import DedupRelativeConfig
 from lvdkit.curation.ingest import IngestConfig
+from lvdkit.embeddings.stage import EmbedConfig
 
 T = TypeVar("T")
 
@@ -34,7 +37,7 @@ class RayConfig:
     address: str | None = None  # a running cluster ("auto", "ray://host:10001", "127.0.0.1:6379"); else RAY_ADDRESS
     num_cpus: int | None = None  # local Ray only; default: all cores
     object_store_memory_mb: int | None = None  # local Ray only; default: Ray's (30% of RAM)
-    max_task_retries: int = 3  # a shard whose task dies (worker crash, OOM kill) is retried this often
+    max_task_retries: int = 3  # a whole-dataset task whose worker dies (crash, OOM kill) is retried this often
 
 
 @dataclasses.dataclass
@@ -47,6 +50,9 @@ class CurateConfig:
     ingest: IngestConfig = dataclasses.field(default_factory=IngestConfig)
     dedup_exact: DedupExactConfig = dataclasses.field(default_factory=DedupExactConfig)
     dedup_phash: DedupPhashConfig = dataclasses.field(default_factory=DedupPhashConfig)
+    embed: EmbedConfig = dataclasses.field(default_factory=EmbedConfig)
+    dedup_copy: DedupCopyConfig = dataclasses.field(default_factory=DedupCopyConfig)
+    dedup_relative: DedupRelativeConfig = dataclasses.field(default_factory=DedupRelativeConfig)
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
@@ -129,6 +135,11 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             value = [value]  # a single value where a list is expected is a one-item list
         return [_coerce(args[0], v, where) for v in value] if args else list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        kt, vt = args if args else (Any, Any)
+        return {_coerce(kt, k, f"{where}.{k}"): _coerce(vt, v, f"{where}.{k}") for k, v in value.items()}
     if origin is typing.Literal:
         if value not in args:
             raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")

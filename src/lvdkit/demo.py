@@ -33,6 +33,7 @@ from lvdkit.schema import (
     TRUTH_BROKEN,
     TRUTH_EXACT,
     TRUTH_HELDOUT,
+    TRUTH_LEAKED,
     TRUTH_NEAR,
     TRUTH_ORIGINAL,
     TRUTH_SEED,
@@ -80,6 +81,7 @@ SKIMAGE_PHOTOS = {
 _EXACT_SHARE = 0.03
 _NEAR_SHARE = 0.07
 _HELDOUT_SHARE = 0.08
+_LEAK_SHARE = 0.1  # of held-out images, planted in the pool as near copies
 _SEEDS_PER_SET = 20
 _BROKEN_EACH = 3
 _SIDE_RANGE = (56, 224)  # MNIST's 28 px upscaled to 2x-8x
@@ -196,15 +198,27 @@ def _plan(rng: np.random.Generator, n_per_digit: int) -> list[_File]:
     """Every file of the demo with its truth row; all random choices are drawn here, in a fixed order."""
     pool: list[tuple[str, Image.Image]] = []
     held: list[_File] = []
+    eval_looks: list[_Look] = []
     for digit, images in _load_mnist(n_per_digit).items():
         order = rng.permutation(len(images)).tolist()
         n_seed = min(_SEEDS_PER_SET, n_per_digit // 5) if digit in SEED_DIGITS else 0
         n_held = max(2, round(_HELDOUT_SHARE * n_per_digit))
         sources = [_digit_source(images[i]) for i in order]
-        held += _apart_files(rng, sources[:n_seed], f"{SEEDS}/digit_{digit}", TRUTH_SEED, str(digit), f"digit_{digit}")
-        held += _apart_files(rng, sources[n_seed : n_seed + n_held], f"{HELDOUT}/{digit}", TRUTH_HELDOUT, str(digit))
+        seeds, _ = _apart_files(
+            rng, sources[:n_seed], f"{SEEDS}/digit_{digit}", TRUTH_SEED, str(digit), f"digit_{digit}"
+        )
+        heldout, looks = _apart_files(
+            rng, sources[n_seed : n_seed + n_held], f"{HELDOUT}/{digit}", TRUTH_HELDOUT, str(digit)
+        )
+        held += seeds + heldout
+        eval_looks += looks
         pool += [(str(digit), source) for source in sources[n_seed + n_held :]]
-    return held + _raw_files(rng, pool, _load_photos())
+    # A few held-out images leak into the pool as near copies: what dedup_relative must catch.
+    leaks = [
+        eval_looks[i]
+        for i in rng.choice(len(eval_looks), max(1, round(_LEAK_SHARE * len(eval_looks))), replace=False).tolist()
+    ]
+    return held + _raw_files(rng, pool, _load_photos(), leaks)
 
 
 def _apart_files(
@@ -214,23 +228,29 @@ def _apart_files(
     kind: str,
     label: str,
     seed_set: str | None = None,
-) -> list[_File]:
-    """Seed or held-out images: kept out of the pool so that the pool never contains them."""
-    files = []
+) -> tuple[list[_File], list[_Look]]:
+    """Seed or held-out images: kept out of the pool (but for the planted leaks of held-out images)."""
+    files, looks = [], []
     for i, source in enumerate(sources):
         size, (fmt, quality) = _draw_size(rng), _draw_encoding(rng)
         make = functools.partial(_make_plain, source, size, fmt, quality)
-        files.append(_File(f"{folder}/img_{i:03d}{_EXT[fmt]}", kind, make, label=label, seed_set=seed_set))
-    return files
+        path = f"{folder}/img_{i:03d}{_EXT[fmt]}"
+        files.append(_File(path, kind, make, label=label, seed_set=seed_set))
+        looks.append(_Look(source, size, path, label))
+    return files, looks
 
 
 def _raw_files(
-    rng: np.random.Generator, digits: list[tuple[str, Image.Image]], photos: list[tuple[str, Image.Image]]
+    rng: np.random.Generator,
+    digits: list[tuple[str, Image.Image]],
+    photos: list[tuple[str, Image.Image]],
+    leaks: list[_Look],
 ) -> list[_File]:
-    """The pool: originals (a few in odd modes), their exact and near copies, and broken files, all shuffled."""
+    """The pool: originals (a few in odd modes), their exact and near copies, leaked held-out images and broken
+    files, all shuffled."""
     n = len(digits) + len(photos)
     n_exact, n_near = max(1, round(_EXACT_SHARE * n)), max(1, round(_NEAR_SHARE * n))
-    slots = _Slots(rng, n + n_exact + n_near + _BROKEN_EACH * len(BROKEN_KINDS))
+    slots = _Slots(rng, n + n_exact + n_near + len(leaks) + _BROKEN_EACH * len(BROKEN_KINDS))
     # Odd modes go to MNIST images: exif_rotated needs a drawn, non-square size for the rotation to show.
     odd = dict(zip(rng.choice(len(digits), len(ODD_MODES), replace=False).tolist(), ODD_MODES, strict=True))
     files, looks = [], []
@@ -246,6 +266,9 @@ def _raw_files(
         files.append(_File(path, TRUTH_EXACT, None, look.path, look.label))
     for j, i in enumerate(copied[n_exact:]):
         files.append(_near_file(rng, slots, looks[i], NEAR_TRANSFORMS[j % len(NEAR_TRANSFORMS)]))
+    for j, look in enumerate(leaks):
+        leak = _near_file(rng, slots, look, NEAR_TRANSFORMS[j % len(NEAR_TRANSFORMS)])
+        files.append(dataclasses.replace(leak, kind=TRUTH_LEAKED))
     return files + _broken_files(rng, slots, [source for _, source in digits])
 
 

@@ -74,6 +74,30 @@ DEDUP = pa.schema(
     ]
 )
 
+# --- embed: OUT/embed/part-*.parquet (one embedding column per configured model) and OUT/embed/calibration/ ------
+EMBEDDING_PREFIX = "embedding_"  # + the model's key in embed.models, e.g. embedding_copy, embedding_semantic
+EDIT = "edit"  # calibration rows: the synthetic edit (crop, jpeg, ...) applied to the source image
+
+
+def embedding_column(key: str) -> str:
+    """Column holding model ``key``'s L2-normalised embeddings."""
+    return EMBEDDING_PREFIX + key
+
+
+def embedding_type(dim: int) -> pa.DataType:
+    """Arrow type of one embedding: ``fixed_size_list<float32>[dim]`` (zero-copy to a [N, dim] numpy array)."""
+    return pa.list_(pa.float32(), dim)
+
+
+def embed_schema(dims: dict[str, int], calibration: bool = False) -> pa.Schema:
+    """Schema of embed parts (``calibration``: of the synthetic copies used to calibrate dedup_copy)."""
+    fields = [pa.field(IMAGE_ID, pa.string(), nullable=False)]
+    if calibration:
+        fields.append(pa.field(EDIT, pa.string(), nullable=False))
+    fields += [pa.field(embedding_column(k), embedding_type(d), nullable=False) for k, d in dims.items()]
+    return pa.schema(fields)
+
+
 # --- OUT/status.parquet: one row per input file, the final decision ----------------------------------------------
 STATUS = pa.schema(
     [
@@ -92,10 +116,11 @@ TRUTH_NEAR = "near_dup"
 TRUTH_BROKEN = "broken"
 TRUTH_SEED = "seed"
 TRUTH_HELDOUT = "heldout"
+TRUTH_LEAKED = "leaked_heldout"  # a near copy of a held-out (evaluation) image planted in the pool
 TRUTH = pa.schema(
     [
         pa.field("path", pa.string(), nullable=False),  # relative to the demo folder, '/' separated
-        pa.field("kind", pa.string(), nullable=False),  # original | exact_dup | near_dup | broken | seed | heldout
+        pa.field("kind", pa.string(), nullable=False),  # original|exact_dup|near_dup|broken|seed|heldout|leaked_heldout
         pa.field("original", pa.string()),  # path of the original a copy was made from (copies only)
         pa.field("label", pa.string()),  # digit '0'..'9' for MNIST images, photo name for photos
         pa.field("transform", pa.string()),  # near_dup: crop | resize | jpeg | rotate | flip | brightness; broken: how

@@ -17,6 +17,8 @@ import pyarrow.parquet as pq
 
 from lvdkit import schema
 
+RELATIVE = "dedup_relative"
+
 
 @dataclass
 class DedupScore:
@@ -95,12 +97,44 @@ def score_groups(truth: pa.Table, uris: list[str], rep_uris: list[str]) -> Dedup
 
 
 def score_status(truth: pa.Table, status: pa.Table) -> DedupScore:
-    """Score lvdkit's ``status.parquet`` (duplicates name the finally kept image)."""
+    """Score the self-dedup decisions of lvdkit's ``status.parquet`` (duplicates name the finally kept image).
+
+    Images removed by ``dedup_relative`` (copies of protected images) are left out: see :func:`score_relative`.
+    """
     uri_of_id = dict(zip(status[schema.IMAGE_ID].to_pylist(), status[schema.URI].to_pylist(), strict=True))
-    live = status.filter(pa.compute.not_equal(status["status"], schema.STATUS_QUARANTINED))
-    uris = live[schema.URI].to_pylist()
-    reps = [uri_of_id[d] if d else u for u, d in zip(uris, live[schema.DUP_OF].to_pylist(), strict=True)]
-    return score_groups(truth, uris, reps)
+    live = status.filter(
+        pa.compute.and_(
+            pa.compute.not_equal(status["status"], schema.STATUS_QUARANTINED),
+            pa.compute.not_equal(pa.compute.fill_null(status["reason"], ""), RELATIVE),
+        )
+    )
+    # A duplicate whose kept image was then removed as a copy of a protected image points outside the pool.
+    pairs = [
+        (u, d)
+        for u, d in zip(live[schema.URI].to_pylist(), live[schema.DUP_OF].to_pylist(), strict=True)
+        if d is None or d in uri_of_id
+    ]
+    return score_groups(truth, [u for u, _ in pairs], [uri_of_id[d] if d else u for u, d in pairs])
+
+
+@dataclass
+class RelativeScore:
+    """Planted leaks of protected images into the pool, and what relative dedup did about them."""
+
+    leaked: int  # planted near copies of protected (held-out) images in the pool
+    caught: int  # ... removed by dedup_relative
+    caught_earlier: int  # ... removed by a self-dedup stage before it (so never reaching it)
+    wrongly_removed: int  # pool images that copy no protected image, removed by dedup_relative
+
+
+def score_relative(truth: pa.Table, status: pa.Table) -> RelativeScore:
+    """Score ``dedup_relative`` against the ``leaked_heldout`` rows of the truth table."""
+    leaked = set(truth.filter(pa.compute.equal(truth["kind"], schema.TRUTH_LEAKED))[schema.URI].to_pylist())
+    reason = dict(zip(status[schema.URI].to_pylist(), status["reason"].to_pylist(), strict=True))
+    caught = sum(reason.get(u) == RELATIVE for u in leaked)
+    earlier = sum(reason.get(u) not in (None, RELATIVE) for u in leaked)
+    wrong = sum(1 for u, r in reason.items() if r == RELATIVE and u not in leaked)
+    return RelativeScore(len(leaked), caught, earlier, wrong)
 
 
 def score_pairs(truth: pa.Table, uris: list[str], pairs: np.ndarray) -> DedupScore:

@@ -22,7 +22,7 @@ from lvdkit.config import CurateConfig, load_config
 from lvdkit.pipeline.io import part_files, read_parts
 from lvdkit.pipeline.runner import run
 
-from ..conftest import run_cli
+from ..conftest import TINY_EMBED, run_cli
 
 FILES_PER_SHARD = 5
 
@@ -34,6 +34,7 @@ def _args(out: Path, demo: Path) -> list[str]:
         f"ingest.files_per_shard={FILES_PER_SHARD}",
         "progress=false",
         "ray.num_cpus=2",
+        *TINY_EMBED,
     ]
 
 
@@ -80,7 +81,14 @@ def test_killed_mid_stage_then_rerun_equals_uninterrupted(small_demo: Path, tmp_
     assert f"{len(survivors)} of {n_shards} shards already done" in rerun.stderr
     assert all((killed / "ingest" / name).stat().st_mtime_ns == m for name, m in survivors.items())  # not redone
 
-    for stage, sch in (("ingest", schema.INGEST), ("dedup_exact", schema.DEDUP), ("dedup_phash", schema.DEDUP)):
+    for stage, sch in (
+        ("ingest", schema.INGEST),
+        ("dedup_exact", schema.DEDUP),
+        ("dedup_phash", schema.DEDUP),
+        ("embed", None),
+        ("dedup_copy", schema.DEDUP),
+        ("dedup_relative", schema.DEDUP),
+    ):
         got, want = read_parts(killed / stage, schema=sch), read_parts(reference / stage, schema=sch)
         assert got.num_rows == want.num_rows
         assert len(set(got[schema.IMAGE_ID].to_pylist())) == got.num_rows  # no row twice

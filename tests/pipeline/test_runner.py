@@ -16,6 +16,8 @@ from lvdkit.pipeline.io import part_files
 from lvdkit.pipeline.runner import run
 from lvdkit.truth import load_truth, score_status
 
+from ..conftest import TINY_EMBED
+
 pytestmark = pytest.mark.usefixtures("ray_local")
 
 
@@ -23,7 +25,14 @@ def _config(out: Path, demo: Path, *overrides: str) -> CurateConfig:
     return load_config(
         CurateConfig,
         None,
-        [f"out={out}", f"ingest.inputs=[{demo / 'raw'}]", "ingest.files_per_shard=40", "progress=false", *overrides],
+        [
+            f"out={out}",
+            f"ingest.inputs=[{demo / 'raw'}]",
+            "ingest.files_per_shard=40",
+            "progress=false",
+            *TINY_EMBED,
+            *overrides,
+        ],
     )
 
 
@@ -80,12 +89,18 @@ def test_exact_copies_found_and_duplicates_name_a_kept_image(curated: tuple[Path
     kept = {r[schema.IMAGE_ID] for r in status if r["status"] == schema.FINAL_KEPT}
     dups = [r for r in status if r["status"] == schema.FINAL_DUPLICATE]
     assert dups and all(r[schema.DUP_OF] in kept for r in dups)
-    assert all(r["reason"] in ("dedup_exact", "dedup_phash") for r in dups)
+    assert all(r["reason"] in ("dedup_exact", "dedup_phash", "dedup_copy", "dedup_relative") for r in dups)
 
 
 def test_outputs_have_the_documented_schemas_and_manifests(curated: tuple[Path, dict]) -> None:
     out, summary = curated
-    expected = {"ingest": schema.INGEST, "dedup_exact": schema.DEDUP, "dedup_phash": schema.DEDUP}
+    expected = {
+        "ingest": schema.INGEST,
+        "dedup_exact": schema.DEDUP,
+        "dedup_phash": schema.DEDUP,
+        "dedup_copy": schema.DEDUP,
+        "dedup_relative": schema.DEDUP,
+    }
     for stage, sch in expected.items():
         parts = part_files(out / stage)
         assert parts and all(pq.read_schema(p).equals(sch, check_metadata=False) for p in parts)

@@ -8,6 +8,7 @@ representative, so every member is within the threshold of the image that is kep
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components as _scipy_components
 
@@ -58,3 +59,16 @@ def representatives(labels: np.ndarray, priority: np.ndarray) -> np.ndarray:
 def component_sizes(rep: np.ndarray) -> np.ndarray:
     """Size of each group, as a count per representative (groups of one included)."""
     return np.bincount(np.unique(rep, return_inverse=True)[1])
+
+
+def keep_priority(images: pa.Table) -> np.ndarray:
+    """Which image of a group to keep: rank 0 is best. Most pixels first (``width * height``), then smallest id."""
+    n = images.num_rows
+    if n == 0:
+        return np.empty(0, np.int64)
+    width = images["width"].to_numpy(zero_copy_only=False).astype(np.int64)
+    pixels = width * images["height"].to_numpy(zero_copy_only=False).astype(np.int64)
+    order = np.lexsort((images["image_id"].to_numpy(zero_copy_only=False), -pixels))
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n)
+    return rank

@@ -108,9 +108,12 @@ def _list_uri(uri: str) -> Iterator[str]:
 
 
 def read_bytes(uri: str, max_bytes: int) -> bytes:
-    """Read a local path or filesystem URI, refusing files larger than ``max_bytes``."""
+    """Read a local path or filesystem URI, refusing files larger than ``max_bytes`` before reading them."""
     if "://" in uri:
         fs, path = pafs.FileSystem.from_uri(uri)
+        size = fs.get_file_info(path).size
+        if size is not None and size > max_bytes:
+            raise _TooLarge(f"file is {size} bytes, more than {max_bytes}")
         with fs.open_input_stream(path) as fh:
             data = fh.read(max_bytes + 1)
     else:
@@ -119,8 +122,11 @@ def read_bytes(uri: str, max_bytes: int) -> bytes:
         if not os.path.isfile(uri):
             raise IsADirectoryError(f"{uri} is not a regular file")
         with open(uri, "rb") as fh:
-            data = fh.read(max_bytes + 1)
-    if len(data) > max_bytes:
+            size = os.fstat(fh.fileno()).st_size
+            if size > max_bytes:
+                raise _TooLarge(f"file is {size} bytes, more than {max_bytes}")
+            data = fh.read(size + 1)  # read(n) allocates n bytes up front: ask for what the file holds
+    if len(data) > max_bytes:  # grew since stat
         raise _TooLarge(f"file is larger than {max_bytes} bytes")
     return bytes(data)
 

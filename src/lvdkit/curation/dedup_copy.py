@@ -1,0 +1,152 @@
+"""Stage ``dedup_copy``: LVD self-deduplication on copy-detection descriptors (DINOv2 paper, appendix A).
+
+k nearest neighbours (k=64) of every image, an edge where cosine similarity exceeds a threshold, groups, one image
+kept per group. Two things the paper's recipe leaves out, because thresholds do not transfer across domains:
+
+- descriptors are post-processed as SSCD's authors recommend: PCA whitening (or centering) fitted on a sample of
+  this pool, then L2 normalisation;
+- the threshold is calibrated on this pool: synthetic copies of a sample of images (crop, re-encode, resize, flip,
+  rotation, colour) give the similarities of true copies; each image's second most similar other image gives the
+  similarities of distinct images (the most similar one is often a real copy in a raw pool, which would make every
+  copy look like a false match; an image rarely has two copies, so its second neighbour is almost always distinct,
+  at the price of slightly underestimating false matches); the lowest threshold whose estimated precision meets
+  ``target_precision`` is used, and the estimate is recorded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+
+from lvdkit import schema
+from lvdkit.curation.components import (
+    component_sizes,
+    connected_components,
+    keep_priority,
+    representatives,
+    star_groups,
+)
+from lvdkit.curation.dedup_exact import groups_table
+from lvdkit.curation.knn import IndexKind, Whitener, build_index, fit_whitener, knn, pairs_above
+
+
+@dataclass
+class DedupCopyConfig:
+    """Copy-detection self-dedup. ``threshold: null`` calibrates it on the pool (see module docstring)."""
+
+    enabled: bool = True
+    embedding: str = "copy"  # which embed model's descriptors (a key of embed.models)
+    k: int = 64  # neighbours per image (LVD: 64)
+    threshold: float | None = None  # cosine after post-processing; null = calibrate
+    target_precision: float = 0.95  # calibration: lowest threshold whose estimated precision reaches this
+    negative_rank: int = 2  # calibration negatives: each image's rank-th most similar other image (see docstring)
+    whiten: Literal["none", "center", "pca"] = "pca"
+    whiten_dims: int = 256
+    whiten_sample: int = 100_000  # images the whitening is fitted on
+    grouping: Literal["star", "components"] = "star"  # star: every member linked to the kept image (no chains)
+    index: IndexKind = "auto"  # auto: exact flat index up to flat_max images, IVF above
+    flat_max: int = 200_000
+    nprobe: int = 16
+    seed: int = 0
+
+
+@dataclass
+class Calibration:
+    """The chosen threshold and what it is estimated to do on this pool."""
+
+    threshold: float
+    precision: float  # estimated fraction of removed images that really are copies
+    recall: float  # estimated fraction of copies found (from the synthetic copies)
+    prevalence: float  # estimated fraction of images that have a copy in the pool
+    false_match_rate: float  # estimated fraction of images whose best distinct match exceeds the threshold
+    positives: int
+    negatives: int
+
+
+def calibrate(pos: np.ndarray, neg: np.ndarray, best: np.ndarray, target_precision: float) -> Calibration:
+    """Lowest threshold t whose estimated precision reaches ``target_precision`` (a pair is a copy when sim > t).
+
+    pos: [P] similarities of synthetic copies to their sources; R(t), the fraction above t, is the recall.
+    neg: [Q] similarities of images to a (second-nearest, almost surely) distinct image; its maximum t0 is a level
+    that distinct images essentially never exceed.
+    best: [N] each image's highest similarity to another image; M(t), the fraction above t, is the observed match
+    rate, copies and false matches together.
+    Prevalence of copies: pi = M(t0) / R(t0). Precision: pi R(t) / M(t), expected true matches over observed ones.
+    """
+    if not len(pos) or not len(neg) or not len(best):
+        raise ValueError("calibration needs synthetic copies and at least two images")
+    pos_s, best_s = np.sort(pos), np.sort(best)
+
+    def above(sorted_x: np.ndarray, t: np.ndarray | float) -> np.ndarray:
+        return 1.0 - np.searchsorted(sorted_x, t, side="right") / len(sorted_x)
+
+    t0 = float(np.max(neg))
+    r0 = float(above(pos_s, t0))
+    pi = float(np.clip(above(best_s, t0) / r0, 1e-4, 1.0)) if r0 > 0 else 1e-4
+    cands = np.unique(np.concatenate([pos_s, best_s]))
+    recall, matched = above(pos_s, cands), above(best_s, cands)
+    precision = np.where(matched > 0, np.minimum(1.0, pi * recall / np.maximum(matched, 1e-12)), 1.0)
+    ok = np.nonzero((precision >= target_precision) & (recall > 0))[0]
+    i = int(ok[0]) if len(ok) else int(np.searchsorted(cands, t0))
+    false_rate = max(0.0, float(matched[i] - pi * recall[i]))
+    return Calibration(float(cands[i]), float(precision[i]), float(recall[i]), pi, false_rate, len(pos), len(neg))
+
+
+def nearest_other(sims: np.ndarray, ids: np.ndarray, rank: int = 1) -> np.ndarray:
+    """Per row of a self-search: the ``rank``-th highest similarity to an image other than itself. [N, k] -> [N]."""
+    rows = np.arange(len(ids))[:, None]
+    masked = np.where((ids != rows) & (ids >= 0), sims, -np.inf)
+    return -np.sort(-masked, axis=1)[:, rank - 1]
+
+
+def dedup_copy(
+    images: pa.Table,
+    embeddings: np.ndarray,
+    calib_source: np.ndarray,
+    calib_embeddings: np.ndarray,
+    cfg: DedupCopyConfig,
+) -> tuple[pa.Table, dict[str, Any], Whitener]:
+    """Self-dedup ``images`` (``image_id``, ``width``, ``height``) on ``embeddings`` [N, D].
+
+    calib_source: [C] row index (into ``images``) of each synthetic copy; calib_embeddings: [C, D] their descriptors.
+    Returns dedup rows (schema.DEDUP, distance = 1 - cosine to the kept image), stats and the fitted whitener.
+    """
+    n = images.num_rows
+    rng = np.random.default_rng(cfg.seed)
+    sample = embeddings[rng.choice(n, size=min(n, cfg.whiten_sample), replace=False)] if n else embeddings
+    whitener = fit_whitener(sample, cfg.whiten if n > 2 else "none", cfg.whiten_dims)
+    if not cfg.enabled or n < 2:
+        return groups_table(images[schema.IMAGE_ID], np.arange(n), np.zeros(n, np.float32)), {}, whitener
+    x = whitener(embeddings)  # [N, D_out], unit rows
+    sims, ids = knn(build_index(x, cfg.index, cfg.flat_max, cfg.nprobe, cfg.seed), x, cfg.k + 1)  # +1: itself
+    stats: dict[str, Any] = {}
+    threshold = cfg.threshold
+    if threshold is None:
+        pos = np.sum(whitener(calib_embeddings) * x[calib_source], axis=1)
+        neg = nearest_other(sims, ids, cfg.negative_rank)
+        cal = calibrate(pos, neg, nearest_other(sims, ids, 1), cfg.target_precision)
+        threshold = cal.threshold
+        stats["calibration"] = asdict(cal)
+    pairs, _ = pairs_above(sims, ids, threshold)
+    priority = keep_priority(images)
+    if cfg.grouping == "star":
+        rep = star_groups(n, pairs, priority)
+    elif cfg.grouping == "components":
+        rep = representatives(connected_components(n, pairs), priority)
+    else:
+        raise ValueError(f"dedup_copy.grouping={cfg.grouping!r}; valid: 'star', 'components'")
+    distance = 1.0 - np.sum(x * x[rep], axis=1)
+    union_find = component_sizes(connected_components(n, pairs))
+    stats.update(
+        threshold=float(threshold),
+        pairs=len(pairs),
+        groups_with_duplicates=int((component_sizes(rep) > 1).sum()),
+        largest_group=int(component_sizes(rep).max()),
+        largest_union_find_component=int(union_find.max()),  # what plain transitive grouping would have merged
+        whitening=cfg.whiten,
+        index=cfg.index if cfg.index != "auto" else ("flat" if n <= cfg.flat_max else "ivf"),
+    )
+    return groups_table(images[schema.IMAGE_ID], rep, distance.astype(np.float32)), stats, whitener

@@ -1,0 +1,184 @@
+"""Copy-detection dedup maths on real Faiss: k-NN vs brute force, whitening, calibration, grouping, relative dedup."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from lvdkit import schema
+from lvdkit.curation.dedup_copy import DedupCopyConfig, calibrate, dedup_copy, nearest_other
+from lvdkit.curation.dedup_relative import dedup_relative
+from lvdkit.curation.knn import build_index, fit_whitener, knn, l2_normalize, pairs_above
+
+
+def _clustered(n: int, d: int, rng: np.random.Generator) -> np.ndarray:
+    """Anisotropic clustered descriptors (like real ones: a few directions dominate), unit rows."""
+    centers = rng.standard_normal((20, d)) * 3
+    scales = np.linspace(3, 0.1, d)
+    return l2_normalize(centers[rng.integers(0, 20, n)] + rng.standard_normal((n, d)) * scales)
+
+
+def _noisy(x: np.ndarray, rng: np.random.Generator, amount: float) -> np.ndarray:
+    return l2_normalize(x + amount * rng.standard_normal(x.shape) / np.sqrt(x.shape[1]))
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_knn_matches_brute_force(kind: str) -> None:
+    rng = np.random.default_rng(0)
+    x = _clustered(3000, 32, rng)
+    sims, ids = knn(build_index(x, kind, nprobe=64 if kind == "ivf" else 16), x, 5, chunk=700)  # several chunks
+    brute = x @ x.T
+    want = np.argsort(-brute, axis=1)[:, :5]
+    agree = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(ids, want, strict=True)])
+    assert agree == 1.0 if kind == "flat" else agree > 0.95
+    np.testing.assert_allclose(sims[:, 0], np.take_along_axis(brute, ids[:, :1], 1)[:, 0], atol=1e-5)
+
+
+def test_pairs_above_is_unique_ordered_and_thresholded() -> None:
+    rng = np.random.default_rng(1)
+    x = _clustered(500, 16, rng)
+    sims, ids = knn(build_index(x, "flat"), x, 20)
+    pairs, ps = pairs_above(sims, ids, 0.9)
+    brute = x @ x.T
+    assert np.all(pairs[:, 0] < pairs[:, 1]) and len(np.unique(pairs, axis=0)) == len(pairs)
+    np.testing.assert_allclose(ps, brute[pairs[:, 0], pairs[:, 1]], atol=1e-5)
+    assert np.all(ps > 0.9)
+    # every pair above the threshold among each row's 20 neighbours is present
+    want = {(min(i, j), max(i, j)) for i in range(500) for j in ids[i] if j != i and brute[i, j] > 0.9}
+    assert want == set(map(tuple, pairs.tolist()))
+
+
+def test_pca_whitening_decorrelates_and_normalises() -> None:
+    rng = np.random.default_rng(2)
+    x = _clustered(5000, 24, rng)
+    w = fit_whitener(x, "pca", 16)
+    y = w(x)
+    assert y.shape == (5000, 16)
+    np.testing.assert_allclose(np.linalg.norm(y, axis=1), 1.0, atol=1e-5)
+    raw = (x - w.mean) @ w.matrix  # before the final L2 normalisation: identity covariance
+    np.testing.assert_allclose(np.cov(raw.T), np.eye(16), atol=0.05)
+    centered = fit_whitener(x, "center", 16)(x)
+    assert centered.shape == x.shape and abs(float(centered.mean(axis=0).sum())) < abs(float(x.mean(axis=0).sum()))
+    with pytest.raises(ValueError, match="'none', 'center', 'pca'"):
+        fit_whitener(x, "zca", 4)  # type: ignore[arg-type]
+
+
+def test_whitener_save_load_round_trip(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    x = _clustered(500, 8, np.random.default_rng(3))
+    w = fit_whitener(x, "pca", 4)
+    w.save(str(tmp_path / "w.npz"))
+    from lvdkit.curation.knn import Whitener
+
+    np.testing.assert_array_equal(Whitener.load(str(tmp_path / "w.npz"))(x), w(x))
+
+
+def test_nearest_other_skips_self_and_ranks() -> None:
+    ids = np.array([[0, 2, 1], [1, 0, 2], [0, 2, -1]])
+    sims = np.array([[1.0, 0.8, 0.5], [1.0, 0.7, 0.2], [0.9, 1.0, 0.0]])
+    np.testing.assert_allclose(nearest_other(sims, ids, 1), [0.8, 0.7, 0.9])
+    np.testing.assert_allclose(nearest_other(sims, ids, 2), [0.5, 0.2, -np.inf])
+
+
+def test_calibrate_estimates_prevalence_and_meets_precision_on_a_known_mixture() -> None:
+    rng = np.random.default_rng(4)
+    n, n_copy = 20000, 1000  # 5% of images have a copy
+    distinct = rng.normal(0.3, 0.05, n)  # best distinct match
+    best = distinct.copy()
+    best[:n_copy] = np.maximum(best[:n_copy], rng.normal(0.8, 0.05, n_copy))  # images with a copy
+    pos = rng.normal(0.8, 0.05, 2000)
+    neg = rng.normal(0.28, 0.05, n)  # second neighbours: a bit lower than the best distinct match
+    cal = calibrate(pos, neg, best, 0.95)
+    assert 0.03 < cal.prevalence < 0.07
+    matched = best > cal.threshold
+    true_precision = matched[:n_copy].sum() / matched.sum()
+    assert true_precision >= 0.9 and cal.precision >= 0.95
+    assert abs(cal.recall - float(np.mean(pos > cal.threshold))) < 1e-9
+    stricter = calibrate(pos, neg, best, 0.999)
+    assert stricter.threshold >= cal.threshold and stricter.recall <= cal.recall
+
+
+def _table(n: int, pixels: np.ndarray | None = None) -> pa.Table:
+    side = pixels if pixels is not None else np.full(n, 10)
+    return pa.table({schema.IMAGE_ID: [f"{i:05d}" for i in range(n)], "width": side, "height": side})
+
+
+def test_dedup_copy_gives_up_rather_than_guess_when_copies_look_like_distinct_images() -> None:
+    rng = np.random.default_rng(5)
+    emb = _clustered(2000, 64, rng)
+    src = rng.choice(2000, 200, replace=False)
+    far = l2_normalize(rng.standard_normal((200, 64)))  # "copies" unrelated to their sources: no signal
+    table, stats, _ = dedup_copy(_table(2000), emb, src, far, DedupCopyConfig(whiten_dims=32))
+    assert stats["calibration"]["recall"] < 0.05 and table[schema.KEEP].to_pylist().count(False) <= 20
+
+
+def test_dedup_copy_finds_planted_copies_and_keeps_the_largest() -> None:
+    rng = np.random.default_rng(5)
+    n, d, n_copies = 3000, 64, 60
+    emb = _clustered(n, d, rng)
+    emb[-n_copies:] = _noisy(emb[:n_copies], rng, 0.3)  # rows n-60.. copy rows 0..59
+    pixels = np.full(n, 10)
+    pixels[-n_copies:] = 20  # the copies are bigger: they must be the ones kept
+    src = rng.choice(np.arange(100, n - n_copies), 300, replace=False)
+    table, stats, _ = dedup_copy(
+        _table(n, pixels), emb, src, _noisy(emb[src], rng, 0.3), DedupCopyConfig(whiten_dims=32)
+    )
+    rows = table.to_pylist()
+    removed = {r[schema.IMAGE_ID]: r[schema.DUP_OF] for r in rows if not r[schema.KEEP]}
+    planted = {f"{i:05d}": f"{n - n_copies + i:05d}" for i in range(n_copies)}
+    found = sum(removed.get(k) == v for k, v in planted.items())
+    assert found >= 0.9 * n_copies, stats
+    assert sum(k in planted for k in removed) >= 0.8 * len(removed), stats  # precision
+    assert table.schema.equals(schema.DEDUP) and stats["largest_group"] <= stats["largest_union_find_component"]
+    assert {"threshold", "precision", "recall", "prevalence"} <= set(stats["calibration"])
+
+
+def test_dedup_copy_fixed_threshold_and_star_grouping_prevent_chains() -> None:
+    d = 8
+    # A chain a-b-c-d: neighbours are similar, the ends are not.
+    chain = l2_normalize(np.stack([np.cos(t) * np.eye(d)[0] + np.sin(t) * np.eye(d)[1] for t in (0, 0.4, 0.8, 1.2)]))
+    other = l2_normalize(np.random.default_rng(6).standard_normal((20, d)))
+    emb = np.concatenate([chain, other])
+    cfg = DedupCopyConfig(threshold=float(np.cos(0.45)), whiten="none", grouping="star", k=5)
+    table, stats, _ = dedup_copy(_table(len(emb)), emb, np.zeros(0, np.int64), emb[:0], cfg)
+    rep = dict(zip(table[schema.IMAGE_ID].to_pylist(), table[schema.GROUP_ID].to_pylist(), strict=True))
+    chain_ids = [f"{i:05d}" for i in range(4)]
+    groups = {rep[c] for c in chain_ids}
+    assert len(groups) >= 2  # star grouping: the ends of the chain are not merged
+    for c in chain_ids:  # every member is within the threshold of its kept image
+        i, j = int(c), int(rep[c])
+        assert emb[i] @ emb[j] > cfg.threshold - 1e-6
+    assert stats["largest_union_find_component"] >= 4  # plain union-find would have chained all four
+    components = dedup_copy(
+        _table(len(emb)),
+        emb,
+        np.zeros(0, np.int64),
+        emb[:0],
+        DedupCopyConfig(threshold=cfg.threshold, whiten="none", grouping="components", k=5),
+    )[0]
+    assert (
+        len(
+            {
+                g
+                for i, g in zip(
+                    components[schema.IMAGE_ID].to_pylist(), components[schema.GROUP_ID].to_pylist(), strict=True
+                )
+                if i in chain_ids
+            }
+        )
+        == 1
+    )
+
+
+def test_dedup_relative_removes_only_copies_of_protected_images() -> None:
+    rng = np.random.default_rng(7)
+    pool = _clustered(1000, 32, rng)
+    protected = _clustered(50, 32, rng)
+    pool[:10] = _noisy(protected[:10], rng, 0.5)  # 10 leaked evaluation images
+    table = dedup_relative(
+        pa.array([f"p{i}" for i in range(1000)]), pool, [f"e{i}" for i in range(50)], protected, 0.75
+    )  # leaked copies are at 0.80-0.93, the best distinct pool image at 0.65
+    removed = {r[schema.IMAGE_ID]: r[schema.DUP_OF] for r in table.to_pylist() if not r[schema.KEEP]}
+    assert removed == {f"p{i}": f"e{i}" for i in range(10)}
+    empty = dedup_relative(pa.array(["a", "b"]), pool[:2], [], protected[:0], 0.5)
+    assert empty[schema.KEEP].to_pylist() == [True, True]
