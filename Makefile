@@ -9,7 +9,8 @@ CONFIG ?= configs/demo.yaml
 PYTEST_ARGS ?=
 LVDKIT := $(BIN)/lvdkit
 
-.PHONY: setup curate demo-data test test-all lint bench ingest dedup_exact dedup_phash summary clean help
+.PHONY: setup curate demo-data test test-all lint bench ingest dedup_exact dedup_phash embed dedup_copy dedup_relative \
+	summary clean help
 
 help:  ## list targets
 	@grep -E '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -34,7 +35,7 @@ demo-data: $(DEMO)/truth.parquet  ## build the demo images in $(DEMO) (once)
 curate: $(STAMP) $(DEMO)/truth.parquet  ## run every curation stage on the demo into $(OUT)
 	$(LVDKIT) curate --config $(CONFIG) out=$(OUT)
 
-ingest dedup_exact dedup_phash: $(STAMP) $(DEMO)/truth.parquet  ## run one stage (make ingest, make dedup_phash, ...)
+ingest dedup_exact dedup_phash embed dedup_copy dedup_relative: $(STAMP) $(DEMO)/truth.parquet  ## run one stage (make ingest, make embed, ...)
 	$(LVDKIT) run $@ --config $(CONFIG) out=$(OUT)
 
 summary: $(STAMP)  ## print $(OUT)/summary.json
@@ -51,8 +52,11 @@ lint: $(STAMP)  ## ruff and mypy
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy src
 
-bench: $(STAMP)  ## run the benchmarks (prints figures; slow)
+bench: $(STAMP)  ## run the benchmarks (prints figures; slow: about an hour on 2 cores)
 	$(BIN)/python bench/dedup_phash.py
+	$(BIN)/python bench/dedup_quality.py
+	$(BIN)/python bench/embed_throughput.py
+	$(BIN)/python bench/dedup_scale.py
 
 clean:  ## remove outputs (keeps .venv)
 	rm -rf out

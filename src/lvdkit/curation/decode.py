@@ -2,6 +2,12 @@
 
 Pillow's decompression-bomb check is made fatal (a warning by default) and truncated files are errors (never padded
 with grey), so a file is either fully decoded or rejected with a reason from :mod:`lvdkit.schema`.
+
+There is no per-image time limit. Decoding time is bounded by what is checked before any pixel is decoded (the
+declared pixel count against ``max_pixels``; ingest's ``max_file_mb``), which covers decompression bombs. What is not
+bounded: counting the frames of a GIF (Pillow walks the whole file) and a legal but slow file within those limits
+(e.g. a progressive JPEG with thousands of scans) can take seconds. A hard timeout would need a watchdog process per
+decode; Ray retries and per-shard parts keep such a file from losing work, but it does hold up its shard.
 """
 
 from __future__ import annotations
@@ -56,11 +62,39 @@ def decode(data: bytes, max_pixels: int) -> Decoded:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DecodeError(schema.REASON_TOO_MANY_PIXELS, str(exc)) from None
     except UnidentifiedImageError:
-        raise DecodeError(schema.REASON_NOT_IMAGE, "Pillow recognises no image format in these bytes") from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error) as exc:
-        reason = schema.REASON_TRUNCATED if "truncated" in str(exc).lower() else schema.REASON_DECODE
-        raise DecodeError(reason, _stable(f"{type(exc).__name__}: {exc}")) from None
+        raise _unidentified(data) from None
+    except _ERRORS as exc:
+        raise _error(data, exc) from None
     return Decoded(image=upright if upright is not None else im, format=fmt, mode=mode, n_frames=n_frames)
+
+
+_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error)
+SIGNATURE_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "TIFF", "AVIF")  # unambiguous signatures: broken, not "not an image"
+
+
+def _error(data: bytes, exc: BaseException, prefix: str = "") -> DecodeError:
+    """``truncated`` when the decoder says so or a RIFF (WebP) file is shorter than its header declares."""
+    short = data[:4] == b"RIFF" and len(data) >= 8 and len(data) < 8 + int.from_bytes(data[4:8], "little")
+    reason = schema.REASON_TRUNCATED if short or "truncated" in str(exc).lower() else schema.REASON_DECODE
+    return DecodeError(reason, _stable(f"{prefix}{type(exc).__name__}: {exc}"))
+
+
+def _unidentified(data: bytes) -> DecodeError:
+    """Pillow's ``open`` hides why each format refused the bytes. When they start like a common image format (a PNG
+    whose header CRC is wrong, a file cut inside its header), ask that format's reader, so the file is reported as a
+    broken image (``decode_error``/``truncated``) rather than as ``not_an_image``."""
+    Image.init()
+    for fmt in SIGNATURE_FORMATS:
+        factory, accept = Image.OPEN.get(fmt, (None, None))
+        if factory is None or accept is None or not accept(data[:16]):
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                factory(io.BytesIO(data), "").close()
+        except Exception as exc:  # only explaining a failure already found: any error is the explanation
+            return _error(data, exc, f"{fmt} signature, but the header cannot be read: ")
+    return DecodeError(schema.REASON_NOT_IMAGE, "Pillow recognises no image format in these bytes")
 
 
 def _stable(message: str) -> str:

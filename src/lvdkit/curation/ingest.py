@@ -10,6 +10,8 @@ import functools
 import glob
 import hashlib
 import os
+import re
+import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,18 +50,55 @@ def content_hash(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
+_ESCAPED_BYTE = re.compile(rb"\\x([89a-f][0-9a-f])")  # what backslashreplace writes for a byte >= 0x80
+_SURROGATE = re.compile("[\ud800-\udfff]")  # str.encode("utf-8") refuses these
+
+
+def as_uri(path: str | bytes) -> str:
+    """The ``uri`` recorded for a local path: valid UTF-8 text (Arrow strings must be) that still names the file.
+
+    A POSIX file name is any bytes; Python hands undecodable ones over as lone surrogates (``os.fsdecode``), which
+    cannot be written to Parquet. Such a path is recorded with every byte that is not valid UTF-8 written as the
+    four characters ``\\xNN`` (``os.fsencode(path).decode("utf-8", "backslashreplace")``): ``b"/d/bad_\\xff.jpg"``
+    becomes ``"/d/bad_\\\\xff.jpg"``. Paths that are valid UTF-8 (and URIs) are recorded unchanged.
+    :func:`local_path` maps the recorded form back to the file, so :func:`read_bytes` (and every later stage that
+    re-reads ``uri``) finds it. The one ambiguity: a UTF-8 name that literally spells ``\\xNN`` and a non-UTF-8
+    name with that byte, side by side in one folder, get the same uri; the first listed wins.
+    """
+    if isinstance(path, str):
+        if not _SURROGATE.search(path):
+            return path
+        try:
+            raw = os.fsencode(path)  # the bytes the OS gave (surrogateescape)
+        except UnicodeEncodeError:  # a surrogate no file name produced: escape it as text
+            return path.encode("utf-8", "backslashreplace").decode("utf-8")
+    else:
+        raw = path
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def local_path(uri: str) -> str:
+    """The local file that ``uri`` (as written by :func:`as_uri`) names: ``uri`` itself, or its unescaped form."""
+    if "\\x" not in uri or os.path.lexists(uri):
+        return uri
+    unescaped = os.fsdecode(_ESCAPED_BYTE.sub(lambda m: bytes([int(m.group(1), 16)]), uri.encode("utf-8")))
+    return unescaped if os.path.lexists(unescaped) else uri
+
+
 def list_inputs(inputs: Sequence[str], extensions: Sequence[str] | None = None) -> Iterator[str]:
     """Yield every file URI under ``inputs`` once, in a deterministic order.
 
     Each input is a folder (walked recursively), a glob, a ``.txt``/``.lst`` file with one path per line, a single
-    file, or a URI that pyarrow understands (``s3://bucket/prefix``, ``gs://...``, ``file:///...``).
+    file, or a URI that pyarrow understands (``s3://bucket/prefix``, ``gs://...``, ``file:///...``). A non-UTF-8
+    file name is yielded in the escaped form of :func:`as_uri`.
     """
     if not inputs:
         raise ValueError("no inputs: set ingest.inputs to folders, globs, file lists or URIs")
     exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions) if extensions else None
     seen: set[str] = set()
     for entry in inputs:
-        for uri in _expand(entry):
+        for path in _expand(entry):
+            uri = as_uri(path)
             if uri in seen or (exts is not None and not uri.lower().endswith(exts)):
                 continue
             seen.add(uri)
@@ -108,7 +147,8 @@ def _list_uri(uri: str) -> Iterator[str]:
 
 
 def read_bytes(uri: str, max_bytes: int) -> bytes:
-    """Read a local path or filesystem URI, refusing files larger than ``max_bytes`` before reading them."""
+    """Read a local path (as listed: see :func:`as_uri`) or filesystem URI; files larger than ``max_bytes`` are
+    refused before they are read."""
     if "://" in uri:
         fs, path = pafs.FileSystem.from_uri(uri)
         size = fs.get_file_info(path).size
@@ -117,11 +157,14 @@ def read_bytes(uri: str, max_bytes: int) -> bytes:
         with fs.open_input_stream(path) as fh:
             data = fh.read(max_bytes + 1)
     else:
-        if not os.path.exists(uri):  # vanished since listing, or a dangling symlink
-            raise FileNotFoundError(f"{uri} does not exist (anymore)")
-        if not os.path.isfile(uri):
+        path = local_path(uri)
+        try:
+            mode = os.stat(path).st_mode  # other errors (a symlink loop: ELOOP, EACCES on a folder) say what they are
+        except FileNotFoundError:  # vanished since listing, or a dangling symlink
+            raise FileNotFoundError(f"{uri} does not exist (anymore)") from None
+        if not stat.S_ISREG(mode):
             raise IsADirectoryError(f"{uri} is not a regular file")
-        with open(uri, "rb") as fh:
+        with open(path, "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
             if size > max_bytes:
                 raise _TooLarge(f"file is {size} bytes, more than {max_bytes}")
@@ -149,6 +192,7 @@ def phash64(rgb: np.ndarray) -> int:
 
 def inspect_file(uri: str, cfg: IngestConfig) -> dict[str, object]:
     """One ingest row for ``uri`` (schema :data:`lvdkit.schema.INGEST`); never raises for a bad file."""
+    uri = as_uri(uri)  # a path with undecodable bytes straight from os.listdir: record it as list_inputs would
     row: dict[str, object] = {schema.IMAGE_ID: image_id(uri), schema.URI: uri, "status": schema.STATUS_QUARANTINED}
     try:
         data = read_bytes(uri, int(cfg.max_file_mb * 2**20))

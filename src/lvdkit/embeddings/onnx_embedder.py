@@ -33,7 +33,7 @@ def _providers(device: str) -> list[str | tuple[str, dict[str, str]]]:
         if not has_cuda:
             raise ValueError(
                 f"device={device!r} but this onnxruntime has no CUDAExecutionProvider (install "
-                "onnxruntime-gpu) : use device='auto' or 'cpu'"
+                "onnxruntime-gpu): use device='auto' or 'cpu'"
             )
         device_id = device[5:] or "0"
         return [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]

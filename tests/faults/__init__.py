@@ -1,0 +1,1 @@
+"""Hostile inputs (generated, never committed) that every stage must survive."""
