@@ -184,7 +184,7 @@ def make_corpus(root: Path) -> list[Case]:
 
     # Good plain images: several formats, sizes and folders.
     goods: list[Path] = []
-    for rel, fmt, (w, h), params in [
+    plain: list[tuple[str, str, tuple[int, int], dict[str, object]]] = [
         ("good_00.jpg", "JPEG", (96, 72), {"quality": 90}),
         ("good_01.png", "PNG", (80, 80), {}),
         ("good_02.webp", "WEBP", (120, 90), {"quality": 90}),
@@ -194,8 +194,9 @@ def make_corpus(root: Path) -> list[Case]:
         ("good_06.gif", "GIF", (72, 96), {}),
         ("sub/good_07.png", "PNG", (128, 48), {}),
         ("sub/deeper/good_08.JPG", "JPEG", (64, 112), {}),
-    ]:
-        goods.append(kept(GOOD, rel, pic(w, h), fmt, "plain image", **params))
+    ]
+    for rel, fmt, (w, h), params in plain:
+        goods.append(kept(GOOD, rel, pic(w, h), fmt, "plain image", 1, **params))
     gray = pic(88, 66).convert("L")
     goods.append(kept(GOOD, "good_09_gray.jpg", gray, "JPEG", "plain grayscale image"))
 

@@ -72,3 +72,12 @@ def keep_priority(images: pa.Table) -> np.ndarray:
     rank = np.empty(n, dtype=np.int64)
     rank[order] = np.arange(n)
     return rank
+
+
+def group(n: int, pairs: np.ndarray, priority: np.ndarray, grouping: str) -> np.ndarray:
+    """Each node's representative under ``grouping``: 'star' (:func:`star_groups`) or 'components' (union-find)."""
+    if grouping == "star":
+        return star_groups(n, pairs, priority)
+    if grouping == "components":
+        return representatives(connected_components(n, pairs), priority)
+    raise ValueError(f"grouping={grouping!r}; valid: 'star', 'components'")

@@ -22,13 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from lvdkit import schema
-from lvdkit.curation.components import (
-    component_sizes,
-    connected_components,
-    keep_priority,
-    representatives,
-    star_groups,
-)
+from lvdkit.curation.components import component_sizes, connected_components, group, keep_priority
 from lvdkit.curation.dedup_exact import groups_table
 from lvdkit.curation.knn import IndexKind, Whitener, build_index, fit_whitener, knn, pairs_above
 
@@ -131,13 +125,7 @@ def dedup_copy(
         threshold = cal.threshold
         stats["calibration"] = asdict(cal)
     pairs, _ = pairs_above(sims, ids, threshold)
-    priority = keep_priority(images)
-    if cfg.grouping == "star":
-        rep = star_groups(n, pairs, priority)
-    elif cfg.grouping == "components":
-        rep = representatives(connected_components(n, pairs), priority)
-    else:
-        raise ValueError(f"dedup_copy.grouping={cfg.grouping!r}; valid: 'star', 'components'")
+    rep = group(n, pairs, keep_priority(images), cfg.grouping)
     distance = 1.0 - np.sum(x * x[rep], axis=1)
     union_find = component_sizes(connected_components(n, pairs))
     stats.update(

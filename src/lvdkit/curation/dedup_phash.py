@@ -18,13 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from lvdkit import schema
-from lvdkit.curation.components import (
-    component_sizes,
-    connected_components,
-    keep_priority,
-    representatives,
-    star_groups,
-)
+from lvdkit.curation.components import component_sizes, group, keep_priority, representatives
 from lvdkit.curation.dedup_exact import groups_table
 
 
@@ -105,18 +99,12 @@ def dedup_phash(images: pa.Table, cfg: DedupPhashConfig) -> tuple[pa.Table, dict
         n_pairs = int((sizes * (sizes - 1) // 2).sum())
     else:
         pairs = hamming_pairs(hashes, cfg.max_distance, cfg.query_chunk)[0] if cfg.enabled and n else np.empty((0, 2))
-        rep = _group(n, pairs, priority, cfg.grouping)
+        rep = group(n, pairs, priority, cfg.grouping)
         n_pairs = len(pairs)
     distance = _distance_to_rep(hashes, rep)
     sizes = component_sizes(rep) if n else np.zeros(1, np.int64)
     stats = {"pairs": n_pairs, "groups_with_duplicates": int((sizes > 1).sum()), "largest_group": int(sizes.max())}
     return groups_table(images[schema.IMAGE_ID], rep, distance.astype(np.float32)), stats
-
-
-def _group(n: int, pairs: np.ndarray, priority: np.ndarray, grouping: str) -> np.ndarray:
-    if grouping == "star":
-        return star_groups(n, pairs, priority)
-    return representatives(connected_components(n, pairs), priority)
 
 
 def _distance_to_rep(hashes: np.ndarray, rep: np.ndarray) -> np.ndarray:
