@@ -98,6 +98,43 @@ def embed_schema(dims: dict[str, int], calibration: bool = False) -> pa.Schema:
     return pa.schema(fields)
 
 
+# --- cluster: OUT/cluster/part-*.parquet ------------------------------------------------------------------------
+CLUSTER_IDS = "cluster"  # list<int32>: the image's cluster at each level, level 1 (finest) first
+CLUSTER = pa.schema(
+    [
+        pa.field(IMAGE_ID, pa.string(), nullable=False),
+        pa.field(CLUSTER_IDS, pa.list_(pa.int32()), nullable=False),
+        pa.field("distance", pa.float32()),  # 1 - cosine to its level-1 centroid
+        pa.field("balanced", pa.bool_()),  # picked by balanced sampling (cluster.target_size)
+    ]
+)
+
+# --- shard: OUT/curated/part-*.parquet, the curated pretraining set ----------------------------------------------
+REASON_SAMPLE = "sample_retrieval"
+REASON_CLUSTER = "cluster_retrieval"
+REASON_BALANCED = "balanced_sample"
+REASON_SEED = "seed"
+
+
+def curated_schema(dim: int | None) -> pa.Schema:
+    """Schema of the curated shards; ``dim`` of the semantic embedding column (None: no embedding column)."""
+    fields = [
+        pa.field(IMAGE_ID, pa.string(), nullable=False),
+        pa.field(URI, pa.string(), nullable=False),
+        pa.field("image", pa.binary(), nullable=False),  # the file's bytes (or re-encoded at shard.max_side)
+        pa.field("format", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("reason", pa.string(), nullable=False),  # sample_retrieval | cluster_retrieval | balanced_sample | seed
+        pa.field("seed_set", pa.string()),
+        pa.field("score", pa.float32()),  # similarity to the seed or centroid that selected it
+        pa.field(CLUSTER_IDS, pa.list_(pa.int32())),  # null for seed images
+    ]
+    if dim is not None:
+        fields.append(pa.field("embedding", embedding_type(dim)))
+    return pa.schema(fields)
+
+
 # --- OUT/status.parquet: one row per input file, the final decision ----------------------------------------------
 STATUS = pa.schema(
     [
