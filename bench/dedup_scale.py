@@ -234,7 +234,9 @@ def instrument(dc: Any, phases: Phases, n: int) -> None:
 
         return wrapper
 
-    class TimedWhitener(dc.Whitener):  # type: ignore[name-defined, misc]
+    from lvdkit.curation.knn import Whitener
+
+    class TimedWhitener(Whitener):
         def __call__(self, x: np.ndarray) -> np.ndarray:
             phases.mark("whiten (apply)" if len(x) == n else "calibration")
             return super().__call__(x)
@@ -253,13 +255,15 @@ def instrument(dc: Any, phases: Phases, n: int) -> None:
         ("calibrate", "calibration"),
         ("pairs_above", "pairs above threshold"),
         ("keep_priority", "grouping + output"),
+        ("group", "grouping + output"),
         ("star_groups", "grouping + output"),
         ("representatives", "grouping + output"),
         ("connected_components", "grouping + output"),
         ("component_sizes", "grouping + output"),
         ("groups_table", "grouping + output"),
     ]:
-        setattr(dc, name, timed(getattr(dc, name), label))
+        if callable(getattr(dc, name, None)):  # the names dedup_copy imports vary between versions
+            setattr(dc, name, timed(getattr(dc, name), label))
 
 
 # --- evaluation ---------------------------------------------------------------------------------------------------

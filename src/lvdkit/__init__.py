@@ -1,3 +1,12 @@
 """lvdkit: LVD-style image curation and self-supervised pretraining on Ray."""
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    # Imported on first use, so `import lvdkit` (and the CLI's --help) stays light.
+    if name in ("load_curated", "decode"):
+        from lvdkit import curated
+
+        return getattr(curated, name)
+    raise AttributeError(f"module 'lvdkit' has no attribute {name!r}")

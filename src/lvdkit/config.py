@@ -16,11 +16,14 @@ from typing import Any, TypeVar
 
 import yaml
 
+from lvdkit.cluster.stage import ClusterConfig
 from lvdkit.curation.dedup_copy import DedupCopyConfig
 from lvdkit.curation.dedup_exact import DedupExactConfig
 from lvdkit.curation.dedup_phash import DedupPhashConfig
 from lvdkit.curation.dedup_relative import DedupRelativeConfig
 from lvdkit.curation.ingest import IngestConfig
+from lvdkit.curation.retrieve import RetrieveConfig
+from lvdkit.curation.shard import ShardConfig
 from lvdkit.embeddings.stage import EmbedConfig
 
 T = TypeVar("T")
@@ -53,6 +56,9 @@ class CurateConfig:
     embed: EmbedConfig = dataclasses.field(default_factory=EmbedConfig)
     dedup_copy: DedupCopyConfig = dataclasses.field(default_factory=DedupCopyConfig)
     dedup_relative: DedupRelativeConfig = dataclasses.field(default_factory=DedupRelativeConfig)
+    cluster: ClusterConfig = dataclasses.field(default_factory=ClusterConfig)
+    retrieve: RetrieveConfig = dataclasses.field(default_factory=RetrieveConfig)
+    shard: ShardConfig = dataclasses.field(default_factory=ShardConfig)
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:

@@ -125,7 +125,9 @@ def curated_schema(dim: int | None) -> pa.Schema:
         pa.field("format", pa.string()),
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
-        pa.field("reason", pa.string(), nullable=False),  # sample_retrieval | cluster_retrieval | balanced_sample | seed
+        pa.field(
+            "reason", pa.string(), nullable=False
+        ),  # sample_retrieval | cluster_retrieval | balanced_sample | seed
         pa.field("seed_set", pa.string()),
         pa.field("score", pa.float32()),  # similarity to the seed or centroid that selected it
         pa.field(CLUSTER_IDS, pa.list_(pa.int32())),  # null for seed images

@@ -70,15 +70,27 @@ def test_mode_follows_the_paper_rule_unless_set() -> None:
 
 def test_merge_keeps_each_image_once_with_its_strongest_reason() -> None:
     def sel(rows: list[tuple[str, str, str | None, float]]) -> pa.Table:
-        return pa.table({"image_id": [r[0] for r in rows], "reason": [r[1] for r in rows],
-                         "seed_set": pa.array([r[2] for r in rows], pa.string()),
-                         "score": pa.array([r[3] for r in rows], pa.float32())})
+        return pa.table(
+            {
+                "image_id": [r[0] for r in rows],
+                "reason": [r[1] for r in rows],
+                "seed_set": pa.array([r[2] for r in rows], pa.string()),
+                "score": pa.array([r[3] for r in rows], pa.float32()),
+            }
+        )
 
-    merged = merge_selections([
-        sel([("a", schema.REASON_CLUSTER, "x", 0.9), ("b", schema.REASON_SAMPLE, "x", 0.5)]),
-        sel([("a", schema.REASON_SAMPLE, "y", 0.7), ("a", schema.REASON_SAMPLE, "z", 0.8),
-             ("c", schema.REASON_BALANCED, None, 0.1)]),
-    ])
+    merged = merge_selections(
+        [
+            sel([("a", schema.REASON_CLUSTER, "x", 0.9), ("b", schema.REASON_SAMPLE, "x", 0.5)]),
+            sel(
+                [
+                    ("a", schema.REASON_SAMPLE, "y", 0.7),
+                    ("a", schema.REASON_SAMPLE, "z", 0.8),
+                    ("c", schema.REASON_BALANCED, None, 0.1),
+                ]
+            ),
+        ]
+    )
     rows = {r["image_id"]: r for r in merged.to_pylist()}
     assert set(rows) == {"a", "b", "c"} and merged.num_rows == 3
     assert rows["a"]["reason"] == schema.REASON_SAMPLE and rows["a"]["seed_set"] == "z"  # sample beats cluster
@@ -91,12 +103,20 @@ def test_fetch_images_stores_bytes_as_is_or_downsized(tmp_path: Path) -> None:
         p = tmp_path / f"{i}.png"
         Image.new("RGB", size, (i * 50, 10, 10)).save(p)
         paths.append(p)
-    rows = pa.table({
-        "image_id": ["a", "b"], "uri": [str(p) for p in paths], "format": ["PNG", "PNG"], "width": [40, 300],
-        "height": [30, 200], "reason": [schema.REASON_SAMPLE] * 2, "seed_set": ["s", "s"],
-        "score": pa.array([1.0, 0.5], pa.float32()),
-        schema.CLUSTER_IDS: pa.array([[1, 0], [2, 0]], pa.list_(pa.int32())),
-        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(np.ones(8, np.float32)), 4)})
+    rows = pa.table(
+        {
+            "image_id": ["a", "b"],
+            "uri": [str(p) for p in paths],
+            "format": ["PNG", "PNG"],
+            "width": [40, 300],
+            "height": [30, 200],
+            "reason": [schema.REASON_SAMPLE] * 2,
+            "seed_set": ["s", "s"],
+            "score": pa.array([1.0, 0.5], pa.float32()),
+            schema.CLUSTER_IDS: pa.array([[1, 0], [2, 0]], pa.list_(pa.int32())),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(np.ones(8, np.float32)), 4),
+        }
+    )
     as_is = fetch_images(rows, ShardConfig(), 4)
     assert as_is.schema.equals(schema.curated_schema(4))
     assert as_is["image"].to_pylist()[0] == paths[0].read_bytes()

@@ -171,7 +171,8 @@ def make_corpus(root: Path) -> list[Case]:
     def kept(kind: str, rel: str, im: Image.Image, fmt: str, note: str, n_frames: int = 1, **params: object) -> Path:
         path = write(rel, encoded(im, fmt, **params))
         upright = (im.height, im.width) if "exif" in params else im.size  # only orientation 6 (90 degrees) is used
-        cases.append(Case(kind, path, KEPT, None, note, size=upright, mode=im.mode, fmt=fmt, n_frames=n_frames))
+        mode = "P" if fmt == "GIF" else im.mode  # GIF stores a palette
+        cases.append(Case(kind, path, KEPT, None, note, size=upright, mode=mode, fmt=fmt, n_frames=n_frames))
         return path
 
     def quarantined(kind: str, rel: str, data: bytes | None, reason: str, note: str) -> Path:

@@ -37,6 +37,7 @@ class DedupCopyConfig:
     threshold: float | None = None  # cosine after post-processing; null = calibrate
     target_precision: float = 0.95  # calibration: lowest threshold whose estimated precision reaches this
     negative_rank: int = 2  # calibration negatives: each image's rank-th most similar other image (see docstring)
+    min_threshold: float = 0.4  # floor for a calibrated threshold: tiny pools or useless descriptors calibrate badly
     whiten: Literal["none", "center", "pca"] = "pca"
     whiten_dims: int = 256
     whiten_sample: int = 100_000  # images the whitening is fitted on
@@ -122,7 +123,7 @@ def dedup_copy(
         pos = np.sum(whitener(calib_embeddings) * x[calib_source], axis=1)
         neg = nearest_other(sims, ids, cfg.negative_rank)
         cal = calibrate(pos, neg, nearest_other(sims, ids, 1), cfg.target_precision)
-        threshold = cal.threshold
+        threshold = max(cal.threshold, cfg.min_threshold)
         stats["calibration"] = asdict(cal)
     pairs, _ = pairs_above(sims, ids, threshold)
     rep = group(n, pairs, keep_priority(images), cfg.grouping)

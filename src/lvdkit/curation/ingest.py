@@ -114,7 +114,7 @@ def _expand(entry: str) -> Iterator[str]:
         yield from _walk(os.path.abspath(entry))
     elif entry.endswith((".txt", ".lst")) and os.path.isfile(entry):
         base = os.path.dirname(os.path.abspath(entry))
-        with open(entry, encoding="utf-8") as fh:
+        with open(entry, encoding="utf-8", errors="surrogateescape") as fh:  # file names need not be UTF-8
             for line in fh:
                 path = line.strip()
                 if path and not path.startswith("#"):

@@ -63,8 +63,9 @@ def resolve_mode(seed_set: SeedSet, n_seeds: int, cfg: RetrieveConfig) -> str:
     raise ValueError(f"seed set mode {seed_set.mode!r}; valid: 'auto', 'sample', 'cluster'")
 
 
-def sample_retrieval(pool_ids: np.ndarray, pool_x: np.ndarray, seed_ids: list[str], seed_x: np.ndarray, k: int,
-                     seed_set: str) -> pa.Table:
+def sample_retrieval(
+    pool_ids: np.ndarray, pool_x: np.ndarray, seed_ids: list[str], seed_x: np.ndarray, k: int, seed_set: str
+) -> pa.Table:
     """The ``k`` nearest pool images (pool_x [N, D], unit rows) of each seed (seed_x [S, D]); one row per pool image,
     credited to its most similar seed."""
     if not len(pool_ids) or not len(seed_ids):

@@ -21,6 +21,9 @@ from lvdkit.curation.ingest import read_bytes
 
 REASON_ORDER = (schema.REASON_SAMPLE, schema.REASON_CLUSTER, schema.REASON_BALANCED, schema.REASON_SEED)
 MAX_FILE_BYTES = 2**32
+SELECTION = pa.schema(
+    [("image_id", pa.string()), ("reason", pa.string()), ("seed_set", pa.string()), ("score", pa.float32())]
+)
 
 
 @dataclass
@@ -36,12 +39,17 @@ class ShardConfig:
 
 def merge_selections(selections: list[pa.Table]) -> pa.Table:
     """Concatenate selection tables (image_id, reason, seed_set, score) and keep each image's best row."""
-    table = pa.concat_tables([s.select(["image_id", "reason", "seed_set", "score"]) for s in selections])
+    table = pa.concat_tables([s.select(SELECTION.names).cast(SELECTION) for s in selections])
     if table.num_rows == 0:
         return table
     rank = pc.index_in(table["reason"], value_set=pa.array(REASON_ORDER))
-    order = np.lexsort((-np.nan_to_num(table["score"].to_numpy(zero_copy_only=False), nan=-np.inf),
-                        rank.to_numpy(zero_copy_only=False), table["image_id"].to_numpy(zero_copy_only=False)))
+    order = np.lexsort(
+        (
+            -np.nan_to_num(table["score"].to_numpy(zero_copy_only=False), nan=-np.inf),
+            rank.to_numpy(zero_copy_only=False),
+            table["image_id"].to_numpy(zero_copy_only=False),
+        )
+    )
     ids = table["image_id"].to_numpy(zero_copy_only=False)[order]
     first = np.concatenate([[True], ids[1:] != ids[:-1]])
     return table.take(pa.array(order[first]))
@@ -50,8 +58,13 @@ def merge_selections(selections: list[pa.Table]) -> pa.Table:
 def fetch_images(rows: pa.Table, cfg: ShardConfig, dim: int | None) -> pa.Table:
     """Add the ``image`` bytes to selected rows (one shard) and return a table with :func:`schema.curated_schema`."""
     images, widths, heights, formats = [], [], [], []
-    for uri, fmt, w, h in zip(rows[schema.URI].to_pylist(), rows["format"].to_pylist(), rows["width"].to_pylist(),
-                              rows["height"].to_pylist(), strict=True):
+    for uri, fmt, w, h in zip(
+        rows[schema.URI].to_pylist(),
+        rows["format"].to_pylist(),
+        rows["width"].to_pylist(),
+        rows["height"].to_pylist(),
+        strict=True,
+    ):
         data = read_bytes(uri, MAX_FILE_BYTES)
         if cfg.max_side is not None and max(w, h) > cfg.max_side:
             data, w, h = _shrink(data, cfg.max_side)
@@ -62,8 +75,12 @@ def fetch_images(rows: pa.Table, cfg: ShardConfig, dim: int | None) -> pa.Table:
         formats.append(fmt)
     sch = schema.curated_schema(dim)
     cols = {name: rows[name] for name in sch.names if name in rows.column_names}
-    cols.update(image=pa.array(images, pa.binary()), format=pa.array(formats, pa.string()),
-                width=pa.array(widths, pa.int32()), height=pa.array(heights, pa.int32()))
+    cols.update(
+        image=pa.array(images, pa.binary()),
+        format=pa.array(formats, pa.string()),
+        width=pa.array(widths, pa.int32()),
+        height=pa.array(heights, pa.int32()),
+    )
     return pa.table({name: cols[name] for name in sch.names}, schema=sch)
 
 

@@ -22,7 +22,7 @@ from lvdkit.config import CurateConfig, config_hash, save_config, to_dict
 from lvdkit.pipeline import faults
 from lvdkit.pipeline.io import part_files, part_name, remove_temporaries, write_parquet_atomic
 from lvdkit.pipeline.manifest import RunKey, finish, prepare, success, write_json_atomic
-from lvdkit.pipeline.names import CURATE_ORDER, stage_names
+from lvdkit.pipeline.names import CURATE_ORDER, stage_dirname, stage_names
 from lvdkit.pipeline.ray_env import LazyRay, ray_session
 from lvdkit.pipeline.stages import STAGES, StageSpec
 from lvdkit.pipeline.views import DEDUP_STAGES, final_status
@@ -42,12 +42,12 @@ def run_stage(name: str, cfg: CurateConfig, ray_: LazyRay, force: bool = False) 
     spec = STAGES[name]
     out = Path(cfg.out)
     for up in spec.upstream:
-        if success(out / up) is None:
+        if success(out / stage_dirname(up)) is None:
             raise RuntimeError(
                 f"stage {name!r} needs the output of {up!r}, which has not finished in {out}: "
                 f"run `lvdkit run {up}` (or `lvdkit curate`) first"
             )
-    stage_dir = out / name
+    stage_dir = out / stage_dirname(name)
     start = time.time()
     plan = spec.plan(cfg, out)
     key = RunKey(config_hash(spec.section(cfg)), plan.fingerprint)
@@ -144,7 +144,7 @@ def run(cfg: CurateConfig, stages: tuple[str, ...] = CURATE_ORDER, force: bool =
 
 def write_summary(out: Path) -> dict[str, Any]:
     """``OUT/status.parquet`` (one final row per input file) and ``OUT/summary.json`` (the funnel)."""
-    finished = [s for s in CURATE_ORDER if success(out / s) is not None]
+    finished = [s for s in CURATE_ORDER if success(out / stage_dirname(s)) is not None]
     if "ingest" not in finished:
         raise RuntimeError(f"no finished ingest in {out}: nothing to summarise")
     dedup = tuple(s for s in DEDUP_STAGES if s in finished)
@@ -154,7 +154,7 @@ def write_summary(out: Path) -> dict[str, Any]:
     reasons = status["reason"].to_numpy(zero_copy_only=False)
     quarantined = reasons[st == schema.STATUS_QUARANTINED]
     removed_by = reasons[st == schema.FINAL_DUPLICATE]
-    stage_records = {s: success(out / s) or {} for s in finished}
+    stage_records = {s: success(out / stage_dirname(s)) or {} for s in finished}
     summary = {
         "images_in": len(st),
         "kept": int((st == schema.FINAL_KEPT).sum()),
@@ -162,11 +162,12 @@ def write_summary(out: Path) -> dict[str, Any]:
         "quarantined": len(quarantined),
         "duplicates_by_stage": {s: int((removed_by == s).sum()) for s in dedup},
         "quarantined_by_reason": {r: int((quarantined == r).sum()) for r in sorted(set(quarantined))},
+        "curated": stage_records["shard"].get("rows") if "shard" in stage_records else None,
         "stages": {
             s: {"rows": r.get("rows"), "seconds": r.get("seconds"), "stats": r.get("stats", {})}
             for s, r in stage_records.items()
         },
-        "outputs": {"status": str(out / "status.parquet"), **{s: str(out / s) for s in finished}},
+        "outputs": {"status": str(out / "status.parquet"), **{s: str(out / stage_dirname(s)) for s in finished}},
     }
     write_json_atomic(out / "summary.json", summary)
     return summary

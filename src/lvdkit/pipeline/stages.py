@@ -21,21 +21,24 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lvdkit import schema
+from lvdkit.cluster.stage import cluster_images
 from lvdkit.config import CurateConfig
 from lvdkit.curation.dedup_copy import dedup_copy
 from lvdkit.curation.dedup_exact import dedup_exact
 from lvdkit.curation.dedup_phash import dedup_phash
 from lvdkit.curation.dedup_relative import dedup_relative
-from lvdkit.curation.ingest import ingest_files, list_inputs
+from lvdkit.curation.ingest import ingest_files, list_inputs, local_path
 from lvdkit.curation.knn import Whitener
+from lvdkit.curation.retrieve import RETRIEVED, SAMPLE, cluster_retrieval, resolve_mode, sample_retrieval
+from lvdkit.curation.shard import fetch_images, merge_selections
 from lvdkit.embeddings.stage import PIXELS_PREFIX, decode_batch
 from lvdkit.pipeline.embed import CALIBRATION_DIR, SHARD, run_embed
 from lvdkit.pipeline.io import read_parts, write_parquet_atomic
 from lvdkit.pipeline.manifest import fingerprint_of, success
 from lvdkit.pipeline.names import CURATE_ORDER
-from lvdkit.pipeline.views import alive
+from lvdkit.pipeline.views import DEDUP_STAGES, alive, ingested
 
-LISTING = "_listing.parquet"
+LISTING = "_listing"  # the work list (Parquet); no .parquet suffix so `*.parquet` globs see only outputs
 PROTECTED = "protected.parquet"  # dedup_relative: the protected images as ingested (ids, uris, status)
 WHITENING = "whitening.npz"  # dedup_copy's fitted descriptor post-processing (reused by dedup_relative)
 
@@ -94,7 +97,7 @@ def _file_identity(uri: str) -> str:
     if "://" in uri:
         return uri + "\n"
     try:
-        st = os.lstat(uri)
+        st = os.lstat(local_path(uri))
     except OSError:
         return f"{uri}|missing\n"
     return f"{uri}|{st.st_size}|{st.st_mtime_ns}\n"
@@ -184,18 +187,24 @@ def _embed_stats(stage_dir: Path) -> dict[str, Any]:
 # --- dedup_copy ---------------------------------------------------------------------------------------------------
 
 
-def embeddings_of(out: Path, key: str, ids: pa.Array | pa.ChunkedArray, calibration: bool = False) -> np.ndarray:
-    """Embeddings of model ``key`` for ``ids`` (in that order), as a [N, D] float32 array."""
+def embeddings_of(
+    out: Path, key: str, ids: pa.Array | pa.ChunkedArray, calibration: bool = False, allow_missing: bool = False
+) -> np.ndarray:
+    """Embeddings of model ``key`` for ``ids`` (in that order), as a [N, D] float32 array (zeros where missing and
+    ``allow_missing``)."""
     col = schema.embedding_column(key)
     stage = out / "embed" / (CALIBRATION_DIR if calibration else "")
     table = read_parts(stage, columns=[schema.IMAGE_ID, col])
     if col not in table.column_names:
         raise ValueError(f"no embeddings for model {key!r} in {out / 'embed'}: set it in embed.models")
     pos = pc.index_in(ids, value_set=table[schema.IMAGE_ID])
-    if pc.any(pc.is_null(pos)).as_py():
+    missing = pc.is_null(pos).to_numpy(zero_copy_only=False)
+    if missing.any() and not allow_missing:
         raise RuntimeError(f"{out / 'embed'} lacks embeddings for some images: rerun embed")
     flat = table[col].combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)
-    return flat[pos.to_numpy()]
+    out_x = np.zeros((len(ids), flat.shape[1]), np.float32)
+    out_x[~missing] = flat[pc.drop_null(pos).to_numpy()]
+    return out_x
 
 
 def _whole_dedup_copy(cfg: CurateConfig, out: Path) -> tuple[pa.Table, dict[str, Any]]:
@@ -269,6 +278,155 @@ def _embed_files(cfg: CurateConfig, key: str, ids: list[str], uris: list[str], b
     return np.concatenate(out) if out else np.empty((0, model.dim), np.float32)
 
 
+# --- cluster, retrieve, shard ------------------------------------------------------------------------------------
+
+CLUSTER_UPSTREAM = (*RELATIVE_UPSTREAM, "dedup_relative")
+RETRIEVE_UPSTREAM = (*CLUSTER_UPSTREAM, "cluster")
+SHARD_UPSTREAM = (*RETRIEVE_UPSTREAM, "retrieve")
+SEEDS = "seeds.parquet"  # retrieve: the seed images as ingested and embedded
+
+
+def _centroids_file(level: int) -> str:
+    return f"centroids_level{level}.npy"
+
+
+def _whole_cluster(cfg: CurateConfig, out: Path) -> tuple[pa.Table, dict[str, Any]]:
+    images = alive(out, DEDUP_STAGES, [])
+    x = embeddings_of(out, cfg.cluster.embedding, images[schema.IMAGE_ID])
+    table, centroids, stats = cluster_images(images[schema.IMAGE_ID], x, cfg.cluster)
+    stage_dir = out / "cluster"
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    for level, c in enumerate(centroids, start=1):
+        np.save(stage_dir / _centroids_file(level), c)
+    return table, stats
+
+
+def _aligned(ids: pa.Array | pa.ChunkedArray, table: pa.Table) -> pa.Table:
+    """Rows of ``table`` (keyed by image_id) in the order of ``ids``; null rows where absent."""
+    return table.take(pc.index_in(ids, value_set=table[schema.IMAGE_ID]))
+
+
+def _whole_retrieve(cfg: CurateConfig, out: Path) -> tuple[pa.Table, dict[str, Any]]:
+    r = cfg.retrieve
+    images = alive(out, DEDUP_STAGES, [])
+    ids = images[schema.IMAGE_ID]
+    x = embeddings_of(out, r.embedding, ids)
+    clusters = _aligned(ids, read_parts(out / "cluster", schema=schema.CLUSTER))
+    level1 = np.asarray([c[0] for c in clusters[schema.CLUSTER_IDS].to_pylist()], dtype=np.int64)
+    distance = clusters["distance"].to_numpy(zero_copy_only=False)
+    centroids = np.load(out / "cluster" / _centroids_file(1))
+    hits, seed_tables, stats = [], [], {}
+    for name, seed_set in r.seed_sets.items():
+        seeds = ingest_files(list(list_inputs(seed_set.inputs)), cfg.ingest).drop_columns(["image_bytes", "phash"])
+        ok = seeds.filter(pc.equal(seeds["status"], schema.STATUS_OK))
+        sx = _embed_files(cfg, r.embedding, ok[schema.IMAGE_ID].to_pylist(), ok[schema.URI].to_pylist())
+        seed_tables.append(
+            ok.append_column("seed_set", pa.array([name] * ok.num_rows, pa.string())).append_column(
+                "embedding", pa.FixedSizeListArray.from_arrays(pa.array(sx.ravel(), pa.float32()), sx.shape[1])
+            )
+        )
+        mode = resolve_mode(seed_set, ok.num_rows, r)
+        ids_np = ids.to_numpy(zero_copy_only=False)
+        if mode == SAMPLE:
+            hits.append(sample_retrieval(ids_np, x, ok[schema.IMAGE_ID].to_pylist(), sx, seed_set.k, name))
+        else:
+            seed_cluster = np.argmax(sx @ centroids.T, axis=1) if len(sx) else np.zeros(0, np.int64)
+            hits.append(cluster_retrieval(ids_np, level1, distance, seed_cluster, name, r))
+        stats[name] = {
+            "seeds": ok.num_rows,
+            "seeds_unusable": seeds.num_rows - ok.num_rows,
+            "mode": mode,
+            "retrieved": hits[-1].num_rows,
+        }
+    stage_dir = out / "retrieve"
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    if seed_tables:
+        write_parquet_atomic(pa.concat_tables(seed_tables), stage_dir / SEEDS)
+    table = pa.concat_tables(hits) if hits else RETRIEVED.empty_table()
+    return table, {"seed_sets": stats}
+
+
+def _plan_shard(cfg: CurateConfig, out: Path) -> Plan:
+    """Merge the selections and attach what each curated row needs but the bytes (fetched per shard)."""
+    sel = (
+        read_parts(out / "retrieve", schema=RETRIEVED)
+        .rename_columns(["image_id", "seed_set", "seed_id", "score", "reason"])
+        .select(["image_id", "reason", "seed_set", "score"])
+    )
+    clusters = read_parts(out / "cluster", schema=schema.CLUSTER)
+    balanced = clusters.filter(clusters["balanced"])
+    selections = [
+        sel,
+        pa.table(
+            {
+                "image_id": balanced[schema.IMAGE_ID],
+                "reason": pa.array([schema.REASON_BALANCED] * balanced.num_rows, pa.string()),
+                "seed_set": pa.nulls(balanced.num_rows, pa.string()),
+                "score": pc.cast(pc.subtract(1.0, pc.cast(balanced["distance"], pa.float64())), pa.float32()),
+            }
+        ),
+    ]
+    seeds_path = out / "retrieve" / SEEDS
+    seeds = pq.read_table(seeds_path) if seeds_path.exists() else None
+    if cfg.shard.include_seeds and seeds is not None:
+        selections.append(
+            pa.table(
+                {
+                    "image_id": seeds[schema.IMAGE_ID],
+                    "reason": pa.array([schema.REASON_SEED] * seeds.num_rows, pa.string()),
+                    "seed_set": seeds["seed_set"],
+                    "score": pa.array(np.ones(seeds.num_rows, np.float32)),
+                }
+            )
+        )
+    chosen = merge_selections(selections).sort_by(schema.IMAGE_ID)
+    ids = chosen[schema.IMAGE_ID]
+    meta_cols = [schema.IMAGE_ID, schema.URI, "format", "width", "height"]
+    pool_meta = _aligned(ids, ingested(out, meta_cols))
+    seed_meta = _aligned(ids, seeds.select(meta_cols)) if seeds is not None else None
+    listing = chosen
+    for col in meta_cols[1:]:
+        values = pool_meta[col] if seed_meta is None else pc.coalesce(pool_meta[col], seed_meta[col])
+        listing = listing.append_column(col, values)
+    listing = listing.append_column(schema.CLUSTER_IDS, _aligned(ids, clusters)[schema.CLUSTER_IDS])
+    key = cfg.shard.embedding
+    if key is not None:
+        emb = embeddings_of(out, key, ids, allow_missing=True)
+        if seeds is not None:
+            seed_emb = _aligned(ids, seeds.select([schema.IMAGE_ID, "embedding"]))["embedding"]
+            is_seed = pc.is_valid(seed_emb).to_numpy(zero_copy_only=False)
+            if is_seed.any():
+                emb[is_seed] = np.stack(seed_emb.filter(pc.is_valid(seed_emb)).to_pylist())
+        listing = listing.append_column(
+            "embedding", pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel(), pa.float32()), emb.shape[1])
+        )
+    per_shard = cfg.shard.rows_per_shard
+    tmp = out / f".shard{LISTING}.tmp-{os.getpid()}"
+    pq.write_table(listing, tmp, row_group_size=per_shard)
+    n_shards = -(-listing.num_rows // per_shard)
+    return Plan(fingerprint_of(*(success(out / s) for s in SHARD_UPSTREAM)), n_shards, ((tmp, LISTING),))
+
+
+def _shard_fn(cfg: CurateConfig, stage_dir: Path) -> Callable[[int], pa.Table]:
+    return partial(_one_shard, stage_dir / LISTING, cfg)
+
+
+def _one_shard(listing: Path, cfg: CurateConfig, index: int) -> pa.Table:
+    rows = pq.ParquetFile(listing).read_row_group(index)
+    dim = rows.schema.field("embedding").type.list_size if "embedding" in rows.column_names else None
+    return fetch_images(rows, cfg.shard, dim)
+
+
+def _shard_stats(stage_dir: Path) -> dict[str, Any]:
+    table = read_parts(stage_dir, columns=["reason", "seed_set"])
+    by_reason = pc.value_counts(table["reason"]).to_pylist()
+    by_set = pc.value_counts(pc.fill_null(table["seed_set"], "")).to_pylist()
+    return {
+        "by_reason": {r["values"]: r["counts"] for r in by_reason},
+        "by_seed_set": {r["values"]: r["counts"] for r in by_set if r["values"]},
+    }
+
+
 STAGES: dict[str, StageSpec] = {
     s.name: s
     for s in (
@@ -315,6 +473,28 @@ STAGES: dict[str, StageSpec] = {
             section=lambda c: c.dedup_relative,
             plan=_plan_relative,
             whole_fn=_whole_dedup_relative,
+        ),
+        StageSpec(
+            name="cluster",
+            upstream=CLUSTER_UPSTREAM,
+            section=lambda c: c.cluster,
+            plan=_plan_after(*CLUSTER_UPSTREAM),
+            whole_fn=_whole_cluster,
+        ),
+        StageSpec(
+            name="retrieve",
+            upstream=RETRIEVE_UPSTREAM,
+            section=lambda c: c.retrieve,
+            plan=_plan_after(*RETRIEVE_UPSTREAM),
+            whole_fn=_whole_retrieve,
+        ),
+        StageSpec(
+            name="shard",
+            upstream=SHARD_UPSTREAM,
+            section=lambda c: c.shard,
+            plan=_plan_shard,
+            shard_fn=_shard_fn,
+            stats_fn=_shard_stats,
         ),
     )
 }

@@ -1,0 +1,36 @@
+"""Reading the curated set in a notebook: ``lvdkit.load_curated(OUT)`` and ``decode(row_or_bytes)``.
+
+The shards are plain Parquet, so pandas, polars or duckdb read them without lvdkit; this is a convenience.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow.dataset as ds
+from PIL import Image
+
+CURATED_DIR = "curated"
+
+
+def load_curated(
+    out: str | Path, as_: Literal["dataset", "pandas"] = "dataset", columns: list[str] | None = None
+) -> Any:
+    """The curated shards under ``OUT/curated`` as a pyarrow Dataset (lazy, streams row groups) or a pandas frame."""
+    folder = Path(out) / CURATED_DIR
+    if not any(folder.glob("part-*.parquet")):
+        raise FileNotFoundError(f"no curated shards in {folder}: run `lvdkit curate` (or `lvdkit run shard`)")
+    dataset = ds.dataset(sorted(str(p) for p in folder.glob("part-*.parquet")), format="parquet")
+    if as_ == "dataset":
+        return dataset
+    if as_ == "pandas":
+        return dataset.to_table(columns=columns).to_pandas()
+    raise ValueError(f"as_={as_!r}; valid: 'dataset', 'pandas'")
+
+
+def decode(row_or_bytes: Any) -> Image.Image:
+    """A curated row (dict / pandas row with an ``image`` field) or raw bytes -> an RGB PIL image."""
+    data = row_or_bytes if isinstance(row_or_bytes, (bytes, bytearray)) else row_or_bytes["image"]
+    return Image.open(io.BytesIO(data)).convert("RGB")
