@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 LVDKIT := $(BIN)/lvdkit
 
 .PHONY: setup curate demo-data test test-all lint bench ingest dedup_exact dedup_phash embed dedup_copy dedup_relative \
-	summary clean help
+	cluster retrieve shard summary clean help
 
 help:  ## list targets
 	@grep -E '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -35,7 +35,7 @@ demo-data: $(DEMO)/truth.parquet  ## build the demo images in $(DEMO) (once)
 curate: $(STAMP) $(DEMO)/truth.parquet  ## run every curation stage on the demo into $(OUT)
 	$(LVDKIT) curate --config $(CONFIG) out=$(OUT)
 
-ingest dedup_exact dedup_phash embed dedup_copy dedup_relative: $(STAMP) $(DEMO)/truth.parquet  ## run one stage (make ingest, make embed, ...)
+ingest dedup_exact dedup_phash embed dedup_copy dedup_relative cluster retrieve shard: $(STAMP) $(DEMO)/truth.parquet  ## run one stage (make ingest, make embed, ...)
 	$(LVDKIT) run $@ --config $(CONFIG) out=$(OUT)
 
 summary: $(STAMP)  ## print $(OUT)/summary.json
