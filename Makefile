@@ -57,6 +57,7 @@ bench: $(STAMP)  ## run the benchmarks (prints figures; slow: about an hour on 2
 	$(BIN)/python bench/dedup_quality.py
 	$(BIN)/python bench/embed_throughput.py
 	$(BIN)/python bench/dedup_scale.py
+	$(BIN)/python bench/retrieval_quality.py --out $(OUT) --demo $(DEMO)
 
 clean:  ## remove outputs (keeps .venv)
 	rm -rf out
