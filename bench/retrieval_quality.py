@@ -18,14 +18,13 @@ import numpy as np
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_line, print_table  # noqa: E402
-
-from lvdkit import schema  # noqa: E402
-from lvdkit.config import CurateConfig, load_config  # noqa: E402
-from lvdkit.curation.retrieve import sample_retrieval  # noqa: E402
-from lvdkit.pipeline.io import read_parts  # noqa: E402
-from lvdkit.pipeline.stages import embeddings_of  # noqa: E402
-from lvdkit.truth import load_truth  # noqa: E402
+from _common import machine_line, print_table
+from lvdkit import schema
+from lvdkit.config import CurateConfig, load_config
+from lvdkit.curation.retrieve import sample_retrieval
+from lvdkit.pipeline.io import read_parts
+from lvdkit.pipeline.stages import embeddings_of
+from lvdkit.truth import load_truth
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -39,8 +38,10 @@ def main(argv: list[str] | None = None) -> None:
     truth = load_truth(args.demo)
     label_of_uri = dict(zip(truth[schema.URI].to_pylist(), truth["label"].to_pylist(), strict=True))
     ingest = read_parts(args.out / "ingest", columns=[schema.IMAGE_ID, schema.URI])
-    label = {i: label_of_uri.get(u) for i, u in zip(ingest[schema.IMAGE_ID].to_pylist(), ingest[schema.URI].to_pylist(),
-                                                    strict=True)}
+    label = {
+        i: label_of_uri.get(u)
+        for i, u in zip(ingest[schema.IMAGE_ID].to_pylist(), ingest[schema.URI].to_pylist(), strict=True)
+    }
     pool = read_parts(args.out / "cluster", columns=[schema.IMAGE_ID])[schema.IMAGE_ID]
     pool_ids = np.asarray(pool.to_pylist(), dtype=object)
     x = embeddings_of(args.out, cfg.retrieve.embedding, pool)
@@ -54,14 +55,15 @@ def main(argv: list[str] | None = None) -> None:
         sx = mine["embedding"].combine_chunks().flatten().to_numpy().reshape(mine.num_rows, -1)
         sample = sample_retrieval(pool_ids, x, mine[schema.IMAGE_ID].to_pylist(), sx, args.k, name)
         cluster = hits.filter(np.asarray(hits["seed_set"].to_pylist()) == name)
-        for method, table in (("sample-based (k=%d)" % args.k, sample), ("cluster-based", cluster)):
+        for method, table in ((f"sample-based (k={args.k})", sample), ("cluster-based", cluster)):
             got = table[schema.IMAGE_ID].to_pylist()
             if not got:
                 rows.append([name, method, 0, "-", "-", "-"])
                 continue
             precision = np.mean([label[i] == want for i in got])
-            random = np.mean([np.mean([label[i] == want for i in rng.choice(pool_ids, len(got), replace=False)])
-                              for _ in range(20)])
+            random = np.mean(
+                [np.mean([label[i] == want for i in rng.choice(pool_ids, len(got), replace=False)]) for _ in range(20)]
+            )
             rows.append([name, method, len(got), f"{precision:.3f}", f"{random:.3f}", f"{precision / random:.1f}x"])
     print(f"\npool: {len(pool_ids)} deduplicated images of {args.out}; embedding: {cfg.retrieve.embedding}")
     print_table(["seed set", "retrieval", "images", "label match", "random sample", "ratio to random"], rows)
