@@ -73,7 +73,7 @@ def fit_whitener(sample: np.ndarray, mode: Literal["none", "center", "pca"], dim
 
 
 def build_index(
-    x: np.ndarray, kind: IndexKind = "auto", flat_max: int = 200_000, nprobe: int = 16, seed: int = 0
+    x: np.ndarray, kind: IndexKind = "auto", flat_max: int = 50_000, nprobe: int = 16, seed: int = 0
 ) -> faiss.Index:
     """An inner-product index over unit vectors ``x`` [N, D]: flat up to ``flat_max`` rows, else IVF."""
     n, d = x.shape
