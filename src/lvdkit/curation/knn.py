@@ -37,11 +37,15 @@ class Whitener:
     mean: np.ndarray
     matrix: np.ndarray | None
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        y = np.asarray(x, dtype=np.float32) - self.mean  # [N, D]
-        if self.matrix is not None:
-            y = y @ self.matrix  # [N, D_out]
-        return l2_normalize(y)
+    def __call__(self, x: np.ndarray, chunk: int = 65536) -> np.ndarray:
+        d_out = self.matrix.shape[1] if self.matrix is not None else x.shape[1]
+        out = np.empty((len(x), d_out), np.float32)
+        for start in range(0, len(x), chunk):  # in chunks: no full-size temporary copy of x
+            y = np.asarray(x[start : start + chunk], dtype=np.float32) - self.mean  # [C, D]
+            if self.matrix is not None:
+                y = y @ self.matrix  # [C, D_out]
+            out[start : start + chunk] = l2_normalize(y)
+        return out
 
     def save(self, path: str) -> None:
         np.savez(path, mean=self.mean, matrix=self.matrix if self.matrix is not None else np.empty((0, 0)))
