@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     print(machine_line())
     pool = ensure_pool(ensure_demo(args.out / "demo-data"), args.out / f"pool-{args.n}", args.n)
-    files = pool_files(pool)[: args.n]
+    files = [str(pool / f) for f in pool_files(pool)][: args.n]
     threads = os.cpu_count() or 1
     bare_ips, decode_s = bare_loop(args.model, files, args.batch_size, threads)
     stage_ips, stage_s = stage(args.model, pool, args.out / f"embed-throughput-{args.n}", args.batch_size)
