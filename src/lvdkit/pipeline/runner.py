@@ -49,7 +49,7 @@ def run_stage(name: str, cfg: CurateConfig, ray_: LazyRay, force: bool = False) 
             )
     stage_dir = out / stage_dirname(name)
     start = time.time()
-    plan = spec.plan(cfg, out)
+    plan = spec.make_plan(cfg, out)
     key = RunKey(config_hash(spec.section(cfg)), plan.fingerprint)
     action = prepare(stage_dir, key, force)
     for tmp, target in plan.staged_files:

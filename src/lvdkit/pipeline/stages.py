@@ -35,7 +35,7 @@ from lvdkit.embeddings.stage import PIXELS_PREFIX, decode_batch
 from lvdkit.pipeline.embed import CALIBRATION_DIR, SHARD, run_embed
 from lvdkit.pipeline.io import read_parts, write_parquet_atomic
 from lvdkit.pipeline.manifest import fingerprint_of, success
-from lvdkit.pipeline.names import CURATE_ORDER
+from lvdkit.pipeline.names import CURATE_ORDER, stage_dirname
 from lvdkit.pipeline.views import DEDUP_STAGES, alive, ingested
 
 LISTING = "_listing"  # the work list (Parquet); no .parquet suffix so `*.parquet` globs see only outputs
@@ -59,11 +59,17 @@ class StageSpec:
     name: str
     upstream: tuple[str, ...]
     section: Callable[[CurateConfig], Any]
-    plan: Callable[[CurateConfig, Path], Plan]
+    plan: Callable[[CurateConfig, Path], Plan] | None = None  # default: fingerprint of the upstream outputs
     shard_fn: Callable[[CurateConfig, Path], Callable[[int], pa.Table]] | None = None  # (cfg, stage_dir) -> fn(i)
     shard_runner: Callable[[CurateConfig, Path, list[int], int], None] | None = None  # runs pending shards itself
     whole_fn: Callable[[CurateConfig, Path], tuple[pa.Table, dict[str, Any]]] | None = None  # (cfg, out)
     stats_fn: Callable[[Path], dict[str, Any]] | None = None  # summary stats of a finished sharded stage
+
+    def make_plan(self, cfg: CurateConfig, out: Path) -> Plan:
+        """The stage's plan: its own, or (whole-dataset stages) the identity of the upstream outputs it reads."""
+        if self.plan is not None:
+            return self.plan(cfg, out)
+        return Plan(fingerprint=fingerprint_of(*(success(out / stage_dirname(s)) for s in self.upstream)))
 
 
 # --- ingest -------------------------------------------------------------------------------------------------------
@@ -124,13 +130,6 @@ def _ingest_stats(stage_dir: Path) -> dict[str, Any]:
 
 
 # --- dedup stages -------------------------------------------------------------------------------------------------
-
-
-def _plan_after(*upstream: str) -> Callable[[CurateConfig, Path], Plan]:
-    def plan(cfg: CurateConfig, out: Path) -> Plan:
-        return Plan(fingerprint=fingerprint_of(*(success(out / s) for s in upstream)))
-
-    return plan
 
 
 def _whole_dedup_exact(cfg: CurateConfig, out: Path) -> tuple[pa.Table, dict[str, Any]]:
@@ -442,14 +441,12 @@ STAGES: dict[str, StageSpec] = {
             name="dedup_exact",
             upstream=("ingest",),
             section=lambda c: c.dedup_exact,
-            plan=_plan_after("ingest"),
             whole_fn=_whole_dedup_exact,
         ),
         StageSpec(
             name="dedup_phash",
             upstream=("ingest", "dedup_exact"),
             section=lambda c: c.dedup_phash,
-            plan=_plan_after("ingest", "dedup_exact"),
             whole_fn=_whole_dedup_phash,
         ),
         StageSpec(
@@ -464,7 +461,6 @@ STAGES: dict[str, StageSpec] = {
             name="dedup_copy",
             upstream=("ingest", "dedup_exact", "dedup_phash", "embed"),
             section=lambda c: c.dedup_copy,
-            plan=_plan_after("ingest", "dedup_exact", "dedup_phash", "embed"),
             whole_fn=_whole_dedup_copy,
         ),
         StageSpec(
@@ -478,14 +474,12 @@ STAGES: dict[str, StageSpec] = {
             name="cluster",
             upstream=CLUSTER_UPSTREAM,
             section=lambda c: c.cluster,
-            plan=_plan_after(*CLUSTER_UPSTREAM),
             whole_fn=_whole_cluster,
         ),
         StageSpec(
             name="retrieve",
             upstream=RETRIEVE_UPSTREAM,
             section=lambda c: c.retrieve,
-            plan=_plan_after(*RETRIEVE_UPSTREAM),
             whole_fn=_whole_retrieve,
         ),
         StageSpec(
