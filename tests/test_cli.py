@@ -52,3 +52,13 @@ def test_curate_prints_the_funnel_and_summary_matches(small_demo: Path, tmp_path
     assert f"images in: {summary['images_in']}" in result.stdout and str(out) in result.stdout
     again = run_cli("curate", f"out={out}", f"ingest.inputs=[{small_demo / 'raw'}]", "progress=false", *TINY_EMBED)
     assert again.returncode == 0 and again.stderr.count("skipped") == len(CURATE_ORDER)
+
+
+def test_a_stage_reading_an_embedding_nobody_computes_fails_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "o"
+    assert main(["curate", f"out={out}", "embed.models={copy: sscd}"]) == 2  # cluster/shard default to 'semantic'
+    err = capsys.readouterr().err
+    assert "cluster.embedding='semantic'" in err and "shard.embedding='semantic'" in err and "copy" in err
+    assert not (out / "ingest").exists()

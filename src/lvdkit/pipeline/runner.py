@@ -133,6 +133,7 @@ def _parquet_rows(path: Path) -> int:
 
 def run(cfg: CurateConfig, stages: tuple[str, ...] = CURATE_ORDER, force: bool = False) -> dict[str, Any]:
     """Run ``stages`` in order in one Ray session; write ``config.yaml``, ``status.parquet`` and ``summary.json``."""
+    check_embedding_keys(cfg, stages)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
@@ -140,6 +141,24 @@ def run(cfg: CurateConfig, stages: tuple[str, ...] = CURATE_ORDER, force: bool =
         for name in stages:
             run_stage(name, cfg, lazy, force=force)
     return write_summary(out)
+
+
+def check_embedding_keys(cfg: CurateConfig, stages: tuple[str, ...]) -> None:
+    """Fail before any work when a stage reads an embedding that embed.models does not produce."""
+    wanted = {
+        "dedup_copy": cfg.dedup_copy.embedding,
+        "dedup_relative": cfg.dedup_relative.embedding if cfg.dedup_relative.protected else None,
+        "cluster": cfg.cluster.embedding,
+        "retrieve": cfg.retrieve.embedding if cfg.retrieve.seed_sets else None,
+        "shard": cfg.shard.embedding,
+    }
+    bad = {s: k for s, k in wanted.items() if s in stages and k is not None and k not in cfg.embed.models}
+    if bad:
+        listing = ", ".join(f"{s}.embedding={k!r}" for s, k in bad.items())
+        raise ValueError(
+            f"{listing}: not a key of embed.models ({', '.join(cfg.embed.models) or 'none'}); "
+            "add the model to embed.models or point these keys at one that is there"
+        )
 
 
 def write_summary(out: Path) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from lvdkit.curation.retrieve import RETRIEVED, SAMPLE, cluster_retrieval, resol
 from lvdkit.curation.shard import fetch_images, merge_selections
 from lvdkit.embeddings.stage import PIXELS_PREFIX, decode_batch
 from lvdkit.pipeline.embed import CALIBRATION_DIR, SHARD, run_embed
-from lvdkit.pipeline.io import read_parts, write_parquet_atomic
+from lvdkit.pipeline.io import part_files, read_parts, write_parquet_atomic
 from lvdkit.pipeline.manifest import fingerprint_of, success
 from lvdkit.pipeline.names import CURATE_ORDER, stage_dirname
 from lvdkit.pipeline.views import DEDUP_STAGES, alive, ingested
@@ -193,9 +193,10 @@ def embeddings_of(
     ``allow_missing``)."""
     col = schema.embedding_column(key)
     stage = out / "embed" / (CALIBRATION_DIR if calibration else "")
-    table = read_parts(stage, columns=[schema.IMAGE_ID, col])
-    if col not in table.column_names:
+    parts = part_files(stage)
+    if parts and col not in pq.read_schema(parts[0]).names:
         raise ValueError(f"no embeddings for model {key!r} in {out / 'embed'}: set it in embed.models")
+    table = read_parts(stage, columns=[schema.IMAGE_ID, col])
     pos = pc.index_in(ids, value_set=table[schema.IMAGE_ID])
     missing = pc.is_null(pos).to_numpy(zero_copy_only=False)
     if missing.any() and not allow_missing:
