@@ -22,6 +22,9 @@ TINY_EMBED = (
     "embed.model_options={}",
     "embed.images_per_shard=64",
     "embed.calibration_copies=30",
+    "cluster.embedding=copy",
+    "retrieve.embedding=copy",
+    "shard.embedding=copy",
 )
 
 

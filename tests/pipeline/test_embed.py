@@ -118,6 +118,8 @@ def test_copy_and_relative_dedup_with_sscd_on_the_demo(small_demo: Path, tmp_pat
             small_demo,
             "embed.models={copy: sscd_distilled}",
             "embed.calibration_copies=60",
+            "cluster.embedding=copy",
+            "shard.embedding=copy",
             f"dedup_relative.protected=[{small_demo / 'heldout'}]",
         )
     )
