@@ -418,7 +418,7 @@ def _one_shard(listing: Path, cfg: CurateConfig, index: int) -> pa.Table:
 
 
 def _shard_stats(stage_dir: Path) -> dict[str, Any]:
-    table = read_parts(stage_dir, columns=["reason", "seed_set"])
+    table = read_parts(stage_dir, columns=["reason", "seed_set"], schema=schema.curated_schema(None))  # may be empty
     by_reason = pc.value_counts(table["reason"]).to_pylist()
     by_set = pc.value_counts(pc.fill_null(table["seed_set"], "")).to_pylist()
     return {
