@@ -308,6 +308,8 @@ def _aligned(ids: pa.Array | pa.ChunkedArray, table: pa.Table) -> pa.Table:
 
 def _whole_retrieve(cfg: CurateConfig, out: Path) -> tuple[pa.Table, dict[str, Any]]:
     r = cfg.retrieve
+    if not r.seed_sets:
+        return RETRIEVED.empty_table(), {"seed_sets": {}}
     images = alive(out, DEDUP_STAGES, [])
     ids = images[schema.IMAGE_ID]
     x = embeddings_of(out, r.embedding, ids)
