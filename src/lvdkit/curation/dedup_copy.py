@@ -128,12 +128,13 @@ def dedup_copy(
     pairs, _ = pairs_above(sims, ids, threshold)
     rep = group(n, pairs, keep_priority(images), cfg.grouping)
     distance = 1.0 - np.sum(x * x[rep], axis=1)
+    sizes = component_sizes(rep)
     union_find = component_sizes(connected_components(n, pairs))
     stats.update(
         threshold=float(threshold),
         pairs=len(pairs),
-        groups_with_duplicates=int((component_sizes(rep) > 1).sum()),
-        largest_group=int(component_sizes(rep).max()),
+        groups_with_duplicates=int((sizes > 1).sum()),
+        largest_group=int(sizes.max()),
         largest_union_find_component=int(union_find.max()),  # what plain transitive grouping would have merged
         whitening=cfg.whiten,
         index=cfg.index if cfg.index != "auto" else ("flat" if n <= cfg.flat_max else "ivf"),
