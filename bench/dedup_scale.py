@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         "--index",
         choices=("auto", "flat", "ivf", "ivfpq"),
         default="auto",
-        help="DedupCopyConfig.index (default auto: flat up to 200k rows, IVF above)",
+        help="DedupCopyConfig.index (default auto: flat up to 50k rows, IVF above)",
     )
     parser.add_argument("--nprobe", type=int, default=None, help="DedupCopyConfig.nprobe (default: the config's)")
     parser.add_argument(

@@ -20,12 +20,6 @@ from lvdkit.curation.ingest import IngestConfig, inspect_file
 CFG = IngestConfig()
 
 
-@pytest.fixture(autouse=True)
-def restore_pillow_pixel_limit(monkeypatch: pytest.MonkeyPatch) -> None:
-    """decode() sets Pillow's global MAX_IMAGE_PIXELS; put it back after each test."""
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
-
-
 def picture(width: int, height: int, seed: int = 0) -> Image.Image:
     """A deterministic RGB picture with structure at several scales (so its PHash is not degenerate)."""
     rng = np.random.default_rng(seed)
@@ -306,3 +300,13 @@ def test_quarantine_rows_are_identical_on_rerun(tmp_path: Path) -> None:
         assert first["status"] == schema.STATUS_QUARANTINED
         assert first == second
         assert " at 0x" not in str(first["error_detail"]), first["error_detail"]
+
+
+def test_decode_leaves_pillows_global_pixel_limit_as_it_found_it() -> None:
+    before = Image.MAX_IMAGE_PIXELS
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 20)).save(buf, format="PNG")
+    decode(buf.getvalue(), 12345)
+    with pytest.raises(DecodeError):
+        decode(b"not an image", 12345)
+    assert before == Image.MAX_IMAGE_PIXELS

@@ -17,12 +17,6 @@ from lvdkit.curation.ingest import IngestConfig, image_id, ingest_files, inspect
 CFG = IngestConfig()
 
 
-@pytest.fixture(autouse=True)
-def restore_pillow_pixel_limit(monkeypatch: pytest.MonkeyPatch) -> None:
-    """decode() sets Pillow's global MAX_IMAGE_PIXELS; put it back after each test."""
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
-
-
 def picture(width: int, height: int, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     base = rng.integers(0, 256, (max(height // 8, 1), max(width // 8, 1), 3), dtype=np.uint8)

@@ -49,7 +49,8 @@ def decode(data: bytes, max_pixels: int) -> Decoded:
     """Decode every pixel of the first frame of ``data``; raise :class:`DecodeError` with a reason otherwise."""
     if not data:
         raise DecodeError(schema.REASON_EMPTY, "file has 0 bytes")
-    Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow reads this global when it opens a file
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow reads this global when it opens a file; restored below
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -65,6 +66,8 @@ def decode(data: bytes, max_pixels: int) -> Decoded:
         raise _unidentified(data) from None
     except _ERRORS as exc:
         raise _error(data, exc) from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
     return Decoded(image=upright if upright is not None else im, format=fmt, mode=mode, n_frames=n_frames)
 
 
