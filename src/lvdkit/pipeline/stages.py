@@ -239,26 +239,34 @@ def _whole_dedup_relative(cfg: CurateConfig, out: Path) -> tuple[pa.Table, dict[
     images = alive(out, ("dedup_exact", "dedup_phash", "dedup_copy"), [])
     whitener = Whitener.load(str(out / "dedup_copy" / WHITENING))
     pool_x = whitener(embeddings_of(out, rel.embedding, images[schema.IMAGE_ID]))
-    protected = ingest_files(list(list_inputs(rel.protected)), cfg.ingest) if rel.protected else None
     stage_dir = out / "dedup_relative"
     stage_dir.mkdir(parents=True, exist_ok=True)
     ok_ids: list[str] = []
     prot_x = np.empty((0, pool_x.shape[1]), np.float32)
-    if protected is not None:
-        write_parquet_atomic(protected.drop_columns(["image_bytes"]), stage_dir / PROTECTED)
-        ok = protected.filter(pc.equal(protected["status"], schema.STATUS_OK))
+    protected = None
+    if rel.protected:
+        protected, ok, x = _ingest_and_embed(cfg, rel.embedding, rel.protected)
+        write_parquet_atomic(protected, stage_dir / PROTECTED)
         ok_ids = ok[schema.IMAGE_ID].to_pylist()
-        prot_x = whitener(_embed_files(cfg, rel.embedding, ok_ids, ok[schema.URI].to_pylist()))
+        prot_x = whitener(x)
     threshold = rel.threshold
     if threshold is None:
         threshold = float((success(out / "dedup_copy") or {})["stats"]["threshold"])
     table = dedup_relative(images[schema.IMAGE_ID], pool_x, ok_ids, prot_x, threshold)
     stats = {
         "protected": len(ok_ids),
-        "protected_unusable": (protected.num_rows - len(ok_ids)) if protected else 0,
+        "protected_unusable": (protected.num_rows - len(ok_ids)) if protected is not None else 0,
         "threshold": threshold,
     }
     return table, _dedup_stats(table, stats)
+
+
+def _ingest_and_embed(cfg: CurateConfig, key: str, inputs: list[str]) -> tuple[pa.Table, pa.Table, np.ndarray]:
+    """A small side set (protected images, seeds): its ingest rows (all, then usable) and the usable ones' embeddings
+    with the model the pool was embedded with, computed in this process."""
+    rows = ingest_files(list(list_inputs(inputs)), cfg.ingest).drop_columns(["image_bytes", "phash"])
+    ok = rows.filter(pc.equal(rows["status"], schema.STATUS_OK))
+    return rows, ok, _embed_files(cfg, key, ok[schema.IMAGE_ID].to_pylist(), ok[schema.URI].to_pylist())
 
 
 def _embed_files(cfg: CurateConfig, key: str, ids: list[str], uris: list[str], batch: int = 64) -> np.ndarray:
@@ -319,9 +327,7 @@ def _whole_retrieve(cfg: CurateConfig, out: Path) -> tuple[pa.Table, dict[str, A
     centroids = np.load(out / "cluster" / _centroids_file(1))
     hits, seed_tables, stats = [], [], {}
     for name, seed_set in r.seed_sets.items():
-        seeds = ingest_files(list(list_inputs(seed_set.inputs)), cfg.ingest).drop_columns(["image_bytes", "phash"])
-        ok = seeds.filter(pc.equal(seeds["status"], schema.STATUS_OK))
-        sx = _embed_files(cfg, r.embedding, ok[schema.IMAGE_ID].to_pylist(), ok[schema.URI].to_pylist())
+        seeds, ok, sx = _ingest_and_embed(cfg, r.embedding, seed_set.inputs)
         seed_tables.append(
             ok.append_column("seed_set", pa.array([name] * ok.num_rows, pa.string())).append_column(
                 "embedding", pa.FixedSizeListArray.from_arrays(pa.array(sx.ravel(), pa.float32()), sx.shape[1])
