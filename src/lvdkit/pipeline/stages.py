@@ -36,7 +36,7 @@ from lvdkit.pipeline.embed import CALIBRATION_DIR, SHARD, run_embed
 from lvdkit.pipeline.io import part_files, read_parts, write_parquet_atomic
 from lvdkit.pipeline.manifest import fingerprint_of, success
 from lvdkit.pipeline.names import CURATE_ORDER, stage_dirname
-from lvdkit.pipeline.views import DEDUP_STAGES, alive, ingested
+from lvdkit.pipeline.views import DEDUP_STAGES, alive, dedups_before, ingested
 
 LISTING = "_listing"  # the work list (Parquet); no .parquet suffix so `*.parquet` globs see only outputs
 PROTECTED = "protected.parquet"  # dedup_relative: the protected images as ingested (ids, uris, status)
@@ -133,13 +133,13 @@ def _ingest_stats(stage_dir: Path) -> dict[str, Any]:
 
 
 def _whole_dedup_exact(cfg: CurateConfig, out: Path) -> tuple[pa.Table, dict[str, Any]]:
-    images = alive(out, (), [schema.URI, "content_hash"])
+    images = alive(out, dedups_before("dedup_exact"), [schema.URI, "content_hash"])
     table = dedup_exact(images, cfg.dedup_exact)
     return table, _dedup_stats(table, {})
 
 
 def _whole_dedup_phash(cfg: CurateConfig, out: Path) -> tuple[pa.Table, dict[str, Any]]:
-    images = alive(out, ("dedup_exact",), ["phash", "width", "height"])
+    images = alive(out, dedups_before("dedup_phash"), ["phash", "width", "height"])
     table, stats = dedup_phash(images, cfg.dedup_phash)
     return table, _dedup_stats(table, stats)
 
@@ -155,7 +155,7 @@ def _dedup_stats(table: pa.Table, extra: dict[str, Any]) -> dict[str, Any]:
 def _plan_embed(cfg: CurateConfig, out: Path) -> Plan:
     """Shard the images that survived the cheap dedups; the listing (row group = shard) is the work list."""
     upstream = ("ingest", "dedup_exact", "dedup_phash")
-    images = alive(out, upstream[1:], [schema.URI])
+    images = alive(out, dedups_before("dedup_copy"), [schema.URI])  # embed sits between phash and copy dedup
     per_shard = cfg.embed.images_per_shard
     if per_shard < 1:
         raise ValueError(f"embed.images_per_shard must be >= 1, got {per_shard}")
@@ -208,7 +208,7 @@ def embeddings_of(
 
 
 def _whole_dedup_copy(cfg: CurateConfig, out: Path) -> tuple[pa.Table, dict[str, Any]]:
-    images = alive(out, ("dedup_exact", "dedup_phash"), ["width", "height"])
+    images = alive(out, dedups_before("dedup_copy"), ["width", "height"])
     key = cfg.dedup_copy.embedding
     emb = embeddings_of(out, key, images[schema.IMAGE_ID])
     calib = read_parts(out / "embed" / CALIBRATION_DIR, columns=[schema.IMAGE_ID])
@@ -236,7 +236,7 @@ def _plan_relative(cfg: CurateConfig, out: Path) -> Plan:
 
 def _whole_dedup_relative(cfg: CurateConfig, out: Path) -> tuple[pa.Table, dict[str, Any]]:
     rel = cfg.dedup_relative
-    images = alive(out, ("dedup_exact", "dedup_phash", "dedup_copy"), [])
+    images = alive(out, dedups_before("dedup_relative"), [])
     whitener = Whitener.load(str(out / "dedup_copy" / WHITENING))
     pool_x = whitener(embeddings_of(out, rel.embedding, images[schema.IMAGE_ID]))
     stage_dir = out / "dedup_relative"

@@ -18,6 +18,11 @@ from lvdkit.pipeline.io import read_parts
 DEDUP_STAGES = ("dedup_exact", "dedup_phash", "dedup_copy", "dedup_relative")
 
 
+def dedups_before(stage: str) -> tuple[str, ...]:
+    """The dedup stages that run before ``stage`` (whose removals it must not see again)."""
+    return DEDUP_STAGES[: DEDUP_STAGES.index(stage)]
+
+
 def ingested(out: Path, columns: list[str] | None = None) -> pa.Table:
     """The ingest table (all rows, usable or not)."""
     return read_parts(out / "ingest", columns=columns, schema=schema.INGEST)
