@@ -1,4 +1,4 @@
-"""The ``lvdkit`` command line: ``demo``, ``curate``, ``run STAGE``, ``summary``."""
+"""The ``lvdkit`` command line: ``demo``, ``curate``, ``run STAGE``, ``summary``, ``report``."""
 
 from __future__ import annotations
 
@@ -58,6 +58,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     summary = sub.add_parser("summary", help="print (and rewrite) OUT/summary.json from finished stages")
     summary.add_argument("out", type=Path)
+
+    report = sub.add_parser(
+        "report",
+        help="write OUT/report.html: funnel, clusters, duplicate pairs and retrievals of a run",
+        description="Write one self-contained HTML page (no scripts, no external URLs, images as inline "
+        "thumbnails) showing the run in OUT: the funnel (images in, quarantined by reason, duplicates by stage, "
+        "kept, curated by selection reason), cluster sizes and samples of the largest clusters, duplicate pairs "
+        "of each dedup stage and the top retrievals per seed set. Stages that have not run are named as missing. "
+        "Reads only the images it shows.",
+    )
+    report.add_argument("out", type=Path, help="the OUT folder of a curation run")
+    report.add_argument("--output", "-o", type=Path, help="where to write the page (default: OUT/report.html)")
+    report.add_argument("--thumb-px", type=int, default=80, help="thumbnail size in pixels (default: 80)")
     return parser
 
 
@@ -90,7 +103,22 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         print(json.dumps(write_summary(args.out), indent=2))
         return 0
+    if args.command == "report":
+        return _report(args)
     return _run(args)
+
+
+def _report(args: argparse.Namespace) -> int:
+    import time
+
+    from lvdkit.report import ReportLimits, write_report
+
+    if args.thumb_px < 16:
+        raise ValueError(f"--thumb-px {args.thumb_px}: use at least 16")
+    start = time.time()
+    path = write_report(args.out, args.output, ReportLimits(thumb_px=args.thumb_px))
+    print(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB) in {time.time() - start:.1f}s")
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
