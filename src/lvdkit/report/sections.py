@@ -225,8 +225,9 @@ def _stage_pairs(ctx: Context, stage: str) -> str:
         f'<div class="m">{esc(_measure(stage, r["distance"]))}</div></div>'
         for r in rows
     )
+    noun = "duplicate" if dups.num_rows == 1 else "duplicates"
     note = para(
-        f"{dups.num_rows:,} duplicates of {dedup.num_rows:,} images{_threshold(record)}; showing {len(rows)}, "
+        f"{dups.num_rows:,} {noun} of {dedup.num_rows:,} images{_threshold(record)}; showing {len(rows)}, "
         "spread from most to least similar"
     )
     return title + note + f'<div class="pairs">{pairs}</div>\n'
