@@ -42,6 +42,8 @@ def dino_loss(
             f"student_logits {tuple(student_logits.shape)} and teacher_probs {tuple(teacher_probs.shape)} differ in "
             "batch size or number of prototypes"
         )
+    if batch == 0:
+        raise ValueError("dino_loss needs at least one image (B = 0)")
     if student_temp <= 0:
         raise ValueError(f"student_temp must be positive, got {student_temp}")
     log_p = F.log_softmax(student_logits.float() / student_temp, dim=-1)

@@ -63,7 +63,8 @@ class BlockMaskGenerator:
 
     def sample_block(self, max_patches: int, generator: np.random.Generator) -> tuple[int, int]:
         """One block shape (h, w) drawn as described in the class docstring (not yet checked against the grid)."""
-        area = generator.uniform(self.min_num_patches, max_patches)
+        low, high = sorted((self.min_num_patches, max_patches))  # BEiT's random.uniform accepts either order
+        area = generator.uniform(low, high)
         aspect = math.exp(generator.uniform(*self._log_aspect))
         return round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
 

@@ -1,0 +1,1 @@
+"""Tests of the pretraining maths (losses, centering, heads, masks, schedules, EMA, optimiser groups)."""
