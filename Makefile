@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 LVDKIT := $(BIN)/lvdkit
 
 .PHONY: setup curate demo-data test test-all lint bench ingest dedup_exact dedup_phash embed dedup_copy dedup_relative \
-	cluster retrieve shard summary clean help
+	cluster retrieve shard summary report check-report clean help
 
 help:  ## list targets
 	@grep -E '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -32,14 +32,22 @@ $(DEMO)/truth.parquet: | $(STAMP)
 
 demo-data: $(DEMO)/truth.parquet  ## build the demo images in $(DEMO) (once)
 
-curate: $(STAMP) $(DEMO)/truth.parquet  ## run every curation stage on the demo into $(OUT)
+curate: $(STAMP) $(DEMO)/truth.parquet  ## run every curation stage on the demo into $(OUT), then write $(OUT)/report.html
 	$(LVDKIT) curate --config $(CONFIG) out=$(OUT)
+	$(LVDKIT) report $(OUT)
 
 ingest dedup_exact dedup_phash embed dedup_copy dedup_relative cluster retrieve shard: $(STAMP) $(DEMO)/truth.parquet  ## run one stage (make ingest, make embed, ...)
 	$(LVDKIT) run $@ --config $(CONFIG) out=$(OUT)
 
 summary: $(STAMP)  ## print $(OUT)/summary.json
 	$(LVDKIT) summary $(OUT)
+
+report: $(STAMP)  ## write $(OUT)/report.html (funnel, clusters, duplicate pairs, retrievals) from the finished stages
+	$(LVDKIT) report $(OUT)
+
+check-report: $(STAMP)  ## render the report of a small run in headless Chromium (apt-get installs chromium if missing: root)
+	@command -v chromium >/dev/null 2>&1 || { apt-get update && apt-get install -y chromium; }
+	LVDKIT_REQUIRE_CHROMIUM=1 $(BIN)/python -m pytest -q tests/test_report.py -k chromium $(PYTEST_ARGS)
 
 test: $(STAMP)  ## run the test suite (CI runs this)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

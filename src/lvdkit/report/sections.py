@@ -18,7 +18,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from lvdkit import schema
-from lvdkit.pipeline.io import PART_GLOB, part_files, read_parts
+from lvdkit.pipeline.io import part_files, read_parts
 from lvdkit.pipeline.manifest import read_json, success
 from lvdkit.pipeline.names import CURATE_ORDER, stage_dirname
 from lvdkit.pipeline.views import DEDUP_STAGES
@@ -84,10 +84,8 @@ class Context:
 
 def _lookup_uris(source: Path, ids: set[str]) -> dict[str, str]:
     """Scan ``source`` (a stage folder of parts, or one Parquet file) for ``ids``, keeping only the matches."""
-    if source.is_dir():
-        files = sorted(str(p) for p in source.glob(PART_GLOB))
-    else:
-        files = [str(source)] if source.exists() else []
+    paths = part_files(source) if source.is_dir() else [source] if source.exists() else []
+    files = [str(p) for p in paths]
     if not files:
         return {}
     dataset = ds.dataset(files, format="parquet")
