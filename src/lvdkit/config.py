@@ -12,7 +12,7 @@ import json
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 
@@ -40,7 +40,7 @@ class RayConfig:
     address: str | None = None  # a running cluster ("auto", "ray://host:10001", "127.0.0.1:6379"); else RAY_ADDRESS
     num_cpus: int | None = None  # local Ray only; default: all cores
     object_store_memory_mb: int | None = None  # local Ray only; default: Ray's (30% of RAM)
-    max_task_retries: int = 3  # a whole-dataset task whose worker dies (crash, OOM kill) is retried this often
+    max_task_retries: int = 3  # a task whose worker dies (crash, OOM kill) or whose shard raises is retried this often
 
 
 @dataclasses.dataclass
@@ -49,6 +49,10 @@ class CurateConfig:
 
     out: str = "out/curate"
     progress: bool = True
+    # A shard that still raises after ray.max_task_retries retries: "fail" the stage naming the files that fail on
+    # their own (the other shards finish and are kept), or "quarantine" those files (ingest: processing_error rows;
+    # shard: left out of the curated set, listed in OUT/curated/_quarantined/). embed always fails.
+    on_shard_error: Literal["fail", "quarantine"] = "fail"
     ray: RayConfig = dataclasses.field(default_factory=RayConfig)
     ingest: IngestConfig = dataclasses.field(default_factory=IngestConfig)
     dedup_exact: DedupExactConfig = dataclasses.field(default_factory=DedupExactConfig)

@@ -31,6 +31,9 @@ REASON_TRUNCATED = "truncated"
 REASON_DECODE = "decode_error"
 REASON_TOO_MANY_PIXELS = "too_many_pixels"
 REASON_TOO_SMALL = "too_small"
+REASON_DECODE_TIMEOUT = "decode_timeout"  # decoding took longer than ingest.decode_timeout_s
+REASON_SYMLINK_OUTSIDE = "symlink_outside_inputs"  # a link in an input folder pointing outside every input
+REASON_PROCESSING = "processing_error"  # on_shard_error=quarantine: processing the file raised on every attempt
 REASONS = (
     REASON_EMPTY,
     REASON_UNREADABLE,
@@ -41,6 +44,9 @@ REASONS = (
     REASON_DECODE,
     REASON_TOO_MANY_PIXELS,
     REASON_TOO_SMALL,
+    REASON_DECODE_TIMEOUT,
+    REASON_SYMLINK_OUTSIDE,
+    REASON_PROCESSING,
 )
 
 # --- ingest: OUT/ingest/part-*.parquet --------------------------------------------------------------------------

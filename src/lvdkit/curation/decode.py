@@ -3,20 +3,37 @@
 Pillow's decompression-bomb check is made fatal (a warning by default) and truncated files are errors (never padded
 with grey), so a file is either fully decoded or rejected with a reason from :mod:`lvdkit.schema`.
 
-There is no per-image time limit. Decoding time is bounded by what is checked before any pixel is decoded (the
-declared pixel count against ``max_pixels``; ingest's ``max_file_mb``), which covers decompression bombs. What is not
-bounded: counting the frames of a GIF (Pillow walks the whole file) and a legal but slow file within those limits
-(e.g. a progressive JPEG with thousands of scans) can take seconds. A hard timeout would need a watchdog process per
-decode; Ray retries and per-shard parts keep such a file from losing work, but it does hold up its shard.
+Time per image: the pixel limit (the declared pixel count against ``max_pixels``, checked before any pixel is
+decoded) and ingest's ``max_file_mb`` stop decompression bombs. Within those limits a legal but slow file (a GIF with
+thousands of frames, which Pillow walks to count them; a progressive JPEG with thousands of scans) can still take
+seconds, so ``decode(..., timeout_s=T)`` (ingest's ``decode_timeout_s``) also limits time:
+
+- on the main thread of a process with no other ``SIGALRM`` user (Ray tasks, the CLI) a one-shot timer interrupts
+  the decode at the next Python-level step after ``T`` seconds (Pillow feeds its decoders in chunks and walks frames
+  in Python), so most slow files are cut off close to ``T``;
+- a single C call (one chunk of a decoder, one resize) cannot be interrupted: it finishes first. Whatever the timer
+  could not stop, an elapsed-time check after decoding still quarantines (``decode_timeout``), so no decode slower
+  than ``T`` is accepted, but one C call can overrun ``T``;
+- elsewhere (another thread, ``SIGALRM`` already in use) only the elapsed-time check applies.
+
+The limit makes the outcome depend on the machine's speed and load for files near ``T``; the default (30 s) is far
+above any ordinary image (milliseconds; about a second for 100 megapixels). A truly hard bound would need a watchdog
+process per decode.
 """
 
 from __future__ import annotations
 
 import io
 import re
+import signal
 import struct
+import threading
+import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from types import FrameType
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -45,14 +62,18 @@ class Decoded:
     n_frames: int
 
 
-def decode(data: bytes, max_pixels: int) -> Decoded:
-    """Decode every pixel of the first frame of ``data``; raise :class:`DecodeError` with a reason otherwise."""
+def decode(data: bytes, max_pixels: int, timeout_s: float | None = None) -> Decoded:
+    """Decode every pixel of the first frame of ``data``; raise :class:`DecodeError` with a reason otherwise.
+
+    ``timeout_s``: a decode that takes longer is abandoned or rejected (``decode_timeout``); see the module notes.
+    """
     if not data:
         raise DecodeError(schema.REASON_EMPTY, "file has 0 bytes")
     previous = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow reads this global when it opens a file; restored below
+    start = time.monotonic()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _alarm(timeout_s):  # the timer stops before the filters are restored
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
             fmt, mode, n_frames = im.format, im.mode, int(getattr(im, "n_frames", 1))
@@ -60,6 +81,8 @@ def decode(data: bytes, max_pixels: int) -> Decoded:
                 raise Image.DecompressionBombError(f"{im.width}x{im.height} exceeds max_pixels={max_pixels}")
             im.load()
             upright = ImageOps.exif_transpose(im)
+    except _Timeout:
+        raise _timeout(time.monotonic() - start, timeout_s, interrupted=True) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DecodeError(schema.REASON_TOO_MANY_PIXELS, str(exc)) from None
     except UnidentifiedImageError:
@@ -68,7 +91,46 @@ def decode(data: bytes, max_pixels: int) -> Decoded:
         raise _error(data, exc) from None
     finally:
         Image.MAX_IMAGE_PIXELS = previous
+    elapsed = time.monotonic() - start
+    if timeout_s is not None and elapsed > timeout_s:
+        raise _timeout(elapsed, timeout_s, interrupted=False)
     return Decoded(image=upright if upright is not None else im, format=fmt, mode=mode, n_frames=n_frames)
+
+
+class _Timeout(BaseException):  # not an Exception: no ``except Exception`` inside Pillow may swallow it
+    pass
+
+
+def _timeout(elapsed: float, limit: float | None, interrupted: bool) -> DecodeError:
+    how = "stopped after" if interrupted else "took"
+    return DecodeError(schema.REASON_DECODE_TIMEOUT, f"decoding {how} {elapsed:.3g}s, limit decode_timeout_s={limit}")
+
+
+def _on_alarm(signum: int, frame: FrameType | None) -> None:
+    raise _Timeout()
+
+
+@contextmanager
+def _alarm(seconds: float | None) -> Iterator[None]:
+    """Raise :class:`_Timeout` inside the block after ``seconds``, where a process timer can (see module notes)."""
+    usable = (
+        seconds is not None
+        and seconds > 0
+        and hasattr(signal, "setitimer")
+        and threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGALRM) in (signal.SIG_DFL, None)
+    )
+    if not usable:
+        yield
+        return
+    assert seconds is not None
+    signal.signal(signal.SIGALRM, _on_alarm)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)  # first: no alarm may fire once the block is left
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
 
 
 _ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error)

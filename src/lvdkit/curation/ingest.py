@@ -38,6 +38,8 @@ class IngestConfig:
     max_file_mb: float = 256.0  # larger files are quarantined without being read
     min_side: int = 16  # images whose shorter side is below this are quarantined (too_small)
     phash: bool = True  # compute imagededup's PHash for dedup_phash
+    follow_symlinks_outside: bool = False  # read links found in input folders/globs that point outside every input
+    decode_timeout_s: float | None = 30.0  # slower decodes are quarantined (decode_timeout); see lvdkit.curation.decode
 
 
 def image_id(uri: str) -> str:
@@ -92,37 +94,107 @@ def list_inputs(inputs: Sequence[str], extensions: Sequence[str] | None = None) 
     file, or a URI that pyarrow understands (``s3://bucket/prefix``, ``gs://...``, ``file:///...``). A non-UTF-8
     file name is yielded in the escaped form of :func:`as_uri`.
     """
+    for uri, _ in list_entries(inputs, extensions):
+        yield uri
+
+
+WALKED, GLOBBED, NAMED = "walked", "globbed", "named"  # how list_entries found a file
+
+
+def list_entries(inputs: Sequence[str], extensions: Sequence[str] | None = None) -> Iterator[tuple[str, str]]:
+    """:func:`list_inputs` with how each file was found: ``walked`` (in an input folder), ``globbed`` (matched a
+    glob) or ``named`` (a single-file input, a line of a file list, a URI)."""
     if not inputs:
         raise ValueError("no inputs: set ingest.inputs to folders, globs, file lists or URIs")
     exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions) if extensions else None
-    seen: set[str] = set()
+    # Two inputs can name the same file; one input never does (a walk, a glob and a URI listing are unique; a file
+    # list can repeat a line). Only URIs that could repeat are remembered, as 16-byte digests (not the strings).
+    seen: set[bytes] = set()
+    remember = len(inputs) > 1
     for entry in inputs:
-        for path in _expand(entry):
+        for path, how in _expand(entry):
             uri = as_uri(path)
-            if uri in seen or (exts is not None and not uri.lower().endswith(exts)):
+            if exts is not None and not uri.lower().endswith(exts):
                 continue
-            seen.add(uri)
-            yield uri
+            if remember or how == NAMED:
+                key = hashlib.blake2b(uri.encode("utf-8", "surrogateescape"), digest_size=16).digest()
+                if key in seen:
+                    continue
+                seen.add(key)
+            yield uri, how
 
 
-def _expand(entry: str) -> Iterator[str]:
+def _expand(entry: str) -> Iterator[tuple[str, str]]:
     if "://" in entry:
-        yield from _list_uri(entry)
-    elif any(ch in entry for ch in "*?["):
-        yield from sorted(os.path.abspath(p) for p in glob.glob(entry, recursive=True) if not os.path.isdir(p))
+        for uri in _list_uri(entry):
+            yield uri, NAMED
+    elif _is_glob(entry):
+        previous = None
+        for p in sorted(os.path.abspath(p) for p in glob.glob(entry, recursive=True) if not os.path.isdir(p)):
+            if p != previous:  # several ``**`` can match one file more than once
+                yield p, GLOBBED
+            previous = p
     elif os.path.isdir(entry):
-        yield from _walk(os.path.abspath(entry))
-    elif entry.endswith((".txt", ".lst")) and os.path.isfile(entry):
+        for p in _walk(os.path.abspath(entry)):
+            yield p, WALKED
+    elif _is_list(entry):
         base = os.path.dirname(os.path.abspath(entry))
         with open(entry, encoding="utf-8", errors="surrogateescape") as fh:  # file names need not be UTF-8
             for line in fh:
                 path = line.strip()
                 if path and not path.startswith("#"):
-                    yield path if "://" in path else os.path.normpath(os.path.join(base, path))
+                    yield (path if "://" in path else os.path.normpath(os.path.join(base, path))), NAMED
     elif os.path.lexists(entry):
-        yield os.path.abspath(entry)
+        yield os.path.abspath(entry), NAMED
     else:
         raise FileNotFoundError(f"input {entry!r} does not exist (not a folder, file, glob match or URI)")
+
+
+def _is_glob(entry: str) -> bool:
+    return any(ch in entry for ch in "*?[")
+
+
+def _is_list(entry: str) -> bool:
+    return entry.endswith((".txt", ".lst")) and os.path.isfile(entry)
+
+
+def input_roots(inputs: Sequence[str]) -> tuple[str, ...]:
+    """The real paths of the folders a symlink found by walking or globbing may point into: every input folder,
+    the fixed leading folder of every glob, and the folder of every file list."""
+    roots = []
+    for entry in inputs:
+        if "://" in entry:
+            continue
+        if _is_glob(entry):
+            fixed = []
+            for part in entry.split(os.sep):
+                if _is_glob(part):
+                    break
+                fixed.append(part)
+            folder = os.sep.join(fixed) or "."
+        elif os.path.isdir(entry):
+            folder = entry
+        elif _is_list(entry):
+            folder = os.path.dirname(os.path.abspath(entry))
+        else:
+            continue
+        roots.append(os.path.realpath(folder))
+    return tuple(dict.fromkeys(roots))
+
+
+def link_outside(uri: str, how: str, roots: Sequence[str]) -> str | None:
+    """Where a file found by walking or globbing really is, when it is reached through a symlink that leads outside
+    every input root; ``None`` otherwise (no link, a link inside, or a file named explicitly). A walk follows no
+    linked folder, so only the file itself can be a link; a ``**`` glob does descend into linked folders."""
+    if how not in (WALKED, GLOBBED) or "://" in uri:
+        return None
+    path = os.path.abspath(local_path(uri))
+    if how == WALKED and not os.path.islink(path):
+        return None
+    real = os.path.realpath(path)
+    if real == path or any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in roots):
+        return None
+    return real
 
 
 def _walk(root: str) -> Iterator[str]:
@@ -190,10 +262,17 @@ def phash64(rgb: np.ndarray) -> int:
     return int(_phasher().encode_image(image_array=rgb), 16)
 
 
-def inspect_file(uri: str, cfg: IngestConfig) -> dict[str, object]:
-    """One ingest row for ``uri`` (schema :data:`lvdkit.schema.INGEST`); never raises for a bad file."""
+def inspect_file(uri: str, cfg: IngestConfig, outside: str | None = None) -> dict[str, object]:
+    """One ingest row for ``uri`` (schema :data:`lvdkit.schema.INGEST`); never raises for a bad file.
+
+    ``outside``: the real path of a symlink that :func:`link_outside` found pointing out of the inputs; unless
+    ``cfg.follow_symlinks_outside``, the file is quarantined (``symlink_outside_inputs``) without being read.
+    """
     uri = as_uri(uri)  # a path with undecodable bytes straight from os.listdir: record it as list_inputs would
     row: dict[str, object] = {schema.IMAGE_ID: image_id(uri), schema.URI: uri, "status": schema.STATUS_QUARANTINED}
+    if outside is not None and not cfg.follow_symlinks_outside:
+        detail = f"symlink to {outside}, outside the input folders (set ingest.follow_symlinks_outside=true to read)"
+        return {**row, "error": schema.REASON_SYMLINK_OUTSIDE, "error_detail": detail}
     try:
         data = read_bytes(uri, int(cfg.max_file_mb * 2**20))
     except _TooLarge as exc:
@@ -206,7 +285,7 @@ def inspect_file(uri: str, cfg: IngestConfig) -> dict[str, object]:
     if cfg.keep_bytes:
         row["image_bytes"] = data
     try:
-        dec = decode(data, cfg.max_pixels)
+        dec = decode(data, cfg.max_pixels, timeout_s=cfg.decode_timeout_s)
     except DecodeError as exc:
         return {**row, "error": exc.reason, "error_detail": exc.detail}
     width, height = dec.image.size
@@ -219,6 +298,14 @@ def inspect_file(uri: str, cfg: IngestConfig) -> dict[str, object]:
     return row
 
 
-def ingest_files(uris: Sequence[str], cfg: IngestConfig) -> pa.Table:
-    """Inspect each file; one row per URI, in order."""
-    return pa.Table.from_pylist([inspect_file(u, cfg) for u in uris], schema=schema.INGEST)
+def ingest_files(uris: Sequence[str], cfg: IngestConfig, outside: Sequence[str | None] | None = None) -> pa.Table:
+    """Inspect each file; one row per URI, in order (``outside``: per URI, see :func:`inspect_file`)."""
+    links = outside if outside is not None else [None] * len(uris)
+    return pa.Table.from_pylist([inspect_file(u, cfg, o) for u, o in zip(uris, links, strict=True)], schema.INGEST)
+
+
+def list_for_ingest(inputs: Sequence[str], cfg: IngestConfig) -> Iterator[tuple[str, str | None]]:
+    """The files of ``inputs`` to ingest, each with :func:`link_outside`'s verdict (``None``: read it)."""
+    roots = input_roots(inputs)
+    for uri, how in list_entries(inputs, cfg.extensions):
+        yield uri, None if cfg.follow_symlinks_outside else link_outside(uri, how, roots)

@@ -3,6 +3,10 @@
 Rows of the pending shards stream through ``map_batches(decode)`` (tasks) and ``map_batches(Embed)`` (actors, one
 model set each, batched); the driver gathers the embeddings of each shard and writes its part file atomically as soon
 as the shard is complete, so an interrupted run resumes at shard granularity like every other stage.
+
+A file that can no longer be decoded (it changed or vanished since ingest) fails the stage with a message naming it:
+every surviving image needs its embedding, so there is no quarantine here. Rerunning ``lvdkit curate`` re-ingests
+the changed files (ingest's fingerprint holds each file's size and mtime) and redoes the stages after it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from tqdm import tqdm
 
 from lvdkit import schema
 from lvdkit.embeddings.stage import PIXELS_PREFIX, EmbedConfig, calibration_rate, decode_batch, is_calibration_sample
+from lvdkit.pipeline.faults import Hooks
 from lvdkit.pipeline.io import part_name, write_parquet_atomic
 
 SHARD = "_shard"
@@ -50,11 +55,40 @@ class EmbedActor:
         return out
 
 
-def _decode(batch: dict[str, np.ndarray], preprocess: dict[str, Any], rate: float, cfg: EmbedConfig) -> dict:
-    out = decode_batch(list(batch[schema.IMAGE_ID]), list(batch[schema.URI]), preprocess, rate, cfg)
+class EmbedInputError(RuntimeError):
+    """Images that decoded at ingest cannot be decoded now (changed or removed since)."""
+
+
+def _decode(
+    batch: dict[str, np.ndarray], preprocess: dict[str, Any], rate: float, cfg: EmbedConfig, retries: int = 0
+) -> dict:
+    ids, uris = list(batch[schema.IMAGE_ID]), list(batch[schema.URI])
+    for attempt in range(retries + 1):
+        try:
+            out = decode_batch(ids, uris, preprocess, rate, cfg)
+            break
+        except Exception:
+            if attempt == retries:
+                raise EmbedInputError(_undecodable(ids, uris, preprocess, rate, cfg)) from None
     shard_of = dict(zip(batch[schema.IMAGE_ID], batch[SHARD], strict=True))
     out[SHARD] = np.asarray([shard_of[i] for i in out[schema.IMAGE_ID]], dtype=np.int64)
     return out
+
+
+def _undecodable(ids: list[str], uris: list[str], preprocess: dict[str, Any], rate: float, cfg: EmbedConfig) -> str:
+    """Name the images of a failing batch that fail on their own."""
+    bad = []
+    for image_id, uri in zip(ids, uris, strict=True):
+        try:
+            decode_batch([image_id], [uri], preprocess, rate, cfg)
+        except Exception as exc:
+            cause = exc.__cause__ or exc
+            bad.append(f"{uri} ({type(cause).__name__}: {cause})")
+    named = "; ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "") if bad else ", ".join(uris)
+    return (
+        f"embed: cannot decode {named}. It decoded at ingest: the file changed or vanished since. Rerun `lvdkit "
+        "curate`: ingest notices changed files (size, mtime) and redoes the stages after it"
+    )
 
 
 def expected_rows(listing: pa.Table, rate: float, seed: int) -> dict[int, tuple[int, int]]:
@@ -67,9 +101,17 @@ def expected_rows(listing: pa.Table, rate: float, seed: int) -> dict[int, tuple[
 
 
 def run_embed(
-    cfg: EmbedConfig, listing_path: Path, stage_dir: Path, pending: list[int], progress: bool, n_total: int
+    cfg: EmbedConfig,
+    listing_path: Path,
+    stage_dir: Path,
+    pending: list[int],
+    progress: bool,
+    n_total: int,
+    retries: int = 3,
+    hooks: Hooks | None = None,
 ) -> None:
-    """Embed the images of the ``pending`` shards of ``listing_path`` and write their part files."""
+    """Embed the images of the ``pending`` shards of ``listing_path`` and write their part files (a decode task is
+    retried ``retries`` times, in the task when it raises and by Ray when its worker dies)."""
     from lvdkit.embeddings import create_embedder
 
     listing = pq.read_table(listing_path)
@@ -87,9 +129,10 @@ def run_embed(
     use_gpu = cfg.device in ("auto", "cuda") and _cuda_available()
     ds = ray.data.from_arrow(todo).map_batches(
         _decode,  # type: ignore[arg-type]
-        fn_kwargs={"preprocess": preprocess, "rate": rate, "cfg": cfg},
+        fn_kwargs={"preprocess": preprocess, "rate": rate, "cfg": cfg, "retries": retries},
         batch_size=cfg.batch_size,
         num_cpus=cfg.decode_cpus,
+        max_retries=retries,
     )
     ds = ds.map_batches(
         EmbedActor,  # type: ignore[arg-type]
@@ -110,6 +153,8 @@ def run_embed(
                 got[shard] += part.num_rows
                 if got[shard] == sum(expected[shard]):
                     _write_shard(pa.concat_tables(buffers.pop(shard)), shard, stage_dir, dims)
+                    if hooks is not None:
+                        hooks.pause()  # a test kills the run here
             bar.update(int(pc.sum(pc.equal(batch[schema.EDIT], "")).as_py() or 0))
 
 

@@ -1,13 +1,119 @@
-"""Fault-injection hooks for tests, read from the environment by the driver (unset in normal use).
+"""Fault-injection hooks for tests, read from the environment (all unset in normal use).
 
-- ``LVDKIT_TEST_SHARD_DELAY_S``: seconds each shard task sleeps before working (to kill a run mid-stage).
+Read by the driver and handed to the tasks (so they work with a Ray started before the variable was set):
+
+- ``LVDKIT_TEST_SHARD_DELAY_S=S``: every shard task of every stage sleeps ``S`` seconds before working.
+- ``LVDKIT_TEST_STAGE_DELAY=STAGE:S``: slow down one stage so a test can kill the run inside it: each shard task of
+  a sharded stage (ingest, shard) sleeps before working; ``embed``'s driver sleeps after writing each part; a
+  whole-dataset stage's task sleeps after writing its parts, before ``_SUCCESS``.
+- ``LVDKIT_TEST_FAIL_ONCE=STAGE`` (or ``STAGE:crash``): the first attempt at each shard of ``STAGE`` raises (or
+  kills its worker process); later attempts work. "First" is remembered by marker files in
+  ``LVDKIT_TEST_FAIL_DIR``, so it holds across worker processes.
+- ``LVDKIT_TEST_FAIL_ALWAYS=STAGE:TEXT``: any attempt of ``STAGE`` at a shard or file whose uri contains ``TEXT``
+  raises, every time.
+
+Read where the write happens (set it before Ray starts, e.g. in a ``lvdkit`` subprocess):
+
+- ``LVDKIT_TEST_ENOSPC_AFTER=STAGE_DIR:N``: writing ``part-*.parquet`` number ``N`` or later in a folder named
+  ``STAGE_DIR`` fails with ``ENOSPC`` after half the file was written (as a full disk would).
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SHARD_DELAY = "LVDKIT_TEST_SHARD_DELAY_S"
+STAGE_DELAY = "LVDKIT_TEST_STAGE_DELAY"
+FAIL_ONCE = "LVDKIT_TEST_FAIL_ONCE"
+FAIL_ALWAYS = "LVDKIT_TEST_FAIL_ALWAYS"
+FAIL_DIR = "LVDKIT_TEST_FAIL_DIR"
+ENOSPC_AFTER = "LVDKIT_TEST_ENOSPC_AFTER"
+
+
+class InjectedFault(RuntimeError):
+    """Raised by a test hook (never in normal use)."""
 
 
 def shard_delay() -> float:
     """Seconds to sleep before each shard (0 unless a test sets ``LVDKIT_TEST_SHARD_DELAY_S``)."""
-    return float(os.environ.get("LVDKIT_TEST_SHARD_DELAY_S") or 0)
+    return float(os.environ.get(SHARD_DELAY) or 0)
+
+
+def _split(value: str | None) -> tuple[str, str]:
+    stage, _, arg = (value or "").partition(":")
+    return stage.strip(), arg.strip()
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """The hooks that apply to one stage, read once in the driver (picklable, handed to the tasks)."""
+
+    stage: str
+    delay: float = 0.0  # before each shard
+    stage_delay: float = 0.0  # LVDKIT_TEST_STAGE_DELAY for this stage
+    fail_once: str = ""  # "" (off), "raise" or "crash"
+    fail_always: str = ""  # uri substring
+    fail_dir: str = ""
+
+    @classmethod
+    def for_stage(cls, stage: str) -> Hooks:
+        delay_stage, seconds = _split(os.environ.get(STAGE_DELAY))
+        once_stage, once_mode = _split(os.environ.get(FAIL_ONCE))
+        always_stage, text = _split(os.environ.get(FAIL_ALWAYS))
+        fail_dir = os.environ.get(FAIL_DIR, "")
+        if once_stage == stage and not fail_dir:
+            raise ValueError(f"{FAIL_ONCE} needs {FAIL_DIR} (a folder for its markers)")
+        return cls(
+            stage=stage,
+            delay=shard_delay(),
+            stage_delay=float(seconds or 0) if delay_stage == stage else 0.0,
+            fail_once=(once_mode or "raise") if once_stage == stage else "",
+            fail_always=text if always_stage == stage else "",
+            fail_dir=fail_dir,
+        )
+
+    def before_shard(self) -> None:
+        """Sleep as configured before a shard's work."""
+        time.sleep(self.delay + self.stage_delay)
+
+    def pause(self) -> None:
+        """The stage delay alone (embed's driver, whole-dataset tasks)."""
+        time.sleep(self.stage_delay)
+
+    def check(self, shard: int, uris: list[str]) -> None:
+        """Raise (or exit) where a failure hook says this attempt must fail."""
+        if self.fail_once:
+            marker = Path(self.fail_dir) / f"{self.stage}-{shard}"
+            try:
+                marker.touch(exist_ok=False)
+            except FileExistsError:
+                pass
+            else:
+                if self.fail_once == "crash":
+                    os._exit(17)  # a worker dying (segfault, OOM kill): Ray retries the task elsewhere
+                raise InjectedFault(f"injected transient failure of {self.stage} shard {shard}")
+        if self.fail_always:
+            hit = next((u for u in uris if self.fail_always in u), None)
+            if hit is not None:
+                raise InjectedFault(f"injected failure on {hit}")
+
+
+def enospc_hook(path: Path) -> bool:
+    """Whether ``LVDKIT_TEST_ENOSPC_AFTER`` says writing ``path`` must fail with a full disk."""
+    stage_dir, n = _split(os.environ.get(ENOSPC_AFTER))
+    if not stage_dir or path.parent.name != stage_dir or not path.name.startswith("part-"):
+        return False
+    try:
+        index = int(path.name.removeprefix("part-").split(".")[0])
+    except ValueError:
+        return False
+    return index >= int(n or 0)
+
+
+def enospc(path: Path) -> OSError:
+    """The error a full disk gives."""
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))

@@ -1,19 +1,78 @@
 """Stage output files: ``part-*.parquet`` written atomically, read back as one table.
 
-A part file is written under a hidden temporary name and renamed into place, so a reader (or a resumed run) never
-sees a half-written part: it is either complete or absent.
+A part file is written under a hidden temporary name, flushed to disk and renamed into place, so a reader (or a
+resumed run) never sees a half-written part: it is either complete or absent. A full disk raises
+:class:`DiskFullError` naming the file; the temporary file is removed.
+
+Every path lvdkit writes is ``OUT`` joined with its own names (stage folders, ``part-NNNNNN.parquet`` from a shard
+number, fixed side-file names): no name read from data, a manifest or a file list ever becomes part of an output path.
+:func:`own_name` checks the names that are joined.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lvdkit.pipeline import faults
+
 PART_GLOB = "part-*.parquet"
+_OWN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "[errno 28]", "[Errno 28]")
+
+
+class DiskFullError(RuntimeError):
+    """Writing an output failed because its disk (or quota) is full."""
+
+    def __init__(self, path: Path | str, cause: BaseException | None = None) -> None:
+        why = f" ({cause})" if cause is not None else ""
+        super().__init__(
+            f"disk full: no space left on device while writing {path}{why}. Free space there (or set out= to a disk "
+            "with room) and rerun: finished parts are kept, the rerun resumes"
+        )
+        self.path = str(path)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """An ``OSError`` saying the disk or quota is full (pyarrow's errors carry the errno only in their text)."""
+    if isinstance(exc, DiskFullError):
+        return True
+    if not isinstance(exc, OSError):
+        return False
+    return exc.errno in _DISK_FULL_ERRNOS or any(t in str(exc) for t in _DISK_FULL_TEXT)
+
+
+@contextmanager
+def disk_errors(path: Path | str) -> Iterator[None]:
+    """Turn a full-disk ``OSError`` raised while writing ``path`` into :class:`DiskFullError` naming it."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise DiskFullError(path, exc) from exc
+        raise
+
+
+def own_name(name: str) -> str:
+    """``name`` if it is one of lvdkit's own relative output names (``a/b`` segments of letters, digits, ``_.-``,
+    none starting with a dot); anything else (absolute, ``..``, separators, hidden) is refused."""
+    parts = name.split("/")
+    if not name or any(not _OWN_NAME.fullmatch(p) or p.startswith(".") for p in parts):
+        raise ValueError(f"refusing output name {name!r}: not a relative name made of lvdkit's own parts")
+    return name
+
+
 ROW_GROUP_ROWS = 8192  # small enough to stream, large enough to compress well
 
 
@@ -23,16 +82,36 @@ def part_name(index: int) -> str:
 
 
 def write_parquet_atomic(table: pa.Table, path: Path, row_group_rows: int = ROW_GROUP_ROWS) -> None:
-    """Write ``table`` to ``path`` via a temporary file and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``table`` to ``path`` via a temporary file, ``fsync`` and an atomic rename (:class:`DiskFullError` when
+    the disk is full; the temporary file is removed on any error)."""
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    with disk_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            pq.write_table(table, tmp, row_group_size=row_group_rows, compression="zstd")
+            if faults.enospc_hook(path):
+                os.truncate(tmp, tmp.stat().st_size // 2)  # what a full disk leaves behind
+                raise faults.enospc(tmp)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable (best effort: not every filesystem lets a folder be opened)."""
     try:
-        pq.write_table(table, tmp, row_group_size=row_group_rows, compression="zstd")
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
     finally:
-        tmp.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def remove_temporaries(stage_dir: Path) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lvdkit import __version__
+from lvdkit.pipeline.io import disk_errors
 
 SUCCESS = "_SUCCESS"
 RUNNING = "_RUNNING"
@@ -44,11 +45,16 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write JSON through a temporary file and a rename (:class:`~lvdkit.pipeline.io.DiskFullError` when the disk
+    is full)."""
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
+    with disk_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def success(stage_dir: Path) -> dict[str, Any] | None:

@@ -13,18 +13,29 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 from tqdm import tqdm
 
 from lvdkit import schema
 from lvdkit.config import CurateConfig, config_hash, save_config, to_dict
+from lvdkit.curation.ingest import image_id
 from lvdkit.pipeline import faults
-from lvdkit.pipeline.io import part_files, part_name, remove_temporaries, write_parquet_atomic
+from lvdkit.pipeline.embed import EmbedInputError
+from lvdkit.pipeline.io import (
+    DiskFullError,
+    is_disk_full,
+    own_name,
+    part_files,
+    part_name,
+    remove_temporaries,
+    write_parquet_atomic,
+)
 from lvdkit.pipeline.manifest import RunKey, finish, prepare, success, write_json_atomic
 from lvdkit.pipeline.names import CURATE_ORDER, stage_dirname, stage_names
 from lvdkit.pipeline.ray_env import LazyRay, ray_session
-from lvdkit.pipeline.stages import STAGES, StageSpec
+from lvdkit.pipeline.stages import QUARANTINE_DIR, STAGES, ChangedSinceIngest, ShardWork, StageSpec
 from lvdkit.pipeline.views import DEDUP_STAGES, final_status
 
 WHOLE_STAGE_PART_ROWS = 1_000_000  # whole-dataset outputs are split into parts of this many rows
@@ -56,7 +67,7 @@ def run_stage(name: str, cfg: CurateConfig, ray_: LazyRay, force: bool = False) 
         if action == "skip":
             tmp.unlink(missing_ok=True)
         else:
-            os.replace(tmp, stage_dir / target)
+            os.replace(tmp, stage_dir / own_name(target))
     if action == "skip":
         record = success(stage_dir) or {}
         log(f"{name}: up to date ({record.get('rows')} rows), skipped")
@@ -64,7 +75,7 @@ def run_stage(name: str, cfg: CurateConfig, ray_: LazyRay, force: bool = False) 
     remove_temporaries(stage_dir)
     log(f"{name}: {'resuming' if action == 'resume' else 'running'}")
     ray_.ensure()
-    if spec.shard_fn is not None or spec.shard_runner is not None:
+    if spec.shard_work is not None or spec.shard_runner is not None:
         rows, stats = _run_sharded(spec, cfg, stage_dir, plan.n_shards)
     else:
         rows, stats = _run_whole(spec, cfg, out, stage_dir)
@@ -73,57 +84,238 @@ def run_stage(name: str, cfg: CurateConfig, ray_: LazyRay, force: bool = False) 
     return {**record, "skipped": False}
 
 
+class StageError(RuntimeError):
+    """A stage could not finish; the message names the shards and files and says what to do."""
+
+
 def _run_sharded(spec: StageSpec, cfg: CurateConfig, stage_dir: Path, n_shards: int) -> tuple[int, dict[str, Any]]:
     done = {p.name for p in part_files(stage_dir)}
     pending = [i for i in range(n_shards) if part_name(i) not in done]
     if done:
         log(f"{spec.name}: {len(done)} of {n_shards} shards already done, {len(pending)} to go")
+    hooks = faults.Hooks.for_stage(spec.name)
+    retries = max(0, cfg.ray.max_task_retries)
     if pending and spec.shard_runner is not None:
-        spec.shard_runner(cfg, stage_dir, pending, n_shards)
+        try:
+            spec.shard_runner(cfg, stage_dir, pending, n_shards)
+        except Exception as exc:
+            _raise_own(exc)
+            raise
     elif pending:
-        assert spec.shard_fn is not None
-        fn = spec.shard_fn(cfg, stage_dir)
-        ds = ray.data.from_items([{"shard": i} for i in pending], override_num_blocks=len(pending))
-        results = ds.map_batches(
-            _write_shards,  # type: ignore[arg-type]
-            fn_kwargs={"fn": fn, "stage_dir": str(stage_dir), "delay": faults.shard_delay()},
-            batch_size=1,
-            num_cpus=1,
-        )
-        with tqdm(total=len(pending), desc=spec.name, unit="shard", disable=not cfg.progress, file=sys.stderr) as bar:
-            for row in results.iter_rows():
-                bar.update(1)
-                bar.set_postfix(rows=int(row["rows"]), refresh=False)
+        assert spec.shard_work is not None
+        _map_shards(spec, cfg, stage_dir, pending, hooks, retries)
     missing = [i for i in range(n_shards) if not (stage_dir / part_name(i)).exists()]
     if missing:
-        raise RuntimeError(f"{spec.name}: shards {missing[:10]} produced no output")
+        raise StageError(f"{spec.name}: shards {missing[:10]} produced no output")
     rows = sum(_parquet_rows(p) for p in part_files(stage_dir))
     stats = spec.stats_fn(stage_dir) if spec.stats_fn else {}
     return rows, stats
 
 
-def _write_shards(batch: dict[str, np.ndarray], fn: Any, stage_dir: str, delay: float) -> dict[str, np.ndarray]:
-    """Ray Data UDF: process each shard index in the batch and write its part file atomically (idempotent)."""
-    rows = []
-    for index in batch["shard"]:
-        time.sleep(delay)
-        table = fn(int(index))
-        write_parquet_atomic(table, Path(stage_dir) / part_name(int(index)))
-        rows.append(table.num_rows)
-    return {"shard": batch["shard"], "rows": np.asarray(rows, dtype=np.int64)}
+def _map_shards(
+    spec: StageSpec, cfg: CurateConfig, stage_dir: Path, pending: list[int], hooks: faults.Hooks, retries: int
+) -> None:
+    """One Ray Data task per pending shard. A worker that dies is retried by Ray (``ray.max_task_retries``); a shard
+    that raises is retried inside its task, then handled per ``on_shard_error``. Failed shards are reported after
+    the others have finished (and are kept)."""
+    assert spec.shard_work is not None
+    work = spec.shard_work(cfg, stage_dir)
+    ds = ray.data.from_items([{"shard": i} for i in pending], override_num_blocks=len(pending))
+    results = ds.map_batches(
+        _write_shards,  # type: ignore[arg-type]
+        fn_kwargs={
+            "work": work,
+            "stage_dir": str(stage_dir),
+            "hooks": hooks,
+            "retries": retries,
+            "on_error": cfg.on_shard_error,
+        },
+        batch_size=1,
+        num_cpus=1,
+        max_retries=retries,  # Ray Data's default retries a dying worker forever
+    )
+    failures: list[str] = []
+    try:
+        with tqdm(total=len(pending), desc=spec.name, unit="shard", disable=not cfg.progress, file=sys.stderr) as bar:
+            for row in results.iter_rows():
+                if row["disk_full"]:
+                    raise DiskFullError(str(row["disk_full"]))
+                if row["error"]:
+                    failures.append(str(row["error"]))
+                bar.update(1)
+                bar.set_postfix(rows=int(row["rows"]), refresh=False)
+    except (DiskFullError, StageError):
+        raise
+    except Exception as exc:
+        _raise_own(exc)
+        raise StageError(_crash_message(spec.name, stage_dir, work, retries, exc)) from exc
+    if failures:
+        raise StageError(
+            f"{spec.name}: {len(failures)} of {len(pending)} shards failed on all {retries + 1} attempts "
+            f"(on_shard_error={cfg.on_shard_error}):\n  "
+            + "\n  ".join(failures[:20])
+            + ("\n  ..." if len(failures) > 20 else "")
+            + "\nThe other shards finished and are kept. Fix or remove these files (or set on_shard_error=quarantine) "
+            "and rerun: only the failed shards are redone."
+        )
+
+
+_OWN_ERRORS = (DiskFullError, StageError, ChangedSinceIngest, EmbedInputError)
+
+
+def _raise_own(exc: BaseException) -> None:
+    """Re-raise the lvdkit error (disk full, a stage's own message) that Ray wrapped into ``exc``, if any, without
+    Ray's wrapping (its remote traceback is noise next to a message written for the user)."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ray.exceptions.RayTaskError):  # also an instance of its cause's class: look at the cause
+            todo.append(e.cause)
+            continue
+        if isinstance(e, _OWN_ERRORS) and e is not exc:
+            raise next(c for c in _OWN_ERRORS if isinstance(e, c))(str(e)) from None
+        if isinstance(e, OSError) and is_disk_full(e):
+            raise DiskFullError(f"disk full: {e}") from None
+        todo.extend([e.__cause__, e.__context__])
+
+
+def _crash_message(stage: str, stage_dir: Path, work: ShardWork, retries: int, exc: BaseException) -> str:
+    """A shard task that Ray gave up on (its worker died on every attempt, or an error escaped it): name the shards
+    that were running, from their in-flight markers."""
+    running = sorted(int(p.name.split("-")[1].split(".")[0]) for p in stage_dir.glob(f".part-*{_INFLIGHT}"))
+    lines = [f"{stage}: a shard task failed on all {retries + 1} attempts (its worker died, or: {_last_line(exc)})"]
+    for index in running[:10]:
+        try:
+            uris = work.uris(work.load(index))
+        except Exception:  # naming the files is a courtesy; the error above is the news
+            uris = []
+        lines.append(f"  shard {index} was running: {_some(uris)}")
+    lines.append("Finished shards are kept; rerun to retry the rest.")
+    return "\n".join(lines)
+
+
+def _last_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[-1][:500] if text else type(exc).__name__
+
+
+def _some(uris: list[str], limit: int = 3) -> str:
+    return ", ".join(uris[:limit]) + (f" and {len(uris) - limit} more" if len(uris) > limit else "")
+
+
+_INFLIGHT = ".tmp-inflight"  # .part-NNNNNN.parquet.tmp-inflight: the shard is being worked on (removed after)
+
+
+def _write_shards(
+    batch: dict[str, np.ndarray], work: ShardWork, stage_dir: str, hooks: faults.Hooks, retries: int, on_error: str
+) -> dict[str, np.ndarray]:
+    """Ray Data UDF: process each shard index in the batch and write its part file atomically (idempotent).
+
+    Returns per shard its rows, and an error message instead when it failed (``on_error=fail``) or the disk is full.
+    """
+    rows, errors, disk = [], [], []
+    for index in map(int, batch["shard"]):
+        target = Path(stage_dir) / part_name(index)
+        marker = target.parent / f".{target.name}{_INFLIGHT}"
+        n, error, full = 0, "", ""
+        try:
+            marker.touch()
+            hooks.before_shard()
+            table, left_out, error = _process_shard(work, index, hooks, retries, on_error)
+            if table is not None:
+                if left_out is not None:  # before the part: the part's existence marks the shard done
+                    write_parquet_atomic(left_out, target.parent / QUARANTINE_DIR / target.name)
+                write_parquet_atomic(table, target)
+                n = table.num_rows
+        except DiskFullError as exc:
+            full = str(exc)
+        finally:
+            marker.unlink(missing_ok=True)
+        rows.append(n)
+        errors.append(error)
+        disk.append(full)
+    return {
+        "shard": batch["shard"],
+        "rows": np.asarray(rows, dtype=np.int64),
+        "error": np.asarray(errors, dtype=object),
+        "disk_full": np.asarray(disk, dtype=object),
+    }
+
+
+def _process_shard(
+    work: ShardWork, index: int, hooks: faults.Hooks, retries: int, on_error: str
+) -> tuple[pa.Table | None, pa.Table | None, str]:
+    """(part table, rows left out, error): the whole shard, retried; then, if it keeps failing, row by row to find
+    the rows that fail on their own, which fail the shard or are quarantined."""
+    last: BaseException | None = None
+    rows = None
+    for _ in range(retries + 1):
+        try:
+            rows = work.load(index) if rows is None else rows
+            hooks.check(index, work.uris(rows))
+            return work.process(rows), None, ""
+        except Exception as exc:
+            if is_disk_full(exc):
+                raise DiskFullError(f"disk full while processing shard {index}: {exc}") from exc
+            last = exc
+    if rows is None:
+        return None, None, f"shard {index}: cannot read its work list: {_describe(last)}"
+    pieces, bad, left_out = [], [], []
+    for k in range(rows.num_rows):
+        item = rows.slice(k, 1)
+        try:
+            hooks.check(index, work.uris(item))
+            pieces.append(work.process(item))
+        except Exception as exc:
+            if is_disk_full(exc):
+                raise DiskFullError(f"disk full while processing shard {index}: {exc}") from exc
+            bad.append((work.uris(item)[0], exc))
+            if on_error == "quarantine":
+                reason = str(getattr(exc, "reason", schema.REASON_PROCESSING))
+                stand_in = work.quarantined(item, reason, _describe(exc))
+                if stand_in is not None:
+                    pieces.append(stand_in)
+                else:
+                    left_out.append((bad[-1][0], reason, _describe(exc)))
+    if bad and on_error != "quarantine":
+        named = "; ".join(f"{uri}: {_describe(exc)}" for uri, exc in bad[:5])
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        return None, None, f"shard {index}: {named}{more}"
+    if not bad and not pieces:  # an empty shard that fails: nothing to blame on a row
+        return None, None, f"shard {index}: {_describe(last)}"
+    table = pa.concat_tables(pieces) if pieces else work.process(rows.slice(0, 0))
+    if not left_out:
+        return table, None, ""
+    uris, reasons, details = (list(col) for col in zip(*left_out, strict=True))
+    ids = [image_id(u) for u in uris]
+    return table, pa.table({schema.IMAGE_ID: ids, schema.URI: uris, "error": reasons, "error_detail": details}), ""
+
+
+def _describe(exc: BaseException | None) -> str:
+    return f"{type(exc).__name__}: {exc}" if exc is not None else "unknown error"
 
 
 def _run_whole(spec: StageSpec, cfg: CurateConfig, out: Path, stage_dir: Path) -> tuple[int, dict[str, Any]]:
     task = ray.remote(num_cpus=1, max_retries=cfg.ray.max_task_retries)(_whole_task)
-    return ray.get(task.remote(spec.name, cfg, str(out), str(stage_dir)))  # type: ignore[no-any-return]
+    hooks = faults.Hooks.for_stage(spec.name)
+    try:
+        return ray.get(task.remote(spec.name, cfg, str(out), str(stage_dir), hooks))  # type: ignore[no-any-return]
+    except Exception as exc:
+        _raise_own(exc)
+        raise
 
 
-def _whole_task(name: str, cfg: CurateConfig, out: str, stage_dir: str) -> tuple[int, dict[str, Any]]:
+def _whole_task(name: str, cfg: CurateConfig, out: str, stage_dir: str, hooks: faults.Hooks) -> tuple[int, dict]:
     spec = STAGES[name]
     assert spec.whole_fn is not None
     table, stats = spec.whole_fn(cfg, Path(out))
     for k, start in enumerate(range(0, max(table.num_rows, 1), WHOLE_STAGE_PART_ROWS)):
         write_parquet_atomic(table.slice(start, WHOLE_STAGE_PART_ROWS), Path(stage_dir) / part_name(k))
+    hooks.pause()  # a test kills the run here: parts written, no _SUCCESS yet
     return table.num_rows, stats
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +28,28 @@ from lvdkit.curation.dedup_copy import dedup_copy
 from lvdkit.curation.dedup_exact import dedup_exact
 from lvdkit.curation.dedup_phash import dedup_phash
 from lvdkit.curation.dedup_relative import dedup_relative
-from lvdkit.curation.ingest import ingest_files, list_inputs, local_path
+from lvdkit.curation.ingest import (
+    IngestConfig,
+    content_hash,
+    image_id,
+    ingest_files,
+    list_for_ingest,
+    list_inputs,
+    local_path,
+    read_bytes,
+)
 from lvdkit.curation.knn import Whitener
 from lvdkit.curation.retrieve import RETRIEVED, SAMPLE, cluster_retrieval, resolve_mode, sample_retrieval
-from lvdkit.curation.shard import fetch_images, merge_selections
+from lvdkit.curation.shard import MAX_FILE_BYTES, ShardConfig, fetch_images, merge_selections
 from lvdkit.embeddings.stage import PIXELS_PREFIX, decode_batch
 from lvdkit.pipeline.embed import CALIBRATION_DIR, SHARD, run_embed
-from lvdkit.pipeline.io import part_files, read_parts, write_parquet_atomic
+from lvdkit.pipeline.faults import Hooks
+from lvdkit.pipeline.io import disk_errors, part_files, read_parts, write_parquet_atomic
 from lvdkit.pipeline.manifest import fingerprint_of, success
 from lvdkit.pipeline.names import CURATE_ORDER, stage_dirname
 from lvdkit.pipeline.views import DEDUP_STAGES, alive, dedups_before, ingested
 
+QUARANTINE_DIR = "_quarantined"  # rows a sharded stage left out (on_shard_error=quarantine), one part per shard
 LISTING = "_listing"  # the work list (Parquet); no .parquet suffix so `*.parquet` globs see only outputs
 PROTECTED = "protected.parquet"  # dedup_relative: the protected images as ingested (ids, uris, status)
 WHITENING = "whitening.npz"  # dedup_copy's fitted descriptor post-processing (reused by dedup_relative)
@@ -60,7 +72,7 @@ class StageSpec:
     upstream: tuple[str, ...]
     section: Callable[[CurateConfig], Any]
     plan: Callable[[CurateConfig, Path], Plan] | None = None  # default: fingerprint of the upstream outputs
-    shard_fn: Callable[[CurateConfig, Path], Callable[[int], pa.Table]] | None = None  # (cfg, stage_dir) -> fn(i)
+    shard_work: Callable[[CurateConfig, Path], ShardWork] | None = None  # (cfg, stage_dir) -> per-shard work
     shard_runner: Callable[[CurateConfig, Path, list[int], int], None] | None = None  # runs pending shards itself
     whole_fn: Callable[[CurateConfig, Path], tuple[pa.Table, dict[str, Any]]] | None = None  # (cfg, out)
     stats_fn: Callable[[Path], dict[str, Any]] | None = None  # summary stats of a finished sharded stage
@@ -75,6 +87,28 @@ class StageSpec:
 # --- ingest -------------------------------------------------------------------------------------------------------
 
 
+class ShardWork:
+    """A sharded stage's work as its shard tasks run it: load a shard's rows, process any subset of them (the whole
+    shard; one row at a time when the runner looks for the rows that fail), name them, and stand in for a row that
+    cannot be processed (``on_shard_error=quarantine``)."""
+
+    def load(self, index: int) -> pa.Table:
+        raise NotImplementedError
+
+    def process(self, rows: pa.Table) -> pa.Table:
+        raise NotImplementedError
+
+    def uris(self, rows: pa.Table) -> list[str]:
+        return [str(u) for u in rows[schema.URI].to_pylist()]
+
+    def quarantined(self, rows: pa.Table, reason: str, detail: str) -> pa.Table | None:
+        """Output rows standing for ``rows`` that failed; ``None``: they are left out (and listed by the runner)."""
+        return None
+
+
+OUTSIDE = "outside"  # ingest listing: real path of a symlink leading out of the inputs (null: read the file)
+
+
 def _plan_ingest(cfg: CurateConfig, out: Path) -> Plan:
     """List the inputs into a temporary listing file (row group = shard) and fingerprint names, sizes, mtimes."""
     tmp = out / f".{LISTING}.tmp-{os.getpid()}"
@@ -83,49 +117,83 @@ def _plan_ingest(cfg: CurateConfig, out: Path) -> Plan:
     per_shard = cfg.ingest.files_per_shard
     if per_shard < 1:
         raise ValueError(f"ingest.files_per_shard must be >= 1, got {per_shard}")
-    n_files, buf = 0, []
-    with pq.ParquetWriter(tmp, pa.schema([(schema.URI, pa.string())])) as writer:
-        for uri in list_inputs(cfg.ingest.inputs, cfg.ingest.extensions):
+    n_files, buf, links = 0, [], []
+    sch = pa.schema([(schema.URI, pa.string()), (OUTSIDE, pa.string())])
+    with disk_errors(tmp), pq.ParquetWriter(tmp, sch) as writer:
+        for uri, outside in list_for_ingest(cfg.ingest.inputs, cfg.ingest):
             h.update(_file_identity(uri).encode("utf-8", "surrogateescape"))
             buf.append(uri)
+            links.append(outside)
             if len(buf) == per_shard:
-                writer.write_table(pa.table({schema.URI: buf}), row_group_size=per_shard)
-                n_files, buf = n_files + len(buf), []
+                writer.write_table(pa.table({schema.URI: buf, OUTSIDE: links}, sch), row_group_size=per_shard)
+                n_files, buf, links = n_files + len(buf), [], []
         if buf:
-            writer.write_table(pa.table({schema.URI: buf}), row_group_size=per_shard)
+            writer.write_table(pa.table({schema.URI: buf, OUTSIDE: links}, sch), row_group_size=per_shard)
             n_files += len(buf)
     n_shards = -(-n_files // per_shard)
     return Plan(fingerprint=f"{h.hexdigest()}-{n_files}", n_shards=n_shards, staged_files=((tmp, LISTING),))
 
 
 def _file_identity(uri: str) -> str:
-    """Name, size and mtime: enough to notice an added, removed or rewritten file without reading it."""
+    """Name, size and mtime (of a symlink and of its target): enough to notice an added, removed or rewritten file
+    without reading it."""
     if "://" in uri:
         return uri + "\n"
+    path = local_path(uri)
     try:
-        st = os.lstat(local_path(uri))
+        st = os.lstat(path)
     except OSError:
         return f"{uri}|missing\n"
-    return f"{uri}|{st.st_size}|{st.st_mtime_ns}\n"
+    ident = f"{uri}|{st.st_size}|{st.st_mtime_ns}"
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            target = os.stat(path)
+            ident += f"|{target.st_size}|{target.st_mtime_ns}"
+        except OSError:
+            ident += "|dangling"
+    return ident + "\n"
 
 
-def _ingest_shard(cfg: CurateConfig, stage_dir: Path) -> Callable[[int], pa.Table]:
-    return partial(_ingest_one_shard, stage_dir / LISTING, cfg)
+@dataclass(frozen=True)
+class IngestWork(ShardWork):
+    """Ingest shard ``i``: row group ``i`` of the listing."""
+
+    listing: Path
+    cfg: IngestConfig
+
+    def load(self, index: int) -> pa.Table:
+        return pq.ParquetFile(self.listing).read_row_group(index)
+
+    def process(self, rows: pa.Table) -> pa.Table:
+        outside = rows[OUTSIDE].to_pylist() if OUTSIDE in rows.column_names else None
+        return ingest_files(self.uris(rows), self.cfg, outside)
+
+    def quarantined(self, rows: pa.Table, reason: str, detail: str) -> pa.Table:
+        status = schema.STATUS_QUARANTINED
+        records = [
+            {schema.IMAGE_ID: image_id(u), schema.URI: u, "status": status, "error": reason, "error_detail": detail}
+            for u in self.uris(rows)
+        ]
+        return pa.Table.from_pylist(records, schema=schema.INGEST)
 
 
-def _ingest_one_shard(listing: Path, cfg: CurateConfig, index: int) -> pa.Table:
-    uris = pq.ParquetFile(listing).read_row_group(index)[schema.URI].to_pylist()
-    return ingest_files(uris, cfg.ingest)
+def _ingest_work(cfg: CurateConfig, stage_dir: Path) -> ShardWork:
+    return IngestWork(stage_dir / LISTING, cfg.ingest)
 
 
 def _ingest_stats(stage_dir: Path) -> dict[str, Any]:
-    table = read_parts(stage_dir, columns=["status", "error"], schema=schema.INGEST)
-    quarantined = table.filter(pc.equal(table["status"], schema.STATUS_QUARANTINED))
-    reasons = pc.value_counts(quarantined["error"]).to_pylist()
+    """Counts per part (the driver never holds the whole table)."""
+    total, reasons = 0, Counter[str]()
+    for part in part_files(stage_dir):
+        table = pq.read_table(part, columns=["status", "error"])
+        total += table.num_rows
+        quarantined = table.filter(pc.equal(table["status"], schema.STATUS_QUARANTINED))
+        reasons.update({str(r["values"]): int(r["counts"]) for r in pc.value_counts(quarantined["error"]).to_pylist()})
+    n_quarantined = sum(reasons.values())
     return {
-        "ok": table.num_rows - quarantined.num_rows,
-        "quarantined": quarantined.num_rows,
-        "quarantined_by_reason": {r["values"]: r["counts"] for r in sorted(reasons, key=lambda r: str(r["values"]))},
+        "ok": total - n_quarantined,
+        "quarantined": n_quarantined,
+        "quarantined_by_reason": dict(sorted(reasons.items())),
     }
 
 
@@ -169,7 +237,8 @@ def _plan_embed(cfg: CurateConfig, out: Path) -> Plan:
 
 def _run_embed_shards(cfg: CurateConfig, stage_dir: Path, pending: list[int], n_shards: int) -> None:
     total = pq.ParquetFile(stage_dir / LISTING).metadata.num_rows
-    run_embed(cfg.embed, stage_dir / LISTING, stage_dir, pending, cfg.progress, total)
+    hooks = Hooks.for_stage("embed")
+    run_embed(cfg.embed, stage_dir / LISTING, stage_dir, pending, cfg.progress, total, cfg.ray.max_task_retries, hooks)
 
 
 def _embed_stats(stage_dir: Path) -> dict[str, Any]:
@@ -264,7 +333,10 @@ def _whole_dedup_relative(cfg: CurateConfig, out: Path) -> tuple[pa.Table, dict[
 def _ingest_and_embed(cfg: CurateConfig, key: str, inputs: list[str]) -> tuple[pa.Table, pa.Table, np.ndarray]:
     """A small side set (protected images, seeds): its ingest rows (all, then usable) and the usable ones' embeddings
     with the model the pool was embedded with, computed in this process."""
-    rows = ingest_files(list(list_inputs(inputs)), cfg.ingest).drop_columns(["image_bytes", "phash"])
+    listed = list(list_for_ingest(inputs, cfg.ingest))
+    rows = ingest_files([u for u, _ in listed], cfg.ingest, [o for _, o in listed]).drop_columns(
+        ["image_bytes", "phash"]
+    )
     ok = rows.filter(pc.equal(rows["status"], schema.STATUS_OK))
     return rows, ok, _embed_files(cfg, key, ok[schema.IMAGE_ID].to_pylist(), ok[schema.URI].to_pylist())
 
@@ -389,7 +461,7 @@ def _plan_shard(cfg: CurateConfig, out: Path) -> Plan:
         )
     chosen = merge_selections(selections).sort_by(schema.IMAGE_ID)
     ids = chosen[schema.IMAGE_ID]
-    meta_cols = [schema.IMAGE_ID, schema.URI, "format", "width", "height"]
+    meta_cols = [schema.IMAGE_ID, schema.URI, "format", "width", "height", "content_hash"]
     pool_meta = _aligned(ids, ingested(out, meta_cols))
     seed_meta = _aligned(ids, seeds.select(meta_cols)) if seeds is not None else None
     listing = chosen
@@ -415,24 +487,75 @@ def _plan_shard(cfg: CurateConfig, out: Path) -> Plan:
     return Plan(fingerprint_of(*(success(out / s) for s in SHARD_UPSTREAM)), n_shards, ((tmp, LISTING),))
 
 
-def _shard_fn(cfg: CurateConfig, stage_dir: Path) -> Callable[[int], pa.Table]:
-    return partial(_one_shard, stage_dir / LISTING, cfg)
+CHANGED = "changed_since_ingest"  # shard: the file's bytes are not the ones ingest read
 
 
-def _one_shard(listing: Path, cfg: CurateConfig, index: int) -> pa.Table:
-    rows = pq.ParquetFile(listing).read_row_group(index)
-    dim = rows.schema.field("embedding").type.list_size if "embedding" in rows.column_names else None
-    return fetch_images(rows, cfg.shard, dim)
+class ChangedSinceIngest(RuntimeError):
+    """A selected file no longer holds the bytes ingest read (edited, replaced or removed since)."""
+
+    reason = CHANGED
+
+
+@dataclass(frozen=True)
+class CuratedWork(ShardWork):
+    """Curated shard ``i``: fetch the bytes of row group ``i`` of the listing, checking each file is unchanged."""
+
+    listing: Path
+    cfg: ShardConfig
+
+    def load(self, index: int) -> pa.Table:
+        return pq.ParquetFile(self.listing).read_row_group(index)
+
+    def process(self, rows: pa.Table) -> pa.Table:
+        dim = rows.schema.field("embedding").type.list_size if "embedding" in rows.column_names else None
+        try:
+            table = fetch_images(rows, self.cfg, dim)
+        except FileNotFoundError as exc:
+            raise ChangedSinceIngest(f"{exc}: it was read at ingest; {_REINGEST}") from exc
+        _check_unchanged(rows, table, self.cfg)
+        return table
+
+
+_REINGEST = "rerun `lvdkit curate`: ingest notices changed files (size, mtime) and redoes the stages after it"
+
+
+def _check_unchanged(rows: pa.Table, table: pa.Table, cfg: ShardConfig) -> None:
+    """Raise :class:`ChangedSinceIngest` for the first file whose bytes differ from what ingest hashed."""
+    if "content_hash" not in rows.column_names:
+        return
+    for uri, want, data, w, h in zip(
+        rows[schema.URI].to_pylist(),
+        rows["content_hash"].to_pylist(),
+        table["image"].to_pylist(),
+        rows["width"].to_pylist(),
+        rows["height"].to_pylist(),
+        strict=True,
+    ):
+        reencoded = cfg.max_side is not None and max(w, h) > cfg.max_side  # ``data`` is not the file: read it again
+        got = content_hash(read_bytes(uri, MAX_FILE_BYTES) if reencoded else data)
+        if want is not None and got != want:
+            raise ChangedSinceIngest(
+                f"{uri} changed since ingest (its bytes differ from the ones ingested); {_REINGEST}"
+            )
+
+
+def _curated_work(cfg: CurateConfig, stage_dir: Path) -> ShardWork:
+    return CuratedWork(stage_dir / LISTING, cfg.shard)
 
 
 def _shard_stats(stage_dir: Path) -> dict[str, Any]:
     table = read_parts(stage_dir, columns=["reason", "seed_set"], schema=schema.curated_schema(None))  # may be empty
     by_reason = pc.value_counts(table["reason"]).to_pylist()
     by_set = pc.value_counts(pc.fill_null(table["seed_set"], "")).to_pylist()
-    return {
+    stats: dict[str, Any] = {
         "by_reason": {r["values"]: r["counts"] for r in by_reason},
         "by_seed_set": {r["values"]: r["counts"] for r in by_set if r["values"]},
     }
+    left_out = part_files(stage_dir / QUARANTINE_DIR)
+    if left_out:
+        errors = pa.concat_tables([pq.read_table(p, columns=["error"]) for p in left_out])["error"]
+        stats["quarantined"] = {r["values"]: r["counts"] for r in pc.value_counts(errors).to_pylist()}
+    return stats
 
 
 STAGES: dict[str, StageSpec] = {
@@ -443,7 +566,7 @@ STAGES: dict[str, StageSpec] = {
             upstream=(),
             section=lambda c: c.ingest,
             plan=_plan_ingest,
-            shard_fn=_ingest_shard,
+            shard_work=_ingest_work,
             stats_fn=_ingest_stats,
         ),
         StageSpec(
@@ -496,7 +619,7 @@ STAGES: dict[str, StageSpec] = {
             upstream=SHARD_UPSTREAM,
             section=lambda c: c.shard,
             plan=_plan_shard,
-            shard_fn=_shard_fn,
+            shard_work=_curated_work,
             stats_fn=_shard_stats,
         ),
     )
