@@ -50,6 +50,7 @@ class Page(HTMLParser):
         self.headings: dict[str, list[str]] = {}  # tag -> texts
         self.rows: dict[str, list[list[str]]] = {}  # section id -> table rows (cell texts)
         self.images: list[str] = []
+        self.titles: list[str] = []  # an image's title is its file's URI
         self._tag: str | None = None
         self._text: list[str] = []
         self._cells: list[str] | None = None
@@ -61,6 +62,7 @@ class Page(HTMLParser):
             self.section = a.get("id") or ""
         elif tag == "img":
             self.images.append(a.get("src") or "")
+            self.titles.append(a.get("title") or "")
         elif tag == "tr":
             self._cells = []
         elif tag in ("h2", "h3", "td", "th"):
@@ -111,10 +113,28 @@ def test_report_cli_writes_a_self_contained_page_matching_summary_json(run_dir: 
     assert "has not run" not in text and "not run yet" not in text
 
 
-def test_report_shows_images_inline_and_bounded_and_nothing_external(run_dir: Path) -> None:
+def test_report_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
+    from lvdkit.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["report", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: lvdkit report" in out and "report.html" in out and "--thumb-px" in out
+
+
+def test_report_shows_images_inline_and_bounded_and_nothing_external(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lvdkit.report import thumbs
+
+    read: list[str] = []
+    real = thumbs.read_image_bytes
+    monkeypatch.setattr(thumbs, "read_image_bytes", lambda uri: read.append(uri) or real(uri))
     limits = ReportLimits(thumb_px=64, clusters=2, per_cluster=4, pairs=3, seeds=2, hits=3)
     text = build_report(run_dir, limits)
     page = Page(text)
+    assert len(read) == len(set(read)) and set(read) == set(page.titles)  # only the images shown, each read once
     assert page.images and all(re.fullmatch(r"data:image/jpeg;base64,[A-Za-z0-9+/=]+", s) for s in page.images)
     thumb = Image.open(io.BytesIO(base64.b64decode(page.images[0].split(",", 1)[1])))
     assert max(thumb.size) <= 64
