@@ -1,4 +1,5 @@
-"""The ``lvdkit`` command line: ``demo``, ``curate``, ``run STAGE``, ``summary``, ``report``."""
+"""The ``lvdkit`` command line: ``demo``, ``curate``, ``run STAGE``, ``summary``, ``report``, and pretraining's
+``pretrain``, ``export``, ``embed``, ``eval knn`` (in :mod:`lvdkit.pretrain.cli`)."""
 
 from __future__ import annotations
 
@@ -71,7 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("out", type=Path, help="the OUT folder of a curation run")
     report.add_argument("--output", "-o", type=Path, help="where to write the page (default: OUT/report.html)")
     report.add_argument("--thumb-px", type=int, default=80, help="thumbnail size in pixels (default: 80)")
+
+    from lvdkit.pretrain.cli import add_subcommands
+
+    add_subcommands(sub)
     return parser
+
+
+PRETRAIN_COMMANDS = ("pretrain", "export", "embed", "eval")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may come before or after options; argparse leaves the late ones in ``extra``.
     late = [e for e in extra if "=" in e and not e.startswith("-")]
-    if len(late) != len(extra) or (late and args.command not in ("curate", "run")):
+    if len(late) != len(extra) or (late and args.command not in ("curate", "run", "pretrain")):
         parser.error(f"unrecognized arguments: {' '.join(e for e in extra if e not in late) or ' '.join(late)}")
     if late:
         args.overrides = [*args.overrides, *late]
@@ -105,6 +113,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "report":
         return _report(args)
+    if args.command in PRETRAIN_COMMANDS:
+        from lvdkit.pretrain.cli import dispatch
+
+        return dispatch(args)
     return _run(args)
 
 

@@ -1,0 +1,118 @@
+"""Pretraining configuration: one dataclass per concern, gathered in :class:`PretrainConfig`.
+
+Defaults follow the DINOv2 paper and the facebookresearch/dinov2 ViT-S/B configs (``ssl_default_config.yaml``) and,
+for distillation, LightlyTrain's documented recipe; ``configs/pretrain_demo.yaml`` is the small-data preset (32 px
+crops, a 4-layer ViT, small heads) that trains on CPU in minutes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+from lvdkit.config import RayConfig
+
+METHODS = ("dinov2", "distillation")
+
+
+@dataclasses.dataclass
+class CropsConfig:
+    """Multi-crop (DINOv2) and the single view (distillation). Sizes are pixels; scales are area fractions."""
+
+    global_size: int = 224
+    local_size: int = 98  # 98 = 7 patches of 14 px; use 96 for /16 patch models
+    n_local: int = 8
+    global_scale: list[float] = dataclasses.field(default_factory=lambda: [0.32, 1.0])
+    local_scale: list[float] = dataclasses.field(default_factory=lambda: [0.05, 0.32])
+    distill_scale: list[float] = dataclasses.field(default_factory=lambda: [0.14, 1.0])
+    blur_kernel: int = 9  # DINOv2's Gaussian blur kernel; odd; small images want a smaller one
+
+
+@dataclasses.dataclass
+class DINOv2Config:
+    """DINO + iBOT + KoLeo (DINOv2 paper section 4; repo ``ssl_default_config.yaml``)."""
+
+    head_out_dim: int = 65536  # prototypes
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    head_layers: int = 3
+    shared_heads: bool = True  # one head for DINO and iBOT (DINOv2 default); untie for large models
+    dino_weight: float = 1.0
+    ibot_weight: float = 1.0
+    koleo_weight: float = 0.1
+    centering: Literal["sinkhorn_knopp", "softmax"] = "sinkhorn_knopp"
+    center_momentum: float = 0.9  # softmax centering only
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 30
+    momentum_teacher: float = 0.992
+    final_momentum_teacher: float = 1.0
+    mask_probability: float = 0.5  # share of global crops that get an iBOT mask
+    mask_ratio: list[float] = dataclasses.field(default_factory=lambda: [0.1, 0.5])
+    drop_path: float = 0.1  # ViT-S/B in DINOv2's configs; 0.3-0.4 for L/g
+    layerscale: float | None = 1e-5  # None keeps the model's own (timm: no LayerScale unless asked)
+    freeze_last_layer_epochs: int = 1
+
+
+@dataclasses.dataclass
+class DistillConfig:
+    """A frozen teacher's embeddings taught to a student through a queue pseudo-classifier (LightlyTrain's recipe)."""
+
+    teacher: str = "timm:vit_base_patch14_dinov2"  # any PyTorch model the embeddings factory loads, or an export
+    teacher_pretrained: bool = True  # timm/torchvision hub weights (needs the network unless cached)
+    teacher_checkpoint: str | None = None  # a local weights file instead of any download
+    teacher_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    temperature: float = 0.07
+    queue_size: int | None = None  # None: by dataset size (16 ... 8192)
+    dense_weight: float = 0.0  # > 0 adds the patch-to-patch similarity term (both models must give spatial tokens)
+    mixup: bool = True  # batch-level mixup, lambda ~ U(0, 1), same mixed view for teacher and student
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """AdamW with cosine schedules (per step), as DINOv2; ``lr`` is per 1024 images, scaled by sqrt(batch/1024)."""
+
+    epochs: int = 100
+    batch_size: int = 64  # per worker
+    lr: float = 4e-3
+    min_lr: float = 1e-6
+    warmup_epochs: int = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    clip_grad: float = 3.0
+    layer_decay: float = 0.9
+    patch_embed_lr_mult: float = 0.2
+    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.999])
+
+
+@dataclasses.dataclass
+class PretrainConfig:
+    """A pretraining run: data, method, model, optimisation and where it runs."""
+
+    out: str = "out/pretrain"  # the run folder: checkpoints, metrics.jsonl, tensorboard/, config.yaml, exports
+    data: str = "out/curate/curated"  # curated shards, or any Parquet folder/file with an image-bytes column
+    image_column: str = "image"
+    method: Literal["dinov2", "distillation"] = "dinov2"
+    model: str = "timm:vit_small_patch14_dinov2"  # the student; dinov2 needs a timm ViT
+    model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    seed: int = 0
+    num_workers: int = 1
+    use_gpu: bool | None = None  # None: when Ray sees a GPU
+    cpus_per_worker: float | None = None  # None: 1 with a GPU, else 0.5 (leaves CPU for Ray Data's decoding)
+    torch_threads: int | None = None  # intra-op threads per worker on CPU; None: Ray's (its CPUs, at least 1)
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    compile: bool = False  # torch.compile the student
+    checkpoint_every: int = 100  # steps (and always at the end)
+    keep_checkpoints: int = 3
+    resume: bool = False  # continue the run in OUT from its last checkpoint
+    max_failures: int = 0  # worker deaths Ray Train recovers from (from the last checkpoint)
+    shuffle_buffer: int = 512  # rows, per worker, for Ray Data's local shuffle
+    progress: bool = True
+    tensorboard: bool = True
+    ray: RayConfig = dataclasses.field(default_factory=RayConfig)
+    crops: CropsConfig = dataclasses.field(default_factory=CropsConfig)
+    dinov2: DINOv2Config = dataclasses.field(default_factory=DINOv2Config)
+    distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)

@@ -1,0 +1,50 @@
+"""``lvdkit export RUN --out FILE``: a run's backbone as a plain state dict that timm/torchvision load directly.
+
+The file is safetensors with the library's own parameter names (no ``backbone.`` prefix, no head), plus a JSON
+sidecar naming the model and its constructor kwargs, e.g. for a timm ViT::
+
+    model = timm.create_model("vit_small_patch14_dinov2", num_classes=0, checkpoint_path="x.safetensors", **kwargs)
+
+and ``create_embedder("x.safetensors")`` (so ``lvdkit embed``/``eval``, curation, and distillation teachers) reads it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lvdkit.embeddings.backbones import create_torch_model
+from lvdkit.embeddings.model_file import save_lvdkit_model
+from lvdkit.embeddings.weights import load_into
+from lvdkit.pretrain.run import latest_checkpoint
+from lvdkit.pretrain.train import read_checkpoint
+
+DEFAULT_WHICH = {"dinov2": "teacher", "distillation": "student"}  # DINOv2 evaluates and releases the EMA teacher
+
+
+def export(run: str | Path, out: str | Path, which: str | None = None, checkpoint: str | Path | None = None) -> Path:
+    """Write the backbone of ``run``'s latest (or the given) checkpoint to ``out`` (``.safetensors`` + ``.json``).
+
+    ``which``: ``teacher`` (DINOv2's EMA teacher, its default) or ``student`` (distillation's only choice).
+    """
+    folder = Path(checkpoint) if checkpoint else latest_checkpoint(run)
+    state, meta = read_checkpoint(folder)
+    which = which or DEFAULT_WHICH[meta["method"]]
+    if meta["method"] == "distillation" and which != "student":
+        raise ValueError(f"which={which!r}: a distillation run exports its student (valid: 'student')")
+    if which not in ("teacher", "student"):
+        raise ValueError(f"which={which!r}; valid: 'teacher', 'student'")
+    prefix = f"{which}.backbone."
+    weights = {k[len(prefix) :]: v for k, v in state["method"].items() if k.startswith(prefix)}
+    if not weights:
+        raise ValueError(f"{folder}: no {which} backbone weights in this checkpoint")
+    identity: dict[str, Any] = dict(meta["identity"])
+    img_size = identity.pop("img_size", None)
+    module, _ = create_torch_model(meta["model"], img_size=img_size, pretrained=False, **identity)
+    load_into(module, weights, str(folder))
+    kwargs = {**identity, **({"img_size": img_size} if img_size is not None else {})}
+    path = save_lvdkit_model(module, meta["model"], kwargs, out)
+    provenance = {"run": str(Path(run).resolve()), "checkpoint": folder.name, "step": meta["step"], "which": which}
+    Path(out).with_suffix(".provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    return path

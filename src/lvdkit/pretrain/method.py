@@ -1,0 +1,43 @@
+"""What the training loop needs from a method (DINOv2, distillation): one small base class."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+StudentFn = Callable[..., dict[str, Tensor]]
+
+
+class Method(nn.Module):
+    """Holds the trainable ``student`` and whatever else a step needs (teacher, centre, queue) as sub-modules."""
+
+    student: nn.Module
+    identity: dict[str, Any]  # the student backbone's constructor kwargs (what an export rebuilds it from)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.student.parameters()).device
+
+    def loss(
+        self, batch: dict[str, Tensor], sched: dict[str, float], rng: np.random.Generator, student_fn: StudentFn
+    ) -> tuple[Tensor, dict[str, float]]:
+        """One step's loss (a scalar with a graph to the student) and its terms as floats, for the log."""
+        raise NotImplementedError
+
+    def after_step(self, sched: dict[str, float]) -> None:
+        """Work after the optimizer step (EMA teacher, queue update)."""
+
+    def export_module(self, which: str) -> tuple[nn.Module, dict[str, Any]]:
+        """The backbone to export (``teacher`` or ``student``) and its constructor kwargs."""
+        raise NotImplementedError
+
+
+def mean_std(preprocess: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """A backbone preprocessing's normalisation (ImageNet's when it has none)."""
+    mean = getattr(preprocess, "mean", None) or (0.485, 0.456, 0.406)
+    std = getattr(preprocess, "std", None) or (0.229, 0.224, 0.225)
+    return tuple(mean), tuple(std)

@@ -1,0 +1,89 @@
+"""Backbones for pretraining, built by name through the embeddings factory's :func:`create_torch_model`.
+
+DINOv2 needs what a plain ``forward`` does not give: the CLS token *and* the patch tokens, with some patch tokens
+replaced by a learned mask token before the position embedding (iBOT). :func:`vit_tokens` does that for timm's
+``VisionTransformer`` family using its own sub-modules, so any timm ViT (DINOv2's included) trains unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lvdkit.embeddings.backbones import create_torch_model
+from lvdkit.embeddings.preprocess import Preprocess
+
+TRAIN_ONLY_KWARGS = ("drop_path_rate",)  # shape nothing: left out of exported model files
+
+
+def is_timm_vit(model: nn.Module) -> bool:
+    """True for timm ViTs with a class token (the sub-modules :func:`vit_tokens` uses)."""
+    needed = ("patch_embed", "blocks", "_pos_embed", "norm", "num_prefix_tokens")
+    return all(hasattr(model, a) for a in needed) and getattr(model, "cls_token", None) is not None
+
+
+def build_backbone(
+    name: str, img_size: int, kwargs: dict[str, Any], train_kwargs: dict[str, Any] | None = None
+) -> tuple[nn.Module, Preprocess, dict[str, Any]]:
+    """A randomly initialised, headless backbone in train mode; returns (module, preprocessing, identity kwargs).
+
+    The identity kwargs are what rebuilds the same module for an export (``img_size`` and shape-changing options
+    such as ``patch_size`` or LayerScale's ``init_values``); ``train_kwargs`` (drop path) are not part of it.
+    ViTs get ``dynamic_img_size`` so that 224 px global and 98 px local crops go through one model.
+    """
+    identity = dict(kwargs)
+    if name.startswith("timm:") and "vit" in name:
+        identity.setdefault("dynamic_img_size", True)
+    identity["img_size"] = img_size
+    extra = {k: v for k, v in (train_kwargs or {}).items() if v is not None}
+    build = {k: v for k, v in identity.items() if k != "img_size"}
+    model, preprocess = create_torch_model(name, img_size=img_size, pretrained=False, **build, **extra)
+    return model.train(), preprocess, identity
+
+
+def feature_dim(model: nn.Module, img_size: int) -> int:
+    """Width of the pooled features ``model(x)`` returns (probed with a 2-image batch)."""
+    was_training = model.training
+    with torch.no_grad():
+        out = model.eval()(torch.zeros(2, 3, img_size, img_size))
+    model.train(was_training)
+    return int(out.shape[-1])
+
+
+def vit_tokens(
+    model: Any, images: Tensor, masks: Tensor | None = None, mask_token: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """(CLS (B, D), patch tokens (B, N, D)) after the final norm; ``masks`` (B, N) bool swap in ``mask_token`` (D,).
+
+    Masked patches are replaced after the patch embedding and before the position embedding, as iBOT/DINOv2 do.
+    """
+    x = model.patch_embed(images)  # (B, h, w, D) with dynamic_img_size, else (B, N, D)
+    if masks is not None:
+        if mask_token is None:
+            raise ValueError("vit_tokens: masks given without a mask_token")
+        m = masks.reshape(x.shape[:-1]).unsqueeze(-1)  # (B, h, w, 1) or (B, N, 1)
+        x = torch.where(m, mask_token.to(x.dtype), x)
+    x = model._pos_embed(x)  # (B, prefix + N, D)
+    x = model.patch_drop(x)
+    x = model.norm_pre(x)
+    x = model.blocks(x)
+    x = model.norm(x)
+    return x[:, 0], x[:, model.num_prefix_tokens :]
+
+
+def spatial_tokens(model: nn.Module, images: Tensor) -> Tensor:
+    """Dense features as tokens (B, N, D): a ViT's patch tokens or a CNN's last feature map, flattened."""
+    if is_timm_vit(model):
+        return vit_tokens(model, images)[1]
+    forward_features = getattr(model, "forward_features", None)
+    if callable(forward_features):
+        fmap = forward_features(images)
+    else:
+        raise ValueError(
+            f"{type(model).__name__} gives no spatial features (timm models do); set distill.dense_weight=0"
+        )
+    if fmap.ndim == 4:  # (B, C, H, W) CNN map
+        return fmap.flatten(2).transpose(1, 2)
+    return fmap[:, getattr(model, "num_prefix_tokens", 0) :]

@@ -1,0 +1,203 @@
+"""The driver side of ``lvdkit pretrain``: data, Ray Train's ``TorchTrainer``, progress, resume, final record.
+
+The run folder ``OUT`` is Ray Train's run directory too (``storage_path=OUT/..``, ``name=OUT.name``): Ray keeps the
+last ``keep_checkpoints`` checkpoints there, and a second start with the same ``OUT`` continues from the latest.
+lvdkit refuses that unless ``resume=true``, so an old run is never continued by accident.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from lvdkit.config import save_config, to_dict
+from lvdkit.pretrain.augment import AugmentBatch
+from lvdkit.pretrain.config import PretrainConfig
+from lvdkit.pretrain.train import META_FILE, METRICS_FILE, STATE_FILE, train_loop_per_worker
+
+FINAL_FILE = "final.json"
+
+
+def parquet_files(data: str | Path, image_column: str) -> list[Path]:
+    """The Parquet files of ``data`` (a file, or a folder's ``part-*.parquet`` / ``*.parquet``), checked for the
+    image-bytes column."""
+    path = Path(data)
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(path.glob("part-*.parquet")) or sorted(path.rglob("*.parquet"))
+    else:
+        raise FileNotFoundError(f"pretraining data not found: {path} (run `make curate`, or point data= at Parquet)")
+    if not files:
+        raise FileNotFoundError(f"no Parquet files in {path}")
+    names = pq.read_schema(files[0]).names
+    if image_column not in names:
+        raise ValueError(f"{files[0]} has no {image_column!r} column (columns: {names}); set image_column=")
+    return files
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """Checkpoint folders in the run folder, oldest step first."""
+    found = [p for p in out.glob("checkpoint_*") if (p / STATE_FILE).is_file() and (p / META_FILE).is_file()]
+    return sorted(found, key=lambda p: (json.loads((p / META_FILE).read_text())["step"], p.name))
+
+
+def latest_checkpoint(out: str | Path) -> Path:
+    found = checkpoints(Path(out))
+    if not found:
+        raise FileNotFoundError(f"no checkpoint in {out} (a finished or interrupted `lvdkit pretrain` run folder)")
+    return found[-1]
+
+
+def plan(cfg: PretrainConfig, n_images: int) -> tuple[int, int]:
+    """(steps per epoch, total steps): every worker takes ``n_images / num_workers`` rows in full batches."""
+    per_worker = n_images // cfg.num_workers
+    steps_per_epoch = per_worker // cfg.optim.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"{n_images} images over {cfg.num_workers} worker(s) make no full batch of {cfg.optim.batch_size}: "
+            "lower optim.batch_size or num_workers"
+        )
+    return steps_per_epoch, steps_per_epoch * cfg.optim.epochs
+
+
+def _check_out(cfg: PretrainConfig, out: Path) -> dict[str, Any] | None:
+    """The finished record if this exact run is done; raises if OUT holds another run and resume is off."""
+    final = out / FINAL_FILE
+    if final.is_file():
+        record = json.loads(final.read_text())
+        if record.get("config_hash") == _identity(cfg):
+            return record
+    if checkpoints(out) and not cfg.resume:
+        raise FileExistsError(
+            f"{out} already holds a pretraining run (checkpoints up to step "
+            f"{json.loads((checkpoints(out)[-1] / META_FILE).read_text())['step']}): pass resume=true to continue "
+            "it, or choose another out="
+        )
+    return None
+
+
+def _identity(cfg: PretrainConfig) -> str:
+    """A hash of what defines a run's result (not where or how fast it runs)."""
+    data = to_dict(cfg)
+    for key in ("resume", "progress", "ray", "max_failures", "cpus_per_worker", "tensorboard", "torch_threads"):
+        data.pop(key)
+    return hashlib.blake2b(json.dumps(data, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
+
+
+def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
+    """Run (or resume, or skip when finished) the pretraining described by ``cfg``; returns the final record."""
+    import ray
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from lvdkit.pipeline.ray_env import ray_session
+
+    out = Path(cfg.out).resolve()
+    done = _check_out(cfg, out)
+    if done is not None:
+        print(f"pretraining in {out} already finished at step {done['step']} (same config): skipped")
+        return done
+    files = parquet_files(cfg.data, cfg.image_column)
+    n_images = sum(pq.read_metadata(f).num_rows for f in files)
+    steps_per_epoch, total_steps = plan(cfg, n_images)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    with ray_session(out, cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory_mb) as lazy:
+        lazy.ensure()
+        use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+        cpus = cfg.cpus_per_worker or (1.0 if use_gpu else 0.5)  # fractional: Ray Data needs CPU to decode
+        columns = [cfg.image_column]
+        dataset = ray.data.read_parquet([str(f) for f in files], columns=columns).map_batches(
+            AugmentBatch(cfg.method, cfg.crops, cfg.image_column), batch_size=32
+        )
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={
+                "cfg": to_dict(cfg),
+                "n_images": n_images,
+                "total_steps": total_steps,
+                "steps_per_epoch": steps_per_epoch,
+            },
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=cfg.num_workers,
+                use_gpu=use_gpu,
+                resources_per_worker={"CPU": cpus, **({"GPU": 1} if use_gpu else {})},
+            ),
+            run_config=ray.train.RunConfig(
+                name=out.name,
+                storage_path=str(out.parent),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+                failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            ),
+            datasets={"train": dataset},
+        )
+        print(
+            f"pretraining {cfg.method} {cfg.model} on {n_images} images: {total_steps} steps "
+            f"({cfg.optim.epochs} epochs x {steps_per_epoch}), {cfg.num_workers} worker(s), "
+            f"{'GPU' if use_gpu else 'CPU'}; run folder {out}",
+            flush=True,
+        )
+        with _Progress(out / METRICS_FILE, total_steps, cfg.progress):
+            result = trainer.fit()
+    last = latest_checkpoint(out)
+    meta = json.loads((last / META_FILE).read_text())
+    record = {
+        "step": meta["step"],
+        "total_steps": total_steps,
+        "checkpoint": str(last),
+        "method": cfg.method,
+        "model": cfg.model,
+        "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
+        "config_hash": _identity(cfg),
+    }
+    (out / FINAL_FILE).write_text(json.dumps(record, indent=2))
+    return record
+
+
+class _Progress:
+    """A driver-side progress bar fed by rank 0's metrics file (Ray Train's workers run in other processes)."""
+
+    def __init__(self, metrics: Path, total: int, enabled: bool) -> None:
+        self.metrics, self.total, self.enabled = metrics, total, enabled
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._follow, daemon=True)
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        if self.enabled:
+            self.thread.join(timeout=5)
+
+    def _follow(self) -> None:
+        from tqdm import tqdm
+
+        offset = self.metrics.stat().st_size if self.metrics.exists() else 0
+        with tqdm(total=self.total, desc="pretrain", unit="step", dynamic_ncols=True) as bar:
+            while not self.stop.is_set():
+                time.sleep(1.0)
+                if not self.metrics.exists():
+                    continue
+                with self.metrics.open() as f:
+                    f.seek(offset)
+                    lines = f.readlines()
+                    offset = f.tell()
+                for line in lines:
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    bar.n = int(row["step"])
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", ips=f"{row['images_per_s']:.0f}")
+                bar.refresh()

@@ -1,0 +1,253 @@
+"""The per-worker training loop that Ray Train runs (``train_loop_per_worker``), and its checkpoints.
+
+A step's randomness (iBOT masks, mixup, drop path) is drawn from generators seeded by (seed, rank, step), so a run
+resumed from a checkpoint at step s draws what the uninterrupted run drew at step s. The data position is (epoch,
+batches consumed in it); a resumed worker skips the consumed batches of the current epoch (they are still read and
+augmented: Ray Data streams cannot seek).
+
+Checkpoint folder: ``state.pt`` (model, teacher/EMA, queue or centre, optimizer: tensors only, loaded with
+``torch.load(weights_only=True)``) and ``meta.json`` (step, data position, model identity).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lvdkit.config import from_dict
+from lvdkit.pretrain.config import PretrainConfig
+from lvdkit.pretrain.heads import cancel_last_layer_gradients
+from lvdkit.pretrain.method import Method, StudentFn
+from lvdkit.pretrain.param_groups import apply_schedules, param_groups
+from lvdkit.pretrain.schedules import Schedules, sqrt_scaled_lr
+
+STATE_FILE = "state.pt"
+META_FILE = "meta.json"
+METRICS_FILE = "metrics.jsonl"
+# Test hook (unset in normal use): seconds each step sleeps, so a test can kill a run between checkpoints.
+_STEP_DELAY_S = float(os.environ.get("LVDKIT_TEST_STEP_DELAY_S") or 0)
+
+
+def build_method(cfg: PretrainConfig, n_images: int) -> Method:
+    """The method module (student, teacher and their state) for ``cfg.method``."""
+    if cfg.method == "dinov2":
+        from lvdkit.pretrain.dinov2 import DINOv2Method
+
+        return DINOv2Method(cfg)
+    if cfg.method == "distillation":
+        from lvdkit.pretrain.distill import DistillMethod
+
+        return DistillMethod(cfg, n_images)
+    raise ValueError(f"unknown method {cfg.method!r}; valid: 'dinov2', 'distillation'")
+
+
+def build_schedules(cfg: PretrainConfig, total_steps: int, steps_per_epoch: int, world: int) -> Schedules:
+    d, o = cfg.dinov2, cfg.optim
+    dinov2 = cfg.method == "dinov2"
+    return Schedules.dinov2(
+        total_steps,
+        steps_per_epoch,
+        sqrt_scaled_lr(o.lr, o.batch_size * world),
+        min_lr=o.min_lr,
+        warmup_epochs=o.warmup_epochs,
+        weight_decay=o.weight_decay,
+        weight_decay_end=o.weight_decay_end,
+        momentum_teacher=d.momentum_teacher,
+        final_momentum_teacher=d.final_momentum_teacher,
+        teacher_temp=d.teacher_temp,
+        warmup_teacher_temp=d.warmup_teacher_temp,
+        warmup_teacher_temp_epochs=d.warmup_teacher_temp_epochs,
+        freeze_last_layer_epochs=d.freeze_last_layer_epochs if dinov2 else 0,
+    )
+
+
+def saved_state(method: nn.Module) -> dict[str, torch.Tensor]:
+    """The method's state minus a distillation teacher's frozen weights (reloaded from their source instead)."""
+    frozen = ("teacher.",) if getattr(method, "queue", None) is not None else ()
+    return {k: v for k, v in method.state_dict().items() if not k.startswith(frozen)}
+
+
+def load_method_state(method: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    missing, unexpected = method.load_state_dict(state, strict=False)
+    frozen_ok = getattr(method, "queue", None) is not None
+    missing = [k for k in missing if not (frozen_ok and k.startswith("teacher."))]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def write_checkpoint(folder: Path, method: nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
+    torch.save({"method": saved_state(method), "optimizer": optimizer.state_dict()}, folder / STATE_FILE)
+    (folder / META_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def read_checkpoint(folder: Path, device: torch.device | str = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
+    """(state, meta) of a checkpoint folder; the state is loaded with ``weights_only=True`` (no pickled code)."""
+    try:
+        state = torch.load(folder / STATE_FILE, map_location=device, weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{folder / STATE_FILE}: refused or unreadable as a weights-only checkpoint: {exc}") from None
+    return state, json.loads((folder / META_FILE).read_text())
+
+
+class _Metrics:
+    """Rank 0's JSONL log (and TensorBoard when installed) in the run folder."""
+
+    def __init__(self, out: Path, tensorboard: bool) -> None:
+        self.file = (out / METRICS_FILE).open("a")
+        self.writer = None
+        if tensorboard:
+            with contextlib.suppress(ImportError):
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(out / "tensorboard"))
+
+    def log(self, row: dict[str, Any]) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, row["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _seed_step(cfg: PretrainConfig, rank: int, step: int) -> np.random.Generator:
+    torch.manual_seed(hash((cfg.seed, rank, step)) % 2**62)  # tuple-of-ints hashes are stable across processes
+    return np.random.default_rng([cfg.seed, rank, step])
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point. ``config``: the resolved ``cfg`` dict, ``n_images``, ``total_steps``,
+    ``steps_per_epoch`` (computed by the driver from the data)."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = from_dict(PretrainConfig, config["cfg"])
+    total_steps, steps_per_epoch = int(config["total_steps"]), int(config["steps_per_epoch"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    out = Path(cfg.out).resolve()
+
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP broadcasts rank 0's anyway)
+    method = build_method(cfg, int(config["n_images"])).to(device)
+    student: StudentFn = ray.train.torch.prepare_model(
+        method.student, move_to_device=False, parallel_strategy=cfg.strategy
+    )
+    if cfg.compile:
+        student = torch.compile(student)
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(
+        param_groups(method.student, o.weight_decay, o.layer_decay, o.patch_embed_lr_mult),
+        betas=(o.betas[0], o.betas[1]),
+    )
+    schedules = build_schedules(cfg, total_steps, steps_per_epoch, world)
+    step, epoch, position = 0, 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state, meta = read_checkpoint(Path(folder), device)
+        load_method_state(method, state["method"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, epoch, position = int(meta["step"]), int(meta["epoch"]), int(meta["position"])
+    bf16 = device.type == "cuda" and cfg.precision in ("auto", "bf16")
+    metrics = _Metrics(out, cfg.tensorboard) if rank == 0 else None
+    shard = ray.train.get_dataset_shard("train")
+    method.train()
+    try:
+        while step < total_steps:
+            batches = shard.iter_torch_batches(
+                batch_size=o.batch_size,
+                drop_last=True,
+                local_shuffle_buffer_size=cfg.shuffle_buffer or None,
+                local_shuffle_seed=cfg.seed + epoch,
+                prefetch_batches=2,
+            )
+            n_seen, waited, tick = 0, 0.0, time.perf_counter()
+            for index, batch in enumerate(batches):
+                n_seen += 1
+                if index < position:  # resumed mid-epoch: these batches were trained on before the interruption
+                    tick = time.perf_counter()
+                    continue
+                waited = time.perf_counter() - tick
+                sched = schedules.at(step)
+                rng = _seed_step(cfg, rank, step)
+                apply_schedules(optimizer, sched["lr"], sched["wd"], sched["last_layer_lr"])
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    loss, terms = method.loss(batch, sched, rng, student)
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(f"loss is {loss_value} at step {step}: lower optim.lr or check the data")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = nn.utils.clip_grad_norm_(method.student.parameters(), o.clip_grad) if o.clip_grad else 0
+                if sched["last_layer_lr"] == 0.0:
+                    cancel_last_layer_gradients(method.student)
+                optimizer.step()
+                method.after_step(sched)
+                step, position = step + 1, index + 1
+                elapsed = time.perf_counter() - tick
+                row = {
+                    "step": step,
+                    "epoch": epoch,
+                    "loss": loss_value,
+                    **terms,
+                    **{k: float(v) for k, v in sched.items()},
+                    "grad_norm": float(grad_norm),
+                    "images_per_s": o.batch_size * world / max(elapsed, 1e-9),
+                    "data_wait_pct": 100.0 * waited / max(elapsed, 1e-9),
+                    "time": time.time(),
+                }
+                if metrics is not None:
+                    metrics.log(row)
+                if step % cfg.checkpoint_every == 0 or step == total_steps:
+                    _report(row, method, optimizer, {"step": step, "epoch": epoch, "position": position}, cfg, rank)
+                if _STEP_DELAY_S:
+                    time.sleep(_STEP_DELAY_S)
+                tick = time.perf_counter()
+                if step >= total_steps:
+                    break
+            if n_seen == 0:
+                raise RuntimeError("the training data yielded no batch: fewer images than one batch per worker?")
+            if step < total_steps:
+                epoch, position = epoch + 1, 0
+    finally:
+        if metrics is not None:
+            metrics.close()
+
+
+def _report(
+    row: dict[str, Any],
+    method: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    position: dict[str, int],
+    cfg: PretrainConfig,
+    rank: int,
+) -> None:
+    """Every rank reports (Ray Train's barrier); rank 0 attaches the checkpoint folder."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="lvdkit-ckpt-") as tmp:
+        checkpoint = None
+        if rank == 0:
+            identity = getattr(method, "identity", {})
+            meta = {**position, "method": cfg.method, "model": cfg.model, "identity": identity, "pid": os.getpid()}
+            write_checkpoint(Path(tmp), method, optimizer, meta)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report({k: v for k, v in row.items() if isinstance(v, (int, float))}, checkpoint=checkpoint)

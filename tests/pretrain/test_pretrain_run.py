@@ -1,0 +1,242 @@
+"""Real pretraining runs (Ray Train + Ray Data, CPU): kill and resume, a worker killed mid-run, export, distillation.
+
+One tiny DINOv2 run is killed with SIGKILL after a checkpoint and resumed; its export then teaches a CNN by
+distillation. Sizes are the smallest that still exercise every part (2-block ViT, 32 px crops, 48 images).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from lvdkit.config import load_config
+from lvdkit.pretrain.config import PretrainConfig
+from lvdkit.pretrain.run import checkpoints
+from lvdkit.pretrain.train import build_schedules, read_checkpoint
+
+from ..conftest import run_cli
+
+N_IMAGES, BATCH, EPOCHS = 48, 8, 2
+TOTAL_STEPS = N_IMAGES // BATCH * EPOCHS
+TINY_VIT = (
+    "model=timm:vit_tiny_patch16_224",
+    "model_kwargs={patch_size: 8, depth: 2, embed_dim: 32, num_heads: 2}",
+    "crops.global_size=32",
+    "crops.local_size=16",
+    "crops.n_local=2",
+    "crops.blur_kernel=3",
+    "dinov2.head_out_dim=64",
+    "dinov2.head_hidden_dim=32",
+    "dinov2.head_bottleneck_dim=16",
+    f"optim.batch_size={BATCH}",
+    f"optim.epochs={EPOCHS}",
+    "optim.warmup_epochs=1",
+    "checkpoint_every=2",
+    "progress=false",
+    "ray.num_cpus=2",
+    "torch_threads=1",
+)
+
+
+def _shapes(i: int, rng: np.random.Generator) -> bytes:
+    """A 40x40 image of a few coloured rectangles (PNG bytes)."""
+    pixels = np.full((40, 40, 3), rng.integers(0, 255), dtype=np.uint8)
+    for _ in range(3):
+        y, x = rng.integers(0, 30, 2)
+        pixels[y : y + rng.integers(5, 12), x : x + rng.integers(5, 12)] = rng.integers(0, 255, 3)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("curated")
+    rng = np.random.default_rng(0)
+    images = [_shapes(i, rng) for i in range(N_IMAGES)]
+    table = pa.table({"image_id": [f"{i:04d}" for i in range(N_IMAGES)], "image": images})
+    pq.write_table(table.slice(0, 30), folder / "part-00000.parquet")
+    pq.write_table(table.slice(30), folder / "part-00001.parquet")
+    return folder
+
+
+def _rows(out: Path) -> list[dict[str, float]]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _registered_step(out: Path) -> int:
+    """The step of the latest checkpoint Ray Train has registered (0 if none yet)."""
+    snapshot = out / "checkpoint_manager_snapshot.json"
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]
+        return int(latest["metrics"]["step"]) if latest else 0
+    return 0
+
+
+def _start(out: Path, data: Path, *extra: str, delay: float) -> subprocess.Popen[bytes]:
+    args = [sys.executable, "-m", "lvdkit.cli", "pretrain", f"out={out}", f"data={data}", *TINY_VIT, *extra]
+    env = {**os.environ, "LVDKIT_TEST_STEP_DELAY_S": str(delay)}
+    return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def _wait_for(condition, proc: subprocess.Popen[bytes], timeout: float = 240) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.time() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early ({proc.returncode}): {proc.stderr.read().decode()[-3000:]}")
+        if time.time() > deadline:
+            raise AssertionError("timed out waiting for the run")
+        time.sleep(0.5)
+
+
+def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
+    tree = psutil.Process(proc.pid).children(recursive=True)
+    os.killpg(proc.pid, signal.SIGKILL)
+    for child in tree:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    proc.wait()
+    psutil.wait_procs(tree, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def resumed_run(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, list[dict[str, float]]]:
+    """A DINOv2 run SIGKILLed (driver and all of Ray) after its checkpoint at step >= 4, then resumed to the end."""
+    out = tmp_path_factory.mktemp("runs") / "dinov2"
+    proc = _start(out, shards, delay=1.0)
+    _wait_for(lambda: _registered_step(out) >= 4, proc)
+    _kill_tree(proc)
+    killed_at = max(int(r["step"]) for r in _rows(out))
+    rows_before = len(_rows(out))
+    assert killed_at < TOTAL_STEPS, "the run finished before it could be killed"
+    done = run_cli("pretrain", f"out={out}", f"data={shards}", *TINY_VIT, "resume=true", timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, rows_before, _rows(out)
+
+
+def test_rerun_without_resume_is_refused(resumed_run: tuple[Path, int, list[dict[str, float]]], shards: Path) -> None:
+    out, _, _ = resumed_run
+    again = run_cli("pretrain", f"out={out}", f"data={shards}", *TINY_VIT, "optim.epochs=3")
+    assert again.returncode == 2
+    assert "resume=true" in again.stderr
+
+
+def test_killed_run_resumes_step_optimizer_and_schedule(resumed_run: tuple[Path, int, list[dict[str, float]]]) -> None:
+    out, rows_before, rows = resumed_run
+    before, after = rows[:rows_before], rows[rows_before:]
+    cfg = load_config(PretrainConfig, out / "config.yaml")
+    # The resumed run starts right after a checkpoint the first run wrote (not at step 1, not past the kill).
+    first = int(after[0]["step"])
+    assert 4 < first <= int(before[-1]["step"]) + 1
+    assert (first - 1) % cfg.checkpoint_every == 0
+    assert [int(r["step"]) for r in after] == list(range(first, TOTAL_STEPS + 1))
+    # Schedules continue: the lr/momentum/teacher temperature logged at each resumed step are the schedule's values.
+    schedules = build_schedules(cfg, TOTAL_STEPS, TOTAL_STEPS // EPOCHS, 1)
+    for row in after:
+        expected = schedules.at(int(row["step"]) - 1)
+        assert row["lr"] == pytest.approx(expected["lr"]) and row["teacher_temp"] == pytest.approx(
+            expected["teacher_temp"]
+        )
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    # The optimizer state came back: AdamW's per-parameter step count is the run's total, not the steps since resume.
+    state, meta = read_checkpoint(checkpoints(out)[-1])
+    assert meta["step"] == TOTAL_STEPS
+    adam_steps = {float(s["step"]) for s in state["optimizer"]["state"].values()}
+    assert adam_steps == {float(TOTAL_STEPS)}
+    # The same step logged before the kill and after the resume (work redone since the checkpoint) used the same lr.
+    redone = {int(r["step"]): r for r in before}.keys() & {int(r["step"]) for r in after}
+    for step in redone:
+        assert next(r for r in before if r["step"] == step)["lr"] == next(r for r in after if r["step"] == step)["lr"]
+    assert len(checkpoints(out)) <= 3  # keep_checkpoints
+
+
+def test_export_loads_in_timm_and_teaches_a_cnn(
+    resumed_run: tuple[Path, int, list[dict[str, float]]], shards: Path, tmp_path: Path
+) -> None:
+    import timm
+
+    from lvdkit.embeddings import create_embedder
+
+    out, _, _ = resumed_run
+    model_file = tmp_path / "vit.safetensors"
+    exported = run_cli("export", str(out), "--out", str(model_file))
+    assert exported.returncode == 0, exported.stderr
+    sidecar = json.loads(model_file.with_suffix(".json").read_text())
+    kwargs = dict(sidecar["kwargs"])
+    # timm loads the file directly (its own key names), and gives what lvdkit's embedder gives.
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, checkpoint_path=str(model_file), **kwargs).eval()
+    state, _ = read_checkpoint(checkpoints(out)[-1])
+    teacher_pos = state["method"]["teacher.backbone.pos_embed"]
+    assert torch.equal(vit.pos_embed.detach(), teacher_pos)
+    embedder = create_embedder(str(model_file), device="cpu")
+    pixels = np.random.default_rng(0).integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
+    mean, std = torch.tensor(embedder.preprocess.mean), torch.tensor(embedder.preprocess.std)
+    with torch.no_grad():
+        direct = torch.nn.functional.normalize(vit((x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)), dim=1)
+    assert np.allclose(embedder.embed(pixels), direct.numpy(), atol=1e-4)
+
+    # Distillation: the exported ViT teaches a CNN (any timm/torchvision architecture).
+    student_out = tmp_path / "distill"
+    distilled = run_cli(
+        "pretrain",
+        f"out={student_out}",
+        f"data={shards}",
+        "method=distillation",
+        "model=timm:resnet10t",
+        f"distill.teacher={model_file}",
+        "crops.global_size=32",
+        f"optim.batch_size={BATCH}",
+        "optim.epochs=1",
+        "optim.warmup_epochs=0",
+        "progress=false",
+        "ray.num_cpus=2",
+        "torch_threads=1",
+        timeout=600,
+    )
+    assert distilled.returncode == 0, distilled.stderr[-3000:]
+    rows = _rows(student_out)
+    assert [int(r["step"]) for r in rows] == list(range(1, N_IMAGES // BATCH + 1))
+    assert all(np.isfinite(r["distill"]) and r["distill"] >= 0 for r in rows)
+    cnn_file = tmp_path / "cnn.safetensors"
+    assert run_cli("export", str(student_out), "--out", str(cnn_file)).returncode == 0
+    cnn = timm.create_model("resnet10t", num_classes=0, checkpoint_path=str(cnn_file))
+    assert cnn.num_features == 512
+    student_state, _ = read_checkpoint(checkpoints(student_out)[-1])
+    assert not any(k.startswith("teacher.") for k in student_state["method"])  # the frozen teacher is not copied
+
+
+def test_worker_killed_mid_run_recovers_from_checkpoint(shards: Path, tmp_path: Path) -> None:
+    out = tmp_path / "failover"
+    proc = _start(out, shards, "max_failures=1", delay=1.0)
+    _wait_for(lambda: _registered_step(out) >= 4, proc)
+    workers = [
+        p
+        for p in psutil.Process(proc.pid).children(recursive=True)
+        if "RayTrainWorker" in " ".join(p.cmdline()) and "Controller" not in " ".join(p.cmdline())
+    ]
+    assert workers, "no Ray Train worker process found"
+    for w in workers:
+        w.send_signal(signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr.decode()[-3000:]
+    steps = [int(r["step"]) for r in _rows(out)]
+    restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
+    assert (steps[restart] - 1) % 2 == 0 and steps[restart] > 4  # resumed from a checkpoint, not from scratch
+    assert steps[-1] == TOTAL_STEPS
+    assert read_checkpoint(checkpoints(out)[-1])[1]["step"] == TOTAL_STEPS
