@@ -153,11 +153,12 @@ def test_killed_run_resumes_step_optimizer_and_schedule(resumed_run: tuple[Path,
             expected["teacher_temp"]
         )
     assert all(np.isfinite(r["loss"]) for r in rows)
-    # The optimizer state came back: AdamW's per-parameter step count is the run's total, not the steps since resume.
+    # The optimizer state came back: AdamW's per-parameter step count is the run's total, not the steps since resume
+    # (the prototype layer, frozen for the first epoch, has one epoch fewer).
     state, meta = read_checkpoint(checkpoints(out)[-1])
     assert meta["step"] == TOTAL_STEPS
     adam_steps = {float(s["step"]) for s in state["optimizer"]["state"].values()}
-    assert adam_steps == {float(TOTAL_STEPS)}
+    assert adam_steps == {float(TOTAL_STEPS), float(TOTAL_STEPS - TOTAL_STEPS // EPOCHS)}
     # The same step logged before the kill and after the resume (work redone since the checkpoint) used the same lr.
     redone = {int(r["step"]): r for r in before}.keys() & {int(r["step"]) for r in after}
     for step in redone:
@@ -212,7 +213,7 @@ def test_export_loads_in_timm_and_teaches_a_cnn(
     assert distilled.returncode == 0, distilled.stderr[-3000:]
     rows = _rows(student_out)
     assert [int(r["step"]) for r in rows] == list(range(1, N_IMAGES // BATCH + 1))
-    assert all(np.isfinite(r["distill"]) and r["distill"] >= 0 for r in rows)
+    assert all(np.isfinite(r["distill"]) and r["distill"] >= -1e-6 for r in rows)  # a KL divergence
     cnn_file = tmp_path / "cnn.safetensors"
     assert run_cli("export", str(student_out), "--out", str(cnn_file)).returncode == 0
     cnn = timm.create_model("resnet10t", num_classes=0, checkpoint_path=str(cnn_file))
