@@ -152,20 +152,22 @@ def run_embed(
                 buffers[shard].append(part)
                 got[shard] += part.num_rows
                 if got[shard] == sum(expected[shard]):
-                    _write_shard(pa.concat_tables(buffers.pop(shard)), shard, stage_dir, dims)
+                    _write_shard(pa.concat_tables(buffers.pop(shard)), shard, stage_dir, dims, hooks)
                     if hooks is not None:
                         hooks.pause()  # a test kills the run here
             bar.update(int(pc.sum(pc.equal(batch[schema.EDIT], "")).as_py() or 0))
 
 
-def _write_shard(rows: pa.Table, shard: int, stage_dir: Path, dims: dict[str, int]) -> None:
+def _write_shard(rows: pa.Table, shard: int, stage_dir: Path, dims: dict[str, int], hooks: Hooks | None) -> None:
     """Split a complete shard into image rows and synthetic-copy rows and write both; the image part goes last,
     since its existence is what marks the shard done."""
     is_copy = pc.not_equal(rows[schema.EDIT], "")
     copies = _as_schema(rows.filter(is_copy), schema.embed_schema(dims, calibration=True))
-    write_parquet_atomic(copies, stage_dir / CALIBRATION_DIR / part_name(shard))
+    write_parquet_atomic(copies, stage_dir / CALIBRATION_DIR / part_name(shard), hooks=hooks)
     write_parquet_atomic(
-        _as_schema(rows.filter(pc.invert(is_copy)), schema.embed_schema(dims)), stage_dir / part_name(shard)
+        _as_schema(rows.filter(pc.invert(is_copy)), schema.embed_schema(dims)),
+        stage_dir / part_name(shard),
+        hooks=hooks,
     )
 
 

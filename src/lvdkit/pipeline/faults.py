@@ -6,16 +6,13 @@ Read by the driver and handed to the tasks (so they work with a Ray started befo
 - ``LVDKIT_TEST_STAGE_DELAY=STAGE:S``: slow down one stage so a test can kill the run inside it: each shard task of
   a sharded stage (ingest, shard) sleeps before working; ``embed``'s driver sleeps after writing each part; a
   whole-dataset stage's task sleeps after writing its parts, before ``_SUCCESS``.
-- ``LVDKIT_TEST_FAIL_ONCE=STAGE`` (or ``STAGE:crash``): the first attempt at each shard of ``STAGE`` raises (or
-  kills its worker process); later attempts work. "First" is remembered by marker files in
-  ``LVDKIT_TEST_FAIL_DIR``, so it holds across worker processes.
+- ``LVDKIT_TEST_FAIL_ONCE=STAGE[:MODE[:SHARD]]``: the first attempt at each shard of ``STAGE`` (or only at shard
+  ``SHARD``) raises (``MODE`` ``raise``, the default) or kills its worker process (``crash``); later attempts work.
+  "First" is remembered by marker files in ``LVDKIT_TEST_FAIL_DIR``, so it holds across worker processes.
 - ``LVDKIT_TEST_FAIL_ALWAYS=STAGE:TEXT``: any attempt of ``STAGE`` at a shard or file whose uri contains ``TEXT``
   raises, every time.
-
-Read where the write happens (set it before Ray starts, e.g. in a ``lvdkit`` subprocess):
-
-- ``LVDKIT_TEST_ENOSPC_AFTER=STAGE_DIR:N``: writing ``part-*.parquet`` number ``N`` or later in a folder named
-  ``STAGE_DIR`` fails with ``ENOSPC`` after half the file was written (as a full disk would).
+- ``LVDKIT_TEST_ENOSPC_AFTER=STAGE:N``: writing the stage's ``part-*.parquet`` number ``N`` or later fails with
+  ``ENOSPC`` after half the file was written (as a full disk would).
 """
 
 from __future__ import annotations
@@ -56,14 +53,18 @@ class Hooks:
     delay: float = 0.0  # before each shard
     stage_delay: float = 0.0  # LVDKIT_TEST_STAGE_DELAY for this stage
     fail_once: str = ""  # "" (off), "raise" or "crash"
+    fail_once_shard: int | None = None  # None: every shard
     fail_always: str = ""  # uri substring
     fail_dir: str = ""
+    enospc_after: int | None = None  # part number from which writes fail with ENOSPC
 
     @classmethod
     def for_stage(cls, stage: str) -> Hooks:
         delay_stage, seconds = _split(os.environ.get(STAGE_DELAY))
         once_stage, once_mode = _split(os.environ.get(FAIL_ONCE))
+        once_mode, _, once_shard = once_mode.partition(":")
         always_stage, text = _split(os.environ.get(FAIL_ALWAYS))
+        full_stage, full_after = _split(os.environ.get(ENOSPC_AFTER))
         fail_dir = os.environ.get(FAIL_DIR, "")
         if once_stage == stage and not fail_dir:
             raise ValueError(f"{FAIL_ONCE} needs {FAIL_DIR} (a folder for its markers)")
@@ -72,8 +73,10 @@ class Hooks:
             delay=shard_delay(),
             stage_delay=float(seconds or 0) if delay_stage == stage else 0.0,
             fail_once=(once_mode or "raise") if once_stage == stage else "",
+            fail_once_shard=int(once_shard) if once_shard else None,
             fail_always=text if always_stage == stage else "",
             fail_dir=fail_dir,
+            enospc_after=int(full_after or 0) if full_stage == stage else None,
         )
 
     def before_shard(self) -> None:
@@ -86,7 +89,7 @@ class Hooks:
 
     def check(self, shard: int, uris: list[str]) -> None:
         """Raise (or exit) where a failure hook says this attempt must fail."""
-        if self.fail_once:
+        if self.fail_once and self.fail_once_shard in (None, shard):
             marker = Path(self.fail_dir) / f"{self.stage}-{shard}"
             try:
                 marker.touch(exist_ok=False)
@@ -101,17 +104,15 @@ class Hooks:
             if hit is not None:
                 raise InjectedFault(f"injected failure on {hit}")
 
-
-def enospc_hook(path: Path) -> bool:
-    """Whether ``LVDKIT_TEST_ENOSPC_AFTER`` says writing ``path`` must fail with a full disk."""
-    stage_dir, n = _split(os.environ.get(ENOSPC_AFTER))
-    if not stage_dir or path.parent.name != stage_dir or not path.name.startswith("part-"):
-        return False
-    try:
-        index = int(path.name.removeprefix("part-").split(".")[0])
-    except ValueError:
-        return False
-    return index >= int(n or 0)
+    def disk_full(self, path: Path) -> bool:
+        """Whether writing the part file ``path`` must fail with a full disk."""
+        if self.enospc_after is None or not path.name.startswith("part-"):
+            return False
+        try:
+            index = int(path.name.removeprefix("part-").split(".")[0])
+        except ValueError:
+            return False
+        return index >= self.enospc_after
 
 
 def enospc(path: Path) -> OSError:

@@ -81,7 +81,9 @@ def part_name(index: int) -> str:
     return f"part-{index:06d}.parquet"
 
 
-def write_parquet_atomic(table: pa.Table, path: Path, row_group_rows: int = ROW_GROUP_ROWS) -> None:
+def write_parquet_atomic(
+    table: pa.Table, path: Path, row_group_rows: int = ROW_GROUP_ROWS, hooks: faults.Hooks | None = None
+) -> None:
     """Write ``table`` to ``path`` via a temporary file, ``fsync`` and an atomic rename (:class:`DiskFullError` when
     the disk is full; the temporary file is removed on any error)."""
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -89,7 +91,7 @@ def write_parquet_atomic(table: pa.Table, path: Path, row_group_rows: int = ROW_
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             pq.write_table(table, tmp, row_group_size=row_group_rows, compression="zstd")
-            if faults.enospc_hook(path):
+            if hooks is not None and hooks.disk_full(path):
                 os.truncate(tmp, tmp.stat().st_size // 2)  # what a full disk leaves behind
                 raise faults.enospc(tmp)
             with open(tmp, "rb") as fh:

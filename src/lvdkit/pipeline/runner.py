@@ -7,6 +7,7 @@ file atomically); whole-dataset stages are one Ray task. Outputs live on a path 
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from lvdkit.pipeline import faults
 from lvdkit.pipeline.embed import EmbedInputError
 from lvdkit.pipeline.io import (
     DiskFullError,
+    disk_errors,
     is_disk_full,
     own_name,
     part_files,
@@ -181,6 +183,16 @@ def _raise_own(exc: BaseException) -> None:
         if isinstance(e, OSError) and is_disk_full(e):
             raise DiskFullError(f"disk full: {e}") from None
         todo.extend([e.__cause__, e.__context__])
+    # Ray Data passes a UDF's exception on as text only: find the last line of its traceback.
+    found = _OWN_ERROR_LINE.findall(str(exc))
+    if found:
+        name, message = found[-1]
+        raise next(c for c in _OWN_ERRORS if c.__name__ == name)(message) from None
+
+
+_OWN_ERROR_LINE = re.compile(
+    r"^lvdkit\.[\w.]+\.(" + "|".join(c.__name__ for c in _OWN_ERRORS) + r"): (.+)$", re.MULTILINE
+)
 
 
 def _crash_message(stage: str, stage_dir: Path, work: ShardWork, retries: int, exc: BaseException) -> str:
@@ -228,8 +240,8 @@ def _write_shards(
             table, left_out, error = _process_shard(work, index, hooks, retries, on_error)
             if table is not None:
                 if left_out is not None:  # before the part: the part's existence marks the shard done
-                    write_parquet_atomic(left_out, target.parent / QUARANTINE_DIR / target.name)
-                write_parquet_atomic(table, target)
+                    write_parquet_atomic(left_out, target.parent / QUARANTINE_DIR / target.name, hooks=hooks)
+                write_parquet_atomic(table, target, hooks=hooks)
                 n = table.num_rows
         except DiskFullError as exc:
             full = str(exc)
@@ -314,7 +326,7 @@ def _whole_task(name: str, cfg: CurateConfig, out: str, stage_dir: str, hooks: f
     assert spec.whole_fn is not None
     table, stats = spec.whole_fn(cfg, Path(out))
     for k, start in enumerate(range(0, max(table.num_rows, 1), WHOLE_STAGE_PART_ROWS)):
-        write_parquet_atomic(table.slice(start, WHOLE_STAGE_PART_ROWS), Path(stage_dir) / part_name(k))
+        write_parquet_atomic(table.slice(start, WHOLE_STAGE_PART_ROWS), Path(stage_dir) / part_name(k), hooks=hooks)
     hooks.pause()  # a test kills the run here: parts written, no _SUCCESS yet
     return table.num_rows, stats
 
@@ -327,8 +339,9 @@ def run(cfg: CurateConfig, stages: tuple[str, ...] = CURATE_ORDER, force: bool =
     """Run ``stages`` in order in one Ray session; write ``config.yaml``, ``status.parquet`` and ``summary.json``."""
     check_embedding_keys(cfg, stages)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    with disk_errors(out / "config.yaml"):
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
     with ray_session(out, cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory_mb) as lazy:
         for name in stages:
             run_stage(name, cfg, lazy, force=force)

@@ -1,0 +1,264 @@
+"""Failing shard tasks, a full disk and files that change under a run: each is retried, reported with the files it
+concerns, or quarantined as configured, and a rerun recovers to what a clean run gives."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from lvdkit import schema
+from lvdkit.config import CurateConfig, load_config
+from lvdkit.pipeline.embed import EmbedInputError
+from lvdkit.pipeline.io import DiskFullError, part_files, read_parts
+from lvdkit.pipeline.runner import StageError, run
+from lvdkit.pipeline.stages import QUARANTINE_DIR, ChangedSinceIngest
+
+from ..conftest import TINY_EMBED
+
+FILES_PER_SHARD = 40  # 4 shards of the small demo's 124 files
+
+
+def _args(out: Path, demo: Path, *extra: str) -> list[str]:
+    return [
+        f"out={out}",
+        f"ingest.inputs=[{demo / 'raw'}]",
+        f"ingest.files_per_shard={FILES_PER_SHARD}",
+        "progress=false",
+        "ray.num_cpus=2",
+        *extra,
+    ]
+
+
+def _ingest(out: Path, demo: Path, *extra: str) -> dict[str, object]:
+    return run(load_config(CurateConfig, None, _args(out, demo, *extra)), stages=("ingest",))
+
+
+def _sorted(table: pa.Table) -> pa.Table:
+    return table.sort_by(schema.IMAGE_ID)
+
+
+def _assert_every_part_is_complete(out: Path) -> None:
+    for part in out.rglob("part-*.parquet"):
+        assert pq.read_table(part).num_rows == pq.ParquetFile(part).metadata.num_rows, part
+
+
+@pytest.fixture(scope="module")
+def clean(ray_local: None, small_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> pa.Table:
+    """The ingest table of an undisturbed run."""
+    out = tmp_path_factory.mktemp("clean") / "out"
+    _ingest(out, small_demo)
+    table = read_parts(out / "ingest")
+    assert len(part_files(out / "ingest")) == 4
+    return table
+
+
+@pytest.fixture()
+def victim(clean: pa.Table) -> str:
+    """A usable image of the second shard."""
+    return str(clean[schema.URI][FILES_PER_SHARD + 5].as_py())
+
+
+# --- a failing shard task -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("ray_local")
+@pytest.mark.parametrize("mode", ["raise", "crash"])
+def test_a_shard_that_fails_once_is_retried_and_the_stage_completes(
+    mode: str, clean: pa.Table, small_demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``raise``: the shard's code raises (retried inside the task); ``crash``: its worker process dies (Ray retries
+    the task in a new worker). Every shard (``crash``: shard 1) fails on its first attempt."""
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    monkeypatch.setenv("LVDKIT_TEST_FAIL_ONCE", "ingest" if mode == "raise" else "ingest:crash:1")
+    monkeypatch.setenv("LVDKIT_TEST_FAIL_DIR", str(markers))
+    out = tmp_path / "out"
+    _ingest(out, small_demo)
+    failed = [f"ingest-{i}" for i in (range(4) if mode == "raise" else [1])]
+    assert sorted(p.name for p in markers.iterdir()) == failed  # each failed once
+    assert _sorted(read_parts(out / "ingest")).equals(_sorted(clean))
+    assert not list((out / "ingest").glob(".*"))
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_shard_that_always_fails_fails_the_stage_naming_the_file_and_the_rerun_resumes(
+    clean: pa.Table,
+    victim: str,
+    small_demo: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("LVDKIT_TEST_FAIL_ALWAYS", f"ingest:{victim}")
+    out = tmp_path / "out"
+    with pytest.raises(StageError) as failed:
+        _ingest(out, small_demo)
+    message = str(failed.value)
+    assert "ingest: 1 of 4 shards failed on all 4 attempts (on_shard_error=fail)" in message
+    assert f"shard 1: {victim}: InjectedFault" in message  # the one file that fails on its own, and why
+    assert "on_shard_error=quarantine" in message  # what to do
+    assert not (out / "ingest" / "_SUCCESS").exists()
+    assert [p.name for p in part_files(out / "ingest")] == [
+        "part-000000.parquet",
+        "part-000002.parquet",
+        "part-000003.parquet",
+    ]
+
+    monkeypatch.delenv("LVDKIT_TEST_FAIL_ALWAYS")
+    capsys.readouterr()
+    _ingest(out, small_demo)
+    assert "ingest: 3 of 4 shards already done, 1 to go" in capsys.readouterr().err
+    assert _sorted(read_parts(out / "ingest")).equals(_sorted(clean))
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_shard_that_always_fails_quarantines_only_the_failing_file_when_configured(
+    clean: pa.Table, victim: str, small_demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LVDKIT_TEST_FAIL_ALWAYS", f"ingest:{victim}")
+    out = tmp_path / "out"
+    summary = _ingest(out, small_demo, "on_shard_error=quarantine")
+    table = _sorted(read_parts(out / "ingest"))
+    is_victim = pc.equal(table[schema.URI], victim)
+    (row,) = table.filter(is_victim).to_pylist()
+    assert (row["status"], row["error"]) == (schema.STATUS_QUARANTINED, schema.REASON_PROCESSING)
+    assert row["error_detail"].startswith("InjectedFault: injected failure on")
+    others = _sorted(clean).filter(pc.invert(pc.equal(_sorted(clean)[schema.URI], victim)))
+    assert table.filter(pc.invert(is_victim)).equals(others)  # the rest of its shard is ingested as usual
+    assert summary["quarantined_by_reason"][schema.REASON_PROCESSING] == 1  # type: ignore[index]
+    assert summary["images_in"] == summary["kept"] + summary["quarantined"] == clean.num_rows  # type: ignore[operator]
+
+
+# --- a full disk --------------------------------------------------------------------------------------------------
+
+
+def _assert_failed_cleanly(error: DiskFullError, out: Path, where: Path) -> None:
+    assert isinstance(error, RuntimeError)  # what the CLI reports as ``lvdkit: error: ...`` with exit status 2
+    assert str(error).startswith("disk full: no space left on device while writing ")
+    assert str(where) in str(error)
+    _assert_every_part_is_complete(out)
+    assert not (out / "ingest" / "_SUCCESS").exists()
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_full_disk_fails_the_stage_naming_the_file_and_the_rerun_recovers(
+    clean: pa.Table,
+    small_demo: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``LVDKIT_TEST_ENOSPC_AFTER``: writing ingest's third part and later ones hits ``ENOSPC`` half-way."""
+    out = tmp_path / "out"
+    monkeypatch.setenv("LVDKIT_TEST_ENOSPC_AFTER", "ingest:2")
+    with pytest.raises(DiskFullError) as full:
+        _ingest(out, small_demo)
+    _assert_failed_cleanly(full.value, out, out / "ingest" / "part-00000")
+    survivors = [p.name for p in part_files(out / "ingest")]
+    assert set(survivors) <= {"part-000000.parquet", "part-000001.parquet"}
+
+    monkeypatch.delenv("LVDKIT_TEST_ENOSPC_AFTER")
+    capsys.readouterr()
+    _ingest(out, small_demo)
+    assert f"ingest: {len(survivors)} of 4 shards already done" in capsys.readouterr().err
+    assert _sorted(read_parts(out / "ingest")).equals(_sorted(clean))
+    assert not list((out / "ingest").glob(".*"))
+
+
+@pytest.fixture()
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs (needs the right to mount: skipped elsewhere)."""
+    folder = tmp_path / "tmpfs"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_real_full_disk_fails_cleanly_and_the_rerun_recovers_once_there_is_room(
+    clean: pa.Table, small_demo: Path, small_tmpfs: Path
+) -> None:
+    out = small_tmpfs / "out"
+    filler = small_tmpfs / "filler"
+    filler.write_bytes(b"\0" * (shutil.disk_usage(small_tmpfs).free - 24 * 1024))  # room for the first parts only
+    with pytest.raises(DiskFullError) as full:
+        _ingest(out, small_demo)
+    _assert_failed_cleanly(full.value, out, out)
+
+    filler.unlink()
+    _ingest(out, small_demo)
+    assert _sorted(read_parts(out / "ingest")).equals(_sorted(clean))
+
+
+# --- files that change while a run is under way ---------------------------------------------------------------------
+
+
+def _pool(folder: Path, n: int = 24) -> list[Path]:
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    paths = []
+    for k in range(n):
+        path = folder / f"img_{k:02d}.png"
+        Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_file_changed_after_ingest_fails_embed_or_shard_naming_it_and_a_rerun_recovers(tmp_path: Path) -> None:
+    paths = _pool(tmp_path / "pool")
+    out = tmp_path / "out"
+    overrides = [
+        f"out={out}",
+        f"ingest.inputs=[{tmp_path / 'pool'}]",
+        "progress=false",
+        *TINY_EMBED,
+        "embed.images_per_shard=8",
+        "dedup_copy.threshold=0.99",  # the random-init model has no copy signal: only real copies may match
+        "cluster.target_size=12",
+        "shard.rows_per_shard=4",
+    ]
+    cfg = load_config(CurateConfig, None, overrides)
+    run(cfg, stages=("ingest", "dedup_exact", "dedup_phash"))
+
+    broken = paths[3]
+    broken.write_bytes(b"no longer an image")  # between ingest and embed
+    with pytest.raises(EmbedInputError) as failed:
+        run(cfg, stages=("embed",))
+    assert f"embed: cannot decode {broken} (" in str(failed.value)
+    assert "changed or vanished since" in str(failed.value) and "Rerun `lvdkit curate`" in str(failed.value)
+
+    summary = run(cfg)  # ingest sees the changed file (size, mtime), redoes itself and everything after it
+    assert summary["quarantined_by_reason"] == {schema.REASON_NOT_IMAGE: 1}
+    curated = read_parts(out / "curated")
+    assert curated.num_rows >= 6
+
+    changed = Path(str(curated[schema.URI][5].as_py()))
+    Image.new("RGB", (48, 48), (1, 2, 3)).save(changed)  # still an image, but not the bytes ingest read
+    with pytest.raises(StageError) as failed_shard:
+        run(cfg, stages=("shard",), force=True)
+    assert f"{changed}: {ChangedSinceIngest.__name__}: {changed} changed since ingest" in str(failed_shard.value)
+
+    cfg.on_shard_error = "quarantine"
+    run(cfg, stages=("shard",), force=True)
+    assert read_parts(out / "curated").num_rows == curated.num_rows - 1
+    assert str(changed) not in read_parts(out / "curated")[schema.URI].to_pylist()
+    left_out = read_parts(out / "curated" / QUARANTINE_DIR).to_pylist()
+    assert [(r[schema.URI], r["error"]) for r in left_out] == [(str(changed), "changed_since_ingest")]
+    stats = json.loads((out / "curated" / "_SUCCESS").read_text())["stats"]
+    assert stats["quarantined"] == {"changed_since_ingest": 1}
