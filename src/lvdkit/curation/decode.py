@@ -14,7 +14,8 @@ seconds, so ``decode(..., timeout_s=T)`` (ingest's ``decode_timeout_s``) also li
 - a single C call (one chunk of a decoder, one resize) cannot be interrupted: it finishes first. Whatever the timer
   could not stop, an elapsed-time check after decoding still quarantines (``decode_timeout``), so no decode slower
   than ``T`` is accepted, but one C call can overrun ``T``;
-- elsewhere (another thread, ``SIGALRM`` already in use) only the elapsed-time check applies.
+- elsewhere (another thread; ``SIGALRM`` or the real-time timer already in use, e.g. by pytest-timeout) only the
+  elapsed-time check applies.
 
 The limit makes the outcome depend on the machine's speed and load for files near ``T``; the default (30 s) is far
 above any ordinary image (milliseconds; about a second for 100 megapixels). A truly hard bound would need a watchdog
@@ -119,6 +120,7 @@ def _alarm(seconds: float | None) -> Iterator[None]:
         and hasattr(signal, "setitimer")
         and threading.current_thread() is threading.main_thread()
         and signal.getsignal(signal.SIGALRM) in (signal.SIG_DFL, None)
+        and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
     )
     if not usable:
         yield
