@@ -388,6 +388,14 @@ def make_corpus(root: Path) -> list[Case]:
     up = pool / "sub" / "up"
     os.symlink("..", up)
     cases.append(Case("symlink_dir_cycle", up, UNLISTED, None, "links to folders are not followed: no cycle"))
+    outside = root.parent / f"{root.name}_outside"  # not under any input root (pool/, extra.txt's folder)
+    outside.mkdir(exist_ok=True)
+    secret = outside / "secret.png"
+    secret.write_bytes(encoded(pic(64, 64), "PNG"))
+    escape = pool / "link_out.png"
+    os.symlink(secret, escape)
+    note = "a link out of the inputs: not read unless ingest.follow_symlinks_outside"
+    cases.append(Case("symlink_outside_inputs", escape, QUARANTINED, schema.REASON_SYMLINK_OUTSIDE, note))
     if cannot_remove_read_permission() is None:
         locked = write("locked.jpg", encoded(pic(64, 64), "JPEG"))
         locked.chmod(0)

@@ -20,6 +20,7 @@ from lvdkit.curation.ingest import (
     image_id,
     ingest_files,
     inspect_file,
+    list_for_ingest,
     list_inputs,
     local_path,
     read_bytes,
@@ -77,11 +78,15 @@ def test_listing_names_every_file_once_as_utf8_and_never_a_folder(corpus: tuple[
 
 
 def test_inspect_file_gives_every_case_its_pinned_outcome(corpus: tuple[Path, list[Case]]) -> None:
-    _, cases = corpus
+    root, cases = corpus
+    outside = dict(list_for_ingest(corpus_inputs(root), CFG))  # what the listing says of links out of the inputs
+    assert [u for u, o in outside.items() if o is not None] == [
+        c.uri for c in cases if c.kind == "symlink_outside_inputs"
+    ]
     got: dict[str, tuple[object, ...]] = {}
     want: dict[str, tuple[object, ...]] = {}
     for case in _listed(cases):
-        row = inspect_file(os.fsdecode(case.fspath), CFG)
+        row = inspect_file(os.fsdecode(case.fspath), CFG, outside[case.uri])
         assert row[schema.URI] == case.uri and row[schema.IMAGE_ID] == image_id(case.uri)
         key = f"{case.kind}:{case.uri.rsplit('/', 1)[-1][:40]}"
         if case.outcome == QUARANTINED:
