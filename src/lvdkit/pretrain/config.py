@@ -101,7 +101,7 @@ class PretrainConfig:
     use_gpu: bool | None = None  # None: when Ray sees a GPU
     cpus_per_worker: float | None = None  # None: 1 with a GPU, else 0.5 (leaves CPU for Ray Data's decoding)
     torch_threads: int | None = None  # intra-op threads per worker on CPU; None: Ray's (its CPUs, at least 1)
-    strategy: Literal["ddp", "fsdp"] = "ddp"
+    strategy: Literal["ddp"] = "ddp"  # FSDP is not implemented yet
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False  # torch.compile the student
     checkpoint_every: int = 100  # steps (and always at the end)
