@@ -90,3 +90,41 @@ def test_a_checkpoint_carrying_a_pickle_payload_is_refused(tmp_path: Path) -> No
     with pytest.raises(ValueError, match="weights-only"):
         read_checkpoint(folder)
     assert not marker.exists()
+
+
+def test_embed_and_eval_commands_on_a_folder(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from ..conftest import run_cli
+
+    data = tmp_path / "data"
+    for cls, colour in (("red", (200, 30, 30)), ("blue", (30, 30, 200))):
+        (data / cls).mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (24 + i, 24), tuple(c + 5 * i for c in colour)).save(data / cls / f"{i}.png")
+    out = tmp_path / "emb"
+    done = run_cli("embed", "--model", "timm:resnet10t", "--img-size", "32", "--data", str(data), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    table = pq.read_table(out / "part-00000.parquet")
+    assert table.num_rows == 12 and table.schema.field("embedding").type.list_size == 512
+    norms = np.linalg.norm(np.stack(table.column("embedding").to_numpy(zero_copy_only=False)), axis=1)
+    assert np.allclose(norms, 1.0, atol=1e-4)
+    figures = tmp_path / "eval.json"
+    done = run_cli(
+        "eval",
+        "knn",
+        "--model",
+        "timm:resnet10t",
+        "--img-size",
+        "32",
+        "--train",
+        str(data),
+        "--k",
+        "3",
+        "--json",
+        str(figures),
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(figures.read_text())[0]
+    assert result["n_train"] == 6 and result["n_test"] == 6 and 0.0 <= result["knn_top1"] <= 1.0
+    assert "k-NN top-1" in done.stdout
