@@ -34,7 +34,7 @@ from lvdkit.pipeline.io import (
     remove_temporaries,
     write_parquet_atomic,
 )
-from lvdkit.pipeline.manifest import RunKey, finish, prepare, success, write_json_atomic
+from lvdkit.pipeline.manifest import RunKey, fingerprint_of, finish, prepare, read_json, success, write_json_atomic
 from lvdkit.pipeline.names import CURATE_ORDER, stage_dirname, stage_names
 from lvdkit.pipeline.ray_env import LazyRay, ray_session
 from lvdkit.pipeline.stages import QUARANTINE_DIR, STAGES, ChangedSinceIngest, ShardWork, StageSpec
@@ -343,8 +343,18 @@ def run(cfg: CurateConfig, stages: tuple[str, ...] = CURATE_ORDER, force: bool =
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
     with ray_session(out, cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory_mb) as lazy:
-        for name in stages:
-            run_stage(name, cfg, lazy, force=force)
+        ran = [not run_stage(name, cfg, lazy, force=force)["skipped"] for name in stages]
+        previous = read_json(out / "summary.json")
+        current = previous is not None and previous.get("fingerprint") == _summary_fingerprint(out)
+        if previous is not None and current and not any(ran) and (out / "status.parquet").exists():
+            return previous  # nothing changed: the status table and summary on disk are current
+        if lazy.started_here:  # the status table holds every image: build it in a worker, not in the driver
+            task = ray.remote(num_cpus=1, max_retries=cfg.ray.max_task_retries)(write_summary)
+            try:
+                return ray.get(task.remote(out))  # type: ignore[no-any-return]
+            except Exception as exc:
+                _raise_own(exc)
+                raise
     return write_summary(out)
 
 
@@ -393,5 +403,12 @@ def write_summary(out: Path) -> dict[str, Any]:
         },
         "outputs": {"status": str(out / "status.parquet"), **{s: str(out / stage_dirname(s)) for s in finished}},
     }
+    summary["fingerprint"] = _summary_fingerprint(out)
     write_json_atomic(out / "summary.json", summary)
     return summary
+
+
+def _summary_fingerprint(out: Path) -> str:
+    """Identity of the finished stages a summary was made from."""
+    records = [success(out / stage_dirname(s)) for s in CURATE_ORDER]
+    return fingerprint_of(*(r for r in records if r is not None))

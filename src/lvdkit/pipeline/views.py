@@ -41,33 +41,40 @@ def alive(out: Path, after: tuple[str, ...], columns: list[str]) -> pa.Table:
 
 
 def final_status(out: Path, dedup_stages: tuple[str, ...]) -> pa.Table:
-    """One row per ingested file: kept, duplicate (naming the finally kept image) or quarantined (with reason)."""
+    """One row per ingested file: kept, duplicate (naming the finally kept image) or quarantined (with reason).
+
+    Columnar throughout (positions found with ``index_in``, no per-image Python objects beyond the output columns).
+    """
     ing = ingested(out, [schema.IMAGE_ID, schema.URI, "status", "error"])
-    ids = ing[schema.IMAGE_ID].to_numpy(zero_copy_only=False)
-    status = np.where(
-        ing["status"].to_numpy(zero_copy_only=False) == schema.STATUS_OK, schema.FINAL_KEPT, schema.STATUS_QUARANTINED
-    ).astype(object)
-    reason = np.array(ing["error"].to_pylist(), dtype=object)
+    ids = ing[schema.IMAGE_ID]
+    ok = ing["status"].to_numpy(zero_copy_only=False) == schema.STATUS_OK
+    status = np.where(ok, schema.FINAL_KEPT, schema.STATUS_QUARANTINED).astype(object)
+    reason = ing["error"].to_numpy(zero_copy_only=False).astype(object)
     dup_of = np.full(len(ids), None, dtype=object)
-    pos: dict[str, int] = {image_id: i for i, image_id in enumerate(ids)}
     for stage in dedup_stages:
         dedup = read_parts(out / stage, columns=[schema.IMAGE_ID, schema.DUP_OF], schema=schema.DEDUP)
-        dups = dedup.filter(pc.invert(pc.is_null(dedup[schema.DUP_OF])))
-        for image_id, target in zip(dups[schema.IMAGE_ID].to_pylist(), dups[schema.DUP_OF].to_pylist(), strict=True):
-            i = pos[image_id]
-            status[i], reason[i], dup_of[i] = schema.FINAL_DUPLICATE, stage, target
+        dups = dedup.filter(pc.is_valid(dedup[schema.DUP_OF]))
+        at = pc.index_in(dups[schema.IMAGE_ID], value_set=ids).to_numpy(zero_copy_only=False)
+        if np.isnan(at.astype(np.float64)).any():
+            raise RuntimeError(f"{out / stage} names images that ingest does not have: rerun the stage")
+        at = at.astype(np.int64)
+        status[at], reason[at] = schema.FINAL_DUPLICATE, stage
+        dup_of[at] = dups[schema.DUP_OF].to_numpy(zero_copy_only=False)
     # A later stage may remove the image an earlier duplicate pointed at: follow the chain to the survivor.
-    for i in map(int, np.nonzero(status == schema.FINAL_DUPLICATE)[0]):
-        target = dup_of[i]
-        for _ in range(len(dedup_stages)):
-            j = pos.get(target)
-            if j is None or dup_of[j] is None:  # kept, or not a pool image (a protected image)
-                break
-            target = dup_of[j]
-        dup_of[i] = target
+    chained = np.flatnonzero(status == schema.FINAL_DUPLICATE)
+    for _ in range(len(dedup_stages)):
+        if not len(chained):
+            break
+        target = pc.index_in(pa.array(dup_of[chained], pa.string()), value_set=ids).to_numpy(zero_copy_only=False)
+        found = ~np.isnan(target.astype(np.float64))  # not a pool image (a protected image): final
+        nxt = np.zeros(len(chained), np.int64)
+        nxt[found] = target[found].astype(np.int64)
+        onward = found & (status[nxt] == schema.FINAL_DUPLICATE)  # the target was removed too: follow it
+        dup_of[chained[onward]] = dup_of[nxt[onward]]
+        chained = chained[onward]
     return pa.table(
         {
-            schema.IMAGE_ID: pa.array(ids, pa.string()),
+            schema.IMAGE_ID: ids,
             schema.URI: ing[schema.URI],
             "status": pa.array(status, pa.string()),
             "reason": pa.array(reason, pa.string()),
