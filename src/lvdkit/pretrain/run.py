@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow.parquet as pq
 
 from lvdkit.config import save_config, to_dict
@@ -67,6 +68,21 @@ def plan(cfg: PretrainConfig, n_images: int) -> tuple[int, int]:
     return steps_per_epoch, steps_per_epoch * cfg.optim.epochs
 
 
+def epoch_files(files: list[Path], start_epoch: int, epochs: int, seed: int) -> list[list[str]]:
+    """The files of each remaining epoch, each epoch in its own seeded order (one stream for the whole run)."""
+    order = []
+    for epoch in range(start_epoch, max(epochs, start_epoch + 1)):
+        perm = np.random.default_rng([seed, epoch]).permutation(len(files))
+        order.append([str(files[i]) for i in perm])
+    return order
+
+
+def _resume_epoch(cfg: PretrainConfig, out: Path, steps_per_epoch: int) -> int:
+    """The epoch the latest checkpoint is in (0 for a fresh run): where the data stream starts."""
+    found = checkpoints(out) if cfg.resume else []
+    return json.loads((found[-1] / META_FILE).read_text())["step"] // steps_per_epoch if found else 0
+
+
 def _check_out(cfg: PretrainConfig, out: Path) -> dict[str, Any] | None:
     """The finished record if this exact run is done; raises if OUT holds another run and resume is off."""
     final = out / FINAL_FILE
@@ -114,10 +130,14 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         lazy.ensure()
         use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
         cpus = cfg.cpus_per_worker or (1.0 if use_gpu else 0.5)  # fractional: Ray Data needs CPU to decode
-        columns = [cfg.image_column]
-        dataset = ray.data.read_parquet([str(f) for f in files], columns=columns).map_batches(
-            AugmentBatch(cfg.method, cfg.crops, cfg.image_column), batch_size=32
-        )
+        start_epoch = _resume_epoch(cfg, out, steps_per_epoch)
+        # Ray Data reads a path listed twice once, hence one read per epoch, unioned into one stream.
+        epochs = [
+            ray.data.read_parquet(paths, columns=[cfg.image_column])
+            for paths in epoch_files(files, start_epoch, cfg.optim.epochs, cfg.seed)
+        ]
+        dataset = epochs[0].union(*epochs[1:]) if len(epochs) > 1 else epochs[0]
+        dataset = dataset.map_batches(AugmentBatch(cfg.method, cfg.crops, cfg.image_column), batch_size=32)
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={
@@ -125,6 +145,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
                 "n_images": n_images,
                 "total_steps": total_steps,
                 "steps_per_epoch": steps_per_epoch,
+                "first_step": start_epoch * steps_per_epoch,
             },
             scaling_config=ray.train.ScalingConfig(
                 num_workers=cfg.num_workers,

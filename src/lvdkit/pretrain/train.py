@@ -1,8 +1,9 @@
 """The per-worker training loop that Ray Train runs (``train_loop_per_worker``), and its checkpoints.
 
 A step's randomness (iBOT masks, mixup, drop path) is drawn from generators seeded by (seed, rank, step), so a run
-resumed from a checkpoint at step s draws what the uninterrupted run drew at step s. The data position is (epoch,
-batches consumed in it); a resumed worker skips the consumed batches of the current epoch (they are still read and
+resumed from a checkpoint at step s draws what the uninterrupted run drew at step s. The data is one stream over all
+remaining epochs; the data position is (epoch, batches consumed in it). A resumed run's driver starts the stream at
+the checkpoint's epoch and the worker skips the batches of that epoch already consumed (they are still read and
 augmented: Ray Data streams cannot seek).
 
 Checkpoint folder: ``state.pt`` (model, teacher/EMA, queue or centre, optimizer: tensors only, loaded with
@@ -158,85 +159,103 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         betas=(o.betas[0], o.betas[1]),
     )
     schedules = build_schedules(cfg, total_steps, steps_per_epoch, world)
-    step, epoch, position = 0, 0, 0
+    step = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             state, meta = read_checkpoint(Path(folder), device)
         load_method_state(method, state["method"])
         optimizer.load_state_dict(state["optimizer"])
-        step, epoch, position = int(meta["step"]), int(meta["epoch"]), int(meta["position"])
+        step = int(meta["step"])
     bf16 = device.type == "cuda" and cfg.precision in ("auto", "bf16")
     metrics = _Metrics(out, cfg.tensorboard) if rank == 0 else None
-    shard = ray.train.get_dataset_shard("train")
+    # One stream over every remaining epoch (the driver lists the files once per epoch): no pipeline restart and no
+    # empty queue at epoch boundaries. Batch i of the stream is step first_step + i; a worker restarted from a
+    # checkpoint inside this run skips the batches before it.
+    first_step = int(config.get("first_step", 0))
+    batches = ray.train.get_dataset_shard("train").iter_torch_batches(
+        batch_size=o.batch_size,
+        drop_last=True,
+        local_shuffle_buffer_size=cfg.shuffle_buffer or None,
+        local_shuffle_seed=cfg.seed + first_step,
+        prefetch_batches=2,
+    )
     method.train()
+    last_report = step
+    row: dict[str, Any] = {}
     try:
-        while step < total_steps:
-            batches = shard.iter_torch_batches(
-                batch_size=o.batch_size,
-                drop_last=True,
-                local_shuffle_buffer_size=cfg.shuffle_buffer or None,
-                local_shuffle_seed=cfg.seed + epoch,
-                prefetch_batches=2,
-            )
-            n_seen, waited, tick = 0, 0.0, time.perf_counter()
-            for index, batch in enumerate(batches):
-                n_seen += 1
-                if index < position:  # resumed mid-epoch: these batches were trained on before the interruption
-                    tick = time.perf_counter()
-                    continue
-                waited = time.perf_counter() - tick
-                sched = schedules.at(step)
-                rng = _seed_step(cfg, rank, step)
-                apply_schedules(optimizer, sched["lr"], sched["wd"], sched["last_layer_lr"])
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    loss, terms = method.loss(batch, sched, rng, student)
-                loss_value = loss.item()
-                if not math.isfinite(loss_value):
-                    raise FloatingPointError(f"loss is {loss_value} at step {step}: lower optim.lr or check the data")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = nn.utils.clip_grad_norm_(method.student.parameters(), o.clip_grad) if o.clip_grad else 0
-                if sched["last_layer_lr"] == 0.0:
-                    cancel_last_layer_gradients(method.student)
-                optimizer.step()
-                method.after_step(sched)
-                step, position = step + 1, index + 1
-                elapsed = time.perf_counter() - tick
-                row = {
-                    "step": step,
-                    "epoch": epoch,
-                    "loss": loss_value,
-                    **terms,
-                    **{k: float(v) for k, v in sched.items()},
-                    "grad_norm": float(grad_norm),
-                    "images_per_s": o.batch_size * world / max(elapsed, 1e-9),
-                    "data_wait_pct": 100.0 * waited / max(elapsed, 1e-9),
-                    "time": time.time(),
-                }
-                if metrics is not None:
-                    metrics.log(row)
-                if step % cfg.checkpoint_every == 0 or step == total_steps:
-                    _report(row, method, optimizer, {"step": step, "epoch": epoch, "position": position}, cfg, rank)
-                if _STEP_DELAY_S:
-                    time.sleep(_STEP_DELAY_S)
+        waited, tick = 0.0, time.perf_counter()
+        for index, batch in enumerate(batches):
+            if first_step + index < step:  # trained on before the restart
                 tick = time.perf_counter()
-                if step >= total_steps:
-                    break
-            if n_seen == 0:
-                raise RuntimeError("the training data yielded no batch: fewer images than one batch per worker?")
-            if step < total_steps:
-                epoch, position = epoch + 1, 0
+                continue
+            if step >= total_steps:
+                break
+            waited = time.perf_counter() - tick
+            row = _train_step(method, student, optimizer, batch, schedules, cfg, rank, step, bf16)
+            step += 1
+            elapsed = time.perf_counter() - tick
+            row.update(
+                step=step,
+                epoch=(step - 1) // steps_per_epoch,
+                images_per_s=o.batch_size * world / max(elapsed, 1e-9),
+                data_wait_pct=100.0 * waited / max(elapsed, 1e-9),
+                time=time.time(),
+            )
+            if metrics is not None:
+                metrics.log(row)
+            if step % cfg.checkpoint_every == 0 or step == total_steps:
+                _report(row, method, optimizer, step, steps_per_epoch, cfg, rank)
+                last_report = step
+            if _STEP_DELAY_S:
+                time.sleep(_STEP_DELAY_S)
+            tick = time.perf_counter()
+        if step == first_step and step < total_steps:
+            raise RuntimeError("the training data yielded no batch: fewer images than one batch per worker?")
+        if step != last_report:  # the stream ran dry early (images that failed to decode were skipped)
+            _report(row, method, optimizer, step, steps_per_epoch, cfg, rank)
     finally:
         if metrics is not None:
             metrics.close()
+
+
+def _train_step(
+    method: Method,
+    student: StudentFn,
+    optimizer: torch.optim.Optimizer,
+    batch: dict[str, torch.Tensor],
+    schedules: Schedules,
+    cfg: PretrainConfig,
+    rank: int,
+    step: int,
+    bf16: bool,
+) -> dict[str, Any]:
+    """Forward, backward, clip, (last layer frozen), optimizer step, teacher/queue update; the step's log row."""
+    sched = schedules.at(step)
+    rng = _seed_step(cfg, rank, step)
+    apply_schedules(optimizer, sched["lr"], sched["wd"], sched["last_layer_lr"])
+    with torch.autocast(method.device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss, terms = method.loss(batch, sched, rng, student)
+    loss_value = loss.item()
+    if not math.isfinite(loss_value):
+        raise FloatingPointError(f"loss is {loss_value} at step {step}: lower optim.lr or check the data")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    clip = cfg.optim.clip_grad
+    grad_norm = float(nn.utils.clip_grad_norm_(method.student.parameters(), clip)) if clip else 0.0
+    if sched["last_layer_lr"] == 0.0:
+        cancel_last_layer_gradients(method.student)
+    optimizer.step()
+    method.after_step(sched)
+    return {"loss": loss_value, **terms, **{k: float(v) for k, v in sched.items()}, "grad_norm": grad_norm}
 
 
 def _report(
     row: dict[str, Any],
     method: nn.Module,
     optimizer: torch.optim.Optimizer,
-    position: dict[str, int],
+    step: int,
+    steps_per_epoch: int,
     cfg: PretrainConfig,
     rank: int,
 ) -> None:
@@ -247,6 +266,7 @@ def _report(
         checkpoint = None
         if rank == 0:
             identity = getattr(method, "identity", {})
+            position = {"step": step, "epoch": step // steps_per_epoch, "position": step % steps_per_epoch}
             meta = {**position, "method": cfg.method, "model": cfg.model, "identity": identity, "pid": os.getpid()}
             write_checkpoint(Path(tmp), method, optimizer, meta)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
