@@ -91,6 +91,22 @@ def test_a_shard_that_fails_once_is_retried_and_the_stage_completes(
 
 
 @pytest.mark.usefixtures("ray_local")
+def test_a_worker_that_always_dies_is_retried_a_bounded_number_of_times_and_named(
+    clean: pa.Table, small_demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ray Data alone would retry a task whose worker keeps dying forever (a file that crashes the decoder)."""
+    monkeypatch.setenv("LVDKIT_TEST_CRASH_ALWAYS", "ingest:2")
+    out = tmp_path / "out"
+    with pytest.raises(StageError) as failed:
+        _ingest(out, small_demo, "ray.max_task_retries=1")
+    message = str(failed.value)
+    assert message.startswith("ingest: a shard task failed on all 2 attempts")
+    first = str(clean[schema.URI][2 * FILES_PER_SHARD].as_py())
+    assert f"shard 2 was running: {first}, " in message  # the shard and its first files
+    assert not (out / "ingest" / "_SUCCESS").exists()
+
+
+@pytest.mark.usefixtures("ray_local")
 def test_a_shard_that_always_fails_fails_the_stage_naming_the_file_and_the_rerun_resumes(
     clean: pa.Table,
     victim: str,
@@ -145,6 +161,7 @@ def test_a_shard_that_always_fails_quarantines_only_the_failing_file_when_config
 def _assert_failed_cleanly(error: DiskFullError, out: Path, where: Path) -> None:
     assert isinstance(error, RuntimeError)  # what the CLI reports as ``lvdkit: error: ...`` with exit status 2
     assert str(error).startswith("disk full: no space left on device while writing ")
+    assert str(error).count("disk full") == 1 and "rerun" in str(error)
     assert str(where) in str(error)
     _assert_every_part_is_complete(out)
     assert not (out / "ingest" / "_SUCCESS").exists()

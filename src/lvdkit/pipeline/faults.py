@@ -11,6 +11,7 @@ Read by the driver and handed to the tasks (so they work with a Ray started befo
   "First" is remembered by marker files in ``LVDKIT_TEST_FAIL_DIR``, so it holds across worker processes.
 - ``LVDKIT_TEST_FAIL_ALWAYS=STAGE:TEXT``: any attempt of ``STAGE`` at a shard or file whose uri contains ``TEXT``
   raises, every time.
+- ``LVDKIT_TEST_CRASH_ALWAYS=STAGE:SHARD``: every attempt at shard ``SHARD`` of ``STAGE`` kills its worker process.
 - ``LVDKIT_TEST_ENOSPC_AFTER=STAGE:N``: writing the stage's ``part-*.parquet`` number ``N`` or later fails with
   ``ENOSPC`` after half the file was written (as a full disk would).
 """
@@ -28,6 +29,7 @@ STAGE_DELAY = "LVDKIT_TEST_STAGE_DELAY"
 FAIL_ONCE = "LVDKIT_TEST_FAIL_ONCE"
 FAIL_ALWAYS = "LVDKIT_TEST_FAIL_ALWAYS"
 FAIL_DIR = "LVDKIT_TEST_FAIL_DIR"
+CRASH_ALWAYS = "LVDKIT_TEST_CRASH_ALWAYS"
 ENOSPC_AFTER = "LVDKIT_TEST_ENOSPC_AFTER"
 
 
@@ -56,6 +58,7 @@ class Hooks:
     fail_once_shard: int | None = None  # None: every shard
     fail_always: str = ""  # uri substring
     fail_dir: str = ""
+    crash_shard: int | None = None  # a shard whose every attempt kills its worker
     enospc_after: int | None = None  # part number from which writes fail with ENOSPC
 
     @classmethod
@@ -65,6 +68,7 @@ class Hooks:
         once_mode, _, once_shard = once_mode.partition(":")
         always_stage, text = _split(os.environ.get(FAIL_ALWAYS))
         full_stage, full_after = _split(os.environ.get(ENOSPC_AFTER))
+        crash_stage, crash_shard = _split(os.environ.get(CRASH_ALWAYS))
         fail_dir = os.environ.get(FAIL_DIR, "")
         if once_stage == stage and not fail_dir:
             raise ValueError(f"{FAIL_ONCE} needs {FAIL_DIR} (a folder for its markers)")
@@ -76,6 +80,7 @@ class Hooks:
             fail_once_shard=int(once_shard) if once_shard else None,
             fail_always=text if always_stage == stage else "",
             fail_dir=fail_dir,
+            crash_shard=int(crash_shard) if crash_stage == stage and crash_shard else None,
             enospc_after=int(full_after or 0) if full_stage == stage else None,
         )
 
@@ -99,6 +104,8 @@ class Hooks:
                 if self.fail_once == "crash":
                     os._exit(17)  # a worker dying (segfault, OOM kill): Ray retries the task elsewhere
                 raise InjectedFault(f"injected transient failure of {self.stage} shard {shard}")
+        if self.crash_shard == shard:
+            os._exit(17)
         if self.fail_always:
             hit = next((u for u in uris if self.fail_always in u), None)
             if hit is not None:

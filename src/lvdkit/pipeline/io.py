@@ -31,15 +31,15 @@ _DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "[errno 28]
 
 
 class DiskFullError(RuntimeError):
-    """Writing an output failed because its disk (or quota) is full."""
+    """Writing an output failed because its disk (or quota) is full; the message says which file and what to do."""
 
-    def __init__(self, path: Path | str, cause: BaseException | None = None) -> None:
+    @classmethod
+    def writing(cls, path: Path | str, cause: BaseException | None = None) -> DiskFullError:
         why = f" ({cause})" if cause is not None else ""
-        super().__init__(
+        return cls(
             f"disk full: no space left on device while writing {path}{why}. Free space there (or set out= to a disk "
             "with room) and rerun: finished parts are kept, the rerun resumes"
         )
-        self.path = str(path)
 
 
 def is_disk_full(exc: BaseException) -> bool:
@@ -60,7 +60,7 @@ def disk_errors(path: Path | str) -> Iterator[None]:
         raise
     except OSError as exc:
         if is_disk_full(exc):
-            raise DiskFullError(path, exc) from exc
+            raise DiskFullError.writing(path, exc) from exc
         raise
 
 

@@ -181,7 +181,7 @@ def _raise_own(exc: BaseException) -> None:
         if isinstance(e, _OWN_ERRORS) and e is not exc:
             raise next(c for c in _OWN_ERRORS if isinstance(e, c))(str(e)) from None
         if isinstance(e, OSError) and is_disk_full(e):
-            raise DiskFullError(f"disk full: {e}") from None
+            raise DiskFullError.writing(getattr(e, "filename", None) or "an output", e) from None
         todo.extend([e.__cause__, e.__context__])
     # Ray Data passes a UDF's exception on as text only: find the last line of its traceback.
     found = _OWN_ERROR_LINE.findall(str(exc))
@@ -272,7 +272,7 @@ def _process_shard(
             return work.process(rows), None, ""
         except Exception as exc:
             if is_disk_full(exc):
-                raise DiskFullError(f"disk full while processing shard {index}: {exc}") from exc
+                raise DiskFullError.writing(getattr(exc, "filename", None) or f"shard {index}", exc) from exc
             last = exc
     if rows is None:
         return None, None, f"shard {index}: cannot read its work list: {_describe(last)}"
@@ -284,7 +284,7 @@ def _process_shard(
             pieces.append(work.process(item))
         except Exception as exc:
             if is_disk_full(exc):
-                raise DiskFullError(f"disk full while processing shard {index}: {exc}") from exc
+                raise DiskFullError.writing(getattr(exc, "filename", None) or f"shard {index}", exc) from exc
             bad.append((work.uris(item)[0], exc))
             if on_error == "quarantine":
                 reason = str(getattr(exc, "reason", schema.REASON_PROCESSING))
