@@ -74,12 +74,15 @@ lint: $(STAMP)  ## ruff and mypy
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy src
 
-bench: $(STAMP)  ## run the benchmarks (prints figures; slow: about an hour on 2 cores)
+bench: $(STAMP)  ## run the benchmarks (prints figures; slow: a few hours on 2 cores)
 	$(BIN)/python bench/dedup_phash.py
 	$(BIN)/python bench/dedup_quality.py
 	$(BIN)/python bench/embed_throughput.py
 	$(BIN)/python bench/dedup_scale.py
 	$(BIN)/python bench/retrieval_quality.py --out $(OUT) --demo $(DEMO)
+	$(BIN)/python bench/kmeans.py
+	$(BIN)/python bench/ingest_memory.py
+	$(BIN)/python bench/pretrain_throughput.py --data $(OUT)/curated
 
 clean:  ## remove outputs (keeps .venv)
 	rm -rf out
