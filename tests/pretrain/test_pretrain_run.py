@@ -222,6 +222,7 @@ def test_export_loads_in_timm_and_teaches_a_cnn(
     assert not any(k.startswith("teacher.") for k in student_state["method"])  # the frozen teacher is not copied
 
 
+@pytest.mark.slow  # ~2 min on 2 cores: `make test-all`
 def test_worker_killed_mid_run_recovers_from_checkpoint(shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "failover"
     proc = _start(out, shards, "max_failures=1", delay=1.0)
@@ -232,12 +233,15 @@ def test_worker_killed_mid_run_recovers_from_checkpoint(shards: Path, tmp_path: 
         if "RayTrainWorker" in " ".join(p.cmdline()) and "Controller" not in " ".join(p.cmdline())
     ]
     assert workers, "no Ray Train worker process found"
+    killed = {w.pid for w in workers}
     for w in workers:
         w.send_signal(signal.SIGKILL)
     _, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr.decode()[-3000:]
     steps = [int(r["step"]) for r in _rows(out)]
-    restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
-    assert (steps[restart] - 1) % 2 == 0 and steps[restart] > 4  # resumed from a checkpoint, not from scratch
-    assert steps[-1] == TOTAL_STEPS
-    assert read_checkpoint(checkpoints(out)[-1])[1]["step"] == TOTAL_STEPS
+    assert set(steps) == set(range(1, TOTAL_STEPS + 1))  # every step trained, the run completed
+    # Restarted from the checkpoint, not from scratch: once past step 4 the log never goes back to the start.
+    assert min(steps[steps.index(5) :]) >= 5
+    meta = read_checkpoint(checkpoints(out)[-1])[1]
+    assert meta["step"] == TOTAL_STEPS
+    assert meta["pid"] not in killed  # a new worker process finished the run
