@@ -14,7 +14,12 @@ from .conftest import TINY_EMBED, run_cli
 
 
 @pytest.mark.parametrize(
-    "argv", [["--help"], ["demo", "--help"], ["curate", "--help"], ["run", "--help"], ["summary", "--help"]]
+    "argv",
+    [
+        ["--help"],
+        *([c, "--help"] for c in ("demo", "curate", "run", "summary", "report", "pretrain", "export", "embed", "eval")),
+        ["eval", "knn", "--help"],
+    ],
 )
 def test_every_command_has_help(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
@@ -62,3 +67,12 @@ def test_a_stage_reading_an_embedding_nobody_computes_fails_before_any_work(
     err = capsys.readouterr().err
     assert "cluster.embedding='semantic'" in err and "shard.embedding='semantic'" in err and "copy" in err
     assert not (out / "ingest").exists()
+
+
+def test_pretrain_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["pretrain", f"data={tmp_path / 'missing'}", f"out={tmp_path / 'run'}"]) == 2
+    assert "pretraining data not found" in capsys.readouterr().err
+    assert main(["pretrain", "method=mae", f"out={tmp_path / 'run'}"]) == 2
+    assert "'dinov2', 'distillation'" in capsys.readouterr().err
+    assert main(["export", str(tmp_path), "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "no checkpoint in" in capsys.readouterr().err
