@@ -7,6 +7,7 @@ lvdkit refuses that unless ``resume=true``, so an old run is never continued by 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import threading
@@ -68,6 +69,20 @@ def plan(cfg: PretrainConfig, n_images: int) -> tuple[int, int]:
     return steps_per_epoch, steps_per_epoch * cfg.optim.epochs
 
 
+def absolute_paths(cfg: PretrainConfig) -> PretrainConfig:
+    """A copy of ``cfg`` with its local paths made absolute: Ray Train workers run in their own working folders."""
+    cfg = copy.deepcopy(cfg)
+    cfg.out = str(Path(cfg.out).expanduser().resolve())
+    cfg.data = str(Path(cfg.data).expanduser().resolve()) if "://" not in cfg.data else cfg.data
+    teacher = cfg.distill.teacher
+    local = teacher.removeprefix("lvdkit:")
+    if local.endswith(".safetensors") and "://" not in local:
+        cfg.distill.teacher = str(Path(local).expanduser().resolve())
+    if cfg.distill.teacher_checkpoint:
+        cfg.distill.teacher_checkpoint = str(Path(cfg.distill.teacher_checkpoint).expanduser().resolve())
+    return cfg
+
+
 def epoch_files(files: list[Path], start_epoch: int, epochs: int, seed: int) -> list[list[str]]:
     """The files of each remaining epoch, each epoch in its own seeded order (one stream for the whole run)."""
     order = []
@@ -116,7 +131,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
 
     from lvdkit.pipeline.ray_env import ray_session
 
-    out = Path(cfg.out).resolve()
+    cfg = absolute_paths(cfg)
+    out = Path(cfg.out)
     done = _check_out(cfg, out)
     if done is not None:
         print(f"pretraining in {out} already finished at step {done['step']} (same config): skipped")

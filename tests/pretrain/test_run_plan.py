@@ -1,0 +1,45 @@
+"""Driver-side planning of a pretraining run: paths, steps, the per-epoch file stream."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from lvdkit.pretrain.config import PretrainConfig
+from lvdkit.pretrain.run import absolute_paths, epoch_files, plan
+
+
+def test_relative_paths_become_absolute_for_the_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ray Train workers run in their own working folders: a relative out= or teacher path would point elsewhere.
+    monkeypatch.chdir(tmp_path)
+    cfg = PretrainConfig(out="out/run", data="out/demo/curated")
+    cfg.distill.teacher = "models/vit.safetensors"
+    cfg.distill.teacher_checkpoint = "weights.pth"
+    fixed = absolute_paths(cfg)
+    assert fixed.out == str(tmp_path / "out/run") and fixed.data == str(tmp_path / "out/demo/curated")
+    assert fixed.distill.teacher == str(tmp_path / "models/vit.safetensors")
+    assert fixed.distill.teacher_checkpoint == str(tmp_path / "weights.pth")
+    assert cfg.out == "out/run"  # the caller's config is untouched
+    hub = PretrainConfig()
+    assert absolute_paths(hub).distill.teacher == "timm:vit_base_patch14_dinov2"  # names stay names
+    assert os.path.isabs(absolute_paths(PretrainConfig(data="s3://bucket/curated")).out)
+    assert absolute_paths(PretrainConfig(data="s3://bucket/curated")).data == "s3://bucket/curated"
+
+
+def test_plan_counts_full_batches_per_worker_and_refuses_none() -> None:
+    cfg = PretrainConfig(num_workers=2)
+    cfg.optim.batch_size, cfg.optim.epochs = 10, 3
+    assert plan(cfg, 105) == (5, 15)  # 52 rows per worker -> 5 full batches per epoch
+    with pytest.raises(ValueError, match="no full batch"):
+        plan(cfg, 19)
+
+
+def test_each_epoch_lists_every_file_once_in_its_own_seeded_order() -> None:
+    files = [Path(f"part-{i}.parquet") for i in range(6)]
+    stream = epoch_files(files, 0, 4, seed=0)
+    assert len(stream) == 4 and all(sorted(e) == sorted(map(str, files)) for e in stream)
+    assert len({tuple(e) for e in stream}) > 1  # reshuffled per epoch
+    assert epoch_files(files, 2, 4, seed=0) == stream[2:]  # a resumed run continues the same orders
+    assert epoch_files(files, 0, 4, seed=1) != stream
