@@ -1,6 +1,11 @@
 """lvdkit: LVD-style image curation and self-supervised pretraining on Ray."""
 
+import logging
+
 __version__ = "0.1.0"
+
+# Faiss logs at INFO each CPU build it tries (avx512, avx2, generic); Ray workers print those lines for every process.
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 
 def __getattr__(name: str) -> object:
