@@ -164,6 +164,7 @@ def test_killed_run_resumes_step_optimizer_and_schedule(resumed_run: tuple[Path,
     for step in redone:
         assert next(r for r in before if r["step"] == step)["lr"] == next(r for r in after if r["step"] == step)["lr"]
     assert len(checkpoints(out)) <= 3  # keep_checkpoints
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))  # the metrics go to TensorBoard too
 
 
 def test_export_loads_in_timm_and_teaches_a_cnn(
