@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from lvdkit.curation.ingest import IMAGE_EXTENSIONS, list_inputs, local_path
 from lvdkit.embeddings import create_embedder
 from lvdkit.embeddings.base import Embedder
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+from lvdkit.pipeline.io import write_parquet_atomic
 
 
 @dataclass
@@ -33,8 +33,9 @@ class Labeled:
     labels: list[str]
 
 
-def image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+def image_files(folder: Path) -> list[str]:
+    """The image files under ``folder`` (recursive, sorted), as ingest lists them: UTF-8-safe URIs."""
+    return list(list_inputs([str(folder)], IMAGE_EXTENSIONS))
 
 
 def load_labeled(source: str | Path) -> Labeled:
@@ -45,7 +46,7 @@ def load_labeled(source: str | Path) -> Labeled:
         labels: list[str] = []
         for cls in sorted(p for p in path.iterdir() if p.is_dir()):
             files = image_files(cls)
-            images += [str(f) for f in files]
+            images += files
             labels += [cls.name] * len(files)
         if len(set(labels)) < 2:
             raise ValueError(f"{path}: a labeled folder needs one sub-folder per class (at least 2 with images)")
@@ -77,7 +78,7 @@ def split(data: Labeled, test_fraction: float, seed: int = 0) -> tuple[Labeled, 
 
 
 def _open(item: str | bytes) -> Image.Image:
-    with Image.open(io.BytesIO(item) if isinstance(item, bytes) else item) as im:
+    with Image.open(io.BytesIO(item) if isinstance(item, bytes) else local_path(item)) as im:
         return im.convert("RGB")
 
 
@@ -196,18 +197,15 @@ def embed_folder(
     if not files:
         raise FileNotFoundError(f"no image files under {data}")
     embedder = create_embedder(model, device=device, img_size=img_size, **(kwargs or {}))
-    vectors = embed_images(embedder, [str(f) for f in files], batch_size, progress)
+    vectors = embed_images(embedder, files, batch_size, progress)
     dim = vectors.shape[1]
     table = pa.table(
         {
-            "path": pa.array([str(f) for f in files]),
+            "path": pa.array(files),
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dim),
         }
     )
     out = Path(out)
     target = out / "part-00000.parquet" if out.suffix != ".parquet" else out
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(target)
+    write_parquet_atomic(table, target)
     return target
