@@ -106,7 +106,7 @@ class AugmentBatch:
 
 
 def normalize(pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """uint8 (..., 3, H, W) -> float (..., 3, H, W), ``(x / 255 - mean) / std``."""
+    """Pixels in [0, 255] (uint8, or float after mixup) (..., 3, H, W) -> float, ``(x / 255 - mean) / std``."""
     m = torch.tensor(mean, device=pixels.device).view(3, 1, 1)
     s = torch.tensor(std, device=pixels.device).view(3, 1, 1)
     return (pixels.float() / 255.0 - m) / s

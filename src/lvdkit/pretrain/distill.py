@@ -30,7 +30,7 @@ from lvdkit.pretrain.augment import VIEW_KEY, normalize
 from lvdkit.pretrain.config import PretrainConfig
 from lvdkit.pretrain.distill_loss import EmbeddingQueue, dense_similarity_loss, distillation_loss, queue_size_for
 from lvdkit.pretrain.method import Method, StudentFn, mean_std
-from lvdkit.pretrain.models import build_backbone, feature_dim, spatial_tokens
+from lvdkit.pretrain.models import build_backbone, feature_dim, pooled_and_tokens
 
 TEACHER_KINDS = ("timm:NAME", "torchvision:NAME", "PATH.safetensors (an lvdkit export or model file)")
 
@@ -62,14 +62,16 @@ class DistillStudent(nn.Module):
         self.proj = nn.Linear(feat_dim, out_dim)
 
     def forward(self, x: Tensor, dense: bool = False) -> dict[str, Tensor]:
-        out = {"embedding": self.proj(self.backbone(x))}  # (B, D_teacher)
-        if dense:
-            out["tokens"] = self.proj(spatial_tokens(self.backbone, x))  # (B, N, D_teacher)
-        return out
+        if not dense:
+            return {"embedding": self.proj(self.backbone(x))}  # (B, D_teacher)
+        pooled, tokens = pooled_and_tokens(self.backbone, x)
+        return {"embedding": self.proj(pooled), "tokens": self.proj(tokens)}  # (B, D_teacher), (B, N, D_teacher)
 
 
 class DistillMethod(Method):
     """Frozen teacher + trainable student + queue; :meth:`loss` is one step."""
+
+    frozen_prefixes = ("teacher.",)  # the teacher is reloaded from its own source on resume
 
     def __init__(self, cfg: PretrainConfig, n_images: int) -> None:
         super().__init__()
@@ -97,17 +99,20 @@ class DistillMethod(Method):
     ) -> tuple[Tensor, dict[str, float]]:
         dc = self.cfg.distill
         device = self.device
-        view = batch[VIEW_KEY].to(device, non_blocking=True).float() / 255.0  # (B, 3, S, S) in [0, 1]
+        view = batch[VIEW_KEY].to(device, non_blocking=True).float()  # (B, 3, S, S) in [0, 255]
         if dc.mixup and view.shape[0] > 1:
             lam = float(rng.uniform())
             perm = torch.from_numpy(rng.permutation(view.shape[0])).to(device)
             view = lam * view + (1 - lam) * view[perm]
         dense = dc.dense_weight > 0
+        t_tokens = None
         with torch.no_grad():
-            t_in = normalize(view * 255.0, *self.teacher_norm)
-            teacher = self.teacher(t_in).float()  # (B, D)
-            t_tokens = spatial_tokens(self.teacher, t_in).float() if dense else None
-        s = (student_fn or self.student)(normalize(view * 255.0, *self.student_norm), dense)
+            t_in = normalize(view, *self.teacher_norm)
+            if dense:
+                teacher, t_tokens = (t.float() for t in pooled_and_tokens(self.teacher, t_in))
+            else:
+                teacher = self.teacher(t_in).float()  # (B, D)
+        s = (student_fn or self.student)(normalize(view, *self.student_norm), dense)
         queue = self.queue.queue.clone()  # this step's classifier: the embeddings of *earlier* batches
         loss = distillation_loss(s["embedding"].float(), teacher, queue, dc.temperature)
         terms = {"distill": loss.item()}

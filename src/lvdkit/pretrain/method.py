@@ -17,6 +17,7 @@ class Method(nn.Module):
 
     student: nn.Module
     identity: dict[str, Any]  # the student backbone's constructor kwargs (what an export rebuilds it from)
+    frozen_prefixes: tuple[str, ...] = ()  # state-dict keys never trained: left out of checkpoints
 
     @property
     def device(self) -> torch.device:

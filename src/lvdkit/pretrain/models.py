@@ -73,17 +73,17 @@ def vit_tokens(
     return x[:, 0], x[:, model.num_prefix_tokens :]
 
 
-def spatial_tokens(model: nn.Module, images: Tensor) -> Tensor:
-    """Dense features as tokens (B, N, D): a ViT's patch tokens or a CNN's last feature map, flattened."""
-    if is_timm_vit(model):
-        return vit_tokens(model, images)[1]
+def pooled_and_tokens(model: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
+    """One forward pass giving both the pooled features (B, F), as ``model(images)``, and dense tokens (B, N, F):
+    a ViT's patch tokens or a CNN's last feature map, flattened. timm models only (``forward_head`` splits them)."""
     forward_features = getattr(model, "forward_features", None)
-    if callable(forward_features):
-        fmap = forward_features(images)
-    else:
+    forward_head = getattr(model, "forward_head", None)
+    if not (callable(forward_features) and callable(forward_head)):
         raise ValueError(
             f"{type(model).__name__} gives no spatial features (timm models do); set distill.dense_weight=0"
         )
+    fmap = forward_features(images)
+    pooled = forward_head(fmap, pre_logits=True)
     if fmap.ndim == 4:  # (B, C, H, W) CNN map
-        return fmap.flatten(2).transpose(1, 2)
-    return fmap[:, getattr(model, "num_prefix_tokens", 0) :]
+        return pooled, fmap.flatten(2).transpose(1, 2)
+    return pooled, fmap[:, getattr(model, "num_prefix_tokens", 0) :]

@@ -72,21 +72,19 @@ def build_schedules(cfg: PretrainConfig, total_steps: int, steps_per_epoch: int,
     )
 
 
-def saved_state(method: nn.Module) -> dict[str, torch.Tensor]:
-    """The method's state minus a distillation teacher's frozen weights (reloaded from their source instead)."""
-    frozen = ("teacher.",) if getattr(method, "queue", None) is not None else ()
-    return {k: v for k, v in method.state_dict().items() if not k.startswith(frozen)}
+def saved_state(method: Method) -> dict[str, torch.Tensor]:
+    """The method's state minus its frozen weights (reloaded from their source instead)."""
+    return {k: v for k, v in method.state_dict().items() if not k.startswith(method.frozen_prefixes)}
 
 
-def load_method_state(method: nn.Module, state: dict[str, torch.Tensor]) -> None:
+def load_method_state(method: Method, state: dict[str, torch.Tensor]) -> None:
     missing, unexpected = method.load_state_dict(state, strict=False)
-    frozen_ok = getattr(method, "queue", None) is not None
-    missing = [k for k in missing if not (frozen_ok and k.startswith("teacher."))]
+    missing = [k for k in missing if not k.startswith(method.frozen_prefixes)]
     if missing or unexpected:
         raise ValueError(f"checkpoint does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
-def write_checkpoint(folder: Path, method: nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
+def write_checkpoint(folder: Path, method: Method, optimizer: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
     torch.save({"method": saved_state(method), "optimizer": optimizer.state_dict()}, folder / STATE_FILE)
     (folder / META_FILE).write_text(json.dumps(meta, indent=2))
 
@@ -252,7 +250,7 @@ def _train_step(
 
 def _report(
     row: dict[str, Any],
-    method: nn.Module,
+    method: Method,
     optimizer: torch.optim.Optimizer,
     step: int,
     steps_per_epoch: int,
