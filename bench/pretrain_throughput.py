@@ -36,7 +36,7 @@ from lvdkit.config import load_config
 from lvdkit.pretrain.augment import GLOBAL_KEYS, LOCAL_KEY, VIEW_KEY
 from lvdkit.pretrain.config import PretrainConfig
 from lvdkit.pretrain.run import pretrain
-from lvdkit.pretrain.train import build_method
+from lvdkit.pretrain.train import build_method, build_optimizer, build_schedules, train_step
 
 
 def synthetic_shards(folder: Path, n: int, side: int) -> Path:
@@ -65,23 +65,19 @@ def fake_batch(cfg: PretrainConfig) -> dict[str, torch.Tensor]:
 
 
 def bare_loop(cfg: PretrainConfig, steps: int, warmup: int, device: torch.device) -> dict[str, float]:
-    """images/s of the method's step on pre-made tensors; on CUDA also peak memory and FLOPs per step."""
+    """images/s of the worker's own training step (:func:`train_step`: same optimizer groups, schedules, clipping,
+    teacher update) on pre-made tensors; on CUDA also peak memory and FLOPs per step."""
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     method = build_method(cfg, 10_000).to(device).train()
-    optimizer = torch.optim.AdamW(method.student.parameters(), lr=1e-4)
+    optimizer = build_optimizer(method, cfg)
+    total = warmup + 1 + steps
+    schedules = build_schedules(cfg, total, max(1, total // max(1, cfg.optim.epochs)), 1)
     batch = {k: v.to(device) for k, v in fake_batch(cfg).items()}
-    sched = {"teacher_temp": 0.04, "momentum": 0.994, "lr": 1e-4, "wd": 0.04, "last_layer_lr": 1e-4}
     bf16 = device.type == "cuda" and cfg.precision in ("auto", "bf16")
 
     def step(i: int) -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss, _ = method.loss(batch, sched, np.random.default_rng(i), method.student)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(method.student.parameters(), cfg.optim.clip_grad)
-        optimizer.step()
-        method.after_step(sched)
+        train_step(method, method.student, optimizer, batch, schedules, cfg, 0, i, bf16)
 
     for i in range(warmup):
         step(i)

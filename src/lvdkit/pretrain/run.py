@@ -105,10 +105,11 @@ def _check_out(cfg: PretrainConfig, out: Path) -> dict[str, Any] | None:
         record = json.loads(final.read_text())
         if record.get("config_hash") == _identity(cfg):
             return record
-    if checkpoints(out) and not cfg.resume:
+    found = checkpoints(out)
+    if found and not cfg.resume:
         raise FileExistsError(
             f"{out} already holds a pretraining run (checkpoints up to step "
-            f"{json.loads((checkpoints(out)[-1] / META_FILE).read_text())['step']}): pass resume=true to continue "
+            f"{json.loads((found[-1] / META_FILE).read_text())['step']}): pass resume=true to continue "
             "it, or choose another out="
         )
     return None

@@ -72,6 +72,13 @@ def build_schedules(cfg: PretrainConfig, total_steps: int, steps_per_epoch: int,
     )
 
 
+def build_optimizer(method: Method, cfg: PretrainConfig) -> torch.optim.AdamW:
+    """AdamW over the student with per-group lr/wd multipliers (layer decay, patch embed, no decay on norms)."""
+    o = cfg.optim
+    groups = param_groups(method.student, o.weight_decay, o.layer_decay, o.patch_embed_lr_mult)
+    return torch.optim.AdamW(groups, betas=(o.betas[0], o.betas[1]))
+
+
 def saved_state(method: Method) -> dict[str, torch.Tensor]:
     """The method's state minus its frozen weights (reloaded from their source instead)."""
     return {k: v for k, v in method.state_dict().items() if not k.startswith(method.frozen_prefixes)}
@@ -152,10 +159,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if cfg.compile:
         student = torch.compile(student)
     o = cfg.optim
-    optimizer = torch.optim.AdamW(
-        param_groups(method.student, o.weight_decay, o.layer_decay, o.patch_embed_lr_mult),
-        betas=(o.betas[0], o.betas[1]),
-    )
+    optimizer = build_optimizer(method, cfg)
     schedules = build_schedules(cfg, total_steps, steps_per_epoch, world)
     step = 0
     checkpoint = ray.train.get_checkpoint()
@@ -190,7 +194,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if step >= total_steps:
                 break
             waited = time.perf_counter() - tick
-            row = _train_step(method, student, optimizer, batch, schedules, cfg, rank, step, bf16)
+            row = train_step(method, student, optimizer, batch, schedules, cfg, rank, step, bf16)
             step += 1
             elapsed = time.perf_counter() - tick
             row.update(
@@ -217,7 +221,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics.close()
 
 
-def _train_step(
+def train_step(
     method: Method,
     student: StudentFn,
     optimizer: torch.optim.Optimizer,
