@@ -8,11 +8,9 @@ written some of its parts but not ``_SUCCESS``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -20,7 +18,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -31,7 +28,7 @@ from lvdkit.pipeline.io import part_files, read_parts
 from lvdkit.pipeline.names import CURATE_ORDER, stage_dirname
 from lvdkit.pipeline.runner import run
 
-from ..conftest import TINY_EMBED
+from ..conftest import TINY_EMBED, kill_tree
 
 FILES_PER_SHARD = 5
 # A balanced sample gives the shard stage rows to write; small shards give it several parts to be killed between.
@@ -48,17 +45,6 @@ def _args(out: Path, demo: Path) -> list[str]:
         *TINY_EMBED,
         *CURATED,
     ]
-
-
-def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
-    """SIGKILL the driver and every process it started (raylet, GCS, workers), as a crash or OOM kill would."""
-    tree = psutil.Process(proc.pid).children(recursive=True)
-    os.killpg(proc.pid, signal.SIGKILL)
-    for child in tree:
-        with contextlib.suppress(psutil.Error):
-            child.kill()
-    proc.wait()
-    psutil.wait_procs(tree, timeout=30)
 
 
 @dataclass(frozen=True)
@@ -140,7 +126,7 @@ def test_killed_mid_stage_then_rerun_equals_uninterrupted(
     deadline = time.time() + 240
     while len(part_files(stage_dir)) < point.parts and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
-    _kill_tree(proc)
+    kill_tree(proc)
     shutil.rmtree(ray_tmp, ignore_errors=True)
     survivors = {p.name: p.stat().st_mtime_ns for p in part_files(stage_dir)}
     n_parts = len(part_files(reference / stage_dirname(point.stage)))

@@ -29,7 +29,7 @@ from lvdkit.pretrain.config import PretrainConfig
 from lvdkit.pretrain.run import checkpoints
 from lvdkit.pretrain.train import build_schedules, read_checkpoint
 
-from ..conftest import run_cli
+from ..conftest import kill_tree, run_cli
 
 N_IMAGES, BATCH, EPOCHS = 48, 8, 2
 TOTAL_STEPS = N_IMAGES // BATCH * EPOCHS
@@ -104,23 +104,13 @@ def _wait_for(condition, proc: subprocess.Popen[bytes], timeout: float = 240) ->
         time.sleep(0.5)
 
 
-def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
-    tree = psutil.Process(proc.pid).children(recursive=True)
-    os.killpg(proc.pid, signal.SIGKILL)
-    for child in tree:
-        with contextlib.suppress(psutil.Error):
-            child.kill()
-    proc.wait()
-    psutil.wait_procs(tree, timeout=30)
-
-
 @pytest.fixture(scope="module")
 def resumed_run(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, list[dict[str, float]]]:
     """A DINOv2 run SIGKILLed (driver and all of Ray) after its checkpoint at step >= 4, then resumed to the end."""
     out = tmp_path_factory.mktemp("runs") / "dinov2"
     proc = _start(out, shards, delay=1.0)
     _wait_for(lambda: _registered_step(out) >= 4, proc)
-    _kill_tree(proc)
+    kill_tree(proc)
     killed_at = max(int(r["step"]) for r in _rows(out))
     rows_before = len(_rows(out))
     assert killed_at < TOTAL_STEPS, "the run finished before it could be killed"
