@@ -69,15 +69,10 @@ def ibot_loss(
             f"masks must be bool (B, N) = {tuple(student_patch_logits.shape[:2])}, got {masks.dtype} "
             f"{tuple(masks.shape)}"
         )
-    if student_temp <= 0:
-        raise ValueError(f"student_temp must be positive, got {student_temp}")
-    _check_denominator(denominator)
-    log_p = F.log_softmax(student_patch_logits.float() / student_temp, dim=-1)
-    # Unmasked teacher entries may hold anything (even uninitialised values): zero them before they multiply.
-    target = teacher_patch_probs.detach().float().masked_fill(~masks.unsqueeze(-1), 0.0)
-    cross_entropy = -(target * log_p).sum(dim=-1).masked_fill(~masks, 0.0)  # (B, N), 0 where unmasked
-    per_image = cross_entropy.sum(dim=-1) / masks.sum(dim=-1).clamp_min(1).float()
-    return _normalise(per_image.sum(), masks, denominator)
+    # Gathering the masked rows leaves unmasked teacher entries (which may hold anything) out of the sum entirely.
+    return ibot_loss_masked(
+        student_patch_logits[masks], teacher_patch_probs[masks], masks, student_temp, denominator=denominator
+    )
 
 
 def ibot_loss_masked(
