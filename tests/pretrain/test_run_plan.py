@@ -43,3 +43,22 @@ def test_each_epoch_lists_every_file_once_in_its_own_seeded_order() -> None:
     assert len({tuple(e) for e in stream}) > 1  # reshuffled per epoch
     assert epoch_files(files, 2, 4, seed=0) == stream[2:]  # a resumed run continues the same orders
     assert epoch_files(files, 0, 4, seed=1) != stream
+
+
+def test_only_checkpoints_ray_registered_count(tmp_path: Path) -> None:
+    """A folder uploaded but not registered when the run was killed is not where Ray resumes: ignore it."""
+    import json
+
+    from lvdkit.pretrain.run import RAY_SNAPSHOT, checkpoints
+    from lvdkit.pretrain.train import META_FILE, STATE_FILE
+
+    for name, step in (("checkpoint_a", 2), ("checkpoint_b", 4), ("checkpoint_c", 6)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / STATE_FILE).write_bytes(b"x")
+        (tmp_path / name / META_FILE).write_text(json.dumps({"step": step}))
+    assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint_a", "checkpoint_b", "checkpoint_c"]  # no snapshot
+    snapshot = {
+        "checkpoint_results": [{"checkpoint_dir_name": "checkpoint_b"}, {"checkpoint_dir_name": "checkpoint_a"}]
+    }
+    (tmp_path / RAY_SNAPSHOT).write_text(json.dumps(snapshot))
+    assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint_a", "checkpoint_b"]

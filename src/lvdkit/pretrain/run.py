@@ -44,9 +44,23 @@ def parquet_files(data: str | Path, image_column: str) -> list[Path]:
     return files
 
 
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it has registered
+
+
 def checkpoints(out: Path) -> list[Path]:
-    """Checkpoint folders in the run folder, oldest step first."""
+    """The run's checkpoints that Ray Train registered (what it resumes from), oldest step first.
+
+    A folder Ray uploaded but had not registered when the run was killed is left out: Ray would not resume from it,
+    and its copy may be incomplete. Without a readable snapshot, every complete-looking folder counts.
+    """
     found = [p for p in out.glob("checkpoint_*") if (p / STATE_FILE).is_file() and (p / META_FILE).is_file()]
+    try:
+        results = json.loads((out / RAY_SNAPSHOT).read_text())["checkpoint_results"]
+        registered = {r["checkpoint_dir_name"] for r in results}
+    except (OSError, ValueError, KeyError, TypeError):
+        registered = None
+    if registered is not None:
+        found = [p for p in found if p.name in registered]
     return sorted(found, key=lambda p: (json.loads((p / META_FILE).read_text())["step"], p.name))
 
 

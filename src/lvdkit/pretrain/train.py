@@ -175,6 +175,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # empty queue at epoch boundaries. Batch i of the stream is step first_step + i; a worker restarted from a
     # checkpoint inside this run skips the batches before it.
     first_step = int(config.get("first_step", 0))
+    if step < first_step:
+        raise RuntimeError(f"resumed at step {step} but the data stream starts at step {first_step}: rerun to resume")
     batches = ray.train.get_dataset_shard("train").iter_torch_batches(
         batch_size=o.batch_size,
         drop_last=True,
