@@ -109,7 +109,7 @@ def _chunks(items: range, size: int = 500) -> Iterator[range]:
 
 def _small_rgb(image: Image.Image) -> Image.Image:
     """Upright 8-bit RGB no larger than POOL_MAX_SIDE (16-bit gray rescaled, alpha on white)."""
-    from lvdkit.curation.decode import to_rgb
+    from lvdkit.core.image import to_rgb
 
     image = to_rgb(ImageOps.exif_transpose(image) or image)
     image.thumbnail((POOL_MAX_SIDE, POOL_MAX_SIDE), Image.Resampling.LANCZOS)

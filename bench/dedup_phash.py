@@ -57,7 +57,7 @@ Result = dict[str, Any]
 
 def work_lvdkit_run(spec: Result) -> Result:
     """lvdkit end to end on Ray: ingest (decode + hashes) -> dedup_exact -> dedup_phash."""
-    from lvdkit.config import CurateConfig
+    from lvdkit.pipeline.config import CurateConfig
     from lvdkit.pipeline.runner import run
 
     cfg = CurateConfig(out=spec["out"], progress=False)
@@ -80,9 +80,9 @@ def work_lvdkit_search(spec: Result) -> Result:
     """lvdkit's ``dedup_phash`` (pair search + grouping) on the PHashes of every usable image of the ingest table."""
     import pyarrow.compute as pc
 
-    from lvdkit import schema
+    from lvdkit.core import schema
+    from lvdkit.core.io import read_parts
     from lvdkit.curation.dedup_phash import DedupPhashConfig, dedup_phash, hamming_pairs
-    from lvdkit.pipeline.io import read_parts
 
     table = read_parts(
         Path(spec["out"]) / "ingest", columns=[schema.IMAGE_ID, schema.URI, "phash", "width", "height", "status"]

@@ -25,8 +25,9 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import ensure_demo, machine_line, print_table
-from lvdkit import schema
-from lvdkit.config import CurateConfig, load_config
+from lvdkit.core import schema
+from lvdkit.core.settings import load_config
+from lvdkit.pipeline.config import CurateConfig
 from lvdkit.pipeline.runner import run
 from lvdkit.truth import DedupScore, load_truth, score_pairs, score_status
 

@@ -234,7 +234,7 @@ def instrument(dc: Any, phases: Phases, n: int) -> None:
 
         return wrapper
 
-    from lvdkit.curation.knn import Whitener
+    from lvdkit.core.whitening import Whitener
 
     class TimedWhitener(Whitener):
         def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     import faiss
 
     import lvdkit.curation.dedup_copy as dc
-    from lvdkit.curation.knn import gpu_available
+    from lvdkit.core.knn import gpu_available
 
     overrides: dict[str, Any] = {"index": args.index, "seed": args.seed}
     if args.nprobe is not None:

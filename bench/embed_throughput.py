@@ -20,9 +20,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import ensure_demo, ensure_pool, machine_line, pool_files, print_table
-from lvdkit.config import CurateConfig, load_config
-from lvdkit.curation.decode import decode, to_rgb
+from lvdkit.core.image import decode, to_rgb
+from lvdkit.core.settings import load_config
 from lvdkit.embeddings import create_embedder
+from lvdkit.pipeline.config import CurateConfig
 from lvdkit.pipeline.runner import run
 
 

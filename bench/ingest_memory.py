@@ -181,7 +181,7 @@ class Sampler:
 def measure(spec: Result) -> Result:
     import psutil
 
-    from lvdkit.config import CurateConfig
+    from lvdkit.pipeline.config import CurateConfig
     from lvdkit.pipeline.runner import run
 
     out = Path(spec["out"])

@@ -44,7 +44,7 @@ from lvdkit.cluster import (
     kmeans_pp_seeds,
 )
 from lvdkit.cluster.kmeans import SEED_POINTS_PER_CENTROID
-from lvdkit.curation.knn import gpu_available, l2_normalize
+from lvdkit.core.knn import gpu_available, l2_normalize
 
 CHUNK = 65_536  # rows generated at a time (bounded float64 temporaries)
 ASSIGN_PROBE = 100_000  # rows the assignment is timed on, then scaled to N (it is linear in N)

@@ -32,7 +32,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine_line, print_table
-from lvdkit.config import load_config
+from lvdkit.core.settings import load_config
 from lvdkit.pretrain.augment import GLOBAL_KEYS, LOCAL_KEY, VIEW_KEY
 from lvdkit.pretrain.config import PretrainConfig
 from lvdkit.pretrain.run import pretrain

@@ -19,10 +19,11 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine_line, print_table
-from lvdkit import schema
-from lvdkit.config import CurateConfig, load_config
+from lvdkit.core import schema
+from lvdkit.core.io import read_parts
+from lvdkit.core.settings import load_config
 from lvdkit.curation.retrieve import sample_retrieval
-from lvdkit.pipeline.io import read_parts
+from lvdkit.pipeline.config import CurateConfig
 from lvdkit.pipeline.stages import embeddings_of
 from lvdkit.truth import load_truth
 

@@ -40,7 +40,7 @@ def ray_local() -> Iterator[None]:
     ray.init(
         num_cpus=2, object_store_memory=200 * 2**20, _temp_dir=tmp, include_dashboard=False, logging_level="WARNING"
     )
-    from lvdkit.pipeline.ray_env import _quiet_ray_data
+    from lvdkit.core.ray_env import _quiet_ray_data
 
     _quiet_ray_data()
     yield

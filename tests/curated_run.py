@@ -19,7 +19,8 @@ _RUNS: dict[str, Path] = {}
 def small_curated_run(small_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """OUT of a finished ``curate`` over ``small_demo`` (run on first use, then reused)."""
     if "curate" not in _RUNS:
-        from lvdkit.config import CurateConfig, load_config
+        from lvdkit.core.settings import load_config
+        from lvdkit.pipeline.config import CurateConfig
         from lvdkit.pipeline.runner import run
 
         out = tmp_path_factory.mktemp("report_run")

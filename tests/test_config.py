@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lvdkit.config import (
+from lvdkit.core.settings import (
     ConfigError,
-    CurateConfig,
     RayConfig,
     config_hash,
     load_config,
@@ -21,6 +20,7 @@ from lvdkit.config import (
 from lvdkit.curation.dedup_exact import DedupExactConfig
 from lvdkit.curation.dedup_phash import DedupPhashConfig
 from lvdkit.curation.ingest import IngestConfig
+from lvdkit.pipeline.config import CurateConfig
 
 
 def write_yaml(tmp_path: Path, text: str, name: str = "config.yaml") -> Path:

@@ -11,8 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageOps
 
-from lvdkit.demo import NEAR_TRANSFORMS, ODD_MODES, SEED_DIGITS, TRUTH_FILE, make_demo
-from lvdkit.schema import (
+from lvdkit.core.schema import (
     TRUTH,
     TRUTH_BROKEN,
     TRUTH_EXACT,
@@ -22,6 +21,7 @@ from lvdkit.schema import (
     TRUTH_ORIGINAL,
     TRUTH_SEED,
 )
+from lvdkit.demo import NEAR_TRANSFORMS, ODD_MODES, SEED_DIGITS, TRUTH_FILE, make_demo
 
 N_PER_DIGIT = 12
 PILLOW_MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3  # Pillow's default decompression-bomb limit

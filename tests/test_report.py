@@ -151,7 +151,8 @@ def test_report_shows_images_inline_and_bounded_and_nothing_external(
 def test_report_of_a_partial_run_names_what_is_missing_and_escapes_file_names(
     small_demo: Path, tmp_path: Path, ray_local: None
 ) -> None:
-    from lvdkit.config import CurateConfig, load_config
+    from lvdkit.core.settings import load_config
+    from lvdkit.pipeline.config import CurateConfig
     from lvdkit.pipeline.runner import run
 
     pool = tmp_path / "pool"

@@ -134,7 +134,8 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from lvdkit.config import CurateConfig, load_config
+    from lvdkit.core.settings import load_config
+    from lvdkit.pipeline.config import CurateConfig
     from lvdkit.pipeline.names import CURATE_ORDER, stage_dirname, stage_names
     from lvdkit.pipeline.runner import run
 

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from PIL import ExifTags, Image, ImageEnhance
 from tqdm import tqdm
 
-from lvdkit.schema import (
+from lvdkit.core.schema import (
     TRUTH,
     TRUTH_BROKEN,
     TRUTH_EXACT,

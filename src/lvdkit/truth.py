@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lvdkit import schema
+from lvdkit.core import schema
 
 RELATIVE = "dedup_relative"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lvdkit.curation.knn import l2_normalize
+from lvdkit.core.knn import l2_normalize
 
 
 def blobs(n: int, d: int, n_blobs: int, noise: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

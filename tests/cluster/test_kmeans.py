@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lvdkit.cluster import assign_to_centroids, kmeans, kmeans_pp_seeds
-from lvdkit.curation.knn import gpu_available
+from lvdkit.core.knn import gpu_available
 
 from ._data import ari, blobs, purity
 

@@ -6,10 +6,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from lvdkit import schema
+from lvdkit.core import schema
+from lvdkit.core.knn import build_index, knn, l2_normalize, pairs_above
+from lvdkit.core.whitening import fit_whitener
 from lvdkit.curation.dedup_copy import DedupCopyConfig, calibrate, dedup_copy, nearest_other
 from lvdkit.curation.dedup_relative import dedup_relative
-from lvdkit.curation.knn import build_index, fit_whitener, knn, l2_normalize, pairs_above
 
 
 def _clustered(n: int, d: int, rng: np.random.Generator) -> np.ndarray:
@@ -68,7 +69,7 @@ def test_whitener_save_load_round_trip(tmp_path) -> None:  # type: ignore[no-unt
     x = _clustered(500, 8, np.random.default_rng(3))
     w = fit_whitener(x, "pca", 4)
     w.save(str(tmp_path / "w.npz"))
-    from lvdkit.curation.knn import Whitener
+    from lvdkit.core.whitening import Whitener
 
     np.testing.assert_array_equal(Whitener.load(str(tmp_path / "w.npz"))(x), w(x))
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import ExifTags, Image
 
-from lvdkit import schema
-from lvdkit.curation.decode import DecodeError, decode, to_rgb
+from lvdkit.core import schema
+from lvdkit.core.image import DecodeError, decode, to_rgb
 from lvdkit.curation.ingest import IngestConfig, inspect_file
 
 CFG = IngestConfig()

@@ -12,11 +12,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from lvdkit import schema
+from lvdkit.core import schema
+from lvdkit.core.files import list_inputs
 from lvdkit.curation.components import component_sizes, connected_components, representatives, star_groups
 from lvdkit.curation.dedup_exact import DedupExactConfig, dedup_exact
 from lvdkit.curation.dedup_phash import DedupPhashConfig, dedup_phash, hamming_pairs
-from lvdkit.curation.ingest import IngestConfig, ingest_files, list_inputs
+from lvdkit.curation.ingest import IngestConfig, ingest_files
 from lvdkit.truth import load_truth, score_groups
 
 # --- brute-force references, written from the docstrings -----------------------------------------------------------

@@ -11,8 +11,9 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from lvdkit import schema
-from lvdkit.curation.ingest import IngestConfig, image_id, ingest_files, inspect_file, list_inputs
+from lvdkit.core import schema
+from lvdkit.core.files import image_id, list_inputs
+from lvdkit.curation.ingest import IngestConfig, ingest_files, inspect_file
 
 CFG = IngestConfig()
 

@@ -9,8 +9,8 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from lvdkit import schema
-from lvdkit.curation.knn import l2_normalize
+from lvdkit.core import schema
+from lvdkit.core.knn import l2_normalize
 from lvdkit.curation.retrieve import (
     CLUSTER,
     SAMPLE,

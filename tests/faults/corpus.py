@@ -7,8 +7,8 @@ Nothing here is committed as a binary: :func:`make_corpus` writes every file (de
 
 Pass :func:`corpus_inputs` as ``ingest.inputs``. Each :class:`Case` pins what Pillow (13) and lvdkit do with it:
 ``kept`` (decoded), ``duplicate`` (a deliberate copy of a good image), ``quarantined`` with one reason of
-:data:`lvdkit.schema.REASONS`, or ``unlisted`` (must not become a row: a folder or a link to a folder is walked, not
-read).
+:data:`lvdkit.core.schema.REASONS`, or ``unlisted`` (must not become a row: a folder or a link to a folder is walked,
+not read).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lvdkit import schema
-from lvdkit.curation.ingest import as_uri
+from lvdkit.core import schema
+from lvdkit.core.files import as_uri
 
 KEPT = "kept"
 DUPLICATE = "duplicate"

@@ -13,18 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lvdkit import schema
-from lvdkit.curation.decode import decode
-from lvdkit.curation.ingest import (
-    IngestConfig,
-    image_id,
-    ingest_files,
-    inspect_file,
-    list_for_ingest,
-    list_inputs,
-    local_path,
-    read_bytes,
-)
+from lvdkit.core import schema
+from lvdkit.core.files import image_id, list_inputs, local_path, read_bytes
+from lvdkit.core.image import decode
+from lvdkit.curation.ingest import IngestConfig, ingest_files, inspect_file, list_for_ingest
 
 from ..conftest import TINY_EMBED, run_cli
 from .corpus import (

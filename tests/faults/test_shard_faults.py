@@ -16,10 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from lvdkit import schema
-from lvdkit.config import CurateConfig, load_config
+from lvdkit.core import schema
+from lvdkit.core.io import DiskFullError, part_files, read_parts
+from lvdkit.core.settings import load_config
+from lvdkit.pipeline.config import CurateConfig
 from lvdkit.pipeline.embed import EmbedInputError
-from lvdkit.pipeline.io import DiskFullError, part_files, read_parts
 from lvdkit.pipeline.runner import StageError, run
 from lvdkit.pipeline.stages import QUARANTINE_DIR, ChangedSinceIngest
 

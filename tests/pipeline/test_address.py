@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from lvdkit.pipeline.io import part_files
+from lvdkit.core.io import part_files
 
 from ..conftest import run_cli
 

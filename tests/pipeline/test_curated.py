@@ -12,9 +12,10 @@ import pytest
 from PIL import Image
 
 import lvdkit
-from lvdkit import schema
-from lvdkit.config import CurateConfig, load_config
-from lvdkit.pipeline.io import read_parts
+from lvdkit.core import schema
+from lvdkit.core.io import read_parts
+from lvdkit.core.settings import load_config
+from lvdkit.pipeline.config import CurateConfig
 from lvdkit.pipeline.runner import run
 
 from ..conftest import TINY_EMBED

@@ -11,11 +11,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from lvdkit import schema
-from lvdkit.config import CurateConfig, load_config
-from lvdkit.curation.decode import decode, to_rgb
+from lvdkit.core import schema
+from lvdkit.core.image import decode, to_rgb
+from lvdkit.core.io import part_files, read_parts
+from lvdkit.core.settings import load_config
 from lvdkit.embeddings import create_embedder
-from lvdkit.pipeline.io import part_files, read_parts
+from lvdkit.pipeline.config import CurateConfig
 from lvdkit.pipeline.runner import run
 from lvdkit.pipeline.views import alive
 from lvdkit.truth import load_truth

@@ -22,9 +22,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lvdkit import schema
-from lvdkit.config import CurateConfig, load_config
-from lvdkit.pipeline.io import part_files, read_parts
+from lvdkit.core import schema
+from lvdkit.core.io import part_files, read_parts
+from lvdkit.core.settings import load_config
+from lvdkit.pipeline.config import CurateConfig
 from lvdkit.pipeline.names import CURATE_ORDER, stage_dirname
 from lvdkit.pipeline.runner import run
 

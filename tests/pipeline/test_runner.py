@@ -10,9 +10,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from lvdkit import schema
-from lvdkit.config import CurateConfig, load_config
-from lvdkit.pipeline.io import part_files
+from lvdkit.core import schema
+from lvdkit.core.io import part_files
+from lvdkit.core.settings import load_config
+from lvdkit.pipeline.config import CurateConfig
 from lvdkit.pipeline.runner import run
 from lvdkit.truth import load_truth, score_status
 

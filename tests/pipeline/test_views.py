@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from lvdkit import schema
-from lvdkit.pipeline.io import part_name, write_parquet_atomic
+from lvdkit.core import schema
+from lvdkit.core.io import part_name, write_parquet_atomic
 from lvdkit.pipeline.views import final_status
 
 

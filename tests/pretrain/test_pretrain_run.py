@@ -24,7 +24,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lvdkit.config import load_config
+from lvdkit.core.settings import load_config
 from lvdkit.pretrain.config import PretrainConfig
 from lvdkit.pretrain.run import checkpoints
 from lvdkit.pretrain.train import build_schedules, read_checkpoint

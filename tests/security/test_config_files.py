@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lvdkit.config import ConfigError, CurateConfig, load_config
+from lvdkit.core.settings import ConfigError, load_config
+from lvdkit.pipeline.config import CurateConfig
 
 from ..conftest import run_cli
 

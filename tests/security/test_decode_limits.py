@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lvdkit import schema
-from lvdkit.curation.decode import DecodeError, decode
+from lvdkit.core import schema
+from lvdkit.core.image import DecodeError, decode
 from lvdkit.curation.ingest import IngestConfig, inspect_file
 
 

@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lvdkit import schema
-from lvdkit.config import CurateConfig, load_config
-from lvdkit.curation.ingest import IngestConfig, ingest_files, input_roots, list_for_ingest
-from lvdkit.pipeline.io import own_name, read_parts
+from lvdkit.core import schema
+from lvdkit.core.files import input_roots
+from lvdkit.core.io import own_name, read_parts
+from lvdkit.core.settings import load_config
+from lvdkit.curation.ingest import IngestConfig, ingest_files, list_for_ingest
+from lvdkit.pipeline.config import CurateConfig
 from lvdkit.pipeline.runner import run
 
 

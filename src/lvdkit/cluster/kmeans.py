@@ -22,7 +22,7 @@ from typing import Literal
 import faiss
 import numpy as np
 
-from lvdkit.curation.knn import gpu_available, l2_normalize
+from lvdkit.core.knn import gpu_available, l2_normalize
 
 InitMethod = Literal["kmeans++", "random"]
 

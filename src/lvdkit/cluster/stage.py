@@ -12,9 +12,9 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
-from lvdkit import schema
 from lvdkit.cluster.hierarchical import HierarchicalConfig, hierarchical_kmeans
 from lvdkit.cluster.sampling import balanced_sample
+from lvdkit.core import schema
 
 
 @dataclass

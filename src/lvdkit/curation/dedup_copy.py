@@ -21,10 +21,11 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
-from lvdkit import schema
+from lvdkit.core import schema
+from lvdkit.core.knn import IndexKind, build_index, knn, pairs_above
+from lvdkit.core.whitening import Whitener, fit_whitener
 from lvdkit.curation.components import component_sizes, connected_components, group, keep_priority
 from lvdkit.curation.dedup_exact import groups_table
-from lvdkit.curation.knn import IndexKind, Whitener, build_index, fit_whitener, knn, pairs_above
 
 
 @dataclass

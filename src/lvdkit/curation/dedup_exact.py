@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lvdkit import schema
+from lvdkit.core import schema
 from lvdkit.curation.components import representatives
 
 

@@ -17,7 +17,7 @@ import faiss
 import numpy as np
 import pyarrow as pa
 
-from lvdkit import schema
+from lvdkit.core import schema
 from lvdkit.curation.components import component_sizes, group, keep_priority, representatives
 from lvdkit.curation.dedup_exact import groups_table
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from lvdkit import schema
-from lvdkit.curation.knn import build_index, knn
+from lvdkit.core import schema
+from lvdkit.core.knn import build_index, knn
 
 
 @dataclass

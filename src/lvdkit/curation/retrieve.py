@@ -17,7 +17,7 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 
-from lvdkit.curation.knn import build_index, knn
+from lvdkit.core.knn import build_index, knn
 
 Mode = Literal["auto", "sample", "cluster"]
 SAMPLE, CLUSTER = "sample_retrieval", "cluster_retrieval"

@@ -15,12 +15,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from lvdkit import schema
-from lvdkit.curation.decode import decode, to_rgb
-from lvdkit.curation.ingest import read_bytes
+from lvdkit.core import schema
+from lvdkit.core.files import MAX_FILE_BYTES, read_bytes
+from lvdkit.core.image import decode, to_rgb
 
 REASON_ORDER = (schema.REASON_SAMPLE, schema.REASON_CLUSTER, schema.REASON_BALANCED, schema.REASON_SEED)
-MAX_FILE_BYTES = 2**32
 SELECTION = pa.schema(
     [("image_id", pa.string()), ("reason", pa.string()), ("seed_set", pa.string()), ("score", pa.float32())]
 )

@@ -39,9 +39,3 @@ def check_pixels(pixels: np.ndarray, preprocess: Preprocess) -> np.ndarray:
             f"{preprocess.size[1]}: prepare images with this embedder's preprocess"
         )
     return np.ascontiguousarray(pixels)
-
-
-def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """float ``[B, D]`` -> float32 ``[B, D]`` with unit rows (an all-zero row stays zero rather than NaN)."""
-    x = np.asarray(x, dtype=np.float32).reshape(len(x), -1)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)

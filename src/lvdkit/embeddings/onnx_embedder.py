@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lvdkit.embeddings.base import DEVICES, check_pixels, l2_normalize
+from lvdkit.core.knn import l2_normalize
+from lvdkit.embeddings.base import DEVICES, check_pixels
 from lvdkit.embeddings.preprocess import IMAGENET_MEAN, IMAGENET_STD, Interpolation, Preprocess, ResizeMode
 
 LAYOUTS = ("uint8 [b, h, w, 3]", "float [b, 3, h, w]")

@@ -13,7 +13,7 @@ from typing import Literal, get_args
 import numpy as np
 from PIL import Image
 
-from lvdkit.curation.decode import to_rgb
+from lvdkit.core.image import to_rgb
 
 ResizeMode = Literal["center_crop", "squash"]
 Interpolation = Literal["bicubic", "bilinear"]

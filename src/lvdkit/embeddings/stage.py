@@ -12,15 +12,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lvdkit import schema
+from lvdkit.core import schema
+from lvdkit.core.files import MAX_FILE_BYTES, read_bytes
+from lvdkit.core.image import decode, to_rgb
 from lvdkit.curation.augment import synthetic_copy
-from lvdkit.curation.decode import decode, to_rgb
-from lvdkit.curation.ingest import read_bytes
 
 if TYPE_CHECKING:
     from lvdkit.embeddings.preprocess import Preprocess
 
-MAX_FILE_BYTES = 2**32  # ingest already refused larger files; this only guards against a file grown since
 PIXELS_PREFIX = "pixels_"  # decode output: uint8 [H, W, 3] per model key (models may want different sizes)
 
 

@@ -24,10 +24,11 @@ import pyarrow.parquet as pq
 import ray
 from tqdm import tqdm
 
-from lvdkit import schema
+from lvdkit.core import schema
+from lvdkit.core.io import part_name
 from lvdkit.embeddings.stage import PIXELS_PREFIX, EmbedConfig, calibration_rate, decode_batch, is_calibration_sample
+from lvdkit.pipeline import faults
 from lvdkit.pipeline.faults import Hooks
-from lvdkit.pipeline.io import part_name, write_parquet_atomic
 
 SHARD = "_shard"
 CALIBRATION_DIR = "calibration"
@@ -163,11 +164,9 @@ def _write_shard(rows: pa.Table, shard: int, stage_dir: Path, dims: dict[str, in
     since its existence is what marks the shard done."""
     is_copy = pc.not_equal(rows[schema.EDIT], "")
     copies = _as_schema(rows.filter(is_copy), schema.embed_schema(dims, calibration=True))
-    write_parquet_atomic(copies, stage_dir / CALIBRATION_DIR / part_name(shard), hooks=hooks)
-    write_parquet_atomic(
-        _as_schema(rows.filter(pc.invert(is_copy)), schema.embed_schema(dims)),
-        stage_dir / part_name(shard),
-        hooks=hooks,
+    faults.write_part(copies, stage_dir / CALIBRATION_DIR / part_name(shard), hooks)
+    faults.write_part(
+        _as_schema(rows.filter(pc.invert(is_copy)), schema.embed_schema(dims)), stage_dir / part_name(shard), hooks
     )
 
 

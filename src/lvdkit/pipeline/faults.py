@@ -24,6 +24,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
+
+from lvdkit.core.io import write_parquet_atomic
+
 SHARD_DELAY = "LVDKIT_TEST_SHARD_DELAY_S"
 STAGE_DELAY = "LVDKIT_TEST_STAGE_DELAY"
 FAIL_ONCE = "LVDKIT_TEST_FAIL_ONCE"
@@ -120,6 +124,13 @@ class Hooks:
         except ValueError:
             return False
         return index >= self.enospc_after
+
+
+def write_part(table: pa.Table, path: Path, hooks: Hooks | None) -> None:
+    """Write a part atomically, failing as a full disk would where ``LVDKIT_TEST_ENOSPC_AFTER`` says so."""
+    if hooks is not None and hooks.disk_full(path):
+        raise enospc(path)
+    write_parquet_atomic(table, path)
 
 
 def enospc(path: Path) -> OSError:

@@ -7,8 +7,6 @@ interrupted stage keeps its finished parts only if its ``_RUNNING`` marker match
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -16,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lvdkit import __version__
-from lvdkit.pipeline.io import disk_errors
+from lvdkit.core.io import read_json, write_json_atomic
 
 SUCCESS = "_SUCCESS"
 RUNNING = "_RUNNING"
@@ -33,28 +31,6 @@ class RunKey:
         if not record:
             return False
         return record.get("config_hash") == self.config_hash and record.get("fingerprint") == self.fingerprint
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    """The JSON object at ``path``, or None if absent or unreadable (a torn write counts as absent)."""
-    try:
-        data = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON through a temporary file and a rename (:class:`~lvdkit.pipeline.io.DiskFullError` when the disk
-    is full)."""
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    with disk_errors(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
 
 
 def success(stage_dir: Path) -> dict[str, Any] | None:

@@ -19,24 +19,27 @@ import pyarrow.parquet as pq
 import ray
 from tqdm import tqdm
 
-from lvdkit import schema
-from lvdkit.config import CurateConfig, config_hash, save_config, to_dict
-from lvdkit.curation.ingest import image_id
-from lvdkit.pipeline import faults
-from lvdkit.pipeline.embed import EmbedInputError
-from lvdkit.pipeline.io import (
+from lvdkit.core import schema
+from lvdkit.core.files import image_id
+from lvdkit.core.io import (
     DiskFullError,
     disk_errors,
     is_disk_full,
     own_name,
     part_files,
     part_name,
+    read_json,
     remove_temporaries,
+    write_json_atomic,
     write_parquet_atomic,
 )
-from lvdkit.pipeline.manifest import RunKey, fingerprint_of, finish, prepare, read_json, success, write_json_atomic
+from lvdkit.core.ray_env import LazyRay, ray_session
+from lvdkit.core.settings import config_hash, save_config, to_dict
+from lvdkit.pipeline import faults
+from lvdkit.pipeline.config import CurateConfig
+from lvdkit.pipeline.embed import EmbedInputError
+from lvdkit.pipeline.manifest import RunKey, fingerprint_of, finish, prepare, success
 from lvdkit.pipeline.names import CURATE_ORDER, stage_dirname, stage_names
-from lvdkit.pipeline.ray_env import LazyRay, ray_session
 from lvdkit.pipeline.stages import QUARANTINE_DIR, STAGES, ChangedSinceIngest, ShardWork, StageSpec
 from lvdkit.pipeline.views import DEDUP_STAGES, final_status
 
@@ -240,8 +243,8 @@ def _write_shards(
             table, left_out, error = _process_shard(work, index, hooks, retries, on_error)
             if table is not None:
                 if left_out is not None:  # before the part: the part's existence marks the shard done
-                    write_parquet_atomic(left_out, target.parent / QUARANTINE_DIR / target.name, hooks=hooks)
-                write_parquet_atomic(table, target, hooks=hooks)
+                    faults.write_part(left_out, target.parent / QUARANTINE_DIR / target.name, hooks)
+                faults.write_part(table, target, hooks)
                 n = table.num_rows
         except DiskFullError as exc:
             full = str(exc)
@@ -326,7 +329,7 @@ def _whole_task(name: str, cfg: CurateConfig, out: str, stage_dir: str, hooks: f
     assert spec.whole_fn is not None
     table, stats = spec.whole_fn(cfg, Path(out))
     for k, start in enumerate(range(0, max(table.num_rows, 1), WHOLE_STAGE_PART_ROWS)):
-        write_parquet_atomic(table.slice(start, WHOLE_STAGE_PART_ROWS), Path(stage_dir) / part_name(k), hooks=hooks)
+        faults.write_part(table.slice(start, WHOLE_STAGE_PART_ROWS), Path(stage_dir) / part_name(k), hooks)
     hooks.pause()  # a test kills the run here: parts written, no _SUCCESS yet
     return table.num_rows, stats
 

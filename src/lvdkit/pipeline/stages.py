@@ -21,30 +21,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from lvdkit import schema
 from lvdkit.cluster.stage import cluster_images
-from lvdkit.config import CurateConfig
+from lvdkit.core import schema
+from lvdkit.core.files import MAX_FILE_BYTES, content_hash, image_id, list_inputs, local_path, read_bytes
+from lvdkit.core.io import disk_errors, part_files, read_parts, write_parquet_atomic
+from lvdkit.core.whitening import Whitener
 from lvdkit.curation.dedup_copy import dedup_copy
 from lvdkit.curation.dedup_exact import dedup_exact
 from lvdkit.curation.dedup_phash import dedup_phash
 from lvdkit.curation.dedup_relative import dedup_relative
-from lvdkit.curation.ingest import (
-    IngestConfig,
-    content_hash,
-    image_id,
-    ingest_files,
-    list_for_ingest,
-    list_inputs,
-    local_path,
-    read_bytes,
-)
-from lvdkit.curation.knn import Whitener
+from lvdkit.curation.ingest import IngestConfig, ingest_files, list_for_ingest
 from lvdkit.curation.retrieve import RETRIEVED, SAMPLE, cluster_retrieval, resolve_mode, sample_retrieval
-from lvdkit.curation.shard import MAX_FILE_BYTES, ShardConfig, fetch_images, merge_selections
+from lvdkit.curation.shard import ShardConfig, fetch_images, merge_selections
 from lvdkit.embeddings.stage import PIXELS_PREFIX, decode_batch
+from lvdkit.pipeline.config import CurateConfig
 from lvdkit.pipeline.embed import CALIBRATION_DIR, SHARD, run_embed
 from lvdkit.pipeline.faults import Hooks
-from lvdkit.pipeline.io import disk_errors, part_files, read_parts, write_parquet_atomic
 from lvdkit.pipeline.manifest import fingerprint_of, success
 from lvdkit.pipeline.names import CURATE_ORDER, stage_dirname
 from lvdkit.pipeline.views import DEDUP_STAGES, alive, dedups_before, ingested

@@ -12,8 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lvdkit import schema
-from lvdkit.pipeline.io import read_parts
+from lvdkit.core import schema
+from lvdkit.core.io import read_parts
 
 DEDUP_STAGES = ("dedup_exact", "dedup_phash", "dedup_copy", "dedup_relative")
 

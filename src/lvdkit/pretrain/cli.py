@@ -97,7 +97,7 @@ def dispatch(args: argparse.Namespace) -> int:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from lvdkit.config import load_config
+    from lvdkit.core.settings import load_config
     from lvdkit.pretrain.config import PretrainConfig
     from lvdkit.pretrain.run import pretrain
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-from lvdkit.config import RayConfig
+from lvdkit.core.settings import RayConfig
 
 METHODS = ("dinov2", "distillation")
 

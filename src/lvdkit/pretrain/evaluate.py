@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from lvdkit.curation.ingest import IMAGE_EXTENSIONS, list_inputs, local_path
+from lvdkit.core.files import IMAGE_EXTENSIONS, list_inputs, local_path
+from lvdkit.core.io import write_parquet_atomic
 from lvdkit.embeddings import create_embedder
 from lvdkit.embeddings.base import Embedder
-from lvdkit.pipeline.io import write_parquet_atomic
 
 
 @dataclass

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from lvdkit.config import save_config, to_dict
+from lvdkit.core.settings import save_config, to_dict
 from lvdkit.pretrain.augment import AugmentBatch
 from lvdkit.pretrain.config import PretrainConfig
 from lvdkit.pretrain.train import META_FILE, METRICS_FILE, STATE_FILE, train_loop_per_worker
@@ -144,7 +144,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from lvdkit.pipeline.ray_env import ray_session
+    from lvdkit.core.ray_env import ray_session
 
     cfg = absolute_paths(cfg)
     out = Path(cfg.out)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lvdkit.config import from_dict
+from lvdkit.core.settings import from_dict
 from lvdkit.pretrain.config import PretrainConfig
 from lvdkit.pretrain.heads import cancel_last_layer_gradients
 from lvdkit.pretrain.method import Method, StudentFn

@@ -17,9 +17,9 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from lvdkit import schema
-from lvdkit.pipeline.io import part_files, read_parts
-from lvdkit.pipeline.manifest import read_json, success
+from lvdkit.core import schema
+from lvdkit.core.io import part_files, read_json, read_parts
+from lvdkit.pipeline.manifest import success
 from lvdkit.pipeline.names import CURATE_ORDER, stage_dirname
 from lvdkit.pipeline.views import DEDUP_STAGES
 from lvdkit.report.page import Raw, bar, esc, histogram_svg, missing, para, table

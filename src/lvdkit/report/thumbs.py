@@ -20,7 +20,7 @@ MAX_THUMB_SOURCE_PIXELS = 100_000_000  # ingest's default max_pixels: larger ima
 
 def thumbnail_bytes(data: bytes, px: int) -> bytes:
     """JPEG bytes of the image in ``data`` scaled to fit ``px`` x ``px`` (upright, alpha on white)."""
-    from lvdkit.curation.decode import to_rgb
+    from lvdkit.core.image import to_rgb
 
     previous = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = MAX_THUMB_SOURCE_PIXELS
@@ -41,7 +41,7 @@ def thumbnail_bytes(data: bytes, px: int) -> bytes:
 
 def read_image_bytes(uri: str) -> bytes:
     """The file at ``uri`` as ingest lists it (a local path or a pyarrow filesystem URI)."""
-    from lvdkit.curation.ingest import read_bytes
+    from lvdkit.core.files import read_bytes
 
     return read_bytes(uri, MAX_THUMB_SOURCE_BYTES)
 

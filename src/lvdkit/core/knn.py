@@ -6,7 +6,6 @@ is exact (flat, inner product) for small N and IVF for large N, on GPU when fais
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import faiss
@@ -20,60 +19,10 @@ def gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm (zero rows stay zero). x: [N, D] -> [N, D] float32."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
-
-
-@dataclass
-class Whitener:
-    """Centering or PCA whitening fitted on a sample, then L2 normalisation (as SSCD's authors recommend).
-
-    mean: [D]; matrix: [D, D_out] or None (centering only).
-    """
-
-    mean: np.ndarray
-    matrix: np.ndarray | None
-
-    def __call__(self, x: np.ndarray, chunk: int = 65536) -> np.ndarray:
-        d_out = self.matrix.shape[1] if self.matrix is not None else x.shape[1]
-        out = np.empty((len(x), d_out), np.float32)
-        for start in range(0, len(x), chunk):  # in chunks: no full-size temporary copy of x
-            y = np.asarray(x[start : start + chunk], dtype=np.float32) - self.mean  # [C, D]
-            if self.matrix is not None:
-                y = y @ self.matrix  # [C, D_out]
-            out[start : start + chunk] = l2_normalize(y)
-        return out
-
-    def save(self, path: str) -> None:
-        np.savez(path, mean=self.mean, matrix=self.matrix if self.matrix is not None else np.empty((0, 0)))
-
-    @classmethod
-    def load(cls, path: str) -> Whitener:
-        data = np.load(path)
-        matrix = data["matrix"]
-        return cls(mean=data["mean"], matrix=matrix if matrix.size else None)
-
-
-def fit_whitener(sample: np.ndarray, mode: Literal["none", "center", "pca"], dims: int) -> Whitener:
-    """Fit on ``sample`` [S, D]: 'none' (identity), 'center' (subtract the mean) or 'pca' (whiten to ``dims``)."""
-    d = sample.shape[1]
-    if mode == "none":
-        return Whitener(mean=np.zeros(d, np.float32), matrix=None)
-    mean = sample.mean(axis=0).astype(np.float32)
-    if mode == "center":
-        return Whitener(mean=mean, matrix=None)
-    if mode != "pca":
-        raise ValueError(f"whitening mode {mode!r}; valid: 'none', 'center', 'pca'")
-    dims = min(dims, d, max(1, sample.shape[0] - 1))
-    centered = (sample - mean).astype(np.float64)
-    cov = centered.T @ centered / max(1, len(centered) - 1)  # [D, D]
-    eigval, eigvec = np.linalg.eigh(cov)
-    top = np.argsort(eigval)[::-1][:dims]
-    scale = 1.0 / np.sqrt(np.maximum(eigval[top], 1e-6 * eigval.max()))  # cap tiny variances: no noise blow-up
-    return Whitener(mean=mean, matrix=(eigvec[:, top] * scale).astype(np.float32))
+def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Rows scaled to unit L2 norm (an all-zero row stays zero rather than NaN). x: [N, ...] -> [N, D] float32."""
+    x = np.ascontiguousarray(x, dtype=np.float32).reshape(len(x), -1)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
 
 
 def build_index(

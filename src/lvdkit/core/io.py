@@ -12,17 +12,17 @@ number, fixed side-file names): no name read from data, a manifest or a file lis
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from lvdkit.pipeline import faults
 
 PART_GLOB = "part-*.parquet"
 _OWN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
@@ -81,9 +81,7 @@ def part_name(index: int) -> str:
     return f"part-{index:06d}.parquet"
 
 
-def write_parquet_atomic(
-    table: pa.Table, path: Path, row_group_rows: int = ROW_GROUP_ROWS, hooks: faults.Hooks | None = None
-) -> None:
+def write_parquet_atomic(table: pa.Table, path: Path, row_group_rows: int = ROW_GROUP_ROWS) -> None:
     """Write ``table`` to ``path`` via a temporary file, ``fsync`` and an atomic rename (:class:`DiskFullError` when
     the disk is full; the temporary file is removed on any error)."""
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -91,9 +89,6 @@ def write_parquet_atomic(
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             pq.write_table(table, tmp, row_group_size=row_group_rows, compression="zstd")
-            if hooks is not None and hooks.disk_full(path):
-                os.truncate(tmp, tmp.stat().st_size // 2)  # what a full disk leaves behind
-                raise faults.enospc(tmp)
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
@@ -136,3 +131,25 @@ def read_parts(stage_dir: Path, columns: list[str] | None = None, schema: pa.Sch
         empty = schema.empty_table()
         return empty.select(columns) if columns else empty
     return pa.concat_tables([pq.read_table(f, columns=columns, schema=schema) for f in files])
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """The JSON object at ``path``, or None if absent or unreadable (a torn write counts as absent)."""
+    try:
+        data = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON through a temporary file and a rename (:class:`~lvdkit.core.io.DiskFullError` when the disk
+    is full)."""
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    with disk_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)

@@ -1,7 +1,7 @@
 """Decoding image bytes safely and uniformly: one place decides what counts as a readable image.
 
 Pillow's decompression-bomb check is made fatal (a warning by default) and truncated files are errors (never padded
-with grey), so a file is either fully decoded or rejected with a reason from :mod:`lvdkit.schema`.
+with grey), so a file is either fully decoded or rejected with a reason from :mod:`lvdkit.core.schema`.
 
 Time per image: the pixel limit (the declared pixel count against ``max_pixels``, checked before any pixel is
 decoded) and ingest's ``max_file_mb`` stop decompression bombs. Within those limits a legal but slow file (a GIF with
@@ -39,13 +39,13 @@ from types import FrameType
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from lvdkit import schema
+from lvdkit.core import schema
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
 class DecodeError(Exception):
-    """Raised when bytes are not a usable image; ``reason`` is one of :data:`lvdkit.schema.REASONS`."""
+    """Raised when bytes are not a usable image; ``reason`` is one of :data:`lvdkit.core.schema.REASONS`."""
 
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
@@ -167,6 +167,20 @@ def _unidentified(data: bytes) -> DecodeError:
 def _stable(message: str) -> str:
     """Drop object addresses from an error message so that reruns write identical rows."""
     return re.sub(r" ?<[^<>]* at 0x[0-9a-fA-F]+>", "", message)
+
+
+DEFAULT_MAX_PIXELS = 100_000_000  # ingest's default max_pixels: the decompression-bomb guard
+
+
+def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, timeout_s: float | None = None) -> Image.Image:
+    """Bytes -> the upright first frame as 8-bit RGB: the one path from file bytes to pixels in lvdkit.
+
+    Ingest, embed, the curated set, pretraining, evaluation and the demo all call this, so one file gives the same
+    pixels everywhere. Alpha policy: transparent pixels are composited onto white (``RGBA``, ``LA``, ``PA`` and
+    palette images with a transparency entry alike), never dropped to whatever colour the file stored under them.
+    Raises :class:`DecodeError` with a reason from :data:`lvdkit.core.schema.REASONS` for unusable bytes.
+    """
+    return to_rgb(decode(data, max_pixels, timeout_s).image)
 
 
 def to_rgb(im: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:

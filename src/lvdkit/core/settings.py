@@ -1,6 +1,7 @@
 """Configuration: dataclass defaults, overridden by a YAML file, overridden by ``key=value`` arguments.
 
-Every stage owns a small config dataclass (next to its code); :class:`CurateConfig` gathers them under one key each.
+Every stage owns a small config dataclass (next to its code); ``lvdkit.pipeline.config.CurateConfig`` gathers them
+under one key each, ``lvdkit.pretrain.config.PretrainConfig`` is the training run's.
 Unknown keys are errors that list the valid ones, YAML is read with ``safe_load`` and no string is ever evaluated.
 """
 
@@ -12,19 +13,9 @@ import json
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import yaml
-
-from lvdkit.cluster.stage import ClusterConfig
-from lvdkit.curation.dedup_copy import DedupCopyConfig
-from lvdkit.curation.dedup_exact import DedupExactConfig
-from lvdkit.curation.dedup_phash import DedupPhashConfig
-from lvdkit.curation.dedup_relative import DedupRelativeConfig
-from lvdkit.curation.ingest import IngestConfig
-from lvdkit.curation.retrieve import RetrieveConfig
-from lvdkit.curation.shard import ShardConfig
-from lvdkit.embeddings.stage import EmbedConfig
 
 T = TypeVar("T")
 
@@ -41,28 +32,6 @@ class RayConfig:
     num_cpus: int | None = None  # local Ray only; default: all cores
     object_store_memory_mb: int | None = None  # local Ray only; default: Ray's (30% of RAM)
     max_task_retries: int = 3  # a task whose worker dies (crash, OOM kill) or whose shard raises is retried this often
-
-
-@dataclasses.dataclass
-class CurateConfig:
-    """The whole curation run: output folder, Ray settings, and one section per stage."""
-
-    out: str = "out/curate"
-    progress: bool = True
-    # A shard that still raises after ray.max_task_retries retries: "fail" the stage naming the files that fail on
-    # their own (the other shards finish and are kept), or "quarantine" those files (ingest: processing_error rows;
-    # shard: left out of the curated set, listed in OUT/curated/_quarantined/). embed always fails.
-    on_shard_error: Literal["fail", "quarantine"] = "fail"
-    ray: RayConfig = dataclasses.field(default_factory=RayConfig)
-    ingest: IngestConfig = dataclasses.field(default_factory=IngestConfig)
-    dedup_exact: DedupExactConfig = dataclasses.field(default_factory=DedupExactConfig)
-    dedup_phash: DedupPhashConfig = dataclasses.field(default_factory=DedupPhashConfig)
-    embed: EmbedConfig = dataclasses.field(default_factory=EmbedConfig)
-    dedup_copy: DedupCopyConfig = dataclasses.field(default_factory=DedupCopyConfig)
-    dedup_relative: DedupRelativeConfig = dataclasses.field(default_factory=DedupRelativeConfig)
-    cluster: ClusterConfig = dataclasses.field(default_factory=ClusterConfig)
-    retrieve: RetrieveConfig = dataclasses.field(default_factory=RetrieveConfig)
-    shard: ShardConfig = dataclasses.field(default_factory=ShardConfig)
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
