@@ -12,7 +12,7 @@ LVDKIT := $(BIN)/lvdkit
 PRETRAIN ?= out/pretrain
 
 .PHONY: pretrain setup curate demo-data test test-all lint bench ingest dedup_exact dedup_phash embed dedup_copy dedup_relative \
-	cluster retrieve shard summary report check-report clean help
+	cluster retrieve curated summary report check-report clean help
 
 help:  ## list targets
 	@grep -E '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -38,10 +38,10 @@ curate: $(STAMP) $(DEMO)/truth.parquet  ## run every curation stage on the demo 
 	$(LVDKIT) curate --config $(CONFIG) out=$(OUT)
 	$(LVDKIT) report $(OUT)
 
-ingest dedup_exact dedup_phash embed dedup_copy dedup_relative cluster retrieve shard: $(STAMP) $(DEMO)/truth.parquet  ## run one stage (make ingest, make embed, ...)
+ingest dedup_exact dedup_phash embed dedup_copy dedup_relative cluster retrieve curated: $(STAMP) $(DEMO)/truth.parquet  ## run one stage (make ingest, make embed, ...)
 	$(LVDKIT) run $@ --config $(CONFIG) out=$(OUT)
 
-pretrain: curate  ## DINOv2 on the demo's curated shards, distil it into a CNN, k-NN vs random init (CPU, minutes)
+pretrain: curate  ## DINOv2 on the demo's curated set, distil it into a CNN, k-NN vs random init (CPU, minutes)
 	$(LVDKIT) pretrain --config configs/pretrain_demo.yaml data=$(OUT)/curated out=$(PRETRAIN)/dinov2 resume=true
 	$(LVDKIT) export $(PRETRAIN)/dinov2 --out $(PRETRAIN)/dinov2.safetensors
 	$(LVDKIT) pretrain --config configs/distill_demo.yaml data=$(OUT)/curated out=$(PRETRAIN)/distill \

@@ -42,7 +42,7 @@ def lvdkit_row(demo: Path, out: Path, model: str, options: str, copy_only: bool)
         "progress=false",
         f"embed.models={{copy: '{model}'}}",
         f"embed.model_options={{copy: {options}}}",
-        "embed.images_per_shard=500",
+        "embed.images_per_part=500",
         *(COPY_ONLY if copy_only else ()),
     ]
     cfg: CurateConfig = load_config(CurateConfig, None, overrides)

@@ -55,7 +55,7 @@ def stage(model_name: str, pool: Path, out: Path, batch_size: int) -> tuple[floa
             "embed.calibration_copies=0",
             "dedup_exact.enabled=false",
             "dedup_phash.enabled=false",
-            "embed.images_per_shard=250",
+            "embed.images_per_part=250",
         ],
     )
     run(cfg, stages=("ingest", "dedup_exact", "dedup_phash"))

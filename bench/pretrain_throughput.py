@@ -40,7 +40,7 @@ from lvdkit.pretrain.train import build_method, build_optimizer, build_schedules
 
 
 def synthetic_shards(folder: Path, n: int, side: int) -> Path:
-    """``n`` random-texture JPEGs of ``side`` px as curated-style Parquet (when no curated shards are given)."""
+    """``n`` random-texture JPEGs of ``side`` px as curated-style Parquet (when no curated set are given)."""
     rng = np.random.default_rng(0)
     images = []
     for _ in range(n):
@@ -122,7 +122,7 @@ def lvdkit_run(cfg: PretrainConfig, warmup: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/pretrain_demo.yaml")
-    parser.add_argument("--data", help="curated shards (default: synthetic JPEGs)")
+    parser.add_argument("--data", help="curated set (default: synthetic JPEGs)")
     parser.add_argument("--n-images", type=int, default=2048, help="synthetic images when --data is not given")
     parser.add_argument("--steps", type=int, default=40, help="timed steps (both sides)")
     parser.add_argument("--warmup", type=int, default=10)

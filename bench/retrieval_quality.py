@@ -22,9 +22,11 @@ from _common import machine_line, print_table
 from lvdkit.core import schema
 from lvdkit.core.io import read_parts
 from lvdkit.core.settings import load_config
+from lvdkit.core.stage import StageInputs
+from lvdkit.core.views import embeddings_of
 from lvdkit.curation.retrieve import sample_retrieval
 from lvdkit.pipeline.config import CurateConfig
-from lvdkit.pipeline.stages import embeddings_of
+from lvdkit.pipeline.names import CURATE_ORDER
 from lvdkit.truth import load_truth
 
 
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     pool = read_parts(args.out / "cluster", columns=[schema.IMAGE_ID])[schema.IMAGE_ID]
     pool_ids = np.asarray(pool.to_pylist(), dtype=object)
-    x = embeddings_of(args.out, cfg.retrieve.embedding, pool)
+    x = embeddings_of(StageInputs(str(args.out), CURATE_ORDER), cfg.retrieve.embedding, pool)
     seeds = pq.read_table(args.out / "retrieve" / "seeds.parquet")
     hits = read_parts(args.out / "retrieve")
     rng = np.random.default_rng(0)

@@ -23,11 +23,11 @@ SMALL_DEMO_PER_DIGIT = 10
 TINY_EMBED = (
     "embed.models={copy: 'timm:resnet10t'}",
     "embed.model_options={}",
-    "embed.images_per_shard=64",
+    "embed.images_per_part=64",
     "embed.calibration_copies=30",
     "cluster.embedding=copy",
     "retrieve.embedding=copy",
-    "shard.embedding=copy",
+    "curated.embedding=copy",
 )
 
 

@@ -2,7 +2,7 @@
 
 Every stage runs on the small demo with the tiny random-init model: exact, PHash, copy and relative dedup (the
 held-out digits protected), a two-level clustering with a balanced sample, one sample-based and one cluster-based
-seed set, and the curated shards. Needs the session's Ray (the ``ray_local`` fixture).
+seed set, and the curated set. Needs the session's Ray (the ``ray_local`` fixture).
 """
 
 from __future__ import annotations

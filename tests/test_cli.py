@@ -65,7 +65,7 @@ def test_a_stage_reading_an_embedding_nobody_computes_fails_before_any_work(
     out = tmp_path / "o"
     assert main(["curate", f"out={out}", "embed.models={copy: sscd}"]) == 2  # cluster/shard default to 'semantic'
     err = capsys.readouterr().err
-    assert "cluster.embedding='semantic'" in err and "shard.embedding='semantic'" in err and "copy" in err
+    assert "cluster.embedding='semantic'" in err and "curated.embedding='semantic'" in err and "copy" in err
     assert not (out / "ingest").exists()
 
 

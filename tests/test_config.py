@@ -44,7 +44,7 @@ def test_defaults_without_file_or_overrides_equal_the_dataclass_defaults() -> No
     assert cfg.ray == RayConfig(address=None, num_cpus=None, object_store_memory_mb=None, max_task_retries=3)
     assert cfg.ingest.inputs == []
     assert cfg.ingest.extensions is None
-    assert cfg.ingest.files_per_shard == 1000
+    assert cfg.ingest.files_per_part == 1000
     assert cfg.ingest.keep_bytes is False
     assert cfg.ingest.max_pixels == 100_000_000
     assert cfg.ingest.max_file_mb == 256.0
@@ -202,7 +202,7 @@ def test_unknown_nested_key_names_it_with_its_section_and_lists_valid_keys() -> 
     for name in field_names(DedupPhashConfig):
         assert name in message
     # the keys of other sections are not offered as valid here
-    assert "files_per_shard" not in message
+    assert "files_per_part" not in message
 
 
 def test_unknown_key_in_yaml_section_is_refused(tmp_path: Path) -> None:
@@ -229,7 +229,7 @@ def test_unknown_keys_are_all_named() -> None:
         ("dedup_phash.max_distance=abc", "dedup_phash.max_distance"),
         ("dedup_phash.max_distance=true", "dedup_phash.max_distance"),  # a bool is not an int
         ("dedup_phash.max_distance=1.5", "dedup_phash.max_distance"),
-        ("ingest.files_per_shard=[1, 2]", "ingest.files_per_shard"),
+        ("ingest.files_per_part=[1, 2]", "ingest.files_per_part"),
         ("ingest.max_file_mb=abc", "ingest.max_file_mb"),
         ("ingest.max_file_mb=false", "ingest.max_file_mb"),
         ("ingest.keep_bytes=1", "ingest.keep_bytes"),

@@ -107,7 +107,7 @@ def test_report_cli_writes_a_self_contained_page_matching_summary_json(run_dir: 
     assert summary["quarantined_by_reason"] and all(funnel[r] == n for r, n in summary["quarantined_by_reason"].items())
     for stage, n in summary["duplicates_by_stage"].items():
         assert funnel[f"{stage}: {DEDUP_KINDS[stage]}"] == n
-    by_reason = summary["stages"]["shard"]["stats"]["by_reason"]
+    by_reason = summary["stages"]["curated"]["stats"]["by_reason"]
     assert {label[3:]: n for label, n in funnel.items() if label.startswith("by ")} == by_reason
     # every stage finished, so no section says something is missing
     assert "has not run" not in text and "not run yet" not in text
@@ -170,8 +170,8 @@ def test_report_of_a_partial_run_names_what_is_missing_and_escapes_file_names(
     text = path.read_text(encoding="utf-8")
     page = Page(text)
     assert page.headings["h2"] == list(SECTION_HEADINGS)
-    assert "not run yet: embed, dedup_copy, dedup_relative, cluster, retrieve, shard" in text
-    for note in ("cluster has not run", "retrieve has not run", "shard has not run", "dedup_copy has not run"):
+    assert "not run yet: embed, dedup_copy, dedup_relative, cluster, retrieve, curated" in text
+    for note in ("cluster has not run", "retrieve has not run", "curated has not run", "dedup_copy has not run"):
         assert note in text
     assert _funnel(page)["images in"] == 7 and _funnel(page)["dedup_exact: identical bytes"] == 1
     assert "<img src=x" not in text and "onerror=alert(1)>" not in text

@@ -136,7 +136,7 @@ def _report(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from lvdkit.core.settings import load_config
     from lvdkit.pipeline.config import CurateConfig
-    from lvdkit.pipeline.names import CURATE_ORDER, stage_dirname, stage_names
+    from lvdkit.pipeline.names import CURATE_ORDER, stage_names
     from lvdkit.pipeline.runner import run
 
     cfg = load_config(CurateConfig, args.config, args.overrides)
@@ -154,7 +154,7 @@ def _run(args: argparse.Namespace) -> int:
         f"images in: {summary['images_in']}  kept: {summary['kept']}  duplicates: {summary['duplicates']}  "
         f"quarantined: {summary['quarantined']} {summary['quarantined_by_reason'] or ''}".rstrip()
     )
-    dirs = ", ".join(f"{stage_dirname(s)}/" for s in stages)
+    dirs = ", ".join(f"{s}/" for s in stages)
     print(f"outputs in {out}/: summary.json, status.parquet, config.yaml, {dirs}")
     return 0
 

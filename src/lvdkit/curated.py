@@ -5,12 +5,13 @@ The shards are plain Parquet, so pandas, polars or duckdb read them without lvdk
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow.dataset as ds
 from PIL import Image
+
+from lvdkit.core.image import decode_rgb
 
 CURATED_DIR = "curated"
 
@@ -31,6 +32,10 @@ def load_curated(
 
 
 def decode(row_or_bytes: Any) -> Image.Image:
-    """A curated row (dict / pandas row with an ``image`` field) or raw bytes -> an RGB PIL image."""
-    data = row_or_bytes if isinstance(row_or_bytes, (bytes, bytearray)) else row_or_bytes["image"]
-    return Image.open(io.BytesIO(data)).convert("RGB")
+    """A curated row (dict / pandas row with an ``image`` field) or raw bytes -> an RGB PIL image.
+
+    Decoded by :func:`lvdkit.core.image.decode_rgb`, as ingest, embed and pretraining do: upright, transparency on
+    white, the same pixels everywhere. Unusable bytes raise :class:`lvdkit.core.image.DecodeError` (with ``reason``).
+    """
+    data = row_or_bytes if isinstance(row_or_bytes, (bytes, bytearray, memoryview)) else row_or_bytes["image"]
+    return decode_rgb(bytes(data))

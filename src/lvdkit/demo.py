@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from PIL import ExifTags, Image, ImageEnhance
 from tqdm import tqdm
 
+from lvdkit.core.image import decode_rgb
 from lvdkit.core.schema import (
     TRUTH,
     TRUTH_BROKEN,
@@ -443,18 +444,10 @@ def _load_photos() -> list[tuple[str, Image.Image]]:
     photos = []
     for name, filename in SKIMAGE_PHOTOS.items():
         if (folder / filename).is_file():
-            with (folder / filename).open("rb") as stream, Image.open(stream) as image:
-                photos.append((name, _to_rgb(image)))
+            photos.append((name, decode_rgb((folder / filename).read_bytes())))  # transparency on white
     samples = load_sample_images()
     photos += [(Path(f).stem, Image.fromarray(a)) for f, a in zip(samples.filenames, samples.images, strict=True)]
     return [(name, _shrink(image)) for name, image in photos]
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB, with any transparency flattened onto white (as a browser shows it) rather than on undefined colours."""
-    if image.mode in ("RGBA", "LA") or "transparency" in image.info:
-        return Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA")).convert("RGB")
-    return image.convert("RGB")
 
 
 def _shrink(image: Image.Image) -> Image.Image:

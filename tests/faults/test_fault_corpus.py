@@ -175,7 +175,7 @@ def test_curate_over_the_corpus_exits_0_and_ends_every_file_as_pinned(
     # The tiny random-init embedder carries no copy signal: its calibrated dedup_copy threshold (about -0.03 here)
     # would link unrelated images. A fixed high threshold keeps the stage running while only real copies could match.
     fixed = "dedup_copy.threshold=0.99"
-    args = (f"out={out}", f"ingest.inputs=[{inputs}]", "ingest.files_per_shard=32", "progress=false", fixed)
+    args = (f"out={out}", f"ingest.inputs=[{inputs}]", "ingest.files_per_part=32", "progress=false", fixed)
     result = run_cli("curate", *args, *TINY_EMBED)
     assert result.returncode == 0, result.stderr[-3000:]
     listed = _listed(cases)

@@ -69,7 +69,7 @@ def ray_head() -> Iterator[str]:
 
 def test_stage_runs_on_a_separately_started_head(ray_head: str, small_demo: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    args = [f"out={out}", f"ingest.inputs=[{small_demo / 'raw'}]", "ingest.files_per_shard=50", "progress=false"]
+    args = [f"out={out}", f"ingest.inputs=[{small_demo / 'raw'}]", "ingest.files_per_part=50", "progress=false"]
     result = run_cli("run", "ingest", "--address", ray_head, *args, env={"RAY_AUTH_MODE": "disabled"})
     assert result.returncode == 0, result.stderr
     assert (out / "ingest" / "_SUCCESS").exists() and len(part_files(out / "ingest")) >= 2

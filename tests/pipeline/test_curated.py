@@ -1,4 +1,4 @@
-"""cluster -> retrieve -> shard on a real local Ray over the small demo: curated shards anyone can read."""
+"""cluster -> retrieve -> part on a real local Ray over the small demo: curated set anyone can read."""
 
 from __future__ import annotations
 
@@ -38,10 +38,10 @@ def curated(small_demo: Path, tmp_path_factory: pytest.TempPathFactory, ray_loca
             "dedup_copy.threshold=0.99",
             "cluster.embedding=copy",
             "retrieve.embedding=copy",
-            "shard.embedding=copy",
+            "curated.embedding=copy",
             "cluster.hierarchy.levels=[6, 2]",
             "cluster.target_size=15",
-            "shard.rows_per_shard=16",
+            "curated.rows_per_part=16",
             f"retrieve.seed_sets={{two: {{inputs: [{seeds / 'digit_2'}], mode: sample, k: 3}}, "
             f"five: {{inputs: [{seeds / 'digit_5'}], mode: cluster}}}}",
             "retrieve.min_seeds_per_cluster=0",

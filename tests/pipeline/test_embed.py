@@ -15,10 +15,12 @@ from lvdkit.core import schema
 from lvdkit.core.image import decode, to_rgb
 from lvdkit.core.io import part_files, read_parts
 from lvdkit.core.settings import load_config
+from lvdkit.core.stage import StageInputs
+from lvdkit.core.views import alive
 from lvdkit.embeddings import create_embedder
 from lvdkit.pipeline.config import CurateConfig
+from lvdkit.pipeline.names import CURATE_ORDER
 from lvdkit.pipeline.runner import run
-from lvdkit.pipeline.views import alive
 from lvdkit.truth import load_truth
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -36,7 +38,7 @@ def _config(out: Path, demo: Path, *overrides: str) -> CurateConfig:
             "progress=false",
             "embed.models={copy: 'timm:resnet10t', semantic: 'torchvision:mobilenet_v3_small'}",
             "embed.model_options={}",
-            "embed.images_per_shard=32",
+            "embed.images_per_part=32",
             "embed.batch_size=16",
             "embed.calibration_copies=40",
             *overrides,
@@ -52,7 +54,9 @@ def embedded(small_demo: Path, tmp_path_factory: pytest.TempPathFactory, ray_loc
 
 
 def test_one_unit_embedding_per_surviving_image_and_model(embedded: Path) -> None:
-    survivors = alive(embedded, ("dedup_exact", "dedup_phash"), [])[schema.IMAGE_ID].to_pylist()
+    survivors = alive(StageInputs(str(embedded), CURATE_ORDER), ("dedup_exact", "dedup_phash"), [])[
+        schema.IMAGE_ID
+    ].to_pylist()
     table = read_parts(embedded / "embed")
     assert sorted(table[schema.IMAGE_ID].to_pylist()) == sorted(survivors)  # no quarantined or duplicate image
     for key in ("copy", "semantic"):
@@ -100,7 +104,7 @@ def test_interrupted_embed_resumes_only_missing_shards(
     parts[0].unlink()
     capsys.readouterr()
     run(_config(embedded, small_demo), stages=("embed",))
-    assert f"{len(parts) - 1} of {len(parts)} shards already done" in capsys.readouterr().err
+    assert f"{len(parts) - 1} of {len(parts)} parts already done" in capsys.readouterr().err
     assert {p.name: p.stat().st_mtime_ns for p in part_files(stage)[1:]} == kept
     after = read_parts(stage).sort_by(schema.IMAGE_ID)
     assert after[schema.IMAGE_ID].equals(before[schema.IMAGE_ID])  # same images, none twice, none missing
@@ -120,7 +124,7 @@ def test_copy_and_relative_dedup_with_sscd_on_the_demo(small_demo: Path, tmp_pat
             "embed.models={copy: sscd_distilled}",
             "embed.calibration_copies=60",
             "cluster.embedding=copy",
-            "shard.embedding=copy",
+            "curated.embedding=copy",
             f"dedup_relative.protected=[{small_demo / 'heldout'}]",
         )
     )

@@ -26,21 +26,21 @@ from lvdkit.core import schema
 from lvdkit.core.io import part_files, read_parts
 from lvdkit.core.settings import load_config
 from lvdkit.pipeline.config import CurateConfig
-from lvdkit.pipeline.names import CURATE_ORDER, stage_dirname
+from lvdkit.pipeline.names import CURATE_ORDER
 from lvdkit.pipeline.runner import run
 
 from ..conftest import TINY_EMBED, kill_tree
 
-FILES_PER_SHARD = 5
-# A balanced sample gives the shard stage rows to write; small shards give it several parts to be killed between.
-CURATED = ("cluster.target_size=40", "shard.rows_per_shard=8")
+FILES_PER_PART = 5
+# A balanced sample gives the shard stage rows to write; small parts give it several parts to be killed between.
+CURATED = ("cluster.target_size=40", "curated.rows_per_part=8")
 
 
 def _args(out: Path, demo: Path) -> list[str]:
     return [
         f"out={out}",
         f"ingest.inputs=[{demo / 'raw'}]",
-        f"ingest.files_per_shard={FILES_PER_SHARD}",
+        f"ingest.files_per_part={FILES_PER_PART}",
         "progress=false",
         "ray.num_cpus=2",
         *TINY_EMBED,
@@ -64,16 +64,16 @@ class KillPoint:
 
 
 KILL_POINTS = (
-    KillPoint("ingest", "ingest:0.4", parts=3, sharded=True),  # Ray Data shard tasks
+    KillPoint("ingest", "ingest:0.4", parts=3, sharded=True),  # Ray Data part tasks
     KillPoint("embed", "embed:60", parts=1, sharded=True),  # the driver writes embed's parts from the actor pool
     KillPoint("dedup_copy", "dedup_copy:60", parts=1, sharded=False),  # output written, _SUCCESS not yet
-    KillPoint("shard", "shard:2", parts=2, sharded=True),  # writing the curated set
+    KillPoint("curated", "curated:2", parts=2, sharded=True),  # writing the curated set
 )
 
 
 def test_kill_points_cover_the_stages_the_issue_names() -> None:
     assert len(KILL_POINTS) == 4
-    assert {k.stage for k in KILL_POINTS} == {"ingest", "embed", "dedup_copy", "shard"}
+    assert {k.stage for k in KILL_POINTS} == {"ingest", "embed", "dedup_copy", "curated"}
 
 
 def _curate_in_process(out: Path, demo: Path) -> None:
@@ -113,8 +113,8 @@ def test_killed_mid_stage_then_rerun_equals_uninterrupted(
     the CLI's, without another Ray start-up)."""
     killed = tmp_path / "killed"
     for stage in point.copied:
-        shutil.copytree(reference / stage_dirname(stage), killed / stage_dirname(stage))
-    stage_dir = killed / stage_dirname(point.stage)
+        shutil.copytree(reference / stage, killed / stage)
+    stage_dir = killed / point.stage
     ray_tmp = tempfile.mkdtemp(prefix="lvdk-kill-", dir="/tmp")
     env = {**os.environ, "LVDKIT_TEST_STAGE_DELAY": point.delay, "RAY_TMPDIR": ray_tmp}
     proc = subprocess.Popen(
@@ -130,7 +130,7 @@ def test_killed_mid_stage_then_rerun_equals_uninterrupted(
     kill_tree(proc)
     shutil.rmtree(ray_tmp, ignore_errors=True)
     survivors = {p.name: p.stat().st_mtime_ns for p in part_files(stage_dir)}
-    n_parts = len(part_files(reference / stage_dirname(point.stage)))
+    n_parts = len(part_files(reference / point.stage))
     assert point.parts <= len(survivors), "the run did not get far enough into the stage"
     assert not (stage_dir / "_SUCCESS").exists(), "the run was not interrupted mid-stage"
     assert (stage_dir / "_RUNNING").exists()
@@ -142,7 +142,7 @@ def test_killed_mid_stage_then_rerun_equals_uninterrupted(
     _curate_in_process(killed, small_demo)
     log = capsys.readouterr().err
     if point.sharded:
-        assert f"{point.stage}: {len(survivors)} of {n_parts} shards already done" in log
+        assert f"{point.stage}: {len(survivors)} of {n_parts} parts already done" in log
         assert all((stage_dir / name).stat().st_mtime_ns == m for name, m in survivors.items())  # not redone
     else:
         assert f"{point.stage}: resuming" in log
@@ -151,7 +151,7 @@ def test_killed_mid_stage_then_rerun_equals_uninterrupted(
 
     _assert_every_part_is_complete(killed)
     assert not list(killed.rglob(".*.tmp-*")), "temporary files left behind"
-    folders = [stage_dirname(s) for s in CURATE_ORDER] + ["embed/calibration"]
+    folders = [*CURATE_ORDER, "embed/calibration"]
     for folder in folders:
         got, want = read_parts(killed / folder), read_parts(reference / folder)
         assert got.num_rows == want.num_rows, folder
@@ -185,7 +185,7 @@ def test_a_missing_marker_or_leftover_temp_file_is_not_taken_as_output(
     parts[-1].unlink()
     capsys.readouterr()
     _ingest_in_process(out, small_demo)
-    assert f"{len(parts) - 1} of {len(parts)} shards already done" in capsys.readouterr().err
+    assert f"{len(parts) - 1} of {len(parts)} parts already done" in capsys.readouterr().err
     assert not list(stage.glob(".*tmp*")) and len(part_files(stage)) == len(parts)
     assert json.loads((stage / "_SUCCESS").read_text())["rows"] == record["rows"]
 

@@ -29,7 +29,7 @@ def _config(out: Path, demo: Path, *overrides: str) -> CurateConfig:
         [
             f"out={out}",
             f"ingest.inputs=[{demo / 'raw'}]",
-            "ingest.files_per_shard=40",
+            "ingest.files_per_part=40",
             "progress=false",
             *TINY_EMBED,
             *overrides,
@@ -111,8 +111,8 @@ def test_outputs_have_the_documented_schemas_and_manifests(curated: tuple[Path, 
         assert {"config", "config_hash", "fingerprint", "lvdkit_version", "seconds"} <= set(record)
         assert summary["stages"][stage]["rows"] == record["rows"]
         assert not list((out / stage).glob(".*tmp*")) and not (out / stage / "_RUNNING").exists()
-    assert len(part_files(out / "ingest")) > 1  # files_per_shard=40 split the small demo into several shards
-    assert load_config(CurateConfig, out / "config.yaml").ingest.files_per_shard == 40
+    assert len(part_files(out / "ingest")) > 1  # files_per_part=40 split the small demo into several parts
+    assert load_config(CurateConfig, out / "config.yaml").ingest.files_per_part == 40
 
 
 def test_rerun_skips_and_changes_redo_only_what_they_affect(small_demo: Path, tmp_path: Path) -> None:

@@ -8,7 +8,8 @@ import pyarrow as pa
 
 from lvdkit.core import schema
 from lvdkit.core.io import part_name, write_parquet_atomic
-from lvdkit.pipeline.views import final_status
+from lvdkit.core.stage import StageInputs
+from lvdkit.core.views import final_status
 
 
 def _dedup(pairs: dict[str, str | None]) -> pa.Table:
@@ -39,7 +40,7 @@ def test_chains_across_stages_resolve_to_the_final_survivor(tmp_path: Path) -> N
     write_parquet_atomic(_dedup({"c": None, "d": "P"}), tmp_path / "z" / part_name(0))
     got = {
         r[schema.IMAGE_ID]: (r["status"], r["reason"], r[schema.DUP_OF])
-        for r in final_status(tmp_path, ("x", "y", "z")).to_pylist()
+        for r in final_status(StageInputs(str(tmp_path), ("ingest", "x", "y", "z")), ("x", "y", "z")).to_pylist()
     }
     assert got == {
         "a": ("duplicate", "y", "P"),

@@ -65,7 +65,7 @@ def _shapes(i: int, rng: np.random.Generator) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def parts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("curated")
     rng = np.random.default_rng(0)
     images = [_shapes(i, rng) for i in range(N_IMAGES)]
@@ -105,23 +105,23 @@ def _wait_for(condition, proc: subprocess.Popen[bytes], timeout: float = 240) ->
 
 
 @pytest.fixture(scope="module")
-def resumed_run(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, list[dict[str, float]]]:
+def resumed_run(parts: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, list[dict[str, float]]]:
     """A DINOv2 run SIGKILLed (driver and all of Ray) after its checkpoint at step >= 4, then resumed to the end."""
     out = tmp_path_factory.mktemp("runs") / "dinov2"
-    proc = _start(out, shards, delay=1.0)
+    proc = _start(out, parts, delay=1.0)
     _wait_for(lambda: _registered_step(out) >= 4, proc)
     kill_tree(proc)
     killed_at = max(int(r["step"]) for r in _rows(out))
     rows_before = len(_rows(out))
     assert killed_at < TOTAL_STEPS, "the run finished before it could be killed"
-    done = run_cli("pretrain", f"out={out}", f"data={shards}", *TINY_VIT, "resume=true", timeout=600)
+    done = run_cli("pretrain", f"out={out}", f"data={parts}", *TINY_VIT, "resume=true", timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return out, rows_before, _rows(out)
 
 
-def test_rerun_without_resume_is_refused(resumed_run: tuple[Path, int, list[dict[str, float]]], shards: Path) -> None:
+def test_rerun_without_resume_is_refused(resumed_run: tuple[Path, int, list[dict[str, float]]], parts: Path) -> None:
     out, _, _ = resumed_run
-    again = run_cli("pretrain", f"out={out}", f"data={shards}", *TINY_VIT, "optim.epochs=3")
+    again = run_cli("pretrain", f"out={out}", f"data={parts}", *TINY_VIT, "optim.epochs=3")
     assert again.returncode == 2
     assert "resume=true" in again.stderr
 
@@ -158,7 +158,7 @@ def test_killed_run_resumes_step_optimizer_and_schedule(resumed_run: tuple[Path,
 
 
 def test_export_loads_in_timm_and_teaches_a_cnn(
-    resumed_run: tuple[Path, int, list[dict[str, float]]], shards: Path, tmp_path: Path
+    resumed_run: tuple[Path, int, list[dict[str, float]]], parts: Path, tmp_path: Path
 ) -> None:
     import timm
 
@@ -188,7 +188,7 @@ def test_export_loads_in_timm_and_teaches_a_cnn(
     distilled = run_cli(
         "pretrain",
         f"out={student_out}",
-        f"data={shards}",
+        f"data={parts}",
         "method=distillation",
         "model=timm:resnet10t",
         f"distill.teacher={model_file}",
@@ -214,9 +214,9 @@ def test_export_loads_in_timm_and_teaches_a_cnn(
 
 
 @pytest.mark.slow  # ~2 min on 2 cores: `make test-all`
-def test_worker_killed_mid_run_recovers_from_checkpoint(shards: Path, tmp_path: Path) -> None:
+def test_worker_killed_mid_run_recovers_from_checkpoint(parts: Path, tmp_path: Path) -> None:
     out = tmp_path / "failover"
-    proc = _start(out, shards, "max_failures=1", delay=1.0)
+    proc = _start(out, parts, "max_failures=1", delay=1.0)
     _wait_for(lambda: _registered_step(out) >= 4, proc)
     workers = [
         p

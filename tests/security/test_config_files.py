@@ -55,15 +55,15 @@ def test_unknown_keys_are_refused_naming_them(tmp_path: Path) -> None:
         load_config(CurateConfig, config)
     with pytest.raises(ConfigError, match=r"unknown config key\(s\) '__class__'"):
         load_config(CurateConfig, None, ["__class__.__init__=1"])
-    with pytest.raises(ConfigError, match=r"on_shard_error: 'ignore' is not one of 'fail', 'quarantine'"):
-        load_config(CurateConfig, None, ["on_shard_error=ignore"])
+    with pytest.raises(ConfigError, match=r"on_part_error: 'ignore' is not one of 'fail', 'quarantine'"):
+        load_config(CurateConfig, None, ["on_part_error=ignore"])
 
 
 def test_strings_that_look_like_code_stay_strings(tmp_path: Path) -> None:
     marker = tmp_path / "ran"
     code = f"__import__('os').system('touch {marker}')"
-    cfg = load_config(CurateConfig, None, [f"shard.embedding={code!r}", f'retrieve.embedding="{{{{{code}}}}}"'])
-    assert cfg.shard.embedding == code
+    cfg = load_config(CurateConfig, None, [f"curated.embedding={code!r}", f'retrieve.embedding="{{{{{code}}}}}"'])
+    assert cfg.curated.embedding == code
     assert cfg.retrieve.embedding == "{{" + code + "}}"
     assert not marker.exists()
 

@@ -1,11 +1,12 @@
 """Stage ``cluster``: hierarchical k-means of the deduplicated pool's semantic embeddings, and balanced sampling.
 
 The per-image output (cluster id at every level, distance to the level-1 centroid, balanced-sample flag) and the
-centroids feed cluster-based retrieval and the curated shards.
+centroids feed cluster-based retrieval and the curated set.
 """
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -15,6 +16,8 @@ import pyarrow as pa
 from lvdkit.cluster.hierarchical import HierarchicalConfig, hierarchical_kmeans
 from lvdkit.cluster.sampling import balanced_sample
 from lvdkit.core import schema
+from lvdkit.core.stage import StageInputs, StageOutput
+from lvdkit.core.views import DEDUP_STAGES, alive, embeddings_of
 
 
 @dataclass
@@ -55,3 +58,16 @@ def cluster_images(
         "balanced": int(balanced.sum()),
     }
     return table, list(result.centroids), stats
+
+
+def run_cluster(cfg: ClusterConfig, inputs: StageInputs) -> StageOutput:
+    """The stage: the deduplicated pool's embeddings -> per-image clusters, plus each level's centroids."""
+    images = alive(inputs, DEDUP_STAGES, [])
+    x = embeddings_of(inputs, cfg.embedding, images[schema.IMAGE_ID])
+    table, centroids, stats = cluster_images(images[schema.IMAGE_ID], x, cfg)
+    sides: dict[str, bytes] = {}
+    for level, c in enumerate(centroids, start=1):
+        buf = io.BytesIO()
+        np.save(buf, c)
+        sides[schema.centroids_file(level)] = buf.getvalue()
+    return StageOutput(table, stats, dict(sides))

@@ -40,6 +40,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from lvdkit.core import schema
+from lvdkit.core.files import FileTooLarge, read_bytes
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
@@ -197,3 +198,32 @@ def to_rgb(im: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) 
         canvas = Image.new("RGBA", rgba.size, (*background, 255))
         return Image.alpha_composite(canvas, rgba).convert("RGB")
     return im.convert("RGB")
+
+
+DEFAULT_MAX_FILE_BYTES = 256 * 2**20  # ingest's default max_file_mb: larger files are refused before being read
+DEFAULT_DECODE_TIMEOUT_S = 30.0  # ingest's default decode_timeout_s
+
+
+def read_error(exc: OSError) -> DecodeError:
+    """A failure to read a file (:func:`lvdkit.core.files.read_bytes`) as ingest records it: ``file_too_large``,
+    ``not_a_regular_file`` or ``unreadable``."""
+    if isinstance(exc, FileTooLarge):
+        return DecodeError(schema.REASON_FILE_TOO_LARGE, str(exc))
+    if isinstance(exc, IsADirectoryError):
+        return DecodeError(schema.REASON_NOT_FILE, str(exc))
+    return DecodeError(schema.REASON_UNREADABLE, f"{type(exc).__name__}: {exc}")
+
+
+def read_rgb(
+    uri: str,
+    max_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    timeout_s: float | None = DEFAULT_DECODE_TIMEOUT_S,
+) -> Image.Image:
+    """A file (local path or URI) -> RGB by ingest's rules and default limits: read with a size limit, then
+    :func:`decode_rgb`. Every failure, reading or decoding, raises :class:`DecodeError` with its reason."""
+    try:
+        data = read_bytes(uri, max_bytes)
+    except OSError as exc:
+        raise read_error(exc) from None
+    return decode_rgb(data, max_pixels, timeout_s)

@@ -4,7 +4,7 @@ A part file is written under a hidden temporary name, flushed to disk and rename
 resumed run) never sees a half-written part: it is either complete or absent. A full disk raises
 :class:`DiskFullError` naming the file; the temporary file is removed.
 
-Every path lvdkit writes is ``OUT`` joined with its own names (stage folders, ``part-NNNNNN.parquet`` from a shard
+Every path lvdkit writes is ``OUT`` joined with its own names (stage folders, ``part-NNNNNN.parquet`` from a part
 number, fixed side-file names): no name read from data, a manifest or a file list ever becomes part of an output path.
 :func:`own_name` checks the names that are joined.
 """
@@ -77,7 +77,7 @@ ROW_GROUP_ROWS = 8192  # small enough to stream, large enough to compress well
 
 
 def part_name(index: int) -> str:
-    """File name of shard ``index``: zero-padded so lexical order is shard order."""
+    """File name of part ``index``: zero-padded so lexical order is part order."""
     return f"part-{index:06d}.parquet"
 
 
@@ -118,7 +118,7 @@ def remove_temporaries(stage_dir: Path) -> None:
 
 
 def part_files(stage_dir: Path) -> list[Path]:
-    """The finished part files of a stage, in shard order."""
+    """The finished part files of a stage, in part order."""
     return sorted(stage_dir.glob(PART_GLOB))
 
 
@@ -153,3 +153,19 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file, ``fsync`` and an atomic rename."""
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    with disk_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(path.parent)

@@ -14,6 +14,15 @@ URI = "uri"  # where the file was read from (local path or filesystem URI)
 GROUP_ID = "group_id"  # duplicate group (the image_id of the image kept for the group)
 KEEP = "keep"  # True for the one image kept per group
 DUP_OF = "dup_of"  # image_id of the kept image this one duplicates (null when kept)
+STATUS_COL = "status"  # ok | quarantined (ingest); kept | duplicate | quarantined (status.parquet)
+ERROR = "error"  # ingest: the quarantine reason
+CONTENT_HASH = "content_hash"  # blake2b-128 hex of the file bytes
+PHASH = "phash"  # imagededup PHash (64 bits)
+IMAGE = "image"  # curated set: the file's bytes (or re-encoded at curated.max_side)
+IMAGE_BYTES = "image_bytes"  # ingest: the file's bytes, only with ingest.keep_bytes=true
+WIDTH, HEIGHT, FORMAT = "width", "height", "format"  # after EXIF orientation; Pillow's format name
+ERROR_DETAIL = "error_detail"  # ingest: the exception text, for humans
+DISTANCE = "distance"  # dedup: to the kept image; cluster: 1 - cosine to the level-1 centroid
 
 # Status values of the final per-image decision (``status.parquet``).
 STATUS_OK = "ok"
@@ -33,7 +42,7 @@ REASON_TOO_MANY_PIXELS = "too_many_pixels"
 REASON_TOO_SMALL = "too_small"
 REASON_DECODE_TIMEOUT = "decode_timeout"  # decoding took longer than ingest.decode_timeout_s
 REASON_SYMLINK_OUTSIDE = "symlink_outside_inputs"  # a link in an input folder pointing outside every input
-REASON_PROCESSING = "processing_error"  # on_shard_error=quarantine: processing the file raised on every attempt
+REASON_PROCESSING = "processing_error"  # on_part_error=quarantine: processing the file raised on every attempt
 REASONS = (
     REASON_EMPTY,
     REASON_UNREADABLE,
@@ -106,16 +115,17 @@ def embed_schema(dims: dict[str, int], calibration: bool = False) -> pa.Schema:
 
 # --- cluster: OUT/cluster/part-*.parquet ------------------------------------------------------------------------
 CLUSTER_IDS = "cluster"  # list<int32>: the image's cluster at each level, level 1 (finest) first
+BALANCED = "balanced"  # picked by balanced sampling (cluster.target_size)
 CLUSTER = pa.schema(
     [
         pa.field(IMAGE_ID, pa.string(), nullable=False),
         pa.field(CLUSTER_IDS, pa.list_(pa.int32()), nullable=False),
         pa.field("distance", pa.float32()),  # 1 - cosine to its level-1 centroid
-        pa.field("balanced", pa.bool_()),  # picked by balanced sampling (cluster.target_size)
+        pa.field(BALANCED, pa.bool_()),  # picked by balanced sampling (cluster.target_size)
     ]
 )
 
-# --- shard: OUT/curated/part-*.parquet, the curated pretraining set ----------------------------------------------
+# --- curated: OUT/curated/part-*.parquet, the curated pretraining set ----------------------------------------------
 REASON_SAMPLE = "sample_retrieval"
 REASON_CLUSTER = "cluster_retrieval"
 REASON_BALANCED = "balanced_sample"
@@ -123,11 +133,11 @@ REASON_SEED = "seed"
 
 
 def curated_schema(dim: int | None) -> pa.Schema:
-    """Schema of the curated shards; ``dim`` of the semantic embedding column (None: no embedding column)."""
+    """Schema of the curated set; ``dim`` of the semantic embedding column (None: no embedding column)."""
     fields = [
         pa.field(IMAGE_ID, pa.string(), nullable=False),
         pa.field(URI, pa.string(), nullable=False),
-        pa.field("image", pa.binary(), nullable=False),  # the file's bytes (or re-encoded at shard.max_side)
+        pa.field("image", pa.binary(), nullable=False),  # the file's bytes (or re-encoded at curated.max_side)
         pa.field("format", pa.string()),
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
@@ -141,6 +151,50 @@ def curated_schema(dim: int | None) -> pa.Schema:
     if dim is not None:
         fields.append(pa.field("embedding", embedding_type(dim)))
     return pa.schema(fields)
+
+
+# --- retrieve: OUT/retrieve/part-*.parquet, the images retrieved near each seed set --------------------------------
+SEED_SET = "seed_set"  # the seed set's name (its key in retrieve.seed_sets)
+SCORE = "score"  # similarity to the seed or centroid that selected the image
+SEED_ID = "seed_id"
+METHOD = "method"
+EMBEDDING = "embedding"  # curated set and seeds: the image's embedding (model curated.embedding)
+METHOD_SAMPLE, METHOD_CLUSTER = REASON_SAMPLE, REASON_CLUSTER
+RETRIEVED = pa.schema(
+    [
+        pa.field(IMAGE_ID, pa.string(), nullable=False),
+        pa.field(SEED_SET, pa.string(), nullable=False),
+        pa.field(SEED_ID, pa.string()),  # the seed image (sample retrieval) or null (cluster retrieval)
+        pa.field(SCORE, pa.float32()),  # cosine similarity to the seed, or to the cluster centroid
+        pa.field(METHOD, pa.string(), nullable=False),  # sample_retrieval | cluster_retrieval
+    ]
+)
+
+# A selection for the curated set: why an image is in it (an image picked several ways keeps its strongest reason).
+REASON = "reason"
+SELECTION = pa.schema([(IMAGE_ID, pa.string()), (REASON, pa.string()), (SEED_SET, pa.string()), (SCORE, pa.float32())])
+
+# --- work lists (OUT/<stage>/_listing, one row group per part; no .parquet suffix, so ``*.parquet`` globs skip them)
+LISTING = "_listing"
+PART = "_part"  # embed's listing: the part an image belongs to
+OUTSIDE = "outside"  # ingest's listing: real path of a symlink leading out of the inputs (null: read the file)
+INGEST_LISTING = pa.schema([(URI, pa.string()), (OUTSIDE, pa.string())])
+
+# --- side files: every output of a stage that is not one of its parts ------------------------------------------
+QUARANTINED = "_quarantined"  # part sub-folder: rows a per-part stage left out (on_part_error=quarantine)
+CALIBRATION = "calibration"  # embed's part sub-folder: embeddings of the synthetic copies dedup_copy calibrates on
+WHITENING_FILE = "whitening.npz"  # dedup_copy: the fitted descriptor post-processing (dedup_relative reuses it)
+THRESHOLD_FILE = "threshold.json"  # dedup_copy: the similarity threshold it applied (dedup_relative's default)
+PROTECTED_FILE = "protected.parquet"  # dedup_relative: the protected images as ingested (ids, uris, status)
+CENTROIDS_FILES = "centroids_level*.npy"  # cluster: the centroids of each level, [K, D] float32
+
+
+def centroids_file(level: int) -> str:
+    """cluster's side file holding the centroids of ``level`` (1: the finest)."""
+    return CENTROIDS_FILES.replace("*", str(level))
+
+
+SEEDS_FILE = "seeds.parquet"  # retrieve: the seed images as ingested, with their seed set and embedding
 
 
 # --- OUT/status.parquet: one row per input file, the final decision ----------------------------------------------

@@ -31,7 +31,7 @@ class RayConfig:
     address: str | None = None  # a running cluster ("auto", "ray://host:10001", "127.0.0.1:6379"); else RAY_ADDRESS
     num_cpus: int | None = None  # local Ray only; default: all cores
     object_store_memory_mb: int | None = None  # local Ray only; default: Ray's (30% of RAM)
-    max_task_retries: int = 3  # a task whose worker dies (crash, OOM kill) or whose shard raises is retried this often
+    max_task_retries: int = 3  # a task whose worker dies (crash, OOM kill) or whose part raises is retried this often
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
@@ -58,7 +58,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     """``"dedup_phash.max_distance=2"`` -> ``("dedup_phash.max_distance", 2)``; values are YAML scalars or lists."""
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. ingest.files_per_shard=500)")
+        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. ingest.files_per_part=500)")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
@@ -85,6 +85,10 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(fields))
+    renamed = getattr(cls, "RENAMED", {})  # a section's keys renamed since an earlier release
+    moved = [f"{where}{k} is now {where}{renamed[k]}" for k in unknown if k in renamed]
+    if moved:
+        raise ConfigError(f"renamed config key(s): {'; '.join(moved)}")
     if unknown:
         raise ConfigError(
             f"unknown config key(s) {', '.join(repr(where + k) for k in unknown)}; "

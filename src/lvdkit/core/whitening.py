@@ -6,6 +6,7 @@ and dedup_relative applies the same one to the protected images.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from typing import Literal
 
@@ -34,8 +35,15 @@ class Whitener:
             out[start : start + chunk] = l2_normalize(y)
         return out
 
+    def to_bytes(self) -> bytes:
+        """The whitener as ``.npz`` bytes (what :meth:`load` reads)."""
+        buf = io.BytesIO()
+        np.savez(buf, mean=self.mean, matrix=self.matrix if self.matrix is not None else np.empty((0, 0)))
+        return buf.getvalue()
+
     def save(self, path: str) -> None:
-        np.savez(path, mean=self.mean, matrix=self.matrix if self.matrix is not None else np.empty((0, 0)))
+        with open(path, "wb") as fh:
+            fh.write(self.to_bytes())
 
     @classmethod
     def load(cls, path: str) -> Whitener:

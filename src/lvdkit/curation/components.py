@@ -7,10 +7,14 @@ representative, so every member is within the threshold of the image that is kep
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pyarrow as pa
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components as _scipy_components
+
+from lvdkit.core import schema
 
 
 def connected_components(n: int, pairs: np.ndarray) -> np.ndarray:
@@ -81,3 +85,9 @@ def group(n: int, pairs: np.ndarray, priority: np.ndarray, grouping: str) -> np.
     if grouping == "components":
         return representatives(connected_components(n, pairs), priority)
     raise ValueError(f"grouping={grouping!r}; valid: 'star', 'components'")
+
+
+def dedup_stats(table: pa.Table, extra: dict[str, Any]) -> dict[str, Any]:
+    """A dedup stage's summary: images in, kept, duplicates, plus the stage's own figures."""
+    kept = int(np.count_nonzero(table[schema.KEEP].to_numpy(zero_copy_only=False))) if table.num_rows else 0
+    return {"in": table.num_rows, "kept": kept, "duplicates": table.num_rows - kept, **extra}

@@ -20,11 +20,14 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from lvdkit.core import schema
 from lvdkit.core.knn import IndexKind, build_index, knn, pairs_above
+from lvdkit.core.stage import StageInputs, StageOutput
+from lvdkit.core.views import CALIBRATION, EMBED, alive, dedups_before, embeddings_of
 from lvdkit.core.whitening import Whitener, fit_whitener
-from lvdkit.curation.components import component_sizes, connected_components, group, keep_priority
+from lvdkit.curation.components import component_sizes, connected_components, dedup_stats, group, keep_priority
 from lvdkit.curation.dedup_exact import groups_table
 
 
@@ -141,3 +144,18 @@ def dedup_copy(
         index=cfg.index if cfg.index != "auto" else ("flat" if n <= cfg.flat_max else "ivf"),
     )
     return groups_table(images[schema.IMAGE_ID], rep, distance.astype(np.float32)), stats, whitener
+
+
+def run_dedup_copy(cfg: DedupCopyConfig, inputs: StageInputs) -> StageOutput:
+    """The stage: descriptors of the surviving images and of the synthetic copies -> dedup rows, plus the fitted
+    whitening and the threshold as side files (dedup_relative reads both)."""
+    images = alive(inputs, dedups_before("dedup_copy"), [schema.WIDTH, schema.HEIGHT])
+    emb = embeddings_of(inputs, cfg.embedding, images[schema.IMAGE_ID])
+    calib = inputs.table(EMBED, columns=[schema.IMAGE_ID], sub=CALIBRATION)
+    calib_src = pc.index_in(calib[schema.IMAGE_ID], value_set=images[schema.IMAGE_ID]).to_numpy(zero_copy_only=False)
+    calib_emb = (
+        embeddings_of(inputs, cfg.embedding, calib[schema.IMAGE_ID], calibration=True) if len(calib) else emb[:0]
+    )
+    table, stats, whitener = dedup_copy(images, emb, calib_src.astype(np.int64), calib_emb, cfg)
+    sides = {schema.WHITENING_FILE: whitener.to_bytes(), schema.THRESHOLD_FILE: {"threshold": stats.get("threshold")}}
+    return StageOutput(table, dedup_stats(table, stats), sides)

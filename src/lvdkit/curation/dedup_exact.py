@@ -13,7 +13,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from lvdkit.core import schema
-from lvdkit.curation.components import representatives
+from lvdkit.core.stage import StageInputs, StageOutput
+from lvdkit.core.views import alive, dedups_before
+from lvdkit.curation.components import dedup_stats, representatives
 
 
 @dataclass
@@ -58,3 +60,10 @@ def groups_table(ids: pa.ChunkedArray | pa.Array, rep: np.ndarray, distance: np.
         },
         schema=schema.DEDUP,
     )
+
+
+def run_dedup_exact(cfg: DedupExactConfig, inputs: StageInputs) -> StageOutput:
+    """The stage: usable images that no earlier dedup removed -> one dedup row each."""
+    images = alive(inputs, dedups_before("dedup_exact"), [schema.URI, schema.CONTENT_HASH])
+    table = dedup_exact(images, cfg)
+    return StageOutput(table, dedup_stats(table, {}))

@@ -18,7 +18,9 @@ import numpy as np
 import pyarrow as pa
 
 from lvdkit.core import schema
-from lvdkit.curation.components import component_sizes, group, keep_priority, representatives
+from lvdkit.core.stage import StageInputs, StageOutput
+from lvdkit.core.views import alive, dedups_before
+from lvdkit.curation.components import component_sizes, dedup_stats, group, keep_priority, representatives
 from lvdkit.curation.dedup_exact import groups_table
 
 
@@ -113,3 +115,10 @@ def _distance_to_rep(hashes: np.ndarray, rep: np.ndarray) -> np.ndarray:
         return np.empty(0, np.int64)
     xor = np.bitwise_xor(hashes, hashes[rep])
     return np.unpackbits(xor.view(np.uint8).reshape(-1, 8), axis=1).sum(axis=1)
+
+
+def run_dedup_phash(cfg: DedupPhashConfig, inputs: StageInputs) -> StageOutput:
+    """The stage: images that survived exact dedup, grouped by PHash distance."""
+    images = alive(inputs, dedups_before("dedup_phash"), [schema.PHASH, schema.WIDTH, schema.HEIGHT])
+    table, stats = dedup_phash(images, cfg)
+    return StageOutput(table, dedup_stats(table, stats))

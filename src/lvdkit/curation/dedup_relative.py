@@ -13,7 +13,13 @@ import numpy as np
 import pyarrow as pa
 
 from lvdkit.core import schema
+from lvdkit.core.io import read_json
 from lvdkit.core.knn import build_index, knn
+from lvdkit.core.stage import StageInputs, StageOutput
+from lvdkit.core.views import alive, dedups_before, embeddings_of
+from lvdkit.core.whitening import Whitener
+from lvdkit.curation.components import dedup_stats
+from lvdkit.curation.side_sets import SideSetReader
 
 
 @dataclass
@@ -55,3 +61,37 @@ def dedup_relative(
         },
         schema=schema.DEDUP,
     )
+
+
+def run_dedup_relative(cfg: DedupRelativeConfig, reader: SideSetReader, inputs: StageInputs) -> StageOutput:
+    """The stage: whitened pool descriptors against the protected images, ingested and embedded here; the
+    protected images' ingest rows are a side file."""
+    images = alive(inputs, dedups_before("dedup_relative"), [])
+    whitener = Whitener.load(str(inputs.side("dedup_copy", schema.WHITENING_FILE)))
+    pool_x = whitener(embeddings_of(inputs, cfg.embedding, images[schema.IMAGE_ID]))
+    ok_ids: list[str] = []
+    prot_x = np.empty((0, pool_x.shape[1]), np.float32)
+    sides: dict[str, pa.Table] = {}
+    unusable = 0
+    if cfg.protected:
+        protected = reader.read(cfg.embedding, cfg.protected)
+        sides[schema.PROTECTED_FILE] = protected.rows
+        ok_ids = protected.ok[schema.IMAGE_ID].to_pylist()
+        prot_x = whitener(protected.x)
+        unusable = protected.rows.num_rows - len(ok_ids)
+    threshold = cfg.threshold if cfg.threshold is not None else _copy_threshold(inputs)
+    table = dedup_relative(images[schema.IMAGE_ID], pool_x, ok_ids, prot_x, threshold)
+    stats = {"protected": len(ok_ids), "protected_unusable": unusable, "threshold": threshold}
+    return StageOutput(table, dedup_stats(table, stats), dict(sides))
+
+
+def _copy_threshold(inputs: StageInputs) -> float:
+    """The threshold dedup_copy applied (its declared side output)."""
+    path = inputs.side("dedup_copy", schema.THRESHOLD_FILE)
+    value = (read_json(path) or {}).get("threshold")
+    if value is None:
+        raise ValueError(
+            f"dedup_relative.threshold is null and dedup_copy applied no threshold ({path}): set "
+            "dedup_relative.threshold, or enable dedup_copy"
+        )
+    return float(value)

@@ -7,18 +7,24 @@ perceptual dedup needs is computed here, while the pixels are in memory, so no i
 from __future__ import annotations
 
 import functools
+import hashlib
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from lvdkit.core import schema
 from lvdkit.core.files import (
     FileTooLarge,
     as_uri,
     content_hash,
+    file_identity,
     image_id,
     input_roots,
     link_outside,
@@ -26,15 +32,19 @@ from lvdkit.core.files import (
     read_bytes,
 )
 from lvdkit.core.image import DecodeError, decode, to_rgb
+from lvdkit.core.io import disk_errors
+from lvdkit.core.stage import PartPlan, PartWork, StageInputs
 
 
 @dataclass
 class IngestConfig:
     """What to read and what counts as a usable image."""
 
+    RENAMED: ClassVar[dict[str, str]] = {"files_per_part": "files_per_part"}
+
     inputs: list[str] = field(default_factory=list)  # folders (recursive), globs, .txt file lists, or fs URIs
     extensions: list[str] | None = None  # e.g. [.jpg, .png]; None reads every file (non-images are quarantined)
-    files_per_shard: int = 1000  # one part-*.parquet (and one resumable unit of work) per this many files
+    files_per_part: int = 1000  # one part-*.parquet (and one resumable unit of work) per this many files
     keep_bytes: bool = False  # store the file bytes in the table (else later stages re-read ``uri``)
     max_pixels: int = 100_000_000  # decompression-bomb guard: larger images are quarantined, never decoded
     max_file_mb: float = 256.0  # larger files are quarantined without being read
@@ -103,3 +113,79 @@ def list_for_ingest(inputs: Sequence[str], cfg: IngestConfig) -> Iterator[tuple[
     roots = input_roots(inputs)
     for uri, how in list_entries(inputs, cfg.extensions):
         yield uri, None if cfg.follow_symlinks_outside else link_outside(uri, how, roots)
+
+
+# --- the stage: a work list of files, one part per files_per_part ------------------------------------------------
+
+
+def plan_ingest(cfg: IngestConfig, listing: Path) -> PartPlan:
+    """List the inputs into ``listing`` (Parquet, row group = part) and fingerprint names, sizes and mtimes.
+
+    The listing is streamed to disk: the driver never holds the pool's file names.
+    """
+    per_part = cfg.files_per_part
+    if per_part < 1:
+        raise ValueError(f"ingest.files_per_part must be >= 1, got {per_part}")
+    h = hashlib.blake2b(digest_size=8)
+    n_files, uris, links = 0, [], []
+    with disk_errors(listing), pq.ParquetWriter(listing, schema.INGEST_LISTING) as writer:
+        for uri, outside in list_for_ingest(cfg.inputs, cfg):
+            h.update(file_identity(uri).encode("utf-8", "surrogateescape"))
+            uris.append(uri)
+            links.append(outside)
+            if len(uris) == per_part:
+                writer.write_table(_listing(uris, links), row_group_size=per_part)
+                n_files, uris, links = n_files + len(uris), [], []
+        if uris:
+            writer.write_table(_listing(uris, links), row_group_size=per_part)
+            n_files += len(uris)
+    return PartPlan(fingerprint=f"{h.hexdigest()}-{n_files}", n_parts=-(-n_files // per_part))
+
+
+def _listing(uris: list[str], links: list[str | None]) -> pa.Table:
+    return pa.table({schema.URI: uris, schema.OUTSIDE: links}, schema.INGEST_LISTING)
+
+
+@dataclass(frozen=True)
+class IngestWork(PartWork):
+    """Ingest part ``i``: the files of row group ``i`` of the listing."""
+
+    listing: Path
+    cfg: IngestConfig
+
+    def load(self, index: int) -> pa.Table:
+        return pq.ParquetFile(self.listing).read_row_group(index)
+
+    def process(self, rows: pa.Table) -> pa.Table:
+        outside = rows[schema.OUTSIDE].to_pylist() if schema.OUTSIDE in rows.column_names else None
+        return ingest_files(self.uris(rows), self.cfg, outside)
+
+    def quarantined(self, rows: pa.Table, reason: str, detail: str) -> pa.Table:
+        records = [
+            {
+                schema.IMAGE_ID: image_id(u),
+                schema.URI: u,
+                schema.STATUS_COL: schema.STATUS_QUARANTINED,
+                schema.ERROR: reason,
+                schema.ERROR_DETAIL: detail,
+            }
+            for u in self.uris(rows)
+        ]
+        return pa.Table.from_pylist(records, schema=schema.INGEST)
+
+
+def ingest_stats(inputs: StageInputs) -> dict[str, Any]:
+    """Counts, read part by part (the driver never holds the whole table)."""
+    total, reasons = 0, Counter[str]()
+    for part in inputs.parts("ingest"):
+        table = pq.read_table(part, columns=[schema.STATUS_COL, schema.ERROR])
+        total += table.num_rows
+        quarantined = table.filter(pc.equal(table[schema.STATUS_COL], schema.STATUS_QUARANTINED))
+        counts = pc.value_counts(quarantined[schema.ERROR]).to_pylist()
+        reasons.update({str(r["values"]): int(r["counts"]) for r in counts})
+    n_quarantined = sum(reasons.values())
+    return {
+        "ok": total - n_quarantined,
+        "quarantined": n_quarantined,
+        "quarantined_by_reason": dict(sorted(reasons.items())),
+    }

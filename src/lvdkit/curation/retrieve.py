@@ -17,20 +17,15 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 
+from lvdkit.core import schema
 from lvdkit.core.knn import build_index, knn
+from lvdkit.core.stage import StageInputs, StageOutput
+from lvdkit.core.views import DEDUP_STAGES, aligned, alive, embeddings_of
+from lvdkit.curation.side_sets import SideSet, SideSetReader
 
 Mode = Literal["auto", "sample", "cluster"]
-SAMPLE, CLUSTER = "sample_retrieval", "cluster_retrieval"
-
-RETRIEVED = pa.schema(
-    [
-        pa.field("image_id", pa.string(), nullable=False),
-        pa.field("seed_set", pa.string(), nullable=False),
-        pa.field("seed_id", pa.string()),  # the seed image (sample retrieval) or null (cluster retrieval)
-        pa.field("score", pa.float32()),  # cosine similarity to the seed, or to the cluster centroid
-        pa.field("method", pa.string(), nullable=False),  # sample_retrieval | cluster_retrieval
-    ]
-)
+SAMPLE, CLUSTER = schema.METHOD_SAMPLE, schema.METHOD_CLUSTER
+RETRIEVED = schema.RETRIEVED
 
 
 @dataclass
@@ -109,11 +104,69 @@ def _table(ids: np.ndarray, seed_set: str, seed_ids: np.ndarray, score: np.ndarr
     n = len(ids)
     return pa.table(
         {
-            "image_id": pa.array(ids, pa.string()),
-            "seed_set": pa.array([seed_set] * n, pa.string()),
-            "seed_id": pa.array(seed_ids, pa.string()),
-            "score": pa.array(np.asarray(score, dtype=np.float32)),
-            "method": pa.array([method] * n, pa.string()),
+            schema.IMAGE_ID: pa.array(ids, pa.string()),
+            schema.SEED_SET: pa.array([seed_set] * n, pa.string()),
+            schema.SEED_ID: pa.array(seed_ids, pa.string()),
+            schema.SCORE: pa.array(np.asarray(score, dtype=np.float32)),
+            schema.METHOD: pa.array([method] * n, pa.string()),
         },
         schema=RETRIEVED,
     )
+
+
+def run_retrieve(cfg: RetrieveConfig, reader: SideSetReader, inputs: StageInputs) -> StageOutput:
+    """The stage: every seed set is ingested and embedded here, then retrieves by its mode; the seeds (with their
+    embeddings) are a side file for the curated set."""
+    if not cfg.seed_sets:
+        return StageOutput(RETRIEVED.empty_table(), {"seed_sets": {}})
+    images = alive(inputs, DEDUP_STAGES, [])
+    ids = images[schema.IMAGE_ID]
+    pool = _Pool(ids.to_numpy(zero_copy_only=False), embeddings_of(inputs, cfg.embedding, ids), inputs)
+    hits, seed_tables, stats = [], [], {}
+    for name, seed_set in cfg.seed_sets.items():
+        seeds = reader.read(cfg.embedding, seed_set.inputs)
+        seed_tables.append(_seed_rows(name, seeds))
+        mode = resolve_mode(seed_set, seeds.ok.num_rows, cfg)
+        hits.append(pool.retrieve(name, seed_set, seeds, mode, cfg))
+        stats[name] = {
+            "seeds": seeds.ok.num_rows,
+            "seeds_unusable": seeds.rows.num_rows - seeds.ok.num_rows,
+            "mode": mode,
+            "retrieved": hits[-1].num_rows,
+        }
+    sides = {schema.SEEDS_FILE: pa.concat_tables(seed_tables)} if seed_tables else {}
+    table = pa.concat_tables(hits) if hits else RETRIEVED.empty_table()
+    return StageOutput(table, {"seed_sets": stats}, dict(sides))
+
+
+class _Pool:
+    """The deduplicated pool as retrieval sees it: ids, embeddings and (read on first use) level-1 clusters."""
+
+    def __init__(self, ids: np.ndarray, x: np.ndarray, inputs: StageInputs) -> None:
+        self.ids, self.x, self.inputs = ids, x, inputs
+        self._clusters: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def retrieve(self, name: str, seed_set: SeedSet, seeds: SideSet, mode: str, cfg: RetrieveConfig) -> pa.Table:
+        if mode == SAMPLE:
+            return sample_retrieval(self.ids, self.x, seeds.ok[schema.IMAGE_ID].to_pylist(), seeds.x, seed_set.k, name)
+        level1, distance, centroids = self.clusters()
+        sx = seeds.x
+        seed_cluster = np.argmax(sx @ centroids.T, axis=1) if len(sx) else np.zeros(0, np.int64)
+        return cluster_retrieval(self.ids, level1, distance, seed_cluster, name, cfg)
+
+    def clusters(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self._clusters is None:
+            clusters = aligned(pa.array(self.ids, pa.string()), self.inputs.table("cluster", schema=schema.CLUSTER))
+            level1 = np.asarray([c[0] for c in clusters[schema.CLUSTER_IDS].to_pylist()], dtype=np.int64)
+            distance = clusters[schema.DISTANCE].to_numpy(zero_copy_only=False)
+            centroids = np.load(self.inputs.side("cluster", schema.centroids_file(1)))
+            self._clusters = (level1, distance, centroids)
+        return self._clusters
+
+
+def _seed_rows(name: str, seeds: SideSet) -> pa.Table:
+    """The usable seeds as ingested, with their set's name and their embeddings."""
+    sx = seeds.x
+    emb = pa.FixedSizeListArray.from_arrays(pa.array(sx.ravel(), pa.float32()), sx.shape[1])
+    ok = seeds.ok.append_column(schema.SEED_SET, pa.array([name] * seeds.ok.num_rows, pa.string()))
+    return ok.append_column(schema.EMBEDDING, emb)

@@ -1,4 +1,7 @@
-"""Stage ``embed``: the per-image work, without Ray. Decoding and preprocessing run on CPU tasks; models on actors.
+"""Stage ``embed``: one L2-normalised embedding per surviving image and configured model, part by part.
+
+Each part is one unit of work for the runner: its images are decoded and preprocessed, then embedded by every model
+(the models are loaded once per worker, in :meth:`EmbedWork.setup`); the runner writes the part.
 
 Besides one embedding per image and model, a deterministic sample of images is also embedded as synthetic copies
 (``lvdkit.curation.augment``): ``dedup_copy`` calibrates its threshold on them.
@@ -8,13 +11,19 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from lvdkit.core import schema
 from lvdkit.core.files import MAX_FILE_BYTES, read_bytes
-from lvdkit.core.image import decode, to_rgb
+from lvdkit.core.image import decode_rgb
+from lvdkit.core.stage import PartPlan, PartWork, StageInputs
+from lvdkit.core.views import CALIBRATION, alive, dedups_before
 from lvdkit.curation.augment import synthetic_copy
 
 if TYPE_CHECKING:
@@ -27,11 +36,13 @@ PIXELS_PREFIX = "pixels_"  # decode output: uint8 [H, W, 3] per model key (model
 class EmbedConfig:
     """Which models embed every kept image, and how the work is spread."""
 
+    RENAMED: ClassVar[dict[str, str]] = {"images_per_part": "images_per_part"}
+
     models: dict[str, str] = field(
         default_factory=lambda: {"copy": "sscd", "semantic": "timm:vit_small_patch14_dinov2"}
     )
     model_options: dict[str, dict[str, Any]] = field(default_factory=lambda: {"semantic": {"pretrained": True}})
-    images_per_shard: int = 1000  # one part file (and one resumable unit) per this many images
+    images_per_part: int = 1000  # one part file (and one resumable unit) per this many images
     batch_size: int = 32  # images per model forward
     num_actors: int = 1  # model replicas (one per GPU on a GPU cluster)
     actor_cpus: float = 1.0  # CPUs Ray reserves per actor (the rest decode)
@@ -45,6 +56,10 @@ class EmbedConfig:
     def options(self, key: str) -> dict[str, Any]:
         """Factory keyword arguments for model ``key``."""
         return dict(self.model_options.get(key, {}))
+
+
+class EmbedInputError(RuntimeError):
+    """An image that decoded at ingest cannot be decoded now (changed or removed since)."""
 
 
 def calibration_rate(n_images: int, copies: int) -> float:
@@ -70,9 +85,13 @@ def decode_batch(
     pixels: dict[str, list[np.ndarray]] = {k: [] for k in preprocess}
     for image_id, uri in zip(image_ids, uris, strict=True):
         try:
-            image = to_rgb(decode(read_bytes(uri, MAX_FILE_BYTES), cfg.max_pixels).image)
+            image = decode_rgb(read_bytes(uri, MAX_FILE_BYTES), cfg.max_pixels)
         except Exception as exc:  # ingest decoded this file: it changed or vanished since
-            raise RuntimeError(f"embed: cannot decode {uri} (it decoded at ingest; did it change?): {exc}") from exc
+            raise EmbedInputError(
+                f"embed: cannot decode {uri} ({type(exc).__name__}: {exc}). It decoded at ingest: the file changed or "
+                "vanished since. Rerun `lvdkit curate`: ingest notices changed files (size, mtime) and redoes the "
+                "stages after it"
+            ) from None
         variants = [(image, "")]
         if is_calibration_sample(image_id, rate, cfg.seed):
             variants.append(synthetic_copy(image, seed=_seed_of(image_id, cfg.seed)))
@@ -89,3 +108,98 @@ def decode_batch(
 
 def _seed_of(image_id: str, seed: int) -> int:
     return int.from_bytes(hashlib.blake2b(f"copy:{seed}:{image_id}".encode(), digest_size=8).digest(), "little")
+
+
+# --- the stage: the images that survived the cheap dedups, one part per images_per_part -----------------------------
+
+
+def plan_embed(cfg: EmbedConfig, inputs: StageInputs, fingerprint: str, listing: Path) -> PartPlan:
+    """The work list: surviving images with their part number (row group = part)."""
+    images = alive(inputs, dedups_before("dedup_copy"), [schema.URI])  # embed sits between phash and copy dedup
+    per_part = cfg.images_per_part
+    if per_part < 1:
+        raise ValueError(f"embed.images_per_part must be >= 1, got {per_part}")
+    part = np.arange(images.num_rows, dtype=np.int64) // per_part
+    pq.write_table(images.append_column(schema.PART, pa.array(part)), listing, row_group_size=per_part)
+    return PartPlan(fingerprint, int(part[-1]) + 1 if len(part) else 0)
+
+
+@dataclass
+class EmbedWork(PartWork):
+    """Embed part ``i``: decode its images (and synthetic copies of a deterministic sample), embed with every model.
+
+    Built on the driver, where one load of each model checks the names and gives dimensions and preprocessing
+    before any Ray work starts; :meth:`setup` loads the models again in each worker.
+    """
+
+    listing: Path
+    cfg: EmbedConfig
+    rate: float  # share of images that also get a synthetic copy
+    dims: dict[str, int]
+    preprocess: dict[str, Preprocess]
+    models: dict[str, Any] = field(default_factory=dict, repr=False)
+    may_quarantine = False  # every surviving image needs its embedding
+
+    @classmethod
+    def create(cls, cfg: EmbedConfig, listing: Path) -> EmbedWork:
+        from lvdkit.embeddings import create_embedder
+
+        total = pq.ParquetFile(listing).metadata.num_rows
+        probes = {k: create_embedder(n, device="cpu", **cfg.options(k)) for k, n in cfg.models.items()}
+        dims = {k: m.dim for k, m in probes.items()}
+        preprocess = {k: m.preprocess for k, m in probes.items()}
+        return cls(listing, cfg, calibration_rate(total, cfg.calibration_copies), dims, preprocess)
+
+    def setup(self, threads: int = 1) -> None:
+        from lvdkit.embeddings import create_embedder
+
+        self.models = {
+            key: create_embedder(name, device=self.cfg.device, num_threads=threads, **self.cfg.options(key))
+            for key, name in self.cfg.models.items()
+        }
+
+    def load(self, index: int) -> pa.Table:
+        return pq.ParquetFile(self.listing).read_row_group(index)
+
+    def process(self, rows: pa.Table) -> dict[str, pa.Table]:
+        if not self.models:
+            self.setup()
+        ids, uris = rows[schema.IMAGE_ID].to_pylist(), rows[schema.URI].to_pylist()
+        pieces = []
+        for start in range(0, len(ids), self.cfg.batch_size):
+            end = start + self.cfg.batch_size
+            cols = decode_batch(ids[start:end], uris[start:end], self.preprocess, self.rate, self.cfg)
+            emb = {k: m.embed(cols[PIXELS_PREFIX + k]) for k, m in self.models.items()}  # [B', D] float32 each
+            pieces.append(_rows(cols[schema.IMAGE_ID], cols[schema.EDIT], emb))
+        table = pa.concat_tables(pieces) if pieces else _rows(np.empty(0, object), np.empty(0, str), self._empty())
+        is_copy = pc.not_equal(table[schema.EDIT], "")
+        images = table.filter(pc.invert(is_copy)).drop_columns([schema.EDIT])
+        return {
+            "": images.cast(schema.embed_schema(self.dims)).sort_by(schema.IMAGE_ID),
+            CALIBRATION: table.filter(is_copy)
+            .cast(schema.embed_schema(self.dims, calibration=True))
+            .sort_by([(schema.IMAGE_ID, "ascending"), (schema.EDIT, "ascending")]),
+        }
+
+    def _empty(self) -> dict[str, np.ndarray]:
+        return {k: np.empty((0, d), np.float32) for k, d in self.dims.items()}
+
+
+def _rows(ids: np.ndarray, edits: np.ndarray, emb: dict[str, np.ndarray]) -> pa.Table:
+    cols: dict[str, Any] = {schema.IMAGE_ID: pa.array(ids, pa.string()), schema.EDIT: pa.array(edits, pa.string())}
+    for key, x in emb.items():
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        cols[schema.embedding_column(key)] = pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), x.shape[1])
+    return pa.table(cols)
+
+
+def embed_stats(inputs: StageInputs) -> dict[str, Any]:
+    """Embedding dimension per model, and how many synthetic copies were embedded."""
+    parts = inputs.parts("embed")
+    dims = {}
+    if parts:
+        for f in pq.read_schema(parts[0]):
+            if f.name.startswith(schema.EMBEDDING_PREFIX):
+                dims[f.name[len(schema.EMBEDDING_PREFIX) :]] = f.type.list_size
+    copies = sum(pq.ParquetFile(p).metadata.num_rows for p in inputs.parts("embed", CALIBRATION))
+    return {"dims": dims, "calibration_copies": copies}

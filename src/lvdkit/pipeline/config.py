@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Literal
 
 from lvdkit.cluster.stage import ClusterConfig
 from lvdkit.core.settings import RayConfig
+from lvdkit.curation.curated import CuratedConfig
 from lvdkit.curation.dedup_copy import DedupCopyConfig
 from lvdkit.curation.dedup_exact import DedupExactConfig
 from lvdkit.curation.dedup_phash import DedupPhashConfig
 from lvdkit.curation.dedup_relative import DedupRelativeConfig
 from lvdkit.curation.ingest import IngestConfig
 from lvdkit.curation.retrieve import RetrieveConfig
-from lvdkit.curation.shard import ShardConfig
 from lvdkit.embeddings.stage import EmbedConfig
 
 
@@ -23,10 +24,10 @@ class CurateConfig:
 
     out: str = "out/curate"
     progress: bool = True
-    # A shard that still raises after ray.max_task_retries retries: "fail" the stage naming the files that fail on
-    # their own (the other shards finish and are kept), or "quarantine" those files (ingest: processing_error rows;
-    # shard: left out of the curated set, listed in OUT/curated/_quarantined/). embed always fails.
-    on_shard_error: Literal["fail", "quarantine"] = "fail"
+    # A part that still raises after ray.max_task_retries retries: "fail" the stage naming the files that fail on
+    # their own (the other parts finish and are kept), or "quarantine" those files (ingest: processing_error rows;
+    # curated: left out of the curated set, listed in OUT/curated/_quarantined/). embed always fails.
+    on_part_error: Literal["fail", "quarantine"] = "fail"
     ray: RayConfig = dataclasses.field(default_factory=RayConfig)
     ingest: IngestConfig = dataclasses.field(default_factory=IngestConfig)
     dedup_exact: DedupExactConfig = dataclasses.field(default_factory=DedupExactConfig)
@@ -36,4 +37,6 @@ class CurateConfig:
     dedup_relative: DedupRelativeConfig = dataclasses.field(default_factory=DedupRelativeConfig)
     cluster: ClusterConfig = dataclasses.field(default_factory=ClusterConfig)
     retrieve: RetrieveConfig = dataclasses.field(default_factory=RetrieveConfig)
-    shard: ShardConfig = dataclasses.field(default_factory=ShardConfig)
+    curated: CuratedConfig = dataclasses.field(default_factory=CuratedConfig)
+
+    RENAMED: typing.ClassVar[dict[str, str]] = {"shard": "curated", "on_part_error": "on_part_error"}

@@ -1,4 +1,7 @@
-"""Stage names in run order, importable without loading Ray, torch or Faiss (for fast ``--help``)."""
+"""Stage names in run order, importable without loading Ray, torch or Faiss (for fast ``--help``).
+
+Each stage writes into ``OUT/<stage name>/``; the last one, ``curated``, makes the curated set users open.
+"""
 
 CURATE_ORDER: tuple[str, ...] = (
     "ingest",
@@ -9,19 +12,10 @@ CURATE_ORDER: tuple[str, ...] = (
     "dedup_relative",
     "cluster",
     "retrieve",
-    "shard",
+    "curated",
 )
 
 
 def stage_names() -> str:
     """Valid stage names, for error messages and --help."""
     return ", ".join(CURATE_ORDER)
-
-
-# Output folder of a stage, when it is not the stage's name: the curated set is what users open.
-STAGE_DIRS: dict[str, str] = {"shard": "curated"}
-
-
-def stage_dirname(stage: str) -> str:
-    """The folder under OUT holding ``stage``'s output."""
-    return STAGE_DIRS.get(stage, stage)

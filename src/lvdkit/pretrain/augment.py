@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import io
 import logging
 from typing import Any
 
@@ -18,6 +17,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
+from lvdkit.core.image import DecodeError, decode_rgb
 from lvdkit.pretrain.config import CropsConfig
 
 GLOBAL_KEYS = ("global_0", "global_1")
@@ -39,13 +39,6 @@ def _crop(size: int, scale: list[float]) -> list[Any]:
         T.RandomResizedCrop(size, scale=(scale[0], scale[1]), interpolation=InterpolationMode.BICUBIC, antialias=True),
         T.RandomHorizontalFlip(p=0.5),
     ]
-
-
-def decode_rgb(data: bytes) -> Image.Image:
-    """Image bytes -> RGB PIL image (palette/alpha/16-bit modes converted as the curated shards may hold any)."""
-    with Image.open(io.BytesIO(data)) as im:
-        im.draft("RGB", (1024, 1024))  # JPEG: decode at a reduced scale when the image is much larger than needed
-        return im.convert("RGB")
 
 
 def _to_uint8(im: Image.Image) -> np.ndarray:
@@ -97,11 +90,13 @@ class AugmentBatch:
         views = []
         for i, data in enumerate(images):
             try:
-                views.append(self.views(decode_rgb(bytes(data))))
-            except (OSError, ValueError, Image.DecompressionBombError) as exc:
+                image = decode_rgb(bytes(data))  # the one bytes -> RGB path: same pixels as ingest and embed
+            except DecodeError as exc:
                 # One unreadable image must not stop a multi-day run (DINOv2's known pain): skip it, loudly.
                 name = batch["uri"][i] if "uri" in batch else f"row {i} of a batch"
                 _log.warning("pretraining skips an image it cannot decode (%s): %s", name, exc)
+                continue
+            views.append(self.views(image))
         return {key: np.stack([v[key] for v in views]) for key in views[0]} if views else {}
 
 

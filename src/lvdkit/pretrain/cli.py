@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,12 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--img-size", type=int, help="input side in pixels (exported files know theirs)")
     p.add_argument("--model-kwargs", type=yaml.safe_load, default={}, help="YAML mapping for the constructor")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop with an error (exit 2) naming the first unusable image, instead of skipping and listing "
+        "unusable images (empty, not an image, truncated, unreadable, too large: ingest's rules)",
+    )
 
 
 def add_subcommands(sub: Any) -> None:
@@ -46,7 +53,13 @@ def add_subcommands(sub: Any) -> None:
     export.add_argument("--which", choices=("teacher", "student"), help="which network (default: by method)")
     export.add_argument("--checkpoint", type=Path, help="a specific checkpoint folder instead of the latest")
 
-    embed = sub.add_parser("embed", help="embed every image under a folder into Parquet")
+    embed = sub.add_parser(
+        "embed",
+        help="embed every image under a folder into Parquet",
+        description="Embed every image file under --data. Images are read as ingest reads them; unusable ones "
+        "(empty, not an image, truncated, ...) are skipped, counted on stderr and listed with their reason in "
+        "_<name>.skipped.parquet beside the output (path, reason, detail). --strict makes the first one an error.",
+    )
     _model_options(embed)
     embed.add_argument("--data", required=True, type=Path, help="folder of images (walked recursively)")
     embed.add_argument("--out", required=True, type=Path, help="output folder (part-00000.parquet) or FILE.parquet")
@@ -58,7 +71,9 @@ def add_subcommands(sub: Any) -> None:
         "knn",
         help="weighted k-NN (DINO: k=20, T=0.07) and a linear probe",
         description="Labeled data: a folder with one sub-folder per class, or Parquet with a label column. "
-        "Without --test, --train is split (stratified) by --test-fraction.",
+        "Without --test, --train is split (stratified) by --test-fraction. Unusable images (empty, not an image, "
+        "truncated, ...) are left out, counted and listed on stderr and under 'skipped' in --json; --strict makes "
+        "the first one an error.",
     )
     _model_options(knn)
     knn.add_argument("--train", required=True, type=Path)
@@ -80,9 +95,9 @@ def dispatch(args: argparse.Namespace) -> int:
         print(f"exported {path} (+ {path.with_suffix('.json').name})")
         return 0
     if args.command == "embed":
-        from lvdkit.pretrain.evaluate import embed_folder
+        from lvdkit.pretrain.evaluate import embed_folder, skip_summary
 
-        target = embed_folder(
+        done = embed_folder(
             args.model,
             args.data,
             args.out,
@@ -90,8 +105,11 @@ def dispatch(args: argparse.Namespace) -> int:
             kwargs=args.model_kwargs,
             batch_size=args.batch_size,
             device=args.device,
+            strict=args.strict,
         )
-        print(f"embeddings in {target}")
+        if done.skipped:
+            print(f"lvdkit embed: skipped {skip_summary(done.skipped)}; listed in {done.skipped_file}", file=sys.stderr)
+        print(f"embeddings in {done.target}")
         return 0
     return _eval_knn(args)
 
@@ -135,9 +153,19 @@ def _eval_knn(args: argparse.Namespace) -> int:
     results = []
     for i, (model, kwargs, size) in enumerate(runs):
         r = evaluate(
-            model, train, test, img_size=size, kwargs=kwargs, k=args.k, temperature=args.temperature, device=args.device
+            model,
+            train,
+            test,
+            img_size=size,
+            kwargs=kwargs,
+            k=args.k,
+            temperature=args.temperature,
+            device=args.device,
+            strict=args.strict,
         )
         r["random_init"] = i == 1
+        if i == 0:  # decoding does not depend on the model: the baseline skips the same images
+            _report_skipped(r["skipped"])
         results.append(r)
         label = f"{model} (random init)" if i == 1 else model
         print(
@@ -148,3 +176,15 @@ def _eval_knn(args: argparse.Namespace) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0
+
+
+def _report_skipped(skipped: list[dict[str, str]]) -> None:
+    """eval: the count by reason, then one ``  PATH (SPLIT): REASON (DETAIL)`` line per skipped image, on stderr."""
+    from lvdkit.pretrain.evaluate import Skipped, skip_summary
+
+    if not skipped:
+        return
+    summary = skip_summary([Skipped(s["path"], s["reason"], s["detail"]) for s in skipped])
+    print(f"lvdkit eval: skipped {summary}:", file=sys.stderr)
+    for s in skipped:
+        print(f"  {s['path']} ({s['split']}): {s['reason']} ({s['detail']})", file=sys.stderr)

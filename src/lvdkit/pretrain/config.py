@@ -91,7 +91,7 @@ class PretrainConfig:
     """A pretraining run: data, method, model, optimisation and where it runs."""
 
     out: str = "out/pretrain"  # the run folder: checkpoints, metrics.jsonl, tensorboard/, config.yaml, exports
-    data: str = "out/curate/curated"  # curated shards, or any Parquet folder/file with an image-bytes column
+    data: str = "out/curate/curated"  # curated set, or any Parquet folder/file with an image-bytes column
     image_column: str = "image"
     method: Literal["dinov2", "distillation"] = "dinov2"
     model: str = "timm:vit_small_patch14_dinov2"  # the student; dinov2 needs a timm ViT

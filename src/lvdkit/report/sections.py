@@ -19,9 +19,12 @@ import pyarrow.parquet as pq
 
 from lvdkit.core import schema
 from lvdkit.core.io import part_files, read_json, read_parts
+from lvdkit.core.stage import StageInputs
+from lvdkit.core.views import DEDUP_STAGES, INGEST
 from lvdkit.pipeline.manifest import success
-from lvdkit.pipeline.names import CURATE_ORDER, stage_dirname
-from lvdkit.pipeline.views import DEDUP_STAGES
+from lvdkit.pipeline.names import CURATE_ORDER
+from lvdkit.pipeline.stages import declared_sides
+from lvdkit.pipeline.summary import SUMMARY_FILE
 from lvdkit.report.page import Raw, bar, esc, histogram_svg, missing, para, table
 from lvdkit.report.thumbs import Thumbnailer
 
@@ -33,7 +36,7 @@ DEDUP_KINDS = {
     "dedup_relative": "copies of protected images",
 }
 RETRIEVE_COLUMNS = [schema.IMAGE_ID, "seed_set", "seed_id", "score", "method"]
-SIDE_TABLES = ("dedup_relative/protected.parquet", "retrieve/seeds.parquet")  # images that are not in ingest
+SIDE_TABLES = (("dedup_relative", schema.PROTECTED_FILE), ("retrieve", schema.SEEDS_FILE))  # images not in ingest
 
 
 @dataclass(frozen=True)
@@ -59,16 +62,21 @@ class Context:
 
     def finished(self, stage: str) -> dict[str, Any] | None:
         """The stage's ``_SUCCESS`` record, or None when it has not finished."""
-        return success(self.out / stage_dirname(stage))
+        return success(self.outputs.folder(stage))
+
+    @property
+    def outputs(self) -> StageInputs:
+        """Read access to every stage's declared outputs."""
+        return StageInputs(str(self.out), CURATE_ORDER, declared_sides())
 
     def summary(self) -> dict[str, Any] | None:
         """``OUT/summary.json``, or None when absent."""
-        return read_json(self.out / "summary.json")
+        return read_json(self.out / SUMMARY_FILE)
 
     def uris(self, ids: Iterable[str]) -> dict[str, str]:
         """``image_id -> uri`` for ``ids``: pool images from ingest, protected images and seeds from their tables."""
         wanted = {i for i in ids if i and i not in self._uris}
-        sources = [self.out / "ingest", *(self.out / p for p in SIDE_TABLES)]
+        sources = [self.outputs.folder(INGEST), *(self.outputs.side(stage, name) for stage, name in SIDE_TABLES)]
         for source in sources:
             if not wanted:
                 break
@@ -139,9 +147,9 @@ def funnel_section(ctx: Context) -> str:
 
 
 def _curated_rows(ctx: Context, summary: dict[str, Any], total: int) -> list[tuple[list[object], str]]:
-    if summary.get("curated") is None or ctx.finished("shard") is None:
-        return [(["curated", Raw(missing("shard has not run").strip()), ""], "")]
-    reasons = read_parts(ctx.out / "curated", columns=["reason"])["reason"]
+    if summary.get("curated") is None or ctx.finished("curated") is None:
+        return [(["curated", Raw(missing("curated has not run").strip()), ""], "")]
+    reasons = ctx.outputs.table("curated", columns=[schema.REASON])[schema.REASON]
     counts = {r["values"]: int(r["counts"]) for r in pc.value_counts(reasons).to_pylist()}
     curated = int(summary["curated"])
     rows: list[tuple[list[object], str]] = [(["curated", curated, bar(curated, total, "curated")], "")]
@@ -155,7 +163,8 @@ def clusters_section(ctx: Context) -> str:
     """Cluster sizes (levels, histogram of level-1 sizes) and image grids of the largest level-1 clusters."""
     if ctx.finished("cluster") is None:
         return missing("cluster has not run: no cluster sizes or cluster samples")
-    table_ = read_parts(ctx.out / "cluster", columns=[schema.IMAGE_ID, schema.CLUSTER_IDS, "distance", "balanced"])
+    columns = [schema.IMAGE_ID, schema.CLUSTER_IDS, schema.DISTANCE, schema.BALANCED]
+    table_ = ctx.outputs.table("cluster", columns=columns)
     if table_.num_rows == 0:
         return missing("the cluster stage produced no rows")
     level1 = pc.list_element(table_[schema.CLUSTER_IDS], 0).to_numpy()
@@ -209,7 +218,7 @@ def _stage_pairs(ctx: Context, stage: str) -> str:
     record = ctx.finished(stage)
     if record is None:
         return title + missing(f"{stage} has not run")
-    dedup = read_parts(ctx.out / stage, columns=[schema.IMAGE_ID, schema.DUP_OF, "distance"], schema=schema.DEDUP)
+    dedup = ctx.outputs.table(stage, columns=[schema.IMAGE_ID, schema.DUP_OF, schema.DISTANCE], schema=schema.DEDUP)
     dups = dedup.filter(pc.is_valid(dedup[schema.DUP_OF]))
     if dups.num_rows == 0:
         return title + para(f"no duplicates among {dedup.num_rows:,} images")
@@ -252,8 +261,8 @@ def retrieval_section(ctx: Context) -> str:
     record = ctx.finished("retrieve")
     if record is None:
         return missing("retrieve has not run: no retrievals")
-    hits = _retrieved(ctx.out / "retrieve")
-    seeds_path = ctx.out / "retrieve" / "seeds.parquet"
+    hits = _retrieved(ctx.outputs.folder("retrieve"))
+    seeds_path = ctx.outputs.side("retrieve", schema.SEEDS_FILE)
     seeds = (
         pq.read_table(seeds_path, columns=[schema.IMAGE_ID, schema.URI, "seed_set"]) if seeds_path.exists() else None
     )

@@ -11,6 +11,7 @@ from PIL import Image
 
 from lvdkit.core import schema
 from lvdkit.core.knn import l2_normalize
+from lvdkit.curation.curated import CuratedConfig, fetch_images, merge_selections
 from lvdkit.curation.retrieve import (
     CLUSTER,
     SAMPLE,
@@ -20,7 +21,6 @@ from lvdkit.curation.retrieve import (
     resolve_mode,
     sample_retrieval,
 )
-from lvdkit.curation.shard import ShardConfig, fetch_images, merge_selections
 
 
 def test_sample_retrieval_returns_the_true_nearest_neighbours_of_each_seed() -> None:
@@ -117,10 +117,10 @@ def test_fetch_images_stores_bytes_as_is_or_downsized(tmp_path: Path) -> None:
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(np.ones(8, np.float32)), 4),
         }
     )
-    as_is = fetch_images(rows, ShardConfig(), 4)
+    as_is = fetch_images(rows, CuratedConfig(), 4)
     assert as_is.schema.equals(schema.curated_schema(4))
     assert as_is["image"].to_pylist()[0] == paths[0].read_bytes()
-    small = fetch_images(rows, ShardConfig(max_side=100), 4).to_pylist()
+    small = fetch_images(rows, CuratedConfig(max_side=100), 4).to_pylist()
     assert small[0]["image"] == paths[0].read_bytes()  # already small: untouched
     big = small[1]
     assert big["format"] == "JPEG" and max(big["width"], big["height"]) == 100

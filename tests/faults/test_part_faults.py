@@ -1,4 +1,4 @@
-"""Failing shard tasks, a full disk and files that change under a run: each is retried, reported with the files it
+"""Failing part tasks, a full disk and files that change under a run: each is retried, reported with the files it
 concerns, or quarantined as configured, and a rerun recovers to what a clean run gives."""
 
 from __future__ import annotations
@@ -19,21 +19,21 @@ from PIL import Image
 from lvdkit.core import schema
 from lvdkit.core.io import DiskFullError, part_files, read_parts
 from lvdkit.core.settings import load_config
+from lvdkit.curation.curated import ChangedSinceIngest
+from lvdkit.embeddings.stage import EmbedInputError
 from lvdkit.pipeline.config import CurateConfig
-from lvdkit.pipeline.embed import EmbedInputError
 from lvdkit.pipeline.runner import StageError, run
-from lvdkit.pipeline.stages import QUARANTINE_DIR, ChangedSinceIngest
 
 from ..conftest import TINY_EMBED
 
-FILES_PER_SHARD = 40  # 4 shards of the small demo's 124 files
+FILES_PER_PART = 40  # 4 parts of the small demo's 124 files
 
 
 def _args(out: Path, demo: Path, *extra: str) -> list[str]:
     return [
         f"out={out}",
         f"ingest.inputs=[{demo / 'raw'}]",
-        f"ingest.files_per_shard={FILES_PER_SHARD}",
+        f"ingest.files_per_part={FILES_PER_PART}",
         "progress=false",
         "ray.num_cpus=2",
         *extra,
@@ -65,20 +65,20 @@ def clean(ray_local: None, small_demo: Path, tmp_path_factory: pytest.TempPathFa
 
 @pytest.fixture()
 def victim(clean: pa.Table) -> str:
-    """A usable image of the second shard."""
-    return str(clean[schema.URI][FILES_PER_SHARD + 5].as_py())
+    """A usable image of the second part."""
+    return str(clean[schema.URI][FILES_PER_PART + 5].as_py())
 
 
-# --- a failing shard task -----------------------------------------------------------------------------------------
+# --- a failing part task -----------------------------------------------------------------------------------------
 
 
 @pytest.mark.usefixtures("ray_local")
 @pytest.mark.parametrize("mode", ["raise", "crash"])
-def test_a_shard_that_fails_once_is_retried_and_the_stage_completes(
+def test_a_part_that_fails_once_is_retried_and_the_stage_completes(
     mode: str, clean: pa.Table, small_demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``raise``: the shard's code raises (retried inside the task); ``crash``: its worker process dies (Ray retries
-    the task in a new worker). Every shard (``crash``: shard 1) fails on its first attempt."""
+    """``raise``: the part's code raises (retried inside the task); ``crash``: its worker process dies (Ray retries
+    the task in a new worker). Every part (``crash``: part 1) fails on its first attempt."""
     markers = tmp_path / "markers"
     markers.mkdir()
     monkeypatch.setenv("LVDKIT_TEST_FAIL_ONCE", "ingest" if mode == "raise" else "ingest:crash:1")
@@ -101,14 +101,14 @@ def test_a_worker_that_always_dies_is_retried_a_bounded_number_of_times_and_name
     with pytest.raises(StageError) as failed:
         _ingest(out, small_demo, "ray.max_task_retries=1")
     message = str(failed.value)
-    assert message.startswith("ingest: a shard task failed on all 2 attempts")
-    first = str(clean[schema.URI][2 * FILES_PER_SHARD].as_py())
-    assert f"shard 2 was running: {first}, " in message  # the shard and its first files
+    assert message.startswith("ingest: a part task failed on all 2 attempts")
+    first = str(clean[schema.URI][2 * FILES_PER_PART].as_py())
+    assert f"part 2 was running: {first}, " in message  # the part and its first files
     assert not (out / "ingest" / "_SUCCESS").exists()
 
 
 @pytest.mark.usefixtures("ray_local")
-def test_a_shard_that_always_fails_fails_the_stage_naming_the_file_and_the_rerun_resumes(
+def test_a_part_that_always_fails_fails_the_stage_naming_the_file_and_the_rerun_resumes(
     clean: pa.Table,
     victim: str,
     small_demo: Path,
@@ -121,9 +121,9 @@ def test_a_shard_that_always_fails_fails_the_stage_naming_the_file_and_the_rerun
     with pytest.raises(StageError) as failed:
         _ingest(out, small_demo)
     message = str(failed.value)
-    assert "ingest: 1 of 4 shards failed on all 4 attempts (on_shard_error=fail)" in message
-    assert f"shard 1: {victim}: InjectedFault" in message  # the one file that fails on its own, and why
-    assert "on_shard_error=quarantine" in message  # what to do
+    assert "ingest: 1 of 4 parts failed on all 4 attempts (on_part_error=fail)" in message
+    assert f"part 1: {victim}: InjectedFault" in message  # the one file that fails on its own, and why
+    assert "on_part_error=quarantine" in message  # what to do
     assert not (out / "ingest" / "_SUCCESS").exists()
     assert [p.name for p in part_files(out / "ingest")] == [
         "part-000000.parquet",
@@ -134,24 +134,24 @@ def test_a_shard_that_always_fails_fails_the_stage_naming_the_file_and_the_rerun
     monkeypatch.delenv("LVDKIT_TEST_FAIL_ALWAYS")
     capsys.readouterr()
     _ingest(out, small_demo)
-    assert "ingest: 3 of 4 shards already done, 1 to go" in capsys.readouterr().err
+    assert "ingest: 3 of 4 parts already done, 1 to go" in capsys.readouterr().err
     assert _sorted(read_parts(out / "ingest")).equals(_sorted(clean))
 
 
 @pytest.mark.usefixtures("ray_local")
-def test_a_shard_that_always_fails_quarantines_only_the_failing_file_when_configured(
+def test_a_part_that_always_fails_quarantines_only_the_failing_file_when_configured(
     clean: pa.Table, victim: str, small_demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("LVDKIT_TEST_FAIL_ALWAYS", f"ingest:{victim}")
     out = tmp_path / "out"
-    summary = _ingest(out, small_demo, "on_shard_error=quarantine")
+    summary = _ingest(out, small_demo, "on_part_error=quarantine")
     table = _sorted(read_parts(out / "ingest"))
     is_victim = pc.equal(table[schema.URI], victim)
     (row,) = table.filter(is_victim).to_pylist()
     assert (row["status"], row["error"]) == (schema.STATUS_QUARANTINED, schema.REASON_PROCESSING)
     assert row["error_detail"].startswith("InjectedFault: injected failure on")
     others = _sorted(clean).filter(pc.invert(pc.equal(_sorted(clean)[schema.URI], victim)))
-    assert table.filter(pc.invert(is_victim)).equals(others)  # the rest of its shard is ingested as usual
+    assert table.filter(pc.invert(is_victim)).equals(others)  # the rest of its part is ingested as usual
     assert summary["quarantined_by_reason"][schema.REASON_PROCESSING] == 1  # type: ignore[index]
     assert summary["images_in"] == summary["kept"] + summary["quarantined"] == clean.num_rows  # type: ignore[operator]
 
@@ -188,7 +188,7 @@ def test_a_full_disk_fails_the_stage_naming_the_file_and_the_rerun_recovers(
     monkeypatch.delenv("LVDKIT_TEST_ENOSPC_AFTER")
     capsys.readouterr()
     _ingest(out, small_demo)
-    assert f"ingest: {len(survivors)} of 4 shards already done" in capsys.readouterr().err
+    assert f"ingest: {len(survivors)} of 4 parts already done" in capsys.readouterr().err
     assert _sorted(read_parts(out / "ingest")).equals(_sorted(clean))
     assert not list((out / "ingest").glob(".*"))
 
@@ -238,7 +238,7 @@ def _pool(folder: Path, n: int = 24) -> list[Path]:
 
 
 @pytest.mark.usefixtures("ray_local")
-def test_a_file_changed_after_ingest_fails_embed_or_shard_naming_it_and_a_rerun_recovers(tmp_path: Path) -> None:
+def test_a_file_changed_after_ingest_fails_embed_or_curated_naming_it_and_a_rerun_recovers(tmp_path: Path) -> None:
     paths = _pool(tmp_path / "pool")
     out = tmp_path / "out"
     overrides = [
@@ -246,10 +246,10 @@ def test_a_file_changed_after_ingest_fails_embed_or_shard_naming_it_and_a_rerun_
         f"ingest.inputs=[{tmp_path / 'pool'}]",
         "progress=false",
         *TINY_EMBED,
-        "embed.images_per_shard=8",
+        "embed.images_per_part=8",
         "dedup_copy.threshold=0.99",  # the random-init model has no copy signal: only real copies may match
         "cluster.target_size=12",
-        "shard.rows_per_shard=4",
+        "curated.rows_per_part=4",
     ]
     cfg = load_config(CurateConfig, None, overrides)
     run(cfg, stages=("ingest", "dedup_exact", "dedup_phash"))
@@ -269,14 +269,14 @@ def test_a_file_changed_after_ingest_fails_embed_or_shard_naming_it_and_a_rerun_
     changed = Path(str(curated[schema.URI][5].as_py()))
     Image.new("RGB", (48, 48), (1, 2, 3)).save(changed)  # still an image, but not the bytes ingest read
     with pytest.raises(StageError) as failed_shard:
-        run(cfg, stages=("shard",), force=True)
+        run(cfg, stages=("curated",), force=True)
     assert f"{changed}: {ChangedSinceIngest.__name__}: {changed} changed since ingest" in str(failed_shard.value)
 
-    cfg.on_shard_error = "quarantine"
-    run(cfg, stages=("shard",), force=True)
+    cfg.on_part_error = "quarantine"
+    run(cfg, stages=("curated",), force=True)
     assert read_parts(out / "curated").num_rows == curated.num_rows - 1
     assert str(changed) not in read_parts(out / "curated")[schema.URI].to_pylist()
-    left_out = read_parts(out / "curated" / QUARANTINE_DIR).to_pylist()
+    left_out = read_parts(out / "curated" / schema.QUARANTINED).to_pylist()
     assert [(r[schema.URI], r["error"]) for r in left_out] == [(str(changed), "changed_since_ingest")]
     stats = json.loads((out / "curated" / "_SUCCESS").read_text())["stats"]
     assert stats["quarantined"] == {"changed_since_ingest": 1}

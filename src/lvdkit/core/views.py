@@ -1,21 +1,22 @@
 """Read-side views over finished stage outputs: which images are still alive, and the final per-image status.
 
-Everything here is plain pyarrow over ``OUT/<stage>/part-*.parquet``; it is what later stages, the summary and
-notebooks use to ask "what survived?".
+Everything here is plain pyarrow over the outputs a :class:`~lvdkit.core.stage.StageInputs` may read; it is what
+later stages, the summary and the report use to ask "what survived?" and "what is its embedding?".
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from lvdkit.core import schema
-from lvdkit.core.io import read_parts
+from lvdkit.core.stage import StageInputs
 
+INGEST, EMBED = "ingest", "embed"  # the stages whose outputs every later stage reads
 DEDUP_STAGES = ("dedup_exact", "dedup_phash", "dedup_copy", "dedup_relative")
+CALIBRATION = "calibration"  # embed's part sub-folder: embeddings of synthetic copies (dedup_copy's calibration)
 
 
 def dedups_before(stage: str) -> tuple[str, ...]:
@@ -23,40 +24,40 @@ def dedups_before(stage: str) -> tuple[str, ...]:
     return DEDUP_STAGES[: DEDUP_STAGES.index(stage)]
 
 
-def ingested(out: Path, columns: list[str] | None = None) -> pa.Table:
+def ingested(inputs: StageInputs, columns: list[str] | None = None) -> pa.Table:
     """The ingest table (all rows, usable or not)."""
-    return read_parts(out / "ingest", columns=columns, schema=schema.INGEST)
+    return inputs.table(INGEST, columns=columns, schema=schema.INGEST)
 
 
-def alive(out: Path, after: tuple[str, ...], columns: list[str]) -> pa.Table:
+def alive(inputs: StageInputs, after: tuple[str, ...], columns: list[str]) -> pa.Table:
     """Usable ingested images not removed by any of the dedup stages in ``after``, with ``columns`` from ingest."""
     wanted = list(dict.fromkeys([schema.IMAGE_ID, "status", *columns]))
-    table = ingested(out, wanted)
+    table = ingested(inputs, wanted)
     table = table.filter(pc.equal(table["status"], schema.STATUS_OK))
     for stage in after:
-        dedup = read_parts(out / stage, columns=[schema.IMAGE_ID, schema.KEEP], schema=schema.DEDUP)
+        dedup = inputs.table(stage, columns=[schema.IMAGE_ID, schema.KEEP], schema=schema.DEDUP)
         kept_ids = dedup.filter(dedup[schema.KEEP])[schema.IMAGE_ID]
         table = table.filter(pc.is_in(table[schema.IMAGE_ID], value_set=kept_ids))
     return table.select(list(dict.fromkeys([schema.IMAGE_ID, *columns])))
 
 
-def final_status(out: Path, dedup_stages: tuple[str, ...]) -> pa.Table:
+def final_status(inputs: StageInputs, dedup_stages: tuple[str, ...]) -> pa.Table:
     """One row per ingested file: kept, duplicate (naming the finally kept image) or quarantined (with reason).
 
     Columnar throughout (positions found with ``index_in``, no per-image Python objects beyond the output columns).
     """
-    ing = ingested(out, [schema.IMAGE_ID, schema.URI, "status", "error"])
+    ing = ingested(inputs, [schema.IMAGE_ID, schema.URI, "status", "error"])
     ids = ing[schema.IMAGE_ID]
     ok = ing["status"].to_numpy(zero_copy_only=False) == schema.STATUS_OK
     status = np.where(ok, schema.FINAL_KEPT, schema.STATUS_QUARANTINED).astype(object)
     reason = ing["error"].to_numpy(zero_copy_only=False).astype(object)
     dup_of = np.full(len(ids), None, dtype=object)
     for stage in dedup_stages:
-        dedup = read_parts(out / stage, columns=[schema.IMAGE_ID, schema.DUP_OF], schema=schema.DEDUP)
+        dedup = inputs.table(stage, columns=[schema.IMAGE_ID, schema.DUP_OF], schema=schema.DEDUP)
         dups = dedup.filter(pc.is_valid(dedup[schema.DUP_OF]))
         at = pc.index_in(dups[schema.IMAGE_ID], value_set=ids).to_numpy(zero_copy_only=False)
         if np.isnan(at.astype(np.float64)).any():
-            raise RuntimeError(f"{out / stage} names images that ingest does not have: rerun the stage")
+            raise RuntimeError(f"{inputs.folder(stage)} names images that ingest does not have: rerun the stage")
         at = at.astype(np.int64)
         status[at], reason[at] = schema.FINAL_DUPLICATE, stage
         dup_of[at] = dups[schema.DUP_OF].to_numpy(zero_copy_only=False)
@@ -82,3 +83,33 @@ def final_status(out: Path, dedup_stages: tuple[str, ...]) -> pa.Table:
         },
         schema=schema.STATUS,
     )
+
+
+def aligned(ids: pa.Array | pa.ChunkedArray, table: pa.Table) -> pa.Table:
+    """Rows of ``table`` (keyed by image_id) in the order of ``ids``; null rows where absent."""
+    return table.take(pc.index_in(ids, value_set=table[schema.IMAGE_ID]))
+
+
+def embeddings_of(
+    inputs: StageInputs,
+    key: str,
+    ids: pa.Array | pa.ChunkedArray,
+    calibration: bool = False,
+    allow_missing: bool = False,
+) -> np.ndarray:
+    """Embeddings of model ``key`` for ``ids`` (in that order), as a [N, D] float32 array (zeros where missing and
+    ``allow_missing``); ``calibration``: of the synthetic copies."""
+    col = schema.embedding_column(key)
+    sub = CALIBRATION if calibration else ""
+    parts = inputs.parts(EMBED, sub)
+    if parts and col not in pq.read_schema(parts[0]).names:
+        raise ValueError(f"no embeddings for model {key!r} in {inputs.folder(EMBED)}: set it in embed.models")
+    table = inputs.table(EMBED, columns=[schema.IMAGE_ID, col], sub=sub)
+    pos = pc.index_in(ids, value_set=table[schema.IMAGE_ID])
+    missing = pc.is_null(pos).to_numpy(zero_copy_only=False)
+    if missing.any() and not allow_missing:
+        raise RuntimeError(f"{inputs.folder(EMBED)} lacks embeddings for some images: rerun embed")
+    flat = table[col].combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)
+    out_x = np.zeros((len(ids), flat.shape[1]), np.float32)
+    out_x[~missing] = flat[pc.drop_null(pos).to_numpy()]
+    return out_x

@@ -1,0 +1,228 @@
+"""Stage ``curated``: the curated pretraining set as Parquet parts with the image bytes and their provenance.
+
+Selections are merged (an image picked several ways keeps its strongest reason: sample retrieval, then cluster
+retrieval, then the balanced sample; seed images can be included as they are), then every part reads its images'
+bytes, re-encoding only those larger than ``max_side`` when it is set.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from PIL import Image
+
+from lvdkit.core import schema
+from lvdkit.core.files import MAX_FILE_BYTES, content_hash, read_bytes
+from lvdkit.core.image import decode, to_rgb
+from lvdkit.core.stage import PartPlan, PartWork, StageInputs
+from lvdkit.core.views import aligned, embeddings_of, ingested
+
+REASON_ORDER = (schema.REASON_SAMPLE, schema.REASON_CLUSTER, schema.REASON_BALANCED, schema.REASON_SEED)
+SELECTION = schema.SELECTION
+
+
+@dataclass
+class CuratedConfig:
+    """Part size, what goes in, and optional downsizing."""
+
+    RENAMED: ClassVar[dict[str, str]] = {"rows_per_part": "rows_per_part"}
+
+    rows_per_part: int = 1000  # images per part file
+    row_group_rows: int = 256  # rows per Parquet row group (streaming readers fetch one at a time)
+    include_seeds: bool = True  # add the seed images themselves (reason: seed)
+    max_side: int | None = None  # re-encode (JPEG, quality 90) images whose longer side exceeds this; null: as stored
+    embedding: str | None = "semantic"  # embed.models key stored as the `embedding` column; null: no column
+
+
+def merge_selections(selections: list[pa.Table]) -> pa.Table:
+    """Concatenate selection tables (image_id, reason, seed_set, score) and keep each image's best row."""
+    table = pa.concat_tables([s.select(SELECTION.names).cast(SELECTION) for s in selections])
+    if table.num_rows == 0:
+        return table
+    rank = pc.index_in(table["reason"], value_set=pa.array(REASON_ORDER))
+    order = np.lexsort(
+        (
+            -np.nan_to_num(table["score"].to_numpy(zero_copy_only=False), nan=-np.inf),
+            rank.to_numpy(zero_copy_only=False),
+            table["image_id"].to_numpy(zero_copy_only=False),
+        )
+    )
+    ids = table["image_id"].to_numpy(zero_copy_only=False)[order]
+    first = np.concatenate([[True], ids[1:] != ids[:-1]])
+    return table.take(pa.array(order[first]))
+
+
+def fetch_images(rows: pa.Table, cfg: CuratedConfig, dim: int | None) -> pa.Table:
+    """Add the ``image`` bytes to selected rows (one part) and return a table with :func:`schema.curated_schema`."""
+    images, widths, heights, formats = [], [], [], []
+    for uri, fmt, w, h in zip(
+        rows[schema.URI].to_pylist(),
+        rows["format"].to_pylist(),
+        rows["width"].to_pylist(),
+        rows["height"].to_pylist(),
+        strict=True,
+    ):
+        data = read_bytes(uri, MAX_FILE_BYTES)
+        if cfg.max_side is not None and max(w, h) > cfg.max_side:
+            data, w, h = _shrink(data, cfg.max_side)
+            fmt = "JPEG"
+        images.append(data)
+        widths.append(w)
+        heights.append(h)
+        formats.append(fmt)
+    sch = schema.curated_schema(dim)
+    cols = {name: rows[name] for name in sch.names if name in rows.column_names}
+    cols.update(
+        image=pa.array(images, pa.binary()),
+        format=pa.array(formats, pa.string()),
+        width=pa.array(widths, pa.int32()),
+        height=pa.array(heights, pa.int32()),
+    )
+    return pa.table({name: cols[name] for name in sch.names}, schema=sch)
+
+
+def _shrink(data: bytes, max_side: int) -> tuple[bytes, int, int]:
+    image = to_rgb(decode(data, 2**31).image)
+    image.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=90)
+    return buf.getvalue(), image.width, image.height
+
+
+# --- the stage: selections merged in the driver (ids and metadata), bytes fetched per part -------------------------
+
+
+def plan_curated(cfg: CuratedConfig, inputs: StageInputs, fingerprint: str, listing: Path) -> PartPlan:
+    """Merge the selections, attach what each curated row needs but its bytes, and write that work list."""
+    clusters = inputs.table("cluster", schema=schema.CLUSTER)
+    seeds_path = inputs.side("retrieve", schema.SEEDS_FILE)
+    seeds = pq.read_table(seeds_path) if seeds_path.exists() else None
+    chosen = merge_selections(_selections(inputs, clusters, seeds if cfg.include_seeds else None))
+    chosen = chosen.sort_by(schema.IMAGE_ID)
+    ids = chosen[schema.IMAGE_ID]
+    meta_cols = [schema.IMAGE_ID, schema.URI, schema.FORMAT, schema.WIDTH, schema.HEIGHT, schema.CONTENT_HASH]
+    pool_meta = aligned(ids, ingested(inputs, meta_cols))
+    seed_meta = aligned(ids, seeds.select(meta_cols)) if seeds is not None else None
+    listing_table = chosen
+    for col in meta_cols[1:]:
+        values = pool_meta[col] if seed_meta is None else pc.coalesce(pool_meta[col], seed_meta[col])
+        listing_table = listing_table.append_column(col, values)
+    listing_table = listing_table.append_column(schema.CLUSTER_IDS, aligned(ids, clusters)[schema.CLUSTER_IDS])
+    if cfg.embedding is not None:
+        listing_table = listing_table.append_column(schema.EMBEDDING, _embeddings(inputs, cfg.embedding, ids, seeds))
+    pq.write_table(listing_table, listing, row_group_size=cfg.rows_per_part)
+    return PartPlan(fingerprint, -(-listing_table.num_rows // cfg.rows_per_part))
+
+
+def _selections(inputs: StageInputs, clusters: pa.Table, seeds: pa.Table | None) -> list[pa.Table]:
+    """Retrieved images, the balanced sample and (when given) the seeds, as SELECTION tables."""
+    retrieved = inputs.table("retrieve", schema=schema.RETRIEVED).rename_columns({schema.METHOD: schema.REASON})
+    balanced = clusters.filter(clusters[schema.BALANCED])
+    n = balanced.num_rows
+    out = [
+        retrieved.select(SELECTION.names),
+        pa.table(
+            {
+                schema.IMAGE_ID: balanced[schema.IMAGE_ID],
+                schema.REASON: pa.array([schema.REASON_BALANCED] * n, pa.string()),
+                schema.SEED_SET: pa.nulls(n, pa.string()),
+                schema.SCORE: pc.cast(pc.subtract(1.0, pc.cast(balanced[schema.DISTANCE], pa.float64())), pa.float32()),
+            }
+        ),
+    ]
+    if seeds is not None:
+        out.append(
+            pa.table(
+                {
+                    schema.IMAGE_ID: seeds[schema.IMAGE_ID],
+                    schema.REASON: pa.array([schema.REASON_SEED] * seeds.num_rows, pa.string()),
+                    schema.SEED_SET: seeds[schema.SEED_SET],
+                    schema.SCORE: pa.array(np.ones(seeds.num_rows, np.float32)),
+                }
+            )
+        )
+    return out
+
+
+def _embeddings(inputs: StageInputs, key: str, ids: pa.ChunkedArray, seeds: pa.Table | None) -> pa.Array:
+    """Embeddings of ``ids`` from the pool's, or from the seeds' side file for seed images."""
+    emb = embeddings_of(inputs, key, ids, allow_missing=True)
+    if seeds is not None:
+        seed_emb = aligned(ids, seeds.select([schema.IMAGE_ID, schema.EMBEDDING]))[schema.EMBEDDING]
+        is_seed = pc.is_valid(seed_emb).to_numpy(zero_copy_only=False)
+        if is_seed.any():
+            emb[is_seed] = np.stack(seed_emb.filter(pc.is_valid(seed_emb)).to_pylist())
+    return pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel(), pa.float32()), emb.shape[1])
+
+
+CHANGED = "changed_since_ingest"  # a curated file's bytes are not the ones ingest read
+_REINGEST = "rerun `lvdkit curate`: ingest notices changed files (size, mtime) and redoes the stages after it"
+
+
+class ChangedSinceIngest(RuntimeError):
+    """A selected file no longer holds the bytes ingest read (edited, replaced or removed since)."""
+
+    reason = CHANGED
+
+
+@dataclass(frozen=True)
+class CuratedWork(PartWork):
+    """Curated part ``i``: fetch the bytes of row group ``i`` of the listing, checking each file is unchanged."""
+
+    listing: Path
+    cfg: CuratedConfig
+
+    def load(self, index: int) -> pa.Table:
+        return pq.ParquetFile(self.listing).read_row_group(index)
+
+    def process(self, rows: pa.Table) -> pa.Table:
+        dim = rows.schema.field(schema.EMBEDDING).type.list_size if schema.EMBEDDING in rows.column_names else None
+        try:
+            table = fetch_images(rows, self.cfg, dim)
+        except FileNotFoundError as exc:
+            raise ChangedSinceIngest(f"{exc}: it was read at ingest; {_REINGEST}") from exc
+        _check_unchanged(rows, table, self.cfg)
+        return table
+
+
+def _check_unchanged(rows: pa.Table, table: pa.Table, cfg: CuratedConfig) -> None:
+    """Raise :class:`ChangedSinceIngest` for the first file whose bytes differ from what ingest hashed."""
+    if schema.CONTENT_HASH not in rows.column_names:
+        return
+    for uri, want, data, w, h in zip(
+        rows[schema.URI].to_pylist(),
+        rows[schema.CONTENT_HASH].to_pylist(),
+        table[schema.IMAGE].to_pylist(),
+        rows[schema.WIDTH].to_pylist(),
+        rows[schema.HEIGHT].to_pylist(),
+        strict=True,
+    ):
+        reencoded = cfg.max_side is not None and max(w, h) > cfg.max_side  # ``data`` is not the file: read it again
+        got = content_hash(read_bytes(uri, MAX_FILE_BYTES) if reencoded else data)
+        if want is not None and got != want:
+            raise ChangedSinceIngest(
+                f"{uri} changed since ingest (its bytes differ from the ones ingested); {_REINGEST}"
+            )
+
+
+def curated_stats(inputs: StageInputs) -> dict[str, Any]:
+    """Curated images by selection reason and seed set, and the files left out (``on_part_error=quarantine``)."""
+    table = inputs.table("curated", columns=[schema.REASON, schema.SEED_SET], schema=schema.curated_schema(None))
+    by_reason = pc.value_counts(table[schema.REASON]).to_pylist()
+    by_set = pc.value_counts(pc.fill_null(table[schema.SEED_SET], "")).to_pylist()
+    stats: dict[str, Any] = {
+        "by_reason": {r["values"]: r["counts"] for r in by_reason},
+        "by_seed_set": {r["values"]: r["counts"] for r in by_set if r["values"]},
+    }
+    left_out = inputs.parts("curated", schema.QUARANTINED)
+    if left_out:
+        errors = pa.concat_tables([pq.read_table(p, columns=[schema.ERROR]) for p in left_out])[schema.ERROR]
+        stats["quarantined"] = {r["values"]: r["counts"] for r in pc.value_counts(errors).to_pylist()}
+    return stats

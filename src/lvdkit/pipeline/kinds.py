@@ -1,0 +1,64 @@
+"""Stage kinds: what the runner needs to know about a stage to run it, one type per way of running.
+
+A stage names the upstream stages whose outputs it reads (``reads``) and every output it writes besides its parts
+(``sides``: side files; ``subparts``: part sub-folders), so the runner resolves every path and writes every file.
+
+- :class:`WholeStage`: one task over the whole dataset, returning a :class:`~lvdkit.core.stage.StageOutput`.
+- :class:`PartStage`: a work list split into parts, each part one task (or one call on an actor pool holding
+  models) writing one ``part-NNNNNN.parquet``; interrupted runs resume part by part.
+
+The scale-out work adds a partitioned kind beside these (work per k-means partition, a reduce at the end).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lvdkit.core.stage import PartPlan, PartWork, StageInputs, StageOutput
+from lvdkit.pipeline.config import CurateConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class Stage:
+    """What every stage declares."""
+
+    name: str
+    reads: tuple[str, ...]  # upstream stages whose outputs it reads (all must have finished)
+    section: Callable[[CurateConfig], Any]  # its config section (its hash decides whether it is redone)
+    sides: tuple[str, ...] = ()  # side files it writes in its folder (names or fnmatch patterns)
+    subparts: tuple[str, ...] = ()  # per-part sub-folders it writes (one file per part in each)
+    extra_fingerprint: Callable[[CurateConfig], str] | None = None  # inputs beyond upstream outputs (files read)
+
+    def inputs(self, out: Path, sides: dict[str, tuple[str, ...]]) -> StageInputs:
+        """Read access to its declared upstream outputs (and to its own, for its stats)."""
+        return StageInputs(str(out), (*self.reads, self.name), sides)
+
+
+@dataclass(frozen=True, kw_only=True)
+class WholeStage(Stage):
+    """One task over the whole dataset."""
+
+    run: Callable[[CurateConfig, StageInputs], StageOutput]
+
+
+@dataclass(frozen=True)
+class Actors:
+    """An actor pool for a per-part stage whose work holds models: replicas and resources per replica."""
+
+    replicas: int
+    num_cpus: float
+    num_gpus: float
+    threads: int | None  # intra-op threads per replica; None: the cluster's CPUs / replicas
+
+
+@dataclass(frozen=True, kw_only=True)
+class PartStage(Stage):
+    """A work list split into parts, one output part each."""
+
+    plan: Callable[[CurateConfig, StageInputs, str, Path], PartPlan]  # (cfg, inputs, upstream fingerprint, listing)
+    work: Callable[[CurateConfig, Path], PartWork]  # (cfg, listing) -> the part work, built on the driver
+    stats: Callable[[StageInputs], dict[str, Any]]
+    actors: Callable[[CurateConfig], Actors | None] | None = None  # None: plain tasks
