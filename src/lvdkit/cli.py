@@ -100,11 +100,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo":
+        from lvdkit.core import schema
         from lvdkit.demo import make_demo
 
         truth = make_demo(args.dir, seed=args.seed, n_per_digit=args.n_per_digit, overwrite=args.overwrite)
-        kinds = truth.group_by("kind").aggregate([("path", "count")]).to_pylist()
-        print(f"demo data in {args.dir}: " + ", ".join(f"{k['path_count']} {k['kind']}" for k in kinds))
+        kinds = truth.group_by(schema.TRUTH_KIND).aggregate([(schema.TRUTH_PATH, "count")]).to_pylist()
+        counts = (f"{k[schema.TRUTH_PATH + '_count']} {k[schema.TRUTH_KIND]}" for k in kinds)
+        print(f"demo data in {args.dir}: " + ", ".join(counts))
         return 0
     if args.command == "summary":
         from lvdkit.pipeline.runner import write_summary

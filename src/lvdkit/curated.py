@@ -11,6 +11,7 @@ from typing import Any, Literal
 import pyarrow.dataset as ds
 from PIL import Image
 
+from lvdkit.core import schema
 from lvdkit.core.image import decode_rgb
 
 CURATED_DIR = "curated"
@@ -37,5 +38,5 @@ def decode(row_or_bytes: Any) -> Image.Image:
     Decoded by :func:`lvdkit.core.image.decode_rgb`, as ingest, embed and pretraining do: upright, transparency on
     white, the same pixels everywhere. Unusable bytes raise :class:`lvdkit.core.image.DecodeError` (with ``reason``).
     """
-    data = row_or_bytes if isinstance(row_or_bytes, (bytes, bytearray, memoryview)) else row_or_bytes["image"]
+    data = row_or_bytes if isinstance(row_or_bytes, (bytes, bytearray, memoryview)) else row_or_bytes[schema.IMAGE]
     return decode_rgb(bytes(data))

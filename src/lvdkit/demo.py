@@ -25,14 +25,20 @@ from PIL import Image
 from tqdm import tqdm
 
 from lvdkit.core.schema import (
+    SEED_SET,
     TRUTH,
     TRUTH_BROKEN,
+    TRUTH_COPY_OF,
     TRUTH_EXACT,
     TRUTH_HELDOUT,
+    TRUTH_KIND,
+    TRUTH_LABEL,
     TRUTH_LEAKED,
     TRUTH_NEAR,
     TRUTH_ORIGINAL,
+    TRUTH_PATH,
     TRUTH_SEED,
+    TRUTH_TRANSFORM,
 )
 from lvdkit.demo_images import (
     Size,
@@ -85,7 +91,7 @@ Encoding = tuple[str, int]  # Pillow format, JPEG quality
 
 @dataclasses.dataclass(frozen=True)
 class _File:
-    """One file to write: its truth row (fields named as in ``TRUTH``) and how its bytes are made."""
+    """One file to write: its truth row (see :meth:`row`) and how its bytes are made."""
 
     path: str
     kind: str
@@ -97,7 +103,14 @@ class _File:
 
     def row(self) -> dict[str, str | None]:
         """This file's row of the truth table."""
-        return {name: getattr(self, name) for name in TRUTH.names}
+        return {
+            TRUTH_PATH: self.path,
+            TRUTH_KIND: self.kind,
+            TRUTH_COPY_OF: self.original,
+            TRUTH_LABEL: self.label,
+            TRUTH_TRANSFORM: self.transform,
+            SEED_SET: self.seed_set,
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +158,7 @@ def make_demo(
     rng = np.random.default_rng(seed)
     files = _plan(rng, n_per_digit)
     _write_files(out, files, progress)
-    table = pa.Table.from_pylist(sorted((f.row() for f in files), key=lambda r: str(r["path"])), schema=TRUTH)
+    table = pa.Table.from_pylist(sorted((f.row() for f in files), key=lambda r: str(r[TRUTH_PATH])), schema=TRUTH)
     tmp = out / f".{TRUTH_FILE}.{os.getpid()}.tmp"
     pq.write_table(table, tmp)
     os.replace(tmp, out / TRUTH_FILE)

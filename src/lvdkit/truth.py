@@ -59,18 +59,18 @@ def load_truth(demo_dir: str | Path) -> pa.Table:
     demo_dir = Path(demo_dir)
     truth = pq.read_table(demo_dir / "truth.parquet")
     root = os.path.abspath(demo_dir)
-    uris = [os.path.join(root, *p.split("/")) for p in truth["path"].to_pylist()]
+    uris = [os.path.join(root, *p.split("/")) for p in truth[schema.TRUTH_PATH].to_pylist()]
     return truth.append_column(schema.URI, pa.array(uris, pa.string()))
 
 
 def families(truth: pa.Table) -> dict[str, str]:
     """uri -> family key (the original's path) for originals and their planted copies."""
     fam = {}
-    for row in truth.select([schema.URI, "path", "kind", "original"]).to_pylist():
-        if row["kind"] == schema.TRUTH_ORIGINAL:
-            fam[row[schema.URI]] = row["path"]
-        elif row["kind"] in (schema.TRUTH_EXACT, schema.TRUTH_NEAR):
-            fam[row[schema.URI]] = row["original"]
+    for row in truth.select([schema.URI, schema.TRUTH_PATH, schema.TRUTH_KIND, schema.TRUTH_COPY_OF]).to_pylist():
+        if row[schema.TRUTH_KIND] == schema.TRUTH_ORIGINAL:
+            fam[row[schema.URI]] = row[schema.TRUTH_PATH]
+        elif row[schema.TRUTH_KIND] in (schema.TRUTH_EXACT, schema.TRUTH_NEAR):
+            fam[row[schema.URI]] = row[schema.TRUTH_COPY_OF]
     return fam
 
 
@@ -78,18 +78,22 @@ def score_groups(truth: pa.Table, uris: list[str], rep_uris: list[str]) -> Dedup
     """Score a grouping: ``rep_uris[i]`` is the kept image of ``uris[i]``'s group (itself when kept)."""
     rep = dict(zip(uris, rep_uris, strict=True))
     fam = families(truth)
-    rows = truth.select([schema.URI, "path", "kind", "original"]).to_pylist()
-    uri_of_path = {r["path"]: r[schema.URI] for r in rows}
-    copied = {r["original"] for r in rows if r["kind"] in (schema.TRUTH_EXACT, schema.TRUTH_NEAR)}
+    rows = truth.select([schema.URI, schema.TRUTH_PATH, schema.TRUTH_KIND, schema.TRUTH_COPY_OF]).to_pylist()
+    uri_of_path = {r[schema.TRUTH_PATH]: r[schema.URI] for r in rows}
+    copied = {r[schema.TRUTH_COPY_OF] for r in rows if r[schema.TRUTH_KIND] in (schema.TRUTH_EXACT, schema.TRUTH_NEAR)}
 
     def found(kind: str) -> tuple[int, int]:
-        pairs = [(r[schema.URI], uri_of_path[r["original"]]) for r in rows if r["kind"] == kind]
+        pairs = [(r[schema.URI], uri_of_path[r[schema.TRUTH_COPY_OF]]) for r in rows if r[schema.TRUTH_KIND] == kind]
         hits = sum(1 for u, o in pairs if u in rep and o in rep and rep[u] == rep[o])
         return hits, len(pairs)
 
     decisions = [(u, r) for u, r in rep.items() if u != r]
     correct = sum(1 for u, r in decisions if fam.get(u) is not None and fam.get(u) == fam.get(r))
-    clean = [r[schema.URI] for r in rows if r["kind"] == schema.TRUTH_ORIGINAL and r["path"] not in copied]
+    clean = [
+        r[schema.URI]
+        for r in rows
+        if r[schema.TRUTH_KIND] == schema.TRUTH_ORIGINAL and r[schema.TRUTH_PATH] not in copied
+    ]
     removed = sum(1 for u in clean if u in rep and rep[u] != u)
     exact_found, exact_total = found(schema.TRUTH_EXACT)
     near_found, near_total = found(schema.TRUTH_NEAR)
@@ -104,8 +108,8 @@ def score_status(truth: pa.Table, status: pa.Table) -> DedupScore:
     uri_of_id = dict(zip(status[schema.IMAGE_ID].to_pylist(), status[schema.URI].to_pylist(), strict=True))
     live = status.filter(
         pa.compute.and_(
-            pa.compute.not_equal(status["status"], schema.STATUS_QUARANTINED),
-            pa.compute.not_equal(pa.compute.fill_null(status["reason"], ""), RELATIVE),
+            pa.compute.not_equal(status[schema.STATUS_COL], schema.STATUS_QUARANTINED),
+            pa.compute.not_equal(pa.compute.fill_null(status[schema.REASON], ""), RELATIVE),
         )
     )
     # A duplicate whose kept image was then removed as a copy of a protected image points outside the pool.
@@ -129,8 +133,8 @@ class RelativeScore:
 
 def score_relative(truth: pa.Table, status: pa.Table) -> RelativeScore:
     """Score ``dedup_relative`` against the ``leaked_heldout`` rows of the truth table."""
-    leaked = set(truth.filter(pa.compute.equal(truth["kind"], schema.TRUTH_LEAKED))[schema.URI].to_pylist())
-    reason = dict(zip(status[schema.URI].to_pylist(), status["reason"].to_pylist(), strict=True))
+    leaked = set(truth.filter(pa.compute.equal(truth[schema.TRUTH_KIND], schema.TRUTH_LEAKED))[schema.URI].to_pylist())
+    reason = dict(zip(status[schema.URI].to_pylist(), status[schema.REASON].to_pylist(), strict=True))
     caught = sum(reason.get(u) == RELATIVE for u in leaked)
     earlier = sum(reason.get(u) not in (None, RELATIVE) for u in leaked)
     wrong = sum(1 for u, r in reason.items() if r == RELATIVE and u not in leaked)

@@ -46,8 +46,8 @@ def cluster_images(
             schema.CLUSTER_IDS: pa.FixedSizeListArray.from_arrays(pa.array(levels.ravel()), levels.shape[1]).cast(
                 pa.list_(pa.int32())
             ),
-            "distance": pa.array(np.asarray(result.distance, dtype=np.float32)),
-            "balanced": pa.array(balanced),
+            schema.DISTANCE: pa.array(np.asarray(result.distance, dtype=np.float32)),
+            schema.BALANCED: pa.array(balanced),
         },
         schema=schema.CLUSTER,
     )

@@ -23,6 +23,9 @@ IMAGE_BYTES = "image_bytes"  # ingest: the file's bytes, only with ingest.keep_b
 WIDTH, HEIGHT, FORMAT = "width", "height", "format"  # after EXIF orientation; Pillow's format name
 ERROR_DETAIL = "error_detail"  # ingest: the exception text, for humans
 DISTANCE = "distance"  # dedup: to the kept image; cluster: 1 - cosine to the level-1 centroid
+SIZE_BYTES = "size_bytes"  # ingest: the file's size in bytes
+MODE = "mode"  # ingest: Pillow mode of the stored image (RGB, L, CMYK, P, I;16, ...)
+N_FRAMES = "n_frames"  # ingest: number of frames (>1 for animated images; the first frame is used)
 
 # Status values of the final per-image decision (``status.parquet``).
 STATUS_OK = "ok"
@@ -63,18 +66,18 @@ INGEST = pa.schema(
     [
         pa.field(IMAGE_ID, pa.string(), nullable=False),
         pa.field(URI, pa.string(), nullable=False),
-        pa.field("size_bytes", pa.int64()),
-        pa.field("content_hash", pa.string()),  # blake2b-128 hex of the file bytes
-        pa.field("format", pa.string()),  # Pillow format: JPEG, PNG, GIF, ...
-        pa.field("width", pa.int32()),  # after EXIF orientation
-        pa.field("height", pa.int32()),
-        pa.field("mode", pa.string()),  # Pillow mode of the stored image: RGB, L, CMYK, P, I;16, ...
-        pa.field("n_frames", pa.int32()),  # >1 for animated images; the first frame is used
-        pa.field("phash", pa.uint64()),  # imagededup PHash (64 bits), computed while the image is decoded
-        pa.field("status", pa.string(), nullable=False),  # ok | quarantined
-        pa.field("error", pa.string()),  # quarantine reason (one of REASONS) for quarantined rows
-        pa.field("error_detail", pa.string()),  # the exception text, for humans
-        pa.field("image_bytes", pa.binary()),  # only with ingest.keep_bytes=true
+        pa.field(SIZE_BYTES, pa.int64()),
+        pa.field(CONTENT_HASH, pa.string()),  # blake2b-128 hex of the file bytes
+        pa.field(FORMAT, pa.string()),  # Pillow format: JPEG, PNG, GIF, ...
+        pa.field(WIDTH, pa.int32()),  # after EXIF orientation
+        pa.field(HEIGHT, pa.int32()),
+        pa.field(MODE, pa.string()),  # Pillow mode of the stored image: RGB, L, CMYK, P, I;16, ...
+        pa.field(N_FRAMES, pa.int32()),  # >1 for animated images; the first frame is used
+        pa.field(PHASH, pa.uint64()),  # imagededup PHash (64 bits), computed while the image is decoded
+        pa.field(STATUS_COL, pa.string(), nullable=False),  # ok | quarantined
+        pa.field(ERROR, pa.string()),  # quarantine reason (one of REASONS) for quarantined rows
+        pa.field(ERROR_DETAIL, pa.string()),  # the exception text, for humans
+        pa.field(IMAGE_BYTES, pa.binary()),  # only with ingest.keep_bytes=true
     ]
 )
 
@@ -85,7 +88,7 @@ DEDUP = pa.schema(
         pa.field(GROUP_ID, pa.string(), nullable=False),
         pa.field(KEEP, pa.bool_(), nullable=False),
         pa.field(DUP_OF, pa.string()),
-        pa.field("distance", pa.float32()),  # to the kept image: Hamming bits (phash), 0 (exact)
+        pa.field(DISTANCE, pa.float32()),  # to the kept image: Hamming bits (phash), 0 (exact)
     ]
 )
 
@@ -120,7 +123,7 @@ CLUSTER = pa.schema(
     [
         pa.field(IMAGE_ID, pa.string(), nullable=False),
         pa.field(CLUSTER_IDS, pa.list_(pa.int32()), nullable=False),
-        pa.field("distance", pa.float32()),  # 1 - cosine to its level-1 centroid
+        pa.field(DISTANCE, pa.float32()),  # 1 - cosine to its level-1 centroid
         pa.field(BALANCED, pa.bool_()),  # picked by balanced sampling (cluster.target_size)
     ]
 )
@@ -137,27 +140,25 @@ def curated_schema(dim: int | None) -> pa.Schema:
     fields = [
         pa.field(IMAGE_ID, pa.string(), nullable=False),
         pa.field(URI, pa.string(), nullable=False),
-        pa.field("image", pa.binary(), nullable=False),  # the file's bytes (or re-encoded at curated.max_side)
-        pa.field("format", pa.string()),
-        pa.field("width", pa.int32()),
-        pa.field("height", pa.int32()),
-        pa.field(
-            "reason", pa.string(), nullable=False
-        ),  # sample_retrieval | cluster_retrieval | balanced_sample | seed
-        pa.field("seed_set", pa.string()),
-        pa.field("score", pa.float32()),  # similarity to the seed or centroid that selected it
+        pa.field(IMAGE, pa.binary(), nullable=False),  # the file's bytes (or re-encoded at curated.max_side)
+        pa.field(FORMAT, pa.string()),
+        pa.field(WIDTH, pa.int32()),
+        pa.field(HEIGHT, pa.int32()),
+        pa.field(REASON, pa.string(), nullable=False),  # sample_retrieval | cluster_retrieval | balanced_sample | seed
+        pa.field(SEED_SET, pa.string()),
+        pa.field(SCORE, pa.float32()),  # similarity to the seed or centroid that selected it
         pa.field(CLUSTER_IDS, pa.list_(pa.int32())),  # null for seed images
     ]
     if dim is not None:
-        fields.append(pa.field("embedding", embedding_type(dim)))
+        fields.append(pa.field(EMBEDDING, embedding_type(dim)))
     return pa.schema(fields)
 
 
 # --- retrieve: OUT/retrieve/part-*.parquet, the images retrieved near each seed set --------------------------------
 SEED_SET = "seed_set"  # the seed set's name (its key in retrieve.seed_sets)
 SCORE = "score"  # similarity to the seed or centroid that selected the image
-SEED_ID = "seed_id"
-METHOD = "method"
+SEED_ID = "seed_id"  # retrieve: the seed image an image was retrieved near (null: cluster retrieval)
+METHOD = "method"  # retrieve: how the image was retrieved (sample_retrieval | cluster_retrieval)
 EMBEDDING = "embedding"  # curated set and seeds: the image's embedding (model curated.embedding)
 METHOD_SAMPLE, METHOD_CLUSTER = REASON_SAMPLE, REASON_CLUSTER
 RETRIEVED = pa.schema(
@@ -171,7 +172,7 @@ RETRIEVED = pa.schema(
 )
 
 # A selection for the curated set: why an image is in it (an image picked several ways keeps its strongest reason).
-REASON = "reason"
+REASON = "reason"  # why the image is in the curated set; status.parquet: why it was removed
 SELECTION = pa.schema([(IMAGE_ID, pa.string()), (REASON, pa.string()), (SEED_SET, pa.string()), (SCORE, pa.float32())])
 
 # --- work lists (OUT/<stage>/_listing, one row group per part; no .parquet suffix, so ``*.parquet`` globs skip them)
@@ -202,13 +203,19 @@ STATUS = pa.schema(
     [
         pa.field(IMAGE_ID, pa.string(), nullable=False),
         pa.field(URI, pa.string(), nullable=False),
-        pa.field("status", pa.string(), nullable=False),  # kept | duplicate | quarantined
-        pa.field("reason", pa.string()),  # quarantine reason, or the dedup stage that removed it
+        pa.field(STATUS_COL, pa.string(), nullable=False),  # kept | duplicate | quarantined
+        pa.field(REASON, pa.string()),  # quarantine reason, or the dedup stage that removed it
         pa.field(DUP_OF, pa.string()),  # the finally kept image (chains across stages resolved)
     ]
 )
 
 # --- demo data: DIR/truth.parquet --------------------------------------------------------------------------------
+TRUTH_PATH = "path"  # the file, relative to the demo folder, '/' separated
+TRUTH_KIND = "kind"  # what the file is: original | exact_dup | near_dup | broken | seed | heldout | leaked_heldout
+TRUTH_COPY_OF = "original"  # copies: path of the original the copy was made from
+TRUTH_LABEL = "label"  # digit '0'..'9' for MNIST images, photo name for photos
+TRUTH_TRANSFORM = "transform"  # near_dup: the edit applied; broken: how the file was broken
+# Kinds of demo files (``kind`` column).
 TRUTH_ORIGINAL = "original"
 TRUTH_EXACT = "exact_dup"
 TRUTH_NEAR = "near_dup"
@@ -218,12 +225,12 @@ TRUTH_HELDOUT = "heldout"
 TRUTH_LEAKED = "leaked_heldout"  # a near copy of a held-out (evaluation) image planted in the pool
 TRUTH = pa.schema(
     [
-        pa.field("path", pa.string(), nullable=False),  # relative to the demo folder, '/' separated
-        pa.field("kind", pa.string(), nullable=False),  # original|exact_dup|near_dup|broken|seed|heldout|leaked_heldout
-        pa.field("original", pa.string()),  # path of the original a copy was made from (copies only)
-        pa.field("label", pa.string()),  # digit '0'..'9' for MNIST images, photo name for photos
-        pa.field("transform", pa.string()),  # near_dup: crop | resize | jpeg | rotate | flip | brightness; broken: how
-        pa.field("seed_set", pa.string()),  # seed: the seed set's name (folder under seeds/)
+        pa.field(TRUTH_PATH, pa.string(), nullable=False),  # relative to the demo folder, '/' separated
+        pa.field(TRUTH_KIND, pa.string(), nullable=False),  # one of the TRUTH_* kinds above
+        pa.field(TRUTH_COPY_OF, pa.string()),  # path of the original a copy was made from (copies only)
+        pa.field(TRUTH_LABEL, pa.string()),  # digit '0'..'9' for MNIST images, photo name for photos
+        pa.field(TRUTH_TRANSFORM, pa.string()),  # near_dup: crop|resize|jpeg|rotate|flip|brightness; broken: how
+        pa.field(SEED_SET, pa.string()),  # seed: the seed set's name (folder under seeds/)
     ]
 )
 

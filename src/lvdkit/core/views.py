@@ -16,7 +16,7 @@ from lvdkit.core.stage import StageInputs
 
 INGEST, EMBED = "ingest", "embed"  # the stages whose outputs every later stage reads
 DEDUP_STAGES = ("dedup_exact", "dedup_phash", "dedup_copy", "dedup_relative")
-CALIBRATION = "calibration"  # embed's part sub-folder: embeddings of synthetic copies (dedup_copy's calibration)
+CALIBRATION = schema.CALIBRATION  # embed's part sub-folder: embeddings of synthetic copies (dedup_copy's calibration)
 
 
 def dedups_before(stage: str) -> tuple[str, ...]:
@@ -31,9 +31,9 @@ def ingested(inputs: StageInputs, columns: list[str] | None = None) -> pa.Table:
 
 def alive(inputs: StageInputs, after: tuple[str, ...], columns: list[str]) -> pa.Table:
     """Usable ingested images not removed by any of the dedup stages in ``after``, with ``columns`` from ingest."""
-    wanted = list(dict.fromkeys([schema.IMAGE_ID, "status", *columns]))
+    wanted = list(dict.fromkeys([schema.IMAGE_ID, schema.STATUS_COL, *columns]))
     table = ingested(inputs, wanted)
-    table = table.filter(pc.equal(table["status"], schema.STATUS_OK))
+    table = table.filter(pc.equal(table[schema.STATUS_COL], schema.STATUS_OK))
     for stage in after:
         dedup = inputs.table(stage, columns=[schema.IMAGE_ID, schema.KEEP], schema=schema.DEDUP)
         kept_ids = dedup.filter(dedup[schema.KEEP])[schema.IMAGE_ID]
@@ -46,11 +46,11 @@ def final_status(inputs: StageInputs, dedup_stages: tuple[str, ...]) -> pa.Table
 
     Columnar throughout (positions found with ``index_in``, no per-image Python objects beyond the output columns).
     """
-    ing = ingested(inputs, [schema.IMAGE_ID, schema.URI, "status", "error"])
+    ing = ingested(inputs, [schema.IMAGE_ID, schema.URI, schema.STATUS_COL, schema.ERROR])
     ids = ing[schema.IMAGE_ID]
-    ok = ing["status"].to_numpy(zero_copy_only=False) == schema.STATUS_OK
+    ok = ing[schema.STATUS_COL].to_numpy(zero_copy_only=False) == schema.STATUS_OK
     status = np.where(ok, schema.FINAL_KEPT, schema.STATUS_QUARANTINED).astype(object)
-    reason = ing["error"].to_numpy(zero_copy_only=False).astype(object)
+    reason = ing[schema.ERROR].to_numpy(zero_copy_only=False).astype(object)
     dup_of = np.full(len(ids), None, dtype=object)
     for stage in dedup_stages:
         dedup = inputs.table(stage, columns=[schema.IMAGE_ID, schema.DUP_OF], schema=schema.DEDUP)
@@ -77,8 +77,8 @@ def final_status(inputs: StageInputs, dedup_stages: tuple[str, ...]) -> pa.Table
         {
             schema.IMAGE_ID: ids,
             schema.URI: ing[schema.URI],
-            "status": pa.array(status, pa.string()),
-            "reason": pa.array(reason, pa.string()),
+            schema.STATUS_COL: pa.array(status, pa.string()),
+            schema.REASON: pa.array(reason, pa.string()),
             schema.DUP_OF: pa.array(dup_of, pa.string()),
         },
         schema=schema.STATUS,

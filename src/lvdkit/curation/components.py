@@ -70,9 +70,9 @@ def keep_priority(images: pa.Table) -> np.ndarray:
     n = images.num_rows
     if n == 0:
         return np.empty(0, np.int64)
-    width = images["width"].to_numpy(zero_copy_only=False).astype(np.int64)
-    pixels = width * images["height"].to_numpy(zero_copy_only=False).astype(np.int64)
-    order = np.lexsort((images["image_id"].to_numpy(zero_copy_only=False), -pixels))
+    width = images[schema.WIDTH].to_numpy(zero_copy_only=False).astype(np.int64)
+    pixels = width * images[schema.HEIGHT].to_numpy(zero_copy_only=False).astype(np.int64)
+    order = np.lexsort((images[schema.IMAGE_ID].to_numpy(zero_copy_only=False), -pixels))
     rank = np.empty(n, dtype=np.int64)
     rank[order] = np.arange(n)
     return rank

@@ -46,15 +46,15 @@ def merge_selections(selections: list[pa.Table]) -> pa.Table:
     table = pa.concat_tables([s.select(SELECTION.names).cast(SELECTION) for s in selections])
     if table.num_rows == 0:
         return table
-    rank = pc.index_in(table["reason"], value_set=pa.array(REASON_ORDER))
+    rank = pc.index_in(table[schema.REASON], value_set=pa.array(REASON_ORDER))
     order = np.lexsort(
         (
-            -np.nan_to_num(table["score"].to_numpy(zero_copy_only=False), nan=-np.inf),
+            -np.nan_to_num(table[schema.SCORE].to_numpy(zero_copy_only=False), nan=-np.inf),
             rank.to_numpy(zero_copy_only=False),
-            table["image_id"].to_numpy(zero_copy_only=False),
+            table[schema.IMAGE_ID].to_numpy(zero_copy_only=False),
         )
     )
-    ids = table["image_id"].to_numpy(zero_copy_only=False)[order]
+    ids = table[schema.IMAGE_ID].to_numpy(zero_copy_only=False)[order]
     first = np.concatenate([[True], ids[1:] != ids[:-1]])
     return table.take(pa.array(order[first]))
 
@@ -64,9 +64,9 @@ def fetch_images(rows: pa.Table, cfg: CuratedConfig, dim: int | None) -> pa.Tabl
     images, widths, heights, formats = [], [], [], []
     for uri, fmt, w, h in zip(
         rows[schema.URI].to_pylist(),
-        rows["format"].to_pylist(),
-        rows["width"].to_pylist(),
-        rows["height"].to_pylist(),
+        rows[schema.FORMAT].to_pylist(),
+        rows[schema.WIDTH].to_pylist(),
+        rows[schema.HEIGHT].to_pylist(),
         strict=True,
     ):
         data = read_bytes(uri, MAX_FILE_BYTES)
@@ -80,10 +80,12 @@ def fetch_images(rows: pa.Table, cfg: CuratedConfig, dim: int | None) -> pa.Tabl
     sch = schema.curated_schema(dim)
     cols = {name: rows[name] for name in sch.names if name in rows.column_names}
     cols.update(
-        image=pa.array(images, pa.binary()),
-        format=pa.array(formats, pa.string()),
-        width=pa.array(widths, pa.int32()),
-        height=pa.array(heights, pa.int32()),
+        {
+            schema.IMAGE: pa.array(images, pa.binary()),
+            schema.FORMAT: pa.array(formats, pa.string()),
+            schema.WIDTH: pa.array(widths, pa.int32()),
+            schema.HEIGHT: pa.array(heights, pa.int32()),
+        }
     )
     return pa.table({name: cols[name] for name in sch.names}, schema=sch)
 

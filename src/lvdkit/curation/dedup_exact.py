@@ -30,7 +30,7 @@ def dedup_exact(images: pa.Table, cfg: DedupExactConfig) -> pa.Table:
     n = images.num_rows
     if not cfg.enabled or n == 0:
         return _no_duplicates(images)
-    _, labels = np.unique(images["content_hash"].to_numpy(zero_copy_only=False), return_inverse=True)
+    _, labels = np.unique(images[schema.CONTENT_HASH].to_numpy(zero_copy_only=False), return_inverse=True)
     uris = images[schema.URI].to_numpy(zero_copy_only=False)
     uri_rank = np.lexsort((uris, pc.utf8_length(images[schema.URI]).to_numpy()))  # shortest URI, then lexicographic
     priority = np.empty(n, dtype=np.int64)
@@ -56,7 +56,7 @@ def groups_table(ids: pa.ChunkedArray | pa.Array, rep: np.ndarray, distance: np.
             schema.GROUP_ID: pa.array(group, pa.string()),
             schema.KEEP: pa.array(keep),
             schema.DUP_OF: pa.array(dup_of, pa.string()),
-            "distance": pa.array(np.where(keep, 0, distance).astype(np.float32)),
+            schema.DISTANCE: pa.array(np.where(keep, 0, distance).astype(np.float32)),
         },
         schema=schema.DEDUP,
     )

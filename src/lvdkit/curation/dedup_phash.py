@@ -89,7 +89,7 @@ def dedup_phash(images: pa.Table, cfg: DedupPhashConfig) -> tuple[pa.Table, dict
     The kept image of a group is the one with the most pixels (ties: smallest ``image_id``).
     """
     n = images.num_rows
-    hashes = images["phash"].to_numpy(zero_copy_only=False).astype(np.uint64) if n else np.empty(0, np.uint64)
+    hashes = images[schema.PHASH].to_numpy(zero_copy_only=False).astype(np.uint64) if n else np.empty(0, np.uint64)
     priority = keep_priority(images)
     if cfg.grouping not in ("star", "components"):
         raise ValueError(f"dedup_phash.grouping={cfg.grouping!r}; valid: 'star', 'components'")

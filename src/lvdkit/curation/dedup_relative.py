@@ -57,7 +57,7 @@ def dedup_relative(
             schema.GROUP_ID: pa.array(np.where(hit, matched, ids), pa.string()),
             schema.KEEP: pa.array(~hit),
             schema.DUP_OF: pa.array([m if h else None for m, h in zip(matched, hit, strict=True)], pa.string()),
-            "distance": pa.array(np.where(hit, 1.0 - best_sim, 0.0).astype(np.float32)),
+            schema.DISTANCE: pa.array(np.where(hit, 1.0 - best_sim, 0.0).astype(np.float32)),
         },
         schema=schema.DEDUP,
     )

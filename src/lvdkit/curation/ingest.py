@@ -73,32 +73,35 @@ def inspect_file(uri: str, cfg: IngestConfig, outside: str | None = None) -> dic
     ``cfg.follow_symlinks_outside``, the file is quarantined (``symlink_outside_inputs``) without being read.
     """
     uri = as_uri(uri)  # a path with undecodable bytes straight from os.listdir: record it as list_inputs would
-    row: dict[str, object] = {schema.IMAGE_ID: image_id(uri), schema.URI: uri, "status": schema.STATUS_QUARANTINED}
+    row: dict[str, object] = {schema.IMAGE_ID: image_id(uri), schema.URI: uri}
+    row[schema.STATUS_COL] = schema.STATUS_QUARANTINED  # until every check has passed
     if outside is not None and not cfg.follow_symlinks_outside:
         detail = f"symlink to {outside}, outside the input folders (set ingest.follow_symlinks_outside=true to read)"
-        return {**row, "error": schema.REASON_SYMLINK_OUTSIDE, "error_detail": detail}
+        return {**row, schema.ERROR: schema.REASON_SYMLINK_OUTSIDE, schema.ERROR_DETAIL: detail}
     try:
         data = read_bytes(uri, int(cfg.max_file_mb * 2**20))
     except FileTooLarge as exc:
-        return {**row, "error": schema.REASON_FILE_TOO_LARGE, "error_detail": str(exc)}
+        return {**row, schema.ERROR: schema.REASON_FILE_TOO_LARGE, schema.ERROR_DETAIL: str(exc)}
     except IsADirectoryError as exc:
-        return {**row, "error": schema.REASON_NOT_FILE, "error_detail": str(exc)}
+        return {**row, schema.ERROR: schema.REASON_NOT_FILE, schema.ERROR_DETAIL: str(exc)}
     except OSError as exc:
-        return {**row, "error": schema.REASON_UNREADABLE, "error_detail": f"{type(exc).__name__}: {exc}"}
-    row.update(size_bytes=len(data), content_hash=content_hash(data))
+        return {**row, schema.ERROR: schema.REASON_UNREADABLE, schema.ERROR_DETAIL: f"{type(exc).__name__}: {exc}"}
+    row.update({schema.SIZE_BYTES: len(data), schema.CONTENT_HASH: content_hash(data)})
     if cfg.keep_bytes:
-        row["image_bytes"] = data
+        row[schema.IMAGE_BYTES] = data
     try:
         dec = decode(data, cfg.max_pixels, timeout_s=cfg.decode_timeout_s)
     except DecodeError as exc:
-        return {**row, "error": exc.reason, "error_detail": exc.detail}
+        return {**row, schema.ERROR: exc.reason, schema.ERROR_DETAIL: exc.detail}
     width, height = dec.image.size
-    row.update(format=dec.format, width=width, height=height, mode=dec.mode, n_frames=dec.n_frames)
+    row.update({schema.FORMAT: dec.format, schema.WIDTH: width, schema.HEIGHT: height})
+    row.update({schema.MODE: dec.mode, schema.N_FRAMES: dec.n_frames})
     if min(width, height) < cfg.min_side:
-        return {**row, "error": schema.REASON_TOO_SMALL, "error_detail": f"{width}x{height} < min_side={cfg.min_side}"}
+        detail = f"{width}x{height} < min_side={cfg.min_side}"
+        return {**row, schema.ERROR: schema.REASON_TOO_SMALL, schema.ERROR_DETAIL: detail}
     if cfg.phash:
-        row["phash"] = phash64(np.asarray(to_rgb(dec.image)))
-    row["status"] = schema.STATUS_OK
+        row[schema.PHASH] = phash64(np.asarray(to_rgb(dec.image)))
+    row[schema.STATUS_COL] = schema.STATUS_OK
     return row
 
 

@@ -35,7 +35,7 @@ DEDUP_KINDS = {
     "dedup_copy": "copy detection (self-dedup)",
     "dedup_relative": "copies of protected images",
 }
-RETRIEVE_COLUMNS = [schema.IMAGE_ID, "seed_set", "seed_id", "score", "method"]
+RETRIEVE_COLUMNS = [schema.IMAGE_ID, schema.SEED_SET, schema.SEED_ID, schema.SCORE, schema.METHOD]
 SIDE_TABLES = (("dedup_relative", schema.PROTECTED_FILE), ("retrieve", schema.SEEDS_FILE))  # images not in ingest
 
 
@@ -171,7 +171,7 @@ def clusters_section(ctx: Context) -> str:
     ids, sizes = np.unique(level1, return_counts=True)
     n_levels = int(pc.max(pc.list_value_length(table_[schema.CLUSTER_IDS])).as_py())
     per_level = [len(pc.unique(pc.list_element(table_[schema.CLUSTER_IDS], lv))) for lv in range(n_levels)]
-    balanced = int(pc.sum(table_["balanced"]).as_py() or 0)
+    balanced = int(pc.sum(table_[schema.BALANCED]).as_py() or 0)
     head = para(
         f"{table_.num_rows:,} images in {len(ids):,} level-1 clusters (clusters per level, finest first: "
         f"{', '.join(map(str, per_level))}); level-1 size min {sizes.min()}, median {np.median(sizes):g}, "
@@ -185,7 +185,7 @@ def clusters_section(ctx: Context) -> str:
 def _largest_clusters(ctx: Context, table_: pa.Table, level1: np.ndarray, ids: np.ndarray, sizes: np.ndarray) -> str:
     lim = ctx.limits
     order = np.argsort(-sizes, kind="stable")[: lim.clusters]
-    distance = table_["distance"].to_numpy(zero_copy_only=False)
+    distance = table_[schema.DISTANCE].to_numpy(zero_copy_only=False)
     image_ids = np.asarray(table_[schema.IMAGE_ID].to_pylist(), dtype=object)
     picks: list[tuple[int, int, list[tuple[str, float]]]] = []
     for c in order:
@@ -222,14 +222,14 @@ def _stage_pairs(ctx: Context, stage: str) -> str:
     dups = dedup.filter(pc.is_valid(dedup[schema.DUP_OF]))
     if dups.num_rows == 0:
         return title + para(f"no duplicates among {dedup.num_rows:,} images")
-    dups = dups.sort_by([("distance", "ascending"), (schema.IMAGE_ID, "ascending")])
+    dups = dups.sort_by([(schema.DISTANCE, "ascending"), (schema.IMAGE_ID, "ascending")])
     rows = dups.take(spread(dups.num_rows, ctx.limits.pairs)).to_pylist()
     ctx.uris([r[schema.IMAGE_ID] for r in rows] + [r[schema.DUP_OF] for r in rows])
     kept_kind = "protected" if stage == "dedup_relative" else "kept"
     pairs = "".join(
         f'<div class="pair">{ctx.figure(r[schema.IMAGE_ID], "removed", "dup")}'
         f"{ctx.figure(r[schema.DUP_OF], kept_kind, 'kept')}"
-        f'<div class="m">{esc(_measure(stage, r["distance"]))}</div></div>'
+        f'<div class="m">{esc(_measure(stage, r[schema.DISTANCE]))}</div></div>'
         for r in rows
     )
     noun = "duplicate" if dups.num_rows == 1 else "duplicates"
@@ -264,10 +264,12 @@ def retrieval_section(ctx: Context) -> str:
     hits = _retrieved(ctx.outputs.folder("retrieve"))
     seeds_path = ctx.outputs.side("retrieve", schema.SEEDS_FILE)
     seeds = (
-        pq.read_table(seeds_path, columns=[schema.IMAGE_ID, schema.URI, "seed_set"]) if seeds_path.exists() else None
+        pq.read_table(seeds_path, columns=[schema.IMAGE_ID, schema.URI, schema.SEED_SET])
+        if seeds_path.exists()
+        else None
     )
     stats = record.get("stats", {}).get("seed_sets", {})
-    names = sorted(set(stats) | set(hits["seed_set"].to_pylist()))
+    names = sorted(set(stats) | set(hits[schema.SEED_SET].to_pylist()))
     if not names:
         return para("no seed sets configured (retrieve.seed_sets is empty)")
     return "".join(_seed_set(ctx, name, hits, seeds, stats.get(name, {})) for name in names)
@@ -277,20 +279,22 @@ def _retrieved(folder: Path) -> pa.Table:
     """The retrieve stage's hits (an empty table when no seed set gave any part)."""
     if part_files(folder):
         return read_parts(folder, columns=RETRIEVE_COLUMNS)
-    return pa.table({c: pa.array([], pa.float32() if c == "score" else pa.string()) for c in RETRIEVE_COLUMNS})
+    return pa.table({c: pa.array([], pa.float32() if c == schema.SCORE else pa.string()) for c in RETRIEVE_COLUMNS})
 
 
 def _seed_set(ctx: Context, name: str, hits: pa.Table, seeds: pa.Table | None, stats: dict[str, Any]) -> str:
-    mine = hits.filter(pc.equal(hits["seed_set"], name))
-    mine = mine.sort_by([("score", "descending"), (schema.IMAGE_ID, "ascending")])
-    seed_ids = [] if seeds is None else seeds.filter(pc.equal(seeds["seed_set"], name))[schema.IMAGE_ID].to_pylist()
-    method = stats.get("mode") or (mine["method"][0].as_py() if mine.num_rows else "")
+    mine = hits.filter(pc.equal(hits[schema.SEED_SET], name))
+    mine = mine.sort_by([(schema.SCORE, "descending"), (schema.IMAGE_ID, "ascending")])
+    seed_ids = (
+        [] if seeds is None else seeds.filter(pc.equal(seeds[schema.SEED_SET], name))[schema.IMAGE_ID].to_pylist()
+    )
+    method = stats.get("mode") or (mine[schema.METHOD][0].as_py() if mine.num_rows else "")
     head = f"<h3>{esc(name)}</h3>" + para(
         f"{len(seed_ids)} seeds, {mine.num_rows:,} images retrieved" + (f" ({method})" if method else "")
     )
     if mine.num_rows == 0:
         return head + para("nothing retrieved for this set")
-    if pc.any(pc.is_valid(mine["seed_id"])).as_py():
+    if pc.any(pc.is_valid(mine[schema.SEED_ID])).as_py():
         return head + _per_seed_rows(ctx, mine)
     return head + _set_rows(ctx, mine, seed_ids)
 
@@ -298,15 +302,15 @@ def _seed_set(ctx: Context, name: str, hits: pa.Table, seeds: pa.Table | None, s
 def _per_seed_rows(ctx: Context, hits: pa.Table) -> str:
     """Sample-based: a few seeds, each followed by its best hits."""
     lim = ctx.limits
-    seed_ids = sorted({s for s in hits["seed_id"].to_pylist() if s})[: lim.seeds]
+    seed_ids = sorted({s for s in hits[schema.SEED_ID].to_pylist() if s})[: lim.seeds]
     by_seed: dict[str, list[dict[str, Any]]] = {s: [] for s in seed_ids}
-    for r in hits.filter(pc.is_in(hits["seed_id"], value_set=pa.array(seed_ids, pa.string()))).to_pylist():
-        if len(by_seed[r["seed_id"]]) < lim.hits:  # hits are sorted by score: the first ones are the best
-            by_seed[r["seed_id"]].append(r)
+    for r in hits.filter(pc.is_in(hits[schema.SEED_ID], value_set=pa.array(seed_ids, pa.string()))).to_pylist():
+        if len(by_seed[r[schema.SEED_ID]]) < lim.hits:  # hits are sorted by score: the first ones are the best
+            by_seed[r[schema.SEED_ID]].append(r)
     ctx.uris([*seed_ids, *(r[schema.IMAGE_ID] for rows in by_seed.values() for r in rows)])
     rows = []
     for seed, found in by_seed.items():
-        figs = "".join(ctx.figure(r[schema.IMAGE_ID], f"{r['score']:.3f}") for r in found)
+        figs = "".join(ctx.figure(r[schema.IMAGE_ID], f"{r[schema.SCORE]:.3f}") for r in found)
         rows.append(
             f'<div class="row">{ctx.figure(seed, "seed", "seed")}<span class="arrow">&rarr;</span>'
             f'<div class="grid">{figs}</div></div>'
@@ -321,7 +325,7 @@ def _set_rows(ctx: Context, hits: pa.Table, seed_ids: list[str]) -> str:
     top = hits.slice(0, 2 * lim.hits).to_pylist()
     ctx.uris([*shown_seeds, *(r[schema.IMAGE_ID] for r in top)])
     seed_figs = "".join(ctx.figure(s, "seed", "seed") for s in shown_seeds)
-    hit_figs = "".join(ctx.figure(r[schema.IMAGE_ID], f"{r['score']:.3f}") for r in top)
+    hit_figs = "".join(ctx.figure(r[schema.IMAGE_ID], f"{r[schema.SCORE]:.3f}") for r in top)
     return (
         f'<div class="row"><div class="grid">{seed_figs}</div></div>'
         f"{para(f'top {len(top)} of {hits.num_rows:,} hits by score')}"
