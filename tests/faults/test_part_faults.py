@@ -280,3 +280,24 @@ def test_a_file_changed_after_ingest_fails_embed_or_curated_naming_it_and_a_reru
     assert [(r[schema.URI], r["error"]) for r in left_out] == [(str(changed), "changed_since_ingest")]
     stats = json.loads((out / "curated" / "_SUCCESS").read_text())["stats"]
     assert stats["quarantined"] == {"changed_since_ingest": 1}
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_torn_part_under_its_final_name_is_set_aside_and_redone_not_a_wedge(
+    clean: pa.Table, small_demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As a crash in the middle of a non-atomic copy, or a foreign file, would leave it: the run resumes."""
+    out = tmp_path / "out"
+    _ingest(out, small_demo)
+    stage = out / "ingest"
+    record = json.loads((stage / "_SUCCESS").read_text())
+    (stage / "_SUCCESS").unlink()  # interrupted before the stage finished ...
+    (stage / "_RUNNING").write_text(json.dumps({k: record[k] for k in ("config_hash", "fingerprint")}))
+    torn = stage / "part-000001.parquet"
+    torn.write_bytes(torn.read_bytes()[: torn.stat().st_size // 2])  # ... with a part cut in half
+    capsys.readouterr()
+    _ingest(out, small_demo)
+    log = capsys.readouterr().err
+    assert f"{torn} cannot be read back" in log and "3 of 4 parts already done" in log
+    assert _sorted(read_parts(stage)).equals(_sorted(clean))
+    assert (stage / "_torn" / "part-000001.parquet").exists()  # kept for inspection, not deleted

@@ -78,3 +78,22 @@ def test_stage_runs_on_a_separately_started_head(ray_head: str, small_demo: Path
     result = run_cli("run", "dedup_exact", *args, env={"RAY_ADDRESS": ray_head, "RAY_AUTH_MODE": "disabled"})
     assert result.returncode == 0, result.stderr
     assert (out / "dedup_exact" / "_SUCCESS").exists()
+
+
+def test_a_local_ray_that_cannot_start_is_an_lvdkit_error_with_a_hint(tmp_path: Path) -> None:
+    """Its temporary folder cannot be made (a file stands in the way): exit status 2, no traceback."""
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("")
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    (pool / "x.png").write_bytes(b"junk")
+    done = run_cli(
+        "curate",
+        f"out={tmp_path / 'out'}",
+        f"ingest.inputs=[{pool}]",
+        "progress=false",
+        env={"RAY_TMPDIR": str(blocker / "ray")},
+    )
+    assert done.returncode == 2, done.stderr
+    assert "lvdkit: error: could not start a local Ray" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -3,6 +3,7 @@ are refused, and no string is ever evaluated. Checked through the CLI, the way a
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,35 @@ def test_the_pixel_limit_cannot_be_switched_off() -> None:
     """``ingest.max_pixels`` is an int: null (Pillow's "no limit") is refused."""
     with pytest.raises(ConfigError, match=r"ingest\.max_pixels: expected int, got None"):
         load_config(CurateConfig, None, ["ingest.max_pixels=null"])
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "valid"),
+    [
+        ("ingest.max_pixels=-1", "ingest.max_pixels", ">= 1"),
+        ("ingest.max_file_mb=-1", "ingest.max_file_mb", "> 0"),
+        ("ingest.decode_timeout_s=-1", "ingest.decode_timeout_s", "> 0"),
+        ("ingest.min_side=-5", "ingest.min_side", ">= 1"),
+        ("ray.max_task_retries=-1", "ray.max_task_retries", ">= 0"),
+        ("ray.num_cpus=0", "ray.num_cpus", ">= 1"),
+        ("dedup_phash.max_distance=65", "dedup_phash.max_distance", "<= 64"),
+        ("dedup_copy.threshold=1.5", "dedup_copy.threshold", "<= 1"),
+        ("embed.batch_size=0", "embed.batch_size", ">= 1"),
+        ("curated.rows_per_part=0", "curated.rows_per_part", ">= 1"),
+        ("cluster.hierarchy.n_iter=0", "cluster.hierarchy.n_iter", ">= 1"),
+    ],
+)
+def test_numbers_out_of_range_are_refused_naming_the_key_and_the_range(override: str, key: str, valid: str) -> None:
+    """Each of these used to be accepted (and quarantined every image, or hung Ray)."""
+    with pytest.raises(ConfigError, match=re.escape(f"{key}: ") + r".*out of range \(valid: .*" + re.escape(valid)):
+        load_config(CurateConfig, None, [override])
+
+
+def test_values_at_the_edge_of_their_range_and_null_where_allowed_are_accepted() -> None:
+    cfg = load_config(
+        CurateConfig,
+        None,
+        ["ingest.min_side=1", "ray.max_task_retries=0", "dedup_phash.max_distance=64", "ingest.decode_timeout_s=null"],
+    )
+    assert (cfg.ingest.min_side, cfg.ray.max_task_retries, cfg.dedup_phash.max_distance) == (1, 0, 64)
+    assert cfg.ingest.decode_timeout_s is None

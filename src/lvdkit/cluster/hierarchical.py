@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lvdkit.cluster.kmeans import assign_to_centroids, kmeans, prepare
+from lvdkit.core.settings import setting
 
 POINTS_PER_LEAF = 50  # default level-1 k is N / 50 ...
 MAX_LEAF_CLUSTERS = 100_000  # ... capped: flat k-means cost grows as N x k
@@ -53,10 +54,10 @@ class HierarchicalConfig:
     levels: list[int] | None = None
     n_resampling_steps: list[int] | None = None
     sample_sizes: list[int] | None = None
-    n_iter: int = 20
+    n_iter: int = setting(20, ge=1)
     seed: int = 0
     spherical: bool = True
-    sample: int | None = None
+    sample: int | None = setting(None, ge=1)
 
     def resolve(self, n: int) -> tuple[list[int], list[int], list[int]]:
         """(levels, n_resampling_steps, sample_sizes) for ``n`` points, checked."""

@@ -16,6 +16,7 @@ import pyarrow as pa
 from lvdkit.cluster.hierarchical import HierarchicalConfig, hierarchical_kmeans
 from lvdkit.cluster.sampling import balanced_sample
 from lvdkit.core import schema
+from lvdkit.core.settings import setting
 from lvdkit.core.stage import StageInputs, StageOutput
 from lvdkit.core.views import DEDUP_STAGES, alive, embeddings_of
 
@@ -26,7 +27,8 @@ class ClusterConfig:
 
     embedding: str = "semantic"  # an embed.models key
     hierarchy: HierarchicalConfig = field(default_factory=HierarchicalConfig)
-    target_size: int | None = None  # balanced sample of this many images goes to the curated set; null: none
+    # balanced sample of this many images goes to the curated set; null: none
+    target_size: int | None = setting(None, ge=0)
     strategy: Literal["random", "closest"] = "random"  # leaf picks of the balanced sample
 
 

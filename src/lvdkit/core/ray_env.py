@@ -28,6 +28,23 @@ def ray_temp_dir(out: Path) -> str:
     return os.path.join(tempfile.gettempdir(), f"lvdkit-ray-{tag}")
 
 
+class RayStartError(RuntimeError):
+    """Ray could not be started or joined; the message says which and what to try."""
+
+
+def _start_hint(address: str | None, exc: BaseException) -> str:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    if address:
+        return (
+            f"could not join the Ray cluster at {address} ({type(exc).__name__}: {first}). Check that it is running "
+            "(`ray status --address ADDR`) and reachable, or drop --address/ray.address/RAY_ADDRESS to run locally"
+        )
+    return (
+        f"could not start a local Ray ({type(exc).__name__}: {first}). Under heavy load or little memory try again, "
+        "lower ray.num_cpus or ray.object_store_memory_mb, or set RAY_TMPDIR to a short path with free space"
+    )
+
+
 class LazyRay:
     """Starts (or joins) Ray on first use, so a run whose stages are all up to date never pays Ray's start-up."""
 
@@ -40,6 +57,15 @@ class LazyRay:
             return
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         address = self.address or os.environ.get("RAY_ADDRESS") or None
+        try:
+            self._init(address)
+        except Exception as exc:  # Ray raises many types here (ConnectionError, RuntimeError, TimeoutError, ...)
+            ray.shutdown()
+            raise RayStartError(_start_hint(address, exc)) from exc
+        self.started_here = True
+        _quiet_ray_data()
+
+    def _init(self, address: str | None) -> None:
         if address:
             ray.init(address=address, logging_level=logging.WARNING)
         else:
@@ -53,8 +79,6 @@ class LazyRay:
                 include_dashboard=False,
                 logging_level=logging.WARNING,
             )
-        self.started_here = True
-        _quiet_ray_data()
 
     def shutdown(self) -> None:
         if self.started_here and ray.is_initialized():

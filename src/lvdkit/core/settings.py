@@ -24,14 +24,39 @@ class ConfigError(ValueError):
     """A config file or override is malformed, names an unknown key, or has a value of the wrong type."""
 
 
+def setting(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None) -> Any:
+    """A numeric config field with its valid range (checked by :func:`from_dict` for every value a user sets).
+
+    ``ge``/``gt``: at least / more than; ``le``: at most. ``None`` stays allowed where the field's type allows it.
+    """
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le)) if v is not None}
+    return dataclasses.field(default=default, metadata={"range": bounds})
+
+
+def _check_range(field: dataclasses.Field[Any], value: Any, where: str) -> None:
+    bounds = field.metadata.get("range")
+    if not bounds or value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    ok = (
+        ("ge" not in bounds or value >= bounds["ge"])
+        and ("gt" not in bounds or value > bounds["gt"])
+        and ("le" not in bounds or value <= bounds["le"])
+    )
+    if not ok:
+        words = {"ge": ">=", "gt": ">", "le": "<="}
+        valid = " and ".join(f"{words[k]} {v}" for k, v in bounds.items())
+        raise ConfigError(f"{where}: {value!r} is out of range (valid: {valid})")
+
+
 @dataclasses.dataclass
 class RayConfig:
     """Where stages run. With no address a local Ray starts (and stops) inside the lvdkit process."""
 
     address: str | None = None  # a running cluster ("auto", "ray://host:10001", "127.0.0.1:6379"); else RAY_ADDRESS
-    num_cpus: int | None = None  # local Ray only; default: all cores
-    object_store_memory_mb: int | None = None  # local Ray only; default: Ray's (30% of RAM)
-    max_task_retries: int = 3  # a task whose worker dies (crash, OOM kill) or whose part raises is retried this often
+    num_cpus: int | None = setting(None, ge=1)  # local Ray only; default: all cores
+    object_store_memory_mb: int | None = setting(None, ge=80)  # local Ray only; default: Ray's (30% of RAM)
+    # a task whose worker dies (crash, OOM kill) or whose part raises is retried this often
+    max_task_retries: int = setting(3, ge=0)
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
@@ -96,6 +121,8 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         )
     hints = typing.get_type_hints(cls)
     kwargs = {name: _coerce(hints[name], value, where + name) for name, value in data.items()}
+    for name, value in kwargs.items():
+        _check_range(fields[name], value, where + name)
     return cls(**kwargs)
 
 

@@ -66,13 +66,22 @@ def component_sizes(rep: np.ndarray) -> np.ndarray:
 
 
 def keep_priority(images: pa.Table) -> np.ndarray:
-    """Which image of a group to keep: rank 0 is best. Most pixels first (``width * height``), then smallest id."""
+    """Which image of a group to keep: rank 0 is best. Most pixels first (``width * height``), then the smallest
+    content hash (when ``images`` has one), then the smallest id.
+
+    Ties are broken by content, not by ``image_id`` (a hash of the absolute path), so the same pool gives the same
+    decisions wherever it lies: a copy of the data in another folder, another machine's mount point.
+    """
     n = images.num_rows
     if n == 0:
         return np.empty(0, np.int64)
     width = images[schema.WIDTH].to_numpy(zero_copy_only=False).astype(np.int64)
     pixels = width * images[schema.HEIGHT].to_numpy(zero_copy_only=False).astype(np.int64)
-    order = np.lexsort((images[schema.IMAGE_ID].to_numpy(zero_copy_only=False), -pixels))
+    ids = images[schema.IMAGE_ID].to_numpy(zero_copy_only=False)
+    keys = [ids]
+    if schema.CONTENT_HASH in images.column_names:
+        keys.append(images[schema.CONTENT_HASH].fill_null("").to_numpy(zero_copy_only=False))
+    order = np.lexsort((*keys, -pixels))
     rank = np.empty(n, dtype=np.int64)
     rank[order] = np.arange(n)
     return rank

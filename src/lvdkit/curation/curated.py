@@ -21,6 +21,7 @@ from PIL import Image
 from lvdkit.core import schema
 from lvdkit.core.files import MAX_FILE_BYTES, content_hash, read_bytes
 from lvdkit.core.image import decode, to_rgb
+from lvdkit.core.settings import setting
 from lvdkit.core.stage import PartPlan, PartWork, StageInputs
 from lvdkit.core.views import aligned, embeddings_of, ingested
 
@@ -34,10 +35,11 @@ class CuratedConfig:
 
     RENAMED: ClassVar[dict[str, str]] = {"rows_per_part": "rows_per_part"}
 
-    rows_per_part: int = 1000  # images per part file
-    row_group_rows: int = 256  # rows per Parquet row group (streaming readers fetch one at a time)
+    rows_per_part: int = setting(1000, ge=1)  # images per part file
+    row_group_rows: int = setting(256, ge=1)  # rows per Parquet row group (streaming readers fetch one at a time)
     include_seeds: bool = True  # add the seed images themselves (reason: seed)
-    max_side: int | None = None  # re-encode (JPEG, quality 90) images whose longer side exceeds this; null: as stored
+    # re-encode (JPEG, quality 90) images whose longer side exceeds this; null: as stored
+    max_side: int | None = setting(None, ge=1)
     embedding: str | None = "semantic"  # embed.models key stored as the `embedding` column; null: no column
 
 

@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 
 from lvdkit.core import schema
 from lvdkit.core.knn import IndexKind, build_index, knn, pairs_above
+from lvdkit.core.settings import setting
 from lvdkit.core.stage import StageInputs, StageOutput
 from lvdkit.core.views import CALIBRATION, EMBED, alive, dedups_before, embeddings_of
 from lvdkit.core.whitening import Whitener, fit_whitener
@@ -37,18 +38,22 @@ class DedupCopyConfig:
 
     enabled: bool = True
     embedding: str = "copy"  # which embed model's descriptors (a key of embed.models)
-    k: int = 64  # neighbours per image (LVD: 64)
-    threshold: float | None = None  # cosine after post-processing; null = calibrate
-    target_precision: float = 0.95  # calibration: lowest threshold whose estimated precision reaches this
-    negative_rank: int = 2  # calibration negatives: each image's rank-th most similar other image (see docstring)
-    min_threshold: float = 0.4  # floor for a calibrated threshold: tiny pools or useless descriptors calibrate badly
+    k: int = setting(64, ge=1)  # neighbours per image (LVD: 64)
+    threshold: float | None = setting(None, ge=-1, le=1)  # cosine after post-processing; null = calibrate
+    # calibration: lowest threshold whose estimated precision reaches this
+    target_precision: float = setting(0.95, gt=0, le=1)
+    # calibration negatives: each image's rank-th most similar other image (see docstring)
+    negative_rank: int = setting(2, ge=1)
+    # floor for a calibrated threshold: tiny pools or useless descriptors calibrate badly
+    min_threshold: float = setting(0.4, ge=-1, le=1)
     whiten: Literal["none", "center", "pca"] = "pca"
-    whiten_dims: int = 256
-    whiten_sample: int = 100_000  # images the whitening is fitted on
+    whiten_dims: int = setting(256, ge=1)
+    whiten_sample: int = setting(100_000, ge=2)  # images the whitening is fitted on
     grouping: Literal["star", "components"] = "star"  # star: every member linked to the kept image (no chains)
     index: IndexKind = "auto"  # auto: exact flat index up to flat_max images, IVF above
-    flat_max: int = 50_000  # measured: exact search of 100k x 512 took 384 s on 2 cores; IVF is far faster
-    nprobe: int = 16
+    # measured: exact search of 100k x 512 took 384 s on 2 cores; IVF is far faster
+    flat_max: int = setting(50_000, ge=1)
+    nprobe: int = setting(16, ge=1)
     seed: int = 0
 
 
@@ -149,7 +154,7 @@ def dedup_copy(
 def run_dedup_copy(cfg: DedupCopyConfig, inputs: StageInputs) -> StageOutput:
     """The stage: descriptors of the surviving images and of the synthetic copies -> dedup rows, plus the fitted
     whitening and the threshold as side files (dedup_relative reads both)."""
-    images = alive(inputs, dedups_before("dedup_copy"), [schema.WIDTH, schema.HEIGHT])
+    images = alive(inputs, dedups_before("dedup_copy"), [schema.WIDTH, schema.HEIGHT, schema.CONTENT_HASH])
     emb = embeddings_of(inputs, cfg.embedding, images[schema.IMAGE_ID])
     calib = inputs.table(EMBED, columns=[schema.IMAGE_ID], sub=CALIBRATION)
     calib_src = pc.index_in(calib[schema.IMAGE_ID], value_set=images[schema.IMAGE_ID]).to_numpy(zero_copy_only=False)

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from lvdkit.core import schema
+from lvdkit.core.settings import setting
 from lvdkit.core.stage import StageInputs, StageOutput
 from lvdkit.core.views import alive, dedups_before
 from lvdkit.curation.components import component_sizes, dedup_stats, group, keep_priority, representatives
@@ -29,9 +30,10 @@ class DedupPhashConfig:
     """PHash near-duplicate removal. ``max_distance`` was measured on the demo (see README): keep it small."""
 
     enabled: bool = True
-    max_distance: int = 0  # Hamming bits; imagededup's default of 10 merges unrelated low-detail images
+    # Hamming bits; imagededup's default of 10 merges unrelated low-detail images
+    max_distance: int = setting(0, ge=0, le=64)
     grouping: Literal["star", "components"] = "star"  # star: linked to the kept image; components: union-find
-    query_chunk: int = 65536  # queries per Faiss range search (bounds memory)
+    query_chunk: int = setting(65536, ge=1)  # queries per Faiss range search (bounds memory)
 
 
 def hamming_pairs(hashes: np.ndarray, max_distance: int, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
@@ -119,6 +121,7 @@ def _distance_to_rep(hashes: np.ndarray, rep: np.ndarray) -> np.ndarray:
 
 def run_dedup_phash(cfg: DedupPhashConfig, inputs: StageInputs) -> StageOutput:
     """The stage: images that survived exact dedup, grouped by PHash distance."""
-    images = alive(inputs, dedups_before("dedup_phash"), [schema.PHASH, schema.WIDTH, schema.HEIGHT])
+    columns = [schema.PHASH, schema.WIDTH, schema.HEIGHT, schema.CONTENT_HASH]
+    images = alive(inputs, dedups_before("dedup_phash"), columns)
     table, stats = dedup_phash(images, cfg)
     return StageOutput(table, dedup_stats(table, stats))

@@ -15,6 +15,7 @@ import pyarrow as pa
 from lvdkit.core import schema
 from lvdkit.core.io import read_json
 from lvdkit.core.knn import build_index, knn
+from lvdkit.core.settings import setting
 from lvdkit.core.stage import StageInputs, StageOutput
 from lvdkit.core.views import alive, dedups_before, embeddings_of
 from lvdkit.core.whitening import Whitener
@@ -27,7 +28,8 @@ class DedupRelativeConfig:
     """Protected sets and the similarity above which a pool image counts as their copy."""
 
     protected: list[str] = field(default_factory=list)  # folders, globs, file lists or URIs; empty: stage is a no-op
-    threshold: float | None = None  # cosine after whitening; null: the threshold dedup_copy calibrated
+    # cosine after whitening; null: the threshold dedup_copy calibrated
+    threshold: float | None = setting(None, ge=-1, le=1)
     embedding: str = "copy"  # which embed model (must match dedup_copy's)
 
 

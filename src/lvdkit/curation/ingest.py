@@ -33,6 +33,7 @@ from lvdkit.core.files import (
 )
 from lvdkit.core.image import DecodeError, decode, to_rgb
 from lvdkit.core.io import disk_errors
+from lvdkit.core.settings import setting
 from lvdkit.core.stage import PartPlan, PartWork, StageInputs
 
 
@@ -44,14 +45,16 @@ class IngestConfig:
 
     inputs: list[str] = field(default_factory=list)  # folders (recursive), globs, .txt file lists, or fs URIs
     extensions: list[str] | None = None  # e.g. [.jpg, .png]; None reads every file (non-images are quarantined)
-    files_per_part: int = 1000  # one part-*.parquet (and one resumable unit of work) per this many files
+    files_per_part: int = setting(1000, ge=1)  # one part-*.parquet (and one resumable unit of work) per this many files
     keep_bytes: bool = False  # store the file bytes in the table (else later stages re-read ``uri``)
-    max_pixels: int = 100_000_000  # decompression-bomb guard: larger images are quarantined, never decoded
-    max_file_mb: float = 256.0  # larger files are quarantined without being read
-    min_side: int = 16  # images whose shorter side is below this are quarantined (too_small)
+    # decompression-bomb guard: larger images are quarantined, never decoded
+    max_pixels: int = setting(100_000_000, ge=1)
+    max_file_mb: float = setting(256.0, gt=0)  # larger files are quarantined without being read
+    min_side: int = setting(16, ge=1)  # images whose shorter side is below this are quarantined (too_small)
     phash: bool = True  # compute imagededup's PHash for dedup_phash
     follow_symlinks_outside: bool = False  # read links found in input folders/globs that point outside every input
-    decode_timeout_s: float | None = 30.0  # slower decodes are quarantined (decode_timeout); see lvdkit.core.image
+    # slower decodes are quarantined (decode_timeout); see lvdkit.core.image
+    decode_timeout_s: float | None = setting(30.0, gt=0)
 
 
 @functools.cache

@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from lvdkit.core import schema
 from lvdkit.core.knn import build_index, knn
+from lvdkit.core.settings import setting
 from lvdkit.core.stage import StageInputs, StageOutput
 from lvdkit.core.views import DEDUP_STAGES, aligned, alive, embeddings_of
 from lvdkit.curation.side_sets import SideSet, SideSetReader
@@ -34,7 +35,7 @@ class SeedSet:
 
     inputs: list[str] = field(default_factory=list)  # folders, globs, file lists or URIs
     mode: Mode = "auto"  # auto: sample-based for sets of at least sample_min_seeds images, else cluster-based
-    k: int = 4  # sample-based: nearest pool images per seed image
+    k: int = setting(4, ge=1)  # sample-based: nearest pool images per seed image
 
 
 @dataclass
@@ -43,10 +44,10 @@ class RetrieveConfig:
 
     seed_sets: dict[str, SeedSet] = field(default_factory=dict)
     embedding: str = "semantic"  # which embed model key (seeds are embedded with the same model)
-    sample_min_seeds: int = 1000  # auto mode: sets at least this large use sample-based retrieval
-    min_seeds_per_cluster: int = 3  # cluster-based: a cluster must hold more than this many seed images
-    per_cluster: int = 10_000  # cluster-based: images taken from each such cluster
-    max_per_set: int = 1_000_000  # cluster-based: cap per seed set
+    sample_min_seeds: int = setting(1000, ge=1)  # auto mode: sets at least this large use sample-based retrieval
+    min_seeds_per_cluster: int = setting(3, ge=0)  # cluster-based: a cluster must hold more than this many seed images
+    per_cluster: int = setting(10_000, ge=1)  # cluster-based: images taken from each such cluster
+    max_per_set: int = setting(1_000_000, ge=1)  # cluster-based: cap per seed set
 
 
 def resolve_mode(seed_set: SeedSet, n_seeds: int, cfg: RetrieveConfig) -> str:

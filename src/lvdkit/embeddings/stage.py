@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from lvdkit.core import schema
 from lvdkit.core.files import MAX_FILE_BYTES, read_bytes
 from lvdkit.core.image import decode_rgb
+from lvdkit.core.settings import setting
 from lvdkit.core.stage import PartPlan, PartWork, StageInputs
 from lvdkit.core.views import CALIBRATION, alive, dedups_before
 from lvdkit.curation.augment import synthetic_copy
@@ -42,15 +43,17 @@ class EmbedConfig:
         default_factory=lambda: {"copy": "sscd", "semantic": "timm:vit_small_patch14_dinov2"}
     )
     model_options: dict[str, dict[str, Any]] = field(default_factory=lambda: {"semantic": {"pretrained": True}})
-    images_per_part: int = 1000  # one part file (and one resumable unit) per this many images
-    batch_size: int = 32  # images per model forward
-    num_actors: int = 1  # model replicas (one per GPU on a GPU cluster)
-    actor_cpus: float = 1.0  # CPUs Ray reserves per actor (the rest decode)
-    decode_cpus: float = 0.5  # CPUs per decode task (differs from actor_cpus so Ray keeps decode out of the actor)
-    threads_per_actor: int | None = None  # intra-op threads of each model; default: the node's CPUs / num_actors
+    images_per_part: int = setting(1000, ge=1)  # one part file (and one resumable unit) per this many images
+    batch_size: int = setting(32, ge=1)  # images per model forward
+    num_actors: int = setting(1, ge=1)  # model replicas (one per GPU on a GPU cluster)
+    actor_cpus: float = setting(1.0, gt=0)  # CPUs Ray reserves per actor (the rest decode)
+    # CPUs per decode task (differs from actor_cpus so Ray keeps decode out of the actor)
+    decode_cpus: float = setting(0.5, gt=0)
+    # intra-op threads of each model; default: the node's CPUs / num_actors
+    threads_per_actor: int | None = setting(None, ge=1)
     device: str = "auto"  # auto: cuda when available
-    calibration_copies: int = 1000  # synthetic copies embedded for dedup_copy's threshold calibration
-    max_pixels: int = 100_000_000
+    calibration_copies: int = setting(1000, ge=0)  # synthetic copies embedded for dedup_copy's threshold calibration
+    max_pixels: int = setting(100_000_000, ge=1)
     seed: int = 0
 
     def options(self, key: str) -> dict[str, Any]:
@@ -67,23 +70,32 @@ def calibration_rate(n_images: int, copies: int) -> float:
     return min(1.0, copies / n_images) if n_images else 0.0
 
 
-def is_calibration_sample(image_id: str, rate: float, seed: int) -> bool:
-    """Deterministic per image: the same images are sampled on every run, on every worker."""
-    h = hashlib.blake2b(f"{seed}:{image_id}".encode(), digest_size=8).digest()
+def is_calibration_sample(key: str, rate: float, seed: int) -> bool:
+    """Deterministic per image (``key``: its content hash): the same images are sampled on every run, on every
+    worker, wherever the pool lies."""
+    h = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") < rate * 2**64
 
 
 def decode_batch(
-    image_ids: list[str], uris: list[str], preprocess: dict[str, Preprocess], rate: float, cfg: EmbedConfig
+    image_ids: list[str],
+    uris: list[str],
+    preprocess: dict[str, Preprocess],
+    rate: float,
+    cfg: EmbedConfig,
+    keys: list[str] | None = None,
 ) -> dict[str, np.ndarray]:
     """Decode and preprocess images (and the synthetic copies of sampled ones) for every model.
+
+    ``keys``: what the calibration sample and each copy's edit are drawn from (content hashes, so they do not depend
+    on where the files are; default: the image ids).
 
     Returns columns ``image_id`` [B'], ``edit`` [B'] ('' for the image itself) and ``pixels_<key>`` [B', H, W, 3]
     uint8, where B' = B + the number of sampled images.
     """
     ids, edits = [], []
     pixels: dict[str, list[np.ndarray]] = {k: [] for k in preprocess}
-    for image_id, uri in zip(image_ids, uris, strict=True):
+    for image_id, uri, key in zip(image_ids, uris, keys if keys is not None else image_ids, strict=True):
         try:
             image = decode_rgb(read_bytes(uri, MAX_FILE_BYTES), cfg.max_pixels)
         except Exception as exc:  # ingest decoded this file: it changed or vanished since
@@ -93,8 +105,8 @@ def decode_batch(
                 "stages after it"
             ) from None
         variants = [(image, "")]
-        if is_calibration_sample(image_id, rate, cfg.seed):
-            variants.append(synthetic_copy(image, seed=_seed_of(image_id, cfg.seed)))
+        if is_calibration_sample(key, rate, cfg.seed):
+            variants.append(synthetic_copy(image, seed=_seed_of(key, cfg.seed)))
         for img, edit in variants:
             ids.append(image_id)
             edits.append(edit)
@@ -106,8 +118,8 @@ def decode_batch(
     return out
 
 
-def _seed_of(image_id: str, seed: int) -> int:
-    return int.from_bytes(hashlib.blake2b(f"copy:{seed}:{image_id}".encode(), digest_size=8).digest(), "little")
+def _seed_of(key: str, seed: int) -> int:
+    return int.from_bytes(hashlib.blake2b(f"copy:{seed}:{key}".encode(), digest_size=8).digest(), "little")
 
 
 # --- the stage: the images that survived the cheap dedups, one part per images_per_part -----------------------------
@@ -115,7 +127,7 @@ def _seed_of(image_id: str, seed: int) -> int:
 
 def plan_embed(cfg: EmbedConfig, inputs: StageInputs, fingerprint: str, listing: Path) -> PartPlan:
     """The work list: surviving images with their part number (row group = part)."""
-    images = alive(inputs, dedups_before("dedup_copy"), [schema.URI])  # embed sits between phash and copy dedup
+    images = alive(inputs, dedups_before("dedup_copy"), [schema.URI, schema.CONTENT_HASH])  # between phash and copy
     per_part = cfg.images_per_part
     if per_part < 1:
         raise ValueError(f"embed.images_per_part must be >= 1, got {per_part}")
@@ -165,10 +177,11 @@ class EmbedWork(PartWork):
         if not self.models:
             self.setup()
         ids, uris = rows[schema.IMAGE_ID].to_pylist(), rows[schema.URI].to_pylist()
+        keys = rows[schema.CONTENT_HASH].to_pylist() if schema.CONTENT_HASH in rows.column_names else ids
         pieces = []
         for start in range(0, len(ids), self.cfg.batch_size):
             end = start + self.cfg.batch_size
-            cols = decode_batch(ids[start:end], uris[start:end], self.preprocess, self.rate, self.cfg)
+            cols = decode_batch(ids[start:end], uris[start:end], self.preprocess, self.rate, self.cfg, keys[start:end])
             emb = {k: m.embed(cols[PIXELS_PREFIX + k]) for k, m in self.models.items()}  # [B', D] float32 each
             pieces.append(_rows(cols[schema.IMAGE_ID], cols[schema.EDIT], emb))
         table = pa.concat_tables(pieces) if pieces else _rows(np.empty(0, object), np.empty(0, str), self._empty())

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from lvdkit.core.io import write_parquet_atomic
+from lvdkit.core.io import DiskFullError, write_parquet_atomic
 
 SHARD_DELAY = "LVDKIT_TEST_SHARD_DELAY_S"
 STAGE_DELAY = "LVDKIT_TEST_STAGE_DELAY"
@@ -129,7 +129,7 @@ class Hooks:
 def write_part(table: pa.Table, path: Path, hooks: Hooks | None) -> None:
     """Write a part atomically, failing as a full disk would where ``LVDKIT_TEST_ENOSPC_AFTER`` says so."""
     if hooks is not None and hooks.disk_full(path):
-        raise enospc(path)
+        raise DiskFullError.writing(path, enospc(path))
     write_parquet_atomic(table, path)
 
 

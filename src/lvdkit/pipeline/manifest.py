@@ -45,10 +45,21 @@ def prepare(stage_dir: Path, key: RunKey, force: bool) -> str:
     if not force and key.matches(read_json(stage_dir / RUNNING)) and not (stage_dir / SUCCESS).exists():
         return "resume"
     if stage_dir.exists():
+        _check_ours(stage_dir)
         shutil.rmtree(stage_dir)
     stage_dir.mkdir(parents=True)
     write_json_atomic(stage_dir / RUNNING, {"config_hash": key.config_hash, "fingerprint": key.fingerprint})
     return "fresh"
+
+
+def _check_ours(stage_dir: Path) -> None:
+    """A stage folder is removed only when it holds lvdkit's records (or nothing at all)."""
+    if any((stage_dir / r).is_file() for r in (SUCCESS, RUNNING)) or not any(stage_dir.iterdir()):
+        return
+    raise ValueError(
+        f"refusing to remove {stage_dir}: it holds files but no lvdkit record ({SUCCESS} or {RUNNING}), so lvdkit "
+        "did not write it. Move it out of out= (or choose another out=)"
+    )
 
 
 def finish(

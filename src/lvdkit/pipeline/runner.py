@@ -37,6 +37,7 @@ from lvdkit.pipeline.errors import StageError, raise_own
 from lvdkit.pipeline.kinds import PartStage, Stage, WholeStage
 from lvdkit.pipeline.manifest import RunKey, fingerprint_of, finish, prepare, success
 from lvdkit.pipeline.names import CURATE_ORDER, stage_names
+from lvdkit.pipeline.ownership import check_not_inside_inputs, claim, locked
 from lvdkit.pipeline.parts import PartRun, actor_threads, map_parts
 from lvdkit.pipeline.stages import STAGES, declared_sides
 from lvdkit.pipeline.summary import STATUS_FILE, SUMMARY_FILE, summary_fingerprint, write_summary
@@ -108,6 +109,7 @@ def _plan(stage: Stage, cfg: CurateConfig, out: Path) -> tuple[RunKey, int, Path
 
 
 def _run_parts(stage: PartStage, cfg: CurateConfig, stage_dir: Path, n_parts: int) -> int:
+    _set_aside_torn(stage, stage_dir)
     done = {p.name for p in part_files(stage_dir)}
     pending = [i for i in range(n_parts) if part_name(i) not in done]
     if done:
@@ -128,6 +130,38 @@ def _run_parts(stage: PartStage, cfg: CurateConfig, stage_dir: Path, n_parts: in
     if missing:
         raise StageError(f"{stage.name}: parts {missing[:10]} produced no output")
     return sum(_parquet_rows(p) for p in part_files(stage_dir))
+
+
+TORN = "_torn"  # parts that could not be read back (torn, or not lvdkit's), moved aside and redone
+
+
+def _set_aside_torn(stage: PartStage, stage_dir: Path) -> None:
+    """Move aside every part (and its part in each sub-folder) whose Parquet footer cannot be read, so the part is
+    redone instead of wedging every later read."""
+    for part in part_files(stage_dir):
+        files = [part, *(stage_dir / sub / part.name for sub in stage.subparts)]
+        bad = [f for f in files if f.exists() and not _readable(f)]
+        if not bad:
+            continue
+        for f in files:
+            if f.exists():
+                aside = stage_dir / TORN / f.relative_to(stage_dir).as_posix().replace("/", "__")
+                aside.parent.mkdir(exist_ok=True)
+                os.replace(f, aside)
+        log(
+            f"{stage.name}: {', '.join(map(str, bad))} cannot be read back (torn or not lvdkit's): moved to "
+            f"{stage_dir / TORN}/, the part is redone"
+        )
+
+
+def _readable(path: Path) -> bool:
+    import pyarrow.parquet as pq
+
+    try:
+        pq.ParquetFile(path).metadata  # noqa: B018 - reading the footer is the check
+    except Exception:
+        return False
+    return True
 
 
 def _run_whole(stage: WholeStage, cfg: CurateConfig, out: Path) -> tuple[int, dict[str, Any]]:
@@ -179,9 +213,23 @@ def run(cfg: CurateConfig, stages: tuple[str, ...] = CURATE_ORDER, force: bool =
     """Run ``stages`` in order in one Ray session; write ``config.yaml``, ``status.parquet`` and ``summary.json``."""
     check_embedding_keys(cfg, stages)
     out = Path(cfg.out)
+    _check_inputs(cfg, out)
     with disk_errors(out / "config.yaml"):
-        out.mkdir(parents=True, exist_ok=True)
+        claim(out)
+    with locked(out):
         save_config(cfg, out / "config.yaml")
+        return _run_locked(cfg, out, stages, force)
+
+
+def _check_inputs(cfg: CurateConfig, out: Path) -> None:
+    """OUT may overlap no input folder (pool, protected images, seeds)."""
+    check_not_inside_inputs(out, cfg.ingest.inputs)
+    check_not_inside_inputs(out, cfg.dedup_relative.protected, "dedup_relative.protected")
+    for name, seed_set in cfg.retrieve.seed_sets.items():
+        check_not_inside_inputs(out, seed_set.inputs, f"retrieve.seed_sets.{name}.inputs")
+
+
+def _run_locked(cfg: CurateConfig, out: Path, stages: tuple[str, ...], force: bool) -> dict[str, Any]:
     with ray_session(out, cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory_mb) as lazy:
         ran = [not run_stage(name, cfg, lazy, force=force)["skipped"] for name in stages]
         previous = read_json(out / SUMMARY_FILE)
