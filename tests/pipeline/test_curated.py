@@ -98,3 +98,22 @@ def test_curated_set_opens_in_pandas_polars_duckdb_and_load_curated(curated: Pat
     frame = lvdkit.load_curated(curated, as_="pandas")
     assert len(frame) == n and lvdkit.decode(frame.iloc[0]).mode == "RGB"
     assert lvdkit.load_curated(curated).count_rows() == n
+
+
+def test_cluster_retrieval_in_the_pipeline_takes_the_closest_members_of_the_seeds_clusters(curated: Path) -> None:
+    """Set 'five' (cluster mode, min_seeds_per_cluster=0, per_cluster=4): every level-1 cluster nearest to one of its
+    seeds gives its 4 members closest to the centroid, scored 1 - distance; recomputed here from the cluster table."""
+    seeds = pq.read_table(curated / "retrieve" / schema.SEEDS_FILE)
+    seeds = seeds.filter(seeds.column(schema.SEED_SET).to_numpy(zero_copy_only=False) == "five")
+    s = seeds[schema.EMBEDDING].combine_chunks().flatten().to_numpy().reshape(seeds.num_rows, -1)
+    centroids = np.load(curated / "cluster" / schema.centroids_file(1))
+    chosen = set(np.argmax(s @ centroids.T, axis=1).tolist())
+    clusters = read_parts(curated / "cluster").to_pylist()
+    want: dict[str, float] = {}
+    for c in chosen:
+        members = sorted((r[schema.DISTANCE], r[schema.IMAGE_ID]) for r in clusters if r[schema.CLUSTER_IDS][0] == c)
+        want.update({i: 1.0 - d for d, i in members[:4]})
+    hits = [r for r in read_parts(curated / "retrieve").to_pylist() if r[schema.SEED_SET] == "five"]
+    assert {r[schema.IMAGE_ID] for r in hits} == set(want) and len(want) > 0
+    assert all(r[schema.METHOD] == schema.METHOD_CLUSTER and r[schema.SEED_ID] is None for r in hits)
+    assert all(abs(r[schema.SCORE] - want[r[schema.IMAGE_ID]]) < 1e-5 for r in hits)
