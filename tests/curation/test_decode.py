@@ -170,12 +170,14 @@ def test_grayscale_jpeg_is_ok_and_becomes_gray_rgb(tmp_path: Path) -> None:
 
 def test_animated_gif_is_ok_and_uses_the_first_frame(tmp_path: Path) -> None:
     frames = [Image.new("RGB", (32, 24), colour) for colour in ((255, 0, 0), (0, 0, 255), (0, 255, 0))]
+    for frame in frames:
+        frame.paste((255, 255, 255), (0, 0, 16, 12))  # some structure: a solid frame gets no PHash
     path = save(frames[0], tmp_path / "anim.gif", "GIF", save_all=True, append_images=frames[1:], duration=100)
     row = inspect_file(str(path), CFG)
     assert_ok(row, path, "GIF", "P", (32, 24))
     assert row["n_frames"] == 3
     out = np.asarray(to_rgb(decode(path.read_bytes(), CFG.max_pixels).image))
-    assert (out == [255, 0, 0]).all()
+    assert (out[12:] == [255, 0, 0]).all() and (out[:12, :16] == 255).all()
 
 
 def test_exif_rotated_jpeg_reports_upright_size(tmp_path: Path) -> None:
@@ -310,3 +312,24 @@ def test_decode_leaves_pillows_global_pixel_limit_as_it_found_it() -> None:
     with pytest.raises(DecodeError):
         decode(b"not an image", 12345)
     assert before == Image.MAX_IMAGE_PIXELS
+
+
+@pytest.mark.parametrize("fmt", ["PPM", "ICO", "PCX", "SGI", "QOI"])
+def test_a_format_outside_the_allow_list_is_quarantined_without_being_parsed_unless_allowed(
+    tmp_path: Path, fmt: str
+) -> None:
+    image = Image.new("RGB", (40, 40), (10, 20, 30))
+    image.paste((200, 100, 0), (0, 0, 20, 20))
+    path = save(image, tmp_path / f"x.{fmt.lower()}", fmt)
+    row = inspect_file(str(path), CFG)
+    assert (row["status"], row["error"]) == (schema.STATUS_QUARANTINED, schema.REASON_FORMAT)
+    assert f"{fmt} is not in ingest.formats" in str(row["error_detail"])
+    allowed = inspect_file(str(path), IngestConfig(formats=[*CFG.formats, fmt]))
+    assert allowed["status"] == schema.STATUS_OK and allowed["format"] == fmt
+
+
+def test_eps_never_reaches_ghostscript() -> None:
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    with pytest.raises(DecodeError) as refused:
+        decode(eps, CFG.max_pixels)
+    assert refused.value.reason == schema.REASON_FORMAT

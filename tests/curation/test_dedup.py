@@ -485,3 +485,30 @@ def test_small_demo_ingest_and_dedup_against_truth(small_demo: Path, monkeypatch
     score = score_groups(truth, live, final)
     assert score.exact_total == sum(r["kind"] == schema.TRUTH_EXACT for r in raw) > 0
     assert score.exact_found == score.exact_total
+
+
+def test_images_without_structure_get_no_phash_and_are_never_phash_duplicates(tmp_path: Path) -> None:
+    """Solid colours and fine chessboards all share one PHash: without the guard the first of them would be kept for
+    every other (and for a huge all-zero image), whatever their colours."""
+    from PIL import Image
+
+    paths = []
+    for k, colour in enumerate([(0, 0, 0), (255, 0, 0), (0, 255, 0), (30, 30, 200)]):
+        paths.append(tmp_path / f"solid_{k}.png")
+        Image.new("RGB", (64, 64), colour).save(paths[-1])
+    checks = ((np.indices((64, 64)).sum(0) % 2) * 255).astype(np.uint8)
+    paths.append(tmp_path / "chess.png")
+    Image.fromarray(checks).save(paths[-1])
+    photo = np.kron(np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8), np.ones((8, 8), np.uint8))
+    paths.append(tmp_path / "blocks.png")
+    Image.fromarray(photo).save(paths[-1])
+    Image.fromarray(photo).save(tmp_path / "blocks_copy.bmp")  # same pixels, other bytes: a real PHash duplicate
+    paths.append(tmp_path / "blocks_copy.bmp")
+    rows = ingest_files([str(p) for p in paths], IngestConfig())
+    assert rows[schema.PHASH].to_pylist()[:5] == [None] * 5 and None not in rows[schema.PHASH].to_pylist()[5:]
+    table, stats = dedup_phash(
+        rows.select([schema.IMAGE_ID, schema.PHASH, schema.WIDTH, schema.HEIGHT]), DedupPhashConfig()
+    )
+    removed = set(table.filter(pc.invert(table[schema.KEEP]))[schema.IMAGE_ID].to_pylist())
+    assert removed == {rows[schema.IMAGE_ID][6].as_py()} or removed == {rows[schema.IMAGE_ID][5].as_py()}
+    assert stats["without_phash"] == 5

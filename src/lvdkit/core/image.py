@@ -31,10 +31,11 @@ import struct
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -64,10 +65,19 @@ class Decoded:
     n_frames: int
 
 
-def decode(data: bytes, max_pixels: int, timeout_s: float | None = None) -> Decoded:
+# Formats Pillow may parse. Anything else (EPS, which Pillow hands to Ghostscript; PSD, ICO, PPM, ...) is refused as
+# format_not_allowed before any of its parsers runs: fewer parsers face untrusted bytes. (Camera JPEGs that Pillow
+# reports as MPO are read by its JPEG plugin.)
+ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "AVIF")
+
+
+def decode(
+    data: bytes, max_pixels: int, timeout_s: float | None = None, formats: Sequence[str] = ALLOWED_FORMATS
+) -> Decoded:
     """Decode every pixel of the first frame of ``data``; raise :class:`DecodeError` with a reason otherwise.
 
     ``timeout_s``: a decode that takes longer is abandoned or rejected (``decode_timeout``); see the module notes.
+    ``formats``: the Pillow formats that may be parsed (``ingest.formats``).
     """
     if not data:
         raise DecodeError(schema.REASON_EMPTY, "file has 0 bytes")
@@ -77,7 +87,7 @@ def decode(data: bytes, max_pixels: int, timeout_s: float | None = None) -> Deco
     try:
         with warnings.catch_warnings(), _alarm(timeout_s):  # the timer stops before the filters are restored
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
+            im = Image.open(io.BytesIO(data), formats=_registered(formats))
             fmt, mode, n_frames = im.format, im.mode, int(getattr(im, "n_frames", 1))
             if im.width * im.height > max_pixels:
                 raise Image.DecompressionBombError(f"{im.width}x{im.height} exceeds max_pixels={max_pixels}")
@@ -88,7 +98,7 @@ def decode(data: bytes, max_pixels: int, timeout_s: float | None = None) -> Deco
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DecodeError(schema.REASON_TOO_MANY_PIXELS, str(exc)) from None
     except UnidentifiedImageError:
-        raise _unidentified(data) from None
+        raise _unidentified(data, formats) from None
     except _ERRORS as exc:
         raise _error(data, exc) from None
     finally:
@@ -147,12 +157,13 @@ def _error(data: bytes, exc: BaseException, prefix: str = "") -> DecodeError:
     return DecodeError(reason, _stable(f"{prefix}{type(exc).__name__}: {exc}"))
 
 
-def _unidentified(data: bytes) -> DecodeError:
+def _unidentified(data: bytes, formats: Sequence[str] = ALLOWED_FORMATS) -> DecodeError:
     """Pillow's ``open`` hides why each format refused the bytes. When they start like a common image format (a PNG
     whose header CRC is wrong, a file cut inside its header), ask that format's reader, so the file is reported as a
     broken image (``decode_error``/``truncated``) rather than as ``not_an_image``."""
     Image.init()
-    for fmt in SIGNATURE_FORMATS:
+    allowed = {f.upper() for f in formats}
+    for fmt in (f for f in SIGNATURE_FORMATS if f in allowed):
         factory, accept = Image.OPEN.get(fmt, (None, None))
         if factory is None or accept is None or not accept(data[:16]):
             continue
@@ -162,7 +173,23 @@ def _unidentified(data: bytes) -> DecodeError:
                 factory(io.BytesIO(data), "").close()
         except Exception as exc:  # only explaining a failure already found: any error is the explanation
             return _error(data, exc, f"{fmt} signature, but the header cannot be read: ")
+    other = [f for f, (_, accept) in Image.OPEN.items() if f not in allowed and accept and _accepts(accept, data)]
+    if other:  # known by its signature alone: none of its parsing code ran
+        return DecodeError(schema.REASON_FORMAT, f"{other[0]} is not in ingest.formats {sorted(allowed)}")
     return DecodeError(schema.REASON_NOT_IMAGE, "Pillow recognises no image format in these bytes")
+
+
+def _registered(formats: Sequence[str]) -> list[str]:
+    """``formats`` that this Pillow can open (an unknown name in ingest.formats is simply never matched)."""
+    Image.init()
+    return [f.upper() for f in formats if f.upper() in Image.OPEN]
+
+
+def _accepts(accept: Any, data: bytes) -> bool:
+    try:
+        return bool(accept(data[:16]))
+    except Exception:  # an accept() that chokes on the prefix does not claim it
+        return False
 
 
 def _stable(message: str) -> str:

@@ -45,6 +45,7 @@ REASON_TOO_MANY_PIXELS = "too_many_pixels"
 REASON_TOO_SMALL = "too_small"
 REASON_DECODE_TIMEOUT = "decode_timeout"  # decoding took longer than ingest.decode_timeout_s
 REASON_SYMLINK_OUTSIDE = "symlink_outside_inputs"  # a link in an input folder pointing outside every input
+REASON_FORMAT = "format_not_allowed"  # a format outside ingest.formats, known by its signature (never parsed)
 REASON_PROCESSING = "processing_error"  # on_part_error=quarantine: processing the file raised on every attempt
 REASONS = (
     REASON_EMPTY,
@@ -58,6 +59,7 @@ REASONS = (
     REASON_TOO_SMALL,
     REASON_DECODE_TIMEOUT,
     REASON_SYMLINK_OUTSIDE,
+    REASON_FORMAT,
     REASON_PROCESSING,
 )
 

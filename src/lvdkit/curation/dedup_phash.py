@@ -16,6 +16,7 @@ from typing import Literal
 import faiss
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from lvdkit.core import schema
 from lvdkit.core.settings import setting
@@ -88,8 +89,17 @@ def _equal_pairs(hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def dedup_phash(images: pa.Table, cfg: DedupPhashConfig) -> tuple[pa.Table, dict[str, int]]:
     """``images`` (``image_id``, ``phash``, ``width``, ``height`` of images kept so far) -> dedup rows and stats.
 
-    The kept image of a group is the one with the most pixels (ties: smallest ``image_id``).
+    The kept image of a group is the one with the most pixels (ties: smallest content hash). Images without a PHash
+    (no structure at PHash's scale, see ingest's ``phash_min_std``) are never grouped here.
     """
+    hashed = pc.is_valid(images[schema.PHASH])
+    if images.num_rows and not pc.all(hashed).as_py():
+        table, stats = dedup_phash(images.filter(hashed), cfg)
+        unhashed = images.filter(pc.invert(hashed))
+        lone = groups_table(
+            unhashed[schema.IMAGE_ID], np.arange(unhashed.num_rows), np.zeros(unhashed.num_rows, np.float32)
+        )
+        return pa.concat_tables([table, lone]), {**stats, "without_phash": unhashed.num_rows}
     n = images.num_rows
     hashes = images[schema.PHASH].to_numpy(zero_copy_only=False).astype(np.uint64) if n else np.empty(0, np.uint64)
     priority = keep_priority(images)

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from PIL import Image
 
 from lvdkit.core import schema
 from lvdkit.core.files import (
@@ -31,7 +32,7 @@ from lvdkit.core.files import (
     list_entries,
     read_bytes,
 )
-from lvdkit.core.image import DecodeError, decode, to_rgb
+from lvdkit.core.image import ALLOWED_FORMATS, DecodeError, decode, to_rgb
 from lvdkit.core.io import disk_errors
 from lvdkit.core.settings import setting
 from lvdkit.core.stage import PartPlan, PartWork, StageInputs
@@ -52,8 +53,12 @@ class IngestConfig:
     max_file_mb: float = setting(256.0, gt=0)  # larger files are quarantined without being read
     min_side: int = setting(16, ge=1)  # images whose shorter side is below this are quarantined (too_small)
     phash: bool = True  # compute imagededup's PHash for dedup_phash
+    # images with less structure than this at 32x32 (grey-level std; measured: demo images >= 35, solid colours and
+    # fine chessboards < 0.3) get no PHash, so PHash dedup never groups them (copy dedup still sees them)
+    phash_min_std: float = setting(2.0, ge=0)
     follow_symlinks_outside: bool = False  # read links found in input folders/globs that point outside every input
     # slower decodes are quarantined (decode_timeout); see lvdkit.core.image
+    formats: list[str] = field(default_factory=lambda: list(ALLOWED_FORMATS))  # others: format_not_allowed
     decode_timeout_s: float | None = setting(30.0, gt=0)
 
 
@@ -62,6 +67,12 @@ def _phasher() -> Any:
     from imagededup.methods import PHash  # imports torch: load it only in processes that hash
 
     return PHash(verbose=False)
+
+
+def structure(rgb: Image.Image) -> float:
+    """Standard deviation (grey levels) of the image at 32x32, the scale PHash looks at. Solid colours and fine
+    patterns (a chessboard of small squares) are near 0 there; their PHashes say nothing and would all coincide."""
+    return float(np.asarray(rgb.convert("L").resize((32, 32), Image.Resampling.LANCZOS), np.float32).std())
 
 
 def phash64(rgb: np.ndarray) -> int:
@@ -93,7 +104,7 @@ def inspect_file(uri: str, cfg: IngestConfig, outside: str | None = None) -> dic
     if cfg.keep_bytes:
         row[schema.IMAGE_BYTES] = data
     try:
-        dec = decode(data, cfg.max_pixels, timeout_s=cfg.decode_timeout_s)
+        dec = decode(data, cfg.max_pixels, timeout_s=cfg.decode_timeout_s, formats=cfg.formats)
     except DecodeError as exc:
         return {**row, schema.ERROR: exc.reason, schema.ERROR_DETAIL: exc.detail}
     width, height = dec.image.size
@@ -103,7 +114,9 @@ def inspect_file(uri: str, cfg: IngestConfig, outside: str | None = None) -> dic
         detail = f"{width}x{height} < min_side={cfg.min_side}"
         return {**row, schema.ERROR: schema.REASON_TOO_SMALL, schema.ERROR_DETAIL: detail}
     if cfg.phash:
-        row[schema.PHASH] = phash64(np.asarray(to_rgb(dec.image)))
+        rgb = to_rgb(dec.image)
+        if structure(rgb) >= cfg.phash_min_std:  # else no PHash: it would equal every other flat image's
+            row[schema.PHASH] = phash64(np.asarray(rgb))
     row[schema.STATUS_COL] = schema.STATUS_OK
     return row
 
