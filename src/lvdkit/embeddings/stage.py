@@ -10,7 +10,6 @@ Besides one embedding per image and model, a deterministic sample of images is a
 from __future__ import annotations
 
 import hashlib
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -179,23 +178,12 @@ class EmbedWork(PartWork):
             self.setup()
         ids, uris = rows[schema.IMAGE_ID].to_pylist(), rows[schema.URI].to_pylist()
         keys = rows[schema.CONTENT_HASH].to_pylist() if schema.CONTENT_HASH in rows.column_names else ids
-
-        def decode(start: int) -> dict[str, np.ndarray]:
-            end = start + self.cfg.batch_size
-            return decode_batch(ids[start:end], uris[start:end], self.preprocess, self.rate, self.cfg, keys[start:end])
-
         pieces = []
-        starts = list(range(0, len(ids), self.cfg.batch_size))
-        # Decode the next batch on a thread while the models embed this one (Pillow and torch release the GIL for
-        # their heavy work), so the decode and the forward pass overlap in the actor; batches stay the same.
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(decode, starts[0]) if starts else None
-            for i in range(len(starts)):
-                assert pending is not None
-                cols = pending.result()
-                pending = pool.submit(decode, starts[i + 1]) if i + 1 < len(starts) else None
-                emb = {k: m.embed(cols[PIXELS_PREFIX + k]) for k, m in self.models.items()}  # [B', D] float32 each
-                pieces.append(_rows(cols[schema.IMAGE_ID], cols[schema.EDIT], emb))
+        for start in range(0, len(ids), self.cfg.batch_size):
+            end = start + self.cfg.batch_size
+            cols = decode_batch(ids[start:end], uris[start:end], self.preprocess, self.rate, self.cfg, keys[start:end])
+            emb = {k: m.embed(cols[PIXELS_PREFIX + k]) for k, m in self.models.items()}  # [B', D] float32 each
+            pieces.append(_rows(cols[schema.IMAGE_ID], cols[schema.EDIT], emb))
         table = pa.concat_tables(pieces) if pieces else _rows(np.empty(0, object), np.empty(0, str), self._empty())
         is_copy = pc.not_equal(table[schema.EDIT], "")
         images = table.filter(pc.invert(is_copy)).drop_columns([schema.EDIT])
