@@ -83,6 +83,7 @@ bench: $(STAMP)  ## run the benchmarks (prints figures; slow: a few hours on 2 c
 	$(BIN)/python bench/kmeans.py
 	$(BIN)/python bench/ingest_memory.py
 	$(BIN)/python bench/pretrain_throughput.py --data $(OUT)/curated
+	$(BIN)/python bench/pretrain_methods.py --data $(OUT)/curated --heldout $(DEMO)/heldout
 
 clean:  ## remove outputs (keeps .venv)
 	rm -rf out

@@ -54,12 +54,13 @@ def synthetic_shards(folder: Path, n: int, side: int) -> Path:
 
 
 def fake_batch(cfg: PretrainConfig) -> dict[str, torch.Tensor]:
-    b, c = cfg.optim.batch_size, cfg.crops
+    """One optimizer step's views (``batch_size * accumulate_steps`` images) as the method's augmentation makes them."""
+    b, c = cfg.optim.step_batch, cfg.crops
     g = torch.randint(0, 255, (b, 3, c.global_size, c.global_size), dtype=torch.uint8)
-    if cfg.method != "dinov2":
+    if cfg.method == "distillation":
         return {VIEW_KEY: g}
     batch = {GLOBAL_KEYS[0]: g, GLOBAL_KEYS[1]: g.clone()}
-    if c.n_local:
+    if cfg.method in ("dinov2", "dino") and c.n_local:
         batch[LOCAL_KEY] = torch.randint(0, 255, (b, c.n_local, 3, c.local_size, c.local_size), dtype=torch.uint8)
     return batch
 
@@ -97,7 +98,7 @@ def bare_loop(cfg: PretrainConfig, steps: int, warmup: int, device: torch.device
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    out = {"images_per_s": steps * cfg.optim.batch_size / seconds, "s_per_step": seconds / steps, "flops": flops}
+    out = {"images_per_s": steps * cfg.optim.step_batch / seconds, "s_per_step": seconds / steps, "flops": flops}
     if device.type == "cuda":
         out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out
@@ -110,7 +111,7 @@ def lvdkit_run(cfg: PretrainConfig, warmup: int) -> dict[str, float]:
     rows = [json.loads(x) for x in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines() if x.strip()]
     steady = rows[warmup:]
     span = steady[-1]["time"] - steady[0]["time"]
-    ips = (len(steady) - 1) * cfg.optim.batch_size * cfg.num_workers / span if span > 0 else float("nan")
+    ips = (len(steady) - 1) * cfg.optim.step_batch * cfg.num_workers / span if span > 0 else float("nan")
     return {
         "images_per_s": ips,
         "wall_s": wall,
@@ -139,7 +140,7 @@ def main() -> None:
         )
         n_rows = sum(pq.read_metadata(f).num_rows for f in data.glob("*.parquet"))
         steps_total = args.steps + args.warmup
-        per_epoch = n_rows // (cfg.optim.batch_size * cfg.num_workers)
+        per_epoch = n_rows // (cfg.optim.step_batch * cfg.num_workers)
         cfg.data, cfg.optim.epochs = str(data), max(1, -(-steps_total // per_epoch))
         cfg.checkpoint_every = 10**9  # only the final checkpoint (after the timed steps)
         use_cuda = torch.cuda.is_available() and cfg.use_gpu is not False

@@ -73,6 +73,6 @@ def test_pretrain_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(["pretrain", f"data={tmp_path / 'missing'}", f"out={tmp_path / 'run'}"]) == 2
     assert "pretraining data not found" in capsys.readouterr().err
     assert main(["pretrain", "method=mae", f"out={tmp_path / 'run'}"]) == 2
-    assert "'dinov2', 'distillation'" in capsys.readouterr().err
+    assert "'dinov2', 'dino', 'simclr', 'distillation'" in capsys.readouterr().err
     assert main(["export", str(tmp_path), "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "no checkpoint in" in capsys.readouterr().err

@@ -4,6 +4,9 @@
   resized crops, flip, colour jitter (0.4, 0.4, 0.2, 0.1) p 0.8, grayscale p 0.2, Gaussian blur p 1.0 on global 1,
   p 0.1 plus solarize p 0.2 on global 2, p 0.5 on locals.
 - :class:`SingleView`: distillation's one view (random resized crop from scale 0.14, flip, jitter, grayscale, blur).
+- :class:`TwoViews`: SimCLR's two views of one distribution (Chen et al. 2020, appendix A): random resized crop
+  (scale 0.08-1), flip, colour jitter of strength 1 (0.8, 0.8, 0.8, 0.2) p 0.8, grayscale p 0.2, Gaussian blur p 0.5.
+  They travel under the global crop keys (``GLOBAL_KEYS``).
 """
 
 from __future__ import annotations
@@ -26,8 +29,13 @@ VIEW_KEY = "view"  # distillation: (B, 3, S, S)
 _log = logging.getLogger(__name__)
 
 
-def _color(p_blur: float, kernel: int) -> list[Any]:
-    jitter = T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8)
+DINO_JITTER = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue (DINO, DINOv2, distillation)
+SIMCLR_JITTER = (0.8, 0.8, 0.8, 0.2)  # SimCLR's colour distortion at strength s = 1: (0.8 s, 0.8 s, 0.8 s, 0.2 s)
+
+
+def _color(p_blur: float, kernel: int, jitter_strength: tuple[float, ...] = DINO_JITTER) -> list[Any]:
+    b, c, s, h = jitter_strength
+    jitter = T.RandomApply([T.ColorJitter(brightness=b, contrast=c, saturation=s, hue=h)], p=0.8)
     ops: list[Any] = [jitter, T.RandomGrayscale(p=0.2)]
     if p_blur > 0:
         ops.append(T.RandomApply([T.GaussianBlur(kernel_size=kernel, sigma=(0.1, 2.0))], p=p_blur))
@@ -74,6 +82,25 @@ class SingleView:
         return {VIEW_KEY: _to_uint8(self.transform(image))}
 
 
+class TwoViews:
+    """bytes -> SimCLR's two views (3, S, S) uint8 under ``GLOBAL_KEYS``, both drawn from the same augmentation."""
+
+    def __init__(self, cfg: CropsConfig) -> None:
+        color = _color(0.5, cfg.blur_kernel, SIMCLR_JITTER)
+        self.transform = T.Compose([*_crop(cfg.global_size, cfg.simclr_scale), *color])
+
+    def __call__(self, image: Image.Image) -> dict[str, np.ndarray]:
+        return {key: _to_uint8(self.transform(image)) for key in GLOBAL_KEYS}
+
+
+VIEWS: dict[str, type[MultiCrop] | type[TwoViews] | type[SingleView]] = {
+    "dinov2": MultiCrop,
+    "dino": MultiCrop,
+    "simclr": TwoViews,
+    "distillation": SingleView,
+}  # the views of each method
+
+
 class AugmentBatch:
     """A Ray Data ``map_batches`` callable: ``{image_column: bytes[]}`` -> stacked uint8 views.
 
@@ -82,7 +109,9 @@ class AugmentBatch:
     """
 
     def __init__(self, method: str, crops: CropsConfig, image_column: str) -> None:
-        self.views = MultiCrop(crops) if method == "dinov2" else SingleView(crops)
+        if method not in VIEWS:
+            raise ValueError(f"no training views for method {method!r}; valid: {', '.join(VIEWS)}")
+        self.views: MultiCrop | TwoViews | SingleView = VIEWS[method](crops)
         self.image_column = image_column
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -105,3 +134,17 @@ def normalize(pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, .
     m = torch.tensor(mean, device=pixels.device).view(3, 1, 1)
     s = torch.tensor(std, device=pixels.device).view(3, 1, 1)
     return (pixels.float() / 255.0 - m) / s
+
+
+def multicrop_inputs(
+    batch: dict[str, torch.Tensor], device: torch.device, mean: tuple[float, ...], std: tuple[float, ...]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A multi-crop batch on ``device``, normalised: globals (2B, 3, G, G) crop-major (crop 0 of every image, then
+    crop 1), and locals (n B, 3, L, L) crop-major too, or None without local crops."""
+    globals_ = torch.cat([batch[k] for k in GLOBAL_KEYS]).to(device, non_blocking=True)  # (2B, 3, G, G)
+    globals_ = normalize(globals_, mean, std)
+    if LOCAL_KEY not in batch:
+        return globals_, None
+    local = batch[LOCAL_KEY].to(device, non_blocking=True)  # (B, n, 3, L, L)
+    local = local.transpose(0, 1).flatten(0, 1)  # (n B, 3, L, L): crop-major, like the globals
+    return globals_, normalize(local, mean, std)

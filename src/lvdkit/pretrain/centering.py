@@ -73,7 +73,8 @@ class SoftmaxCenter(nn.Module):
 
     ``center``: (1, K) float32 buffer, zero at the start. Use one instance per head output (DINO CLS, iBOT patches).
     Call :meth:`probs` first and :meth:`update` after with the same logits, as DINOv2 does: the targets of a batch
-    use the centre of the batches before it.
+    use the centre of the batches before it. Training calls :meth:`accumulate` per micro-batch and :meth:`commit`
+    once per optimizer step (DINO, DINOv2 with softmax centering).
     """
 
     center: Tensor
@@ -84,6 +85,7 @@ class SoftmaxCenter(nn.Module):
             raise ValueError(f"momentum must be in [0, 1], got {momentum}")
         self.momentum = momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
+        self._pending: Tensor | None = None  # (K + 1,): summed logits and the row count, since the last commit()
 
     @torch.no_grad()
     def probs(self, teacher_logits: Tensor, teacher_temp: float) -> Tensor:
@@ -98,12 +100,33 @@ class SoftmaxCenter(nn.Module):
 
         Under torch.distributed the sum and the row count are all-reduced (one collective), so the mean is over the
         global batch even when ranks hold different numbers of rows (masked patches). Every rank must call this.
+        Same as :meth:`accumulate` then :meth:`commit`.
+        """
+        self.accumulate(teacher_logits)
+        self.commit()
+
+    @torch.no_grad()
+    def accumulate(self, teacher_logits: Tensor) -> None:
+        """Add ``(..., K)`` logits to the pending sum and row count (no collective, centre unchanged).
+
+        With gradient accumulation the micro-batches of one optimizer step each call this, and :meth:`commit` runs
+        once after the step: the centre then moves by the mean over the whole step's batch, as one large batch
+        would move it. The pending sum is not part of the state dict (it is empty between steps).
         """
         rows = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1]).float()
         if rows.shape[1] != self.center.shape[1]:
             raise ValueError(f"teacher_logits has {rows.shape[1]} prototypes, the center {self.center.shape[1]}")
         # Sum and count travel in one tensor: one all-reduce instead of two.
         packed = torch.cat([rows.sum(dim=0), rows.new_tensor([rows.shape[0]])])
+        self._pending = packed if self._pending is None else self._pending + packed.to(self._pending)
+
+    @torch.no_grad()
+    def commit(self) -> None:
+        """Move the centre by the mean of the rows accumulated since the last call (all-reduced under
+        torch.distributed; every rank must call this), then clear them. Nothing pending: no change."""
+        packed, self._pending = self._pending, None
+        if packed is None:
+            packed = torch.zeros(self.center.shape[1] + 1, device=self.center.device)
         if _distributed():
             dist.all_reduce(packed)
         count = packed[-1]

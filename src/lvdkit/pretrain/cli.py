@@ -12,8 +12,8 @@ import yaml
 
 COMMANDS = ("pretrain", "export", "embed", "eval")
 _OVERRIDES_HELP = (
-    "config overrides as key=value, dotted for sections (e.g. out=out/pt method=distillation optim.epochs=5 "
-    "resume=true); values are YAML"
+    "config overrides as key=value, dotted for sections (e.g. out=out/pt method=simclr optim.epochs=5 "
+    "optim.accumulate_steps=4 init=out/pt0.safetensors resume=true); values are YAML"
 )
 
 
@@ -33,10 +33,13 @@ def _model_options(p: argparse.ArgumentParser) -> None:
 def add_subcommands(sub: Any) -> None:
     pretrain = sub.add_parser(
         "pretrain",
-        help="pretrain a backbone on curated shards with Ray Train (dinov2 or distillation)",
-        description="Train DINOv2 (DINO + iBOT + KoLeo, EMA teacher) or distil a frozen teacher into a student, "
-        "reading Parquet shards with Ray Data. Checkpoints, metrics.jsonl and tensorboard/ go to OUT; "
-        "resume=true continues an interrupted run. See configs/pretrain_demo.yaml and configs/distill_demo.yaml.",
+        help="pretrain a backbone on curated parts with Ray Train (method=dinov2, dino, simclr or distillation)",
+        description="Train a backbone, reading Parquet parts with Ray Data: method=dinov2 (DINO + iBOT + KoLeo, "
+        "EMA teacher; the default), dino (DINO v1: multi-crop, EMA teacher, softmax centering), simclr (two views, "
+        "NT-Xent) or distillation (a frozen teacher into a student). init= starts from weights (an export, a "
+        "state-dict file, or timm:NAME hub weights); optim.accumulate_steps=N accumulates gradients. Checkpoints, "
+        "metrics.jsonl and tensorboard/ go to OUT; resume=true continues an interrupted run. Presets: "
+        "configs/pretrain_demo.yaml, dino_demo.yaml, simclr_demo.yaml, distill_demo.yaml.",
     )
     pretrain.add_argument("--config", "-c", type=Path, help="YAML file of config overrides")
     pretrain.add_argument("--address", help="Ray cluster address (else RAY_ADDRESS, else a local Ray)")
@@ -45,8 +48,8 @@ def add_subcommands(sub: Any) -> None:
     export = sub.add_parser(
         "export",
         help="write a run's backbone as safetensors + JSON (timm/torchvision load it directly)",
-        description="Export the backbone of RUN's latest checkpoint: DINOv2's EMA teacher by default, or the "
-        "student; distillation exports its student.",
+        description="Export the backbone of RUN's latest checkpoint: DINOv2's and DINO's EMA teacher by default, "
+        "or the student; SimCLR and distillation export their student.",
     )
     export.add_argument("run", type=Path, help="the pretraining run folder (its out=)")
     export.add_argument("--out", required=True, type=Path, help="FILE.safetensors (a FILE.json sidecar is written)")

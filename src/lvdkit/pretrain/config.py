@@ -1,23 +1,26 @@
 """Pretraining configuration: one dataclass per concern, gathered in :class:`PretrainConfig`.
 
-Defaults follow the DINOv2 paper and the facebookresearch/dinov2 ViT-S/B configs (``ssl_default_config.yaml``) and,
-for distillation, LightlyTrain's documented recipe; ``configs/pretrain_demo.yaml`` is the small-data preset (32 px
-crops, a 4-layer ViT, small heads) that trains on CPU in minutes.
+Defaults follow the DINOv2 paper and the facebookresearch/dinov2 ViT-S/B configs (``ssl_default_config.yaml``),
+DINO's paper and ``main_dino.py`` for ``dino``, SimCLR's paper for ``simclr`` and, for distillation, LightlyTrain's
+documented recipe; ``configs/pretrain_demo.yaml`` (and ``dino_demo.yaml``, ``simclr_demo.yaml``) are the small-data
+presets (32 px crops, a 4-layer ViT, small heads) that train on CPU in minutes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from lvdkit.core.settings import RayConfig
+from lvdkit.core.settings import ConfigError, RayConfig
 
-METHODS = ("dinov2", "distillation")
+MethodName = Literal["dinov2", "dino", "simclr", "distillation"]
+METHODS: tuple[str, ...] = get_args(MethodName)
 
 
 @dataclasses.dataclass
 class CropsConfig:
-    """Multi-crop (DINOv2) and the single view (distillation). Sizes are pixels; scales are area fractions."""
+    """Multi-crop (DINOv2, DINO), SimCLR's two views and distillation's single view. Sizes are pixels (SimCLR and
+    distillation crop at ``global_size``); scales are area fractions."""
 
     global_size: int = 224
     local_size: int = 98  # 98 = 7 patches of 14 px; use 96 for /16 patch models
@@ -25,6 +28,7 @@ class CropsConfig:
     global_scale: list[float] = dataclasses.field(default_factory=lambda: [0.32, 1.0])
     local_scale: list[float] = dataclasses.field(default_factory=lambda: [0.05, 0.32])
     distill_scale: list[float] = dataclasses.field(default_factory=lambda: [0.14, 1.0])
+    simclr_scale: list[float] = dataclasses.field(default_factory=lambda: [0.08, 1.0])  # SimCLR's (Inception) crop
     blur_kernel: int = 9  # DINOv2's Gaussian blur kernel; odd; small images want a smaller one
 
 
@@ -56,6 +60,39 @@ class DINOv2Config:
 
 
 @dataclasses.dataclass
+class DINOConfig:
+    """DINO (Caron et al. 2021): multi-crop self-distillation with an EMA teacher and softmax centering, no iBOT
+    or KoLeo. Defaults: the paper's ViT-S/16 recipe (``main_dino.py``, teacher temperature 0.04 -> 0.07)."""
+
+    head_out_dim: int = 65536
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    head_layers: int = 3
+    center_momentum: float = 0.9
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 30
+    momentum_teacher: float = 0.996
+    final_momentum_teacher: float = 1.0
+    drop_path: float = 0.1  # timm backbones only
+    freeze_last_layer_epochs: int = 1
+
+
+@dataclasses.dataclass
+class SimCLRConfig:
+    """SimCLR (Chen et al. 2020): two views, an MLP projection head, NT-Xent over the batch's other views."""
+
+    temperature: float = 0.1  # the paper's ImageNet value (0.5 was its CIFAR-10 one)
+    proj_hidden_dim: int = 2048
+    proj_out_dim: int = 128
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ConfigError(f"simclr.temperature must be > 0, got {self.temperature}")
+
+
+@dataclasses.dataclass
 class DistillConfig:
     """A frozen teacher's embeddings taught to a student through a queue pseudo-classifier (LightlyTrain's recipe)."""
 
@@ -71,10 +108,12 @@ class DistillConfig:
 
 @dataclasses.dataclass
 class OptimConfig:
-    """AdamW with cosine schedules (per step), as DINOv2; ``lr`` is per 1024 images, scaled by sqrt(batch/1024)."""
+    """AdamW with cosine schedules (per optimizer step), as DINOv2; ``lr`` is per 1024 images, scaled by
+    sqrt(batch/1024) where batch = batch_size x accumulate_steps x workers (the images of one optimizer step)."""
 
     epochs: int = 100
-    batch_size: int = 64  # per worker
+    batch_size: int = 64  # per worker and forward pass (the micro-batch when accumulating)
+    accumulate_steps: int = 1  # micro-batches whose gradients are summed into one optimizer step
     lr: float = 4e-3
     min_lr: float = 1e-6
     warmup_epochs: int = 10
@@ -85,6 +124,17 @@ class OptimConfig:
     patch_embed_lr_mult: float = 0.2
     betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.999])
 
+    def __post_init__(self) -> None:
+        if self.accumulate_steps < 1:
+            raise ConfigError(f"optim.accumulate_steps must be >= 1, got {self.accumulate_steps}")
+        if self.batch_size < 1:
+            raise ConfigError(f"optim.batch_size must be >= 1, got {self.batch_size}")
+
+    @property
+    def step_batch(self) -> int:
+        """Images per worker and optimizer step: ``batch_size * accumulate_steps``."""
+        return self.batch_size * self.accumulate_steps
+
 
 @dataclasses.dataclass
 class PretrainConfig:
@@ -93,9 +143,13 @@ class PretrainConfig:
     out: str = "out/pretrain"  # the run folder: checkpoints, metrics.jsonl, tensorboard/, config.yaml, exports
     data: str = "out/curate/curated"  # curated set, or any Parquet folder/file with an image-bytes column
     image_column: str = "image"
-    method: Literal["dinov2", "distillation"] = "dinov2"
-    model: str = "timm:vit_small_patch14_dinov2"  # the student; dinov2 needs a timm ViT
+    method: MethodName = "dinov2"
+    model: str = "timm:vit_small_patch14_dinov2"  # the student; dinov2 needs a timm ViT, the others take any
     model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Start the student (and the EMA teacher) backbone from weights: an lvdkit export (FILE.safetensors + .json),
+    # a timm/torchvision state-dict file (.safetensors/.pth/..., weights only), or timm:NAME / torchvision:NAME
+    # hub weights (needs the network). None: random init.
+    init: str | None = None
     seed: int = 0
     num_workers: int = 1
     use_gpu: bool | None = None  # None: when Ray sees a GPU
@@ -114,5 +168,7 @@ class PretrainConfig:
     ray: RayConfig = dataclasses.field(default_factory=RayConfig)
     crops: CropsConfig = dataclasses.field(default_factory=CropsConfig)
     dinov2: DINOv2Config = dataclasses.field(default_factory=DINOv2Config)
+    dino: DINOConfig = dataclasses.field(default_factory=DINOConfig)
+    simclr: SimCLRConfig = dataclasses.field(default_factory=SimCLRConfig)
     distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)

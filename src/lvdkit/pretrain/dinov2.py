@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lvdkit.pretrain.augment import GLOBAL_KEYS, LOCAL_KEY, normalize
+from lvdkit.pretrain.augment import multicrop_inputs
 from lvdkit.pretrain.centering import SoftmaxCenter, teacher_probs
 from lvdkit.pretrain.config import PretrainConfig
 from lvdkit.pretrain.dino_loss import dino_loss
@@ -72,7 +72,7 @@ class DINOv2Method(Method):
         if d.layerscale is not None:
             kwargs.setdefault("init_values", d.layerscale)
         backbone, preprocess, self.identity = build_backbone(
-            cfg.model, crops.global_size, kwargs, {"drop_path_rate": d.drop_path}
+            cfg.model, crops.global_size, kwargs, {"drop_path_rate": d.drop_path}, cfg.init
         )
         if not is_timm_vit(backbone):
             raise ValueError(f"dinov2 needs a timm ViT with a class token; {cfg.model} is {type(backbone).__name__}")
@@ -92,15 +92,6 @@ class DINOv2Method(Method):
         self.teacher.eval()  # no drop path in the teacher, ever
         return self
 
-    def _inputs(self, batch: dict[str, Tensor], device: torch.device) -> tuple[Tensor, Tensor | None]:
-        globals_ = torch.cat([batch[k] for k in GLOBAL_KEYS]).to(device, non_blocking=True)  # (2B, 3, G, G)
-        globals_ = normalize(globals_, self.mean, self.std)
-        if LOCAL_KEY not in batch:
-            return globals_, None
-        local = batch[LOCAL_KEY].to(device, non_blocking=True)  # (B, n, 3, L, L)
-        local = local.transpose(0, 1).flatten(0, 1)  # (n B, 3, L, L): crop-major, like the globals
-        return globals_, normalize(local, self.mean, self.std)
-
     def loss(
         self,
         batch: dict[str, Tensor],
@@ -108,18 +99,24 @@ class DINOv2Method(Method):
         rng: np.random.Generator,
         student_fn: StudentFn | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
-        """One step's total loss and its terms. ``student_fn`` is the (possibly DDP-wrapped) student."""
+        """One (micro-)batch's total loss and its terms. ``student_fn`` is the (possibly DDP-wrapped) student.
+
+        Batch-coupled parts are per micro-batch: Sinkhorn-Knopp balances the micro-batch, KoLeo's neighbours are in
+        it, iBOT masks are drawn for it. The softmax centres accumulate and move once per optimizer step."""
         d = self.cfg.dinov2
         device = self.device
-        globals_, locals_ = self._inputs(batch, device)
+        globals_, locals_ = multicrop_inputs(batch, device, self.mean, self.std)
         n_images = globals_.shape[0] // 2
         masks = make_masks(2 * n_images, self.grid, d.mask_probability, (d.mask_ratio[0], d.mask_ratio[1]), rng)
         masks = masks.to(device)  # (2B, N)
         temp = sched["teacher_temp"]
         with torch.no_grad():
             t = self.teacher(globals_, None, masks, mask_input=False)  # unmasked, scored at the masked positions
-            t_dino = teacher_probs(t["dino_global"], temp, d.centering, self.center, update_center=True)
-            t_ibot = teacher_probs(t["ibot"], temp, d.centering, self.ibot_center, update_center=True)
+            t_dino = teacher_probs(t["dino_global"], temp, d.centering, self.center)
+            t_ibot = teacher_probs(t["ibot"], temp, d.centering, self.ibot_center)
+            for center, logits in ((self.center, t["dino_global"]), (self.ibot_center, t["ibot"])):
+                if center is not None:
+                    center.accumulate(logits)  # the centres move once per optimizer step, in after_step
         s = (student_fn or self.student)(globals_, locals_, masks)
         k = t_dino.shape[-1]
         student_logits = [s["dino_global"].view(2, n_images, k)]
@@ -135,6 +132,9 @@ class DINOv2Method(Method):
     @torch.no_grad()
     def after_step(self, sched: dict[str, float]) -> None:
         ema_update(self.teacher, self.student, sched["momentum"])
+        for center in (self.center, self.ibot_center):
+            if center is not None:
+                center.commit()
 
     def export_module(self, which: str) -> tuple[nn.Module, dict[str, Any]]:
         """The backbone to export and its identity kwargs: the teacher's (DINOv2 evaluates the EMA teacher)."""

@@ -77,10 +77,10 @@ class DistillMethod(Method):
         super().__init__()
         dc, size = cfg.distill, cfg.crops.global_size
         teacher, tp = load_teacher(dc.teacher, size, dc.teacher_pretrained, dc.teacher_checkpoint, dc.teacher_kwargs)
-        backbone, sp, self.identity = build_backbone(cfg.model, size, dict(cfg.model_kwargs))
+        backbone, sp, self.identity = build_backbone(cfg.model, size, dict(cfg.model_kwargs), init=cfg.init)
         t_dim = feature_dim(teacher, size)
         self.cfg, self.teacher_norm, self.student_norm = cfg, mean_std(tp), mean_std(sp)
-        self._pending: Tensor | None = None
+        self._pending: list[Tensor] = []  # this optimizer step's teacher embeddings, enqueued in after_step
         self.teacher = teacher
         self.student: DistillStudent = DistillStudent(backbone, feature_dim(backbone, size), t_dim)
         self.queue = EmbeddingQueue(t_dim, dc.queue_size or queue_size_for(n_images))
@@ -113,21 +113,22 @@ class DistillMethod(Method):
             else:
                 teacher = self.teacher(t_in).float()  # (B, D)
         s = (student_fn or self.student)(normalize(view, *self.student_norm), dense)
-        queue = self.queue.queue.clone()  # this step's classifier: the embeddings of *earlier* batches
+        queue = self.queue.queue.clone()  # this step's classifier: the embeddings of *earlier* optimizer steps
         loss = distillation_loss(s["embedding"].float(), teacher, queue, dc.temperature)
         terms = {"distill": loss.item()}
         if t_tokens is not None:
             dense_loss = dense_similarity_loss(s["tokens"].float(), t_tokens, dc.temperature)
             loss = loss + dc.dense_weight * dense_loss
             terms["dense"] = dense_loss.item()
-        self._pending = F.normalize(teacher, dim=-1)
+        self._pending.append(F.normalize(teacher, dim=-1))
         return loss, terms
 
     @torch.no_grad()
     def after_step(self, sched: dict[str, float]) -> None:
-        if self._pending is not None:
-            self.queue.enqueue(self._pending)
-            self._pending = None
+        """The step's teacher embeddings (every micro-batch's, in order) join the queue once per optimizer step."""
+        if self._pending:
+            self.queue.enqueue(torch.cat(self._pending))
+            self._pending = []
 
     def export_module(self, which: str) -> tuple[nn.Module, dict[str, Any]]:
         """The student's backbone (the projection to the teacher's width is a training device, not exported)."""

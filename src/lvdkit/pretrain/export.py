@@ -20,19 +20,22 @@ from lvdkit.embeddings.weights import load_into
 from lvdkit.pretrain.run import latest_checkpoint
 from lvdkit.pretrain.train import read_checkpoint
 
-DEFAULT_WHICH = {"dinov2": "teacher", "distillation": "student"}  # DINOv2 evaluates and releases the EMA teacher
+# DINO and DINOv2 evaluate and release the EMA teacher; SimCLR and distillation have a student only.
+DEFAULT_WHICH = {"dinov2": "teacher", "dino": "teacher", "simclr": "student", "distillation": "student"}
+STUDENT_ONLY = ("simclr", "distillation")
 
 
 def export(run: str | Path, out: str | Path, which: str | None = None, checkpoint: str | Path | None = None) -> Path:
     """Write the backbone of ``run``'s latest (or the given) checkpoint to ``out`` (``.safetensors`` + ``.json``).
 
-    ``which``: ``teacher`` (DINOv2's EMA teacher, its default) or ``student`` (distillation's only choice).
+    ``which``: ``teacher`` (DINOv2's and DINO's EMA teacher, their default) or ``student`` (SimCLR's and
+    distillation's only choice).
     """
     folder = Path(checkpoint) if checkpoint else latest_checkpoint(run)
     state, meta = read_checkpoint(folder)
     which = which or DEFAULT_WHICH[meta["method"]]
-    if meta["method"] == "distillation" and which != "student":
-        raise ValueError(f"which={which!r}: a distillation run exports its student (valid: 'student')")
+    if meta["method"] in STUDENT_ONLY and which != "student":
+        raise ValueError(f"which={which!r}: a {meta['method']} run exports its student (valid: 'student')")
     if which not in ("teacher", "student"):
         raise ValueError(f"which={which!r}; valid: 'teacher', 'student'")
     prefix = f"{which}.backbone."

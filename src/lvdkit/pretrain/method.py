@@ -1,4 +1,4 @@
-"""What the training loop needs from a method (DINOv2, distillation): one small base class."""
+"""What the training loop needs from a method (DINOv2, DINO, SimCLR, distillation): one small base class."""
 
 from __future__ import annotations
 
@@ -26,11 +26,13 @@ class Method(nn.Module):
     def loss(
         self, batch: dict[str, Tensor], sched: dict[str, float], rng: np.random.Generator, student_fn: StudentFn
     ) -> tuple[Tensor, dict[str, float]]:
-        """One step's loss (a scalar with a graph to the student) and its terms as floats, for the log."""
+        """One (micro-)batch's loss (a scalar with a graph to the student, a mean over its images) and its terms as
+        floats, for the log. State that moves with the data (centre, queue) is only gathered here; it moves in
+        :meth:`after_step`, so every micro-batch of an optimizer step sees the same teacher, centre and queue."""
         raise NotImplementedError
 
     def after_step(self, sched: dict[str, float]) -> None:
-        """Work after the optimizer step (EMA teacher, queue update)."""
+        """Work once per optimizer step, after it (EMA teacher, centre, queue update)."""
 
     def export_module(self, which: str) -> tuple[nn.Module, dict[str, Any]]:
         """The backbone to export (``teacher`` or ``student``) and its constructor kwargs."""

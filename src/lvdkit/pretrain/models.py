@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from lvdkit.embeddings.backbones import create_torch_model
 from lvdkit.embeddings.preprocess import Preprocess
+from lvdkit.pretrain.init_weights import load_init
 
 TRAIN_ONLY_KWARGS = ("drop_path_rate",)  # shape nothing: left out of exported model files
 
@@ -25,9 +26,14 @@ def is_timm_vit(model: nn.Module) -> bool:
 
 
 def build_backbone(
-    name: str, img_size: int, kwargs: dict[str, Any], train_kwargs: dict[str, Any] | None = None
+    name: str,
+    img_size: int,
+    kwargs: dict[str, Any],
+    train_kwargs: dict[str, Any] | None = None,
+    init: str | None = None,
 ) -> tuple[nn.Module, Preprocess, dict[str, Any]]:
-    """A randomly initialised, headless backbone in train mode; returns (module, preprocessing, identity kwargs).
+    """A headless backbone in train mode, randomly initialised or with the weights ``init`` names (see
+    :mod:`lvdkit.pretrain.init_weights`); returns (module, preprocessing, identity kwargs).
 
     The identity kwargs are what rebuilds the same module for an export (``img_size`` and shape-changing options
     such as ``patch_size`` or LayerScale's ``init_values``); ``train_kwargs`` (drop path) are not part of it.
@@ -40,6 +46,8 @@ def build_backbone(
     extra = {k: v for k, v in (train_kwargs or {}).items() if v is not None}
     build = {k: v for k, v in identity.items() if k != "img_size"}
     model, preprocess = create_torch_model(name, img_size=img_size, pretrained=False, **build, **extra)
+    if init:
+        load_init(model, name, init, img_size, build)
     return model.train(), preprocess, identity
 
 

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from lvdkit.core.settings import save_config, to_dict
 from lvdkit.pretrain.augment import AugmentBatch
 from lvdkit.pretrain.config import PretrainConfig
+from lvdkit.pretrain.init_weights import init_path, is_hub
 from lvdkit.pretrain.train import META_FILE, METRICS_FILE, STATE_FILE, train_loop_per_worker
 
 FINAL_FILE = "final.json"
@@ -72,15 +73,18 @@ def latest_checkpoint(out: str | Path) -> Path:
 
 
 def plan(cfg: PretrainConfig, n_images: int) -> tuple[int, int]:
-    """(steps per epoch, total steps): every worker takes ``n_images / num_workers`` rows in full batches."""
+    """(optimizer steps per epoch, total steps): every worker takes ``n_images / num_workers`` rows in full
+    optimizer-step batches of ``batch_size * accumulate_steps`` images."""
     per_worker = n_images // cfg.num_workers
-    steps_per_epoch = per_worker // cfg.optim.batch_size
+    o = cfg.optim
+    steps_per_epoch = per_worker // o.step_batch
     if steps_per_epoch < 1:
+        what = f"{o.batch_size}" if o.accumulate_steps == 1 else f"{o.batch_size} x {o.accumulate_steps} accumulated"
         raise ValueError(
-            f"{n_images} images over {cfg.num_workers} worker(s) make no full batch of {cfg.optim.batch_size}: "
-            "lower optim.batch_size or num_workers"
+            f"{n_images} images over {cfg.num_workers} worker(s) make no full batch of {what}: "
+            "lower optim.batch_size, optim.accumulate_steps or num_workers"
         )
-    return steps_per_epoch, steps_per_epoch * cfg.optim.epochs
+    return steps_per_epoch, steps_per_epoch * o.epochs
 
 
 def absolute_paths(cfg: PretrainConfig) -> PretrainConfig:
@@ -94,6 +98,8 @@ def absolute_paths(cfg: PretrainConfig) -> PretrainConfig:
         cfg.distill.teacher = str(Path(local).expanduser().resolve())
     if cfg.distill.teacher_checkpoint:
         cfg.distill.teacher_checkpoint = str(Path(cfg.distill.teacher_checkpoint).expanduser().resolve())
+    if cfg.init and not is_hub(cfg.init) and "://" not in cfg.init:
+        cfg.init = str(Path(cfg.init.removeprefix("lvdkit:")).expanduser().resolve())
     return cfg
 
 
@@ -153,6 +159,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         print(f"pretraining in {out} already finished at step {done['step']} (same config): skipped")
         return done
     files = parquet_files(cfg.data, cfg.image_column)
+    if cfg.init and not is_hub(cfg.init):
+        init_path(cfg.init)  # a missing init file fails here, not inside a Ray Train worker
     n_images = sum(pq.read_metadata(f).num_rows for f in files)
     steps_per_epoch, total_steps = plan(cfg, n_images)
     out.mkdir(parents=True, exist_ok=True)
@@ -191,9 +199,10 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
             ),
             datasets={"train": dataset},
         )
+        accumulate = f", {cfg.optim.accumulate_steps} micro-batches a step" if cfg.optim.accumulate_steps > 1 else ""
         print(
             f"pretraining {cfg.method} {cfg.model} on {n_images} images: {total_steps} steps "
-            f"({cfg.optim.epochs} epochs x {steps_per_epoch}), {cfg.num_workers} worker(s), "
+            f"({cfg.optim.epochs} epochs x {steps_per_epoch}{accumulate}), {cfg.num_workers} worker(s), "
             f"{'GPU' if use_gpu else 'CPU'}; run folder {out}",
             flush=True,
         )

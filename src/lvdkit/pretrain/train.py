@@ -1,7 +1,10 @@
 """The per-worker training loop that Ray Train runs (``train_loop_per_worker``), and its checkpoints.
 
-A step's randomness (iBOT masks, mixup, drop path) is drawn from generators seeded by (seed, rank, step), so a run
-resumed from a checkpoint at step s draws what the uninterrupted run drew at step s. The data is one stream over all
+A step is one optimizer step: ``optim.batch_size * optim.accumulate_steps`` images per worker, forwarded and
+back-propagated in ``accumulate_steps`` micro-batches whose gradients add up before one optimizer step; schedules,
+checkpoints, the EMA teacher, the centre and the queue all count and move per optimizer step. A step's randomness
+(iBOT masks, mixup, drop path) is drawn from generators seeded by (seed, rank, step, micro-batch), so a run resumed
+from a checkpoint at step s draws what the uninterrupted run drew at step s. The data is one stream over all
 remaining epochs; the data position is (epoch, batches consumed in it). A resumed run's driver starts the stream at
 the checkpoint's epoch and the worker skips the batches of that epoch already consumed (they are still read and
 augmented: Ray Data streams cannot seek).
@@ -26,7 +29,7 @@ import torch
 from torch import nn
 
 from lvdkit.core.settings import from_dict
-from lvdkit.pretrain.config import PretrainConfig
+from lvdkit.pretrain.config import METHODS, PretrainConfig
 from lvdkit.pretrain.heads import cancel_last_layer_gradients
 from lvdkit.pretrain.method import Method, StudentFn
 from lvdkit.pretrain.param_groups import apply_schedules, param_groups
@@ -45,30 +48,41 @@ def build_method(cfg: PretrainConfig, n_images: int) -> Method:
         from lvdkit.pretrain.dinov2 import DINOv2Method
 
         return DINOv2Method(cfg)
+    if cfg.method == "dino":
+        from lvdkit.pretrain.dino import DINOMethod
+
+        return DINOMethod(cfg)
+    if cfg.method == "simclr":
+        from lvdkit.pretrain.simclr import SimCLRMethod
+
+        return SimCLRMethod(cfg)
     if cfg.method == "distillation":
         from lvdkit.pretrain.distill import DistillMethod
 
         return DistillMethod(cfg, n_images)
-    raise ValueError(f"unknown method {cfg.method!r}; valid: 'dinov2', 'distillation'")
+    raise ValueError(f"unknown method {cfg.method!r}; valid: {', '.join(METHODS)}")
 
 
 def build_schedules(cfg: PretrainConfig, total_steps: int, steps_per_epoch: int, world: int) -> Schedules:
-    d, o = cfg.dinov2, cfg.optim
-    dinov2 = cfg.method == "dinov2"
+    """The per-optimizer-step schedules; the teacher's (momentum, temperature, frozen last layer) from ``dino`` or
+    ``dinov2`` (SimCLR and distillation log them but use none). The lr is scaled by the images of one optimizer
+    step over all workers, ``batch_size * accumulate_steps * world``."""
+    o = cfg.optim
+    t = cfg.dino if cfg.method == "dino" else cfg.dinov2
     return Schedules.dinov2(
         total_steps,
         steps_per_epoch,
-        sqrt_scaled_lr(o.lr, o.batch_size * world),
+        sqrt_scaled_lr(o.lr, o.step_batch * world),
         min_lr=o.min_lr,
         warmup_epochs=o.warmup_epochs,
         weight_decay=o.weight_decay,
         weight_decay_end=o.weight_decay_end,
-        momentum_teacher=d.momentum_teacher,
-        final_momentum_teacher=d.final_momentum_teacher,
-        teacher_temp=d.teacher_temp,
-        warmup_teacher_temp=d.warmup_teacher_temp,
-        warmup_teacher_temp_epochs=d.warmup_teacher_temp_epochs,
-        freeze_last_layer_epochs=d.freeze_last_layer_epochs if dinov2 else 0,
+        momentum_teacher=t.momentum_teacher,
+        final_momentum_teacher=t.final_momentum_teacher,
+        teacher_temp=t.teacher_temp,
+        warmup_teacher_temp=t.warmup_teacher_temp,
+        warmup_teacher_temp_epochs=t.warmup_teacher_temp_epochs,
+        freeze_last_layer_epochs=t.freeze_last_layer_epochs if cfg.method in ("dino", "dinov2") else 0,
     )
 
 
@@ -131,9 +145,12 @@ class _Metrics:
             self.writer.close()
 
 
-def _seed_step(cfg: PretrainConfig, rank: int, step: int) -> np.random.Generator:
-    torch.manual_seed(hash((cfg.seed, rank, step)) % 2**62)  # tuple-of-ints hashes are stable across processes
-    return np.random.default_rng([cfg.seed, rank, step])
+def _seed_step(cfg: PretrainConfig, rank: int, step: int, micro: int = 0) -> np.random.Generator:
+    """Seed torch and return a numpy generator for micro-batch ``micro`` of ``step`` (micro 0 draws what a run
+    without accumulation draws)."""
+    key = (cfg.seed, rank, step) if micro == 0 else (cfg.seed, rank, step, micro)
+    torch.manual_seed(hash(key) % 2**62)  # tuple-of-ints hashes are stable across processes
+    return np.random.default_rng(list(key))
 
 
 def _resume(method: Method, optimizer: torch.optim.Optimizer, device: torch.device) -> int:
@@ -166,6 +183,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP broadcasts rank 0's anyway)
+    cfg.init = None if ray.train.get_checkpoint() is not None else cfg.init  # resuming: weights from the checkpoint
     method = build_method(cfg, int(config["n_images"])).to(device)
     student: StudentFn = ray.train.torch.prepare_model(
         method.student, move_to_device=False, parallel_strategy=cfg.strategy
@@ -185,7 +203,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if step < first_step:
         raise RuntimeError(f"resumed at step {step} but the data stream starts at step {first_step}: rerun to resume")
     batches = ray.train.get_dataset_shard("train").iter_torch_batches(
-        batch_size=o.batch_size,
+        batch_size=o.step_batch,  # one optimizer step's images; train_step splits them into micro-batches
         drop_last=True,
         local_shuffle_buffer_size=cfg.shuffle_buffer or None,
         local_shuffle_seed=cfg.seed + first_step,
@@ -209,7 +227,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             row.update(
                 step=step,
                 epoch=(step - 1) // steps_per_epoch,
-                images_per_s=o.batch_size * world / max(elapsed, 1e-9),
+                images_per_s=o.step_batch * world / max(elapsed, 1e-9),
                 data_wait_pct=100.0 * waited / max(elapsed, 1e-9),
                 time=time.time(),
             )
@@ -230,6 +248,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics.close()
 
 
+def _n_images(batch: dict[str, torch.Tensor]) -> int:
+    return len(next(iter(batch.values())))
+
+
+def micro_batches(batch: dict[str, torch.Tensor], n: int) -> list[dict[str, torch.Tensor]]:
+    """Split a step's batch (every value (B, ...)) into ``n`` micro-batches along the first axis, in order (sizes
+    differ by at most one when n does not divide B; none is empty)."""
+    if n == 1:
+        return [batch]
+    parts = {k: torch.tensor_split(v, n) for k, v in batch.items()}
+    split = [{k: v[i] for k, v in parts.items()} for i in range(n)]
+    return [part for part in split if _n_images(part)]
+
+
+def _no_sync(student: StudentFn, last: bool) -> contextlib.AbstractContextManager[Any]:
+    """DDP's ``no_sync`` for every micro-batch but the last: gradients are all-reduced once per optimizer step."""
+    no_sync = getattr(student, "no_sync", None)
+    return contextlib.nullcontext() if last or no_sync is None else no_sync()
+
+
 def train_step(
     method: Method,
     student: StudentFn,
@@ -241,17 +279,30 @@ def train_step(
     step: int,
     bf16: bool,
 ) -> dict[str, Any]:
-    """Forward, backward, clip, (last layer frozen), optimizer step, teacher/queue update; the step's log row."""
+    """One optimizer step on ``batch`` (``batch_size * accumulate_steps`` images): for each of the
+    ``accumulate_steps`` micro-batches forward and backward of its loss weighted by its share of the images (the
+    gradients sum to the whole batch's mean-loss gradient), then clip, (last layer frozen), optimizer step, and
+    teacher/centre/queue update once. The log row's loss and terms are the image-weighted means over micro-batches."""
     sched = schedules.at(step)
-    rng = _seed_step(cfg, rank, step)
     apply_schedules(optimizer, sched["lr"], sched["wd"], sched["last_layer_lr"])
-    with torch.autocast(method.device.type, dtype=torch.bfloat16, enabled=bf16):
-        loss, terms = method.loss(batch, sched, rng, student)
-    loss_value = loss.item()
-    if not math.isfinite(loss_value):
-        raise FloatingPointError(f"loss is {loss_value} at step {step}: lower optim.lr or check the data")
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    parts = micro_batches(batch, cfg.optim.accumulate_steps)
+    total = _n_images(batch)
+    loss_value = 0.0
+    terms: dict[str, float] = {}
+    for micro, part in enumerate(parts):
+        rng = _seed_step(cfg, rank, step, micro)
+        share = _n_images(part) / total
+        with _no_sync(student, micro == len(parts) - 1):
+            with torch.autocast(method.device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss, part_terms = method.loss(part, sched, rng, student)
+            value = loss.item()
+            if not math.isfinite(value):
+                raise FloatingPointError(f"loss is {value} at step {step}: lower optim.lr or check the data")
+            (loss * share).backward()  # x 1.0 when not accumulating: the same gradient, bit for bit
+        loss_value += share * value
+        for key, term in part_terms.items():
+            terms[key] = terms.get(key, 0.0) + share * term
     clip = cfg.optim.clip_grad
     grad_norm = float(nn.utils.clip_grad_norm_(method.student.parameters(), clip)) if clip else 0.0
     if sched["last_layer_lr"] == 0.0:
