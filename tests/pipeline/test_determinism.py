@@ -90,6 +90,7 @@ def _decisions(out: Path, demo: Path) -> tuple[list[tuple[str, str, str | None, 
     return rows, sorted(rel[i] for i in curated)
 
 
+@pytest.mark.slow  # two whole curations (about 2.5 min): make test-all
 def test_the_whole_run_on_the_demo_in_another_folder_gives_the_same_decisions(small_demo: Path, tmp_path: Path) -> None:
     first, second = tmp_path / "a", tmp_path / "elsewhere" / "deeper" / "b"
     shutil.copytree(small_demo, first)
