@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import multiprocessing
-import socket
 import sys
 
 import numpy as np
@@ -12,6 +10,8 @@ import pytest
 import torch
 
 from lvdkit.pretrain.nt_xent_loss import nt_xent_loss
+
+from .gloo_ranks import run_ranks
 
 
 def brute_force(z_a: np.ndarray, z_b: np.ndarray, temperature: float) -> float:
@@ -80,23 +80,7 @@ def _rank_main(rank: int, port: int, conn) -> None:  # type: ignore[no-untyped-d
 
 @pytest.mark.skipif(sys.platform != "linux", reason="starts two gloo ranks")
 def test_negatives_span_every_rank() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    # spawn, not fork: autograd's worker threads do not survive a fork once the parent has run a backward pass.
-    ctx = multiprocessing.get_context("spawn")
-    pipes = [ctx.Pipe(duplex=False) for _ in range(2)]
-    procs = [ctx.Process(target=_rank_main, args=(rank, port, pipes[rank][1])) for rank in range(2)]
-    for p, (_, sender) in zip(procs, pipes, strict=True):
-        p.start()
-        sender.close()  # the child holds it now: a rank that dies gives EOF here instead of a silent wait
-    results = []
-    for receiver, _ in pipes:
-        assert receiver.poll(60), "a rank did not answer"
-        results.append(receiver.recv())
-    for p in procs:
-        p.join(30)
-        assert p.exitcode == 0
+    results = run_ranks(_rank_main, start_method="spawn")
     # The mean of the ranks' losses (what DDP's gradient averaging optimises) is the loss of the whole batch.
     assert np.mean([r[0] for r in results]) == pytest.approx(brute_force(Z_A, Z_B, 0.2), rel=1e-5)
     # Gradients flow back to the rank that owns each row: each rank's rows get the gradient of the sum of the

@@ -16,7 +16,6 @@ from lvdkit.core.stage import StageInputs
 
 INGEST, EMBED = "ingest", "embed"  # the stages whose outputs every later stage reads
 DEDUP_STAGES = ("dedup_exact", "dedup_phash", "dedup_copy", "dedup_relative")
-CALIBRATION = schema.CALIBRATION  # embed's part sub-folder: embeddings of synthetic copies (dedup_copy's calibration)
 
 
 def dedups_before(stage: str) -> tuple[str, ...]:
@@ -100,7 +99,7 @@ def embeddings_of(
     """Embeddings of model ``key`` for ``ids`` (in that order), as a [N, D] float32 array (zeros where missing and
     ``allow_missing``); ``calibration``: of the synthetic copies."""
     col = schema.embedding_column(key)
-    sub = CALIBRATION if calibration else ""
+    sub = schema.CALIBRATION if calibration else ""
     parts = inputs.parts(EMBED, sub)
     if parts and col not in pq.read_schema(parts[0]).names:
         raise ValueError(f"no embeddings for model {key!r} in {inputs.folder(EMBED)}: set it in embed.models")

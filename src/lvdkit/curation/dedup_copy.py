@@ -26,7 +26,7 @@ from lvdkit.core import schema
 from lvdkit.core.knn import IndexKind, build_index, knn, pairs_above
 from lvdkit.core.settings import setting
 from lvdkit.core.stage import StageInputs, StageOutput
-from lvdkit.core.views import CALIBRATION, EMBED, alive, dedups_before, embeddings_of
+from lvdkit.core.views import EMBED, alive, dedups_before, embeddings_of
 from lvdkit.core.whitening import Whitener, fit_whitener
 from lvdkit.curation.components import component_sizes, connected_components, dedup_stats, group, keep_priority
 from lvdkit.curation.dedup_exact import groups_table
@@ -156,7 +156,7 @@ def run_dedup_copy(cfg: DedupCopyConfig, inputs: StageInputs) -> StageOutput:
     whitening and the threshold as side files (dedup_relative reads both)."""
     images = alive(inputs, dedups_before("dedup_copy"), [schema.WIDTH, schema.HEIGHT, schema.CONTENT_HASH])
     emb = embeddings_of(inputs, cfg.embedding, images[schema.IMAGE_ID])
-    calib = inputs.table(EMBED, columns=[schema.IMAGE_ID], sub=CALIBRATION)
+    calib = inputs.table(EMBED, columns=[schema.IMAGE_ID], sub=schema.CALIBRATION)
     calib_src = pc.index_in(calib[schema.IMAGE_ID], value_set=images[schema.IMAGE_ID]).to_numpy(zero_copy_only=False)
     calib_emb = (
         embeddings_of(inputs, cfg.embedding, calib[schema.IMAGE_ID], calibration=True) if len(calib) else emb[:0]

@@ -24,7 +24,7 @@ from lvdkit.core.files import MAX_FILE_BYTES, read_bytes
 from lvdkit.core.image import decode_rgb
 from lvdkit.core.settings import setting
 from lvdkit.core.stage import PartPlan, PartWork, StageInputs
-from lvdkit.core.views import CALIBRATION, alive, dedups_before
+from lvdkit.core.views import alive, dedups_before
 from lvdkit.curation.augment import synthetic_copy
 
 if TYPE_CHECKING:
@@ -189,7 +189,7 @@ class EmbedWork(PartWork):
         images = table.filter(pc.invert(is_copy)).drop_columns([schema.EDIT])
         return {
             "": images.cast(schema.embed_schema(self.dims)).sort_by(schema.IMAGE_ID),
-            CALIBRATION: table.filter(is_copy)
+            schema.CALIBRATION: table.filter(is_copy)
             .cast(schema.embed_schema(self.dims, calibration=True))
             .sort_by([(schema.IMAGE_ID, "ascending"), (schema.EDIT, "ascending")]),
         }
@@ -214,5 +214,5 @@ def embed_stats(inputs: StageInputs) -> dict[str, Any]:
         for f in pq.read_schema(parts[0]):
             if f.name.startswith(schema.EMBEDDING_PREFIX):
                 dims[f.name[len(schema.EMBEDDING_PREFIX) :]] = f.type.list_size
-    copies = sum(pq.ParquetFile(p).metadata.num_rows for p in inputs.parts("embed", CALIBRATION))
+    copies = sum(pq.ParquetFile(p).metadata.num_rows for p in inputs.parts("embed", schema.CALIBRATION))
     return {"dims": dims, "calibration_copies": copies}
