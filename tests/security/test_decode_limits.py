@@ -127,3 +127,36 @@ def test_an_alarm_handler_someone_else_installed_is_left_alone() -> None:
         assert not fired
     finally:
         signal.signal(signal.SIGALRM, previous)
+
+
+def _zeros_png(side: int) -> bytes:
+    """A real, fully valid PNG of ``side`` x ``side`` black grey pixels, built without holding them in Pillow."""
+
+    def chunk(tag: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
+
+    raw = zlib.compress(b"\x00" * ((side + 1) * side), 9)  # filter byte 0 then `side` zero pixels, per row
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
+
+
+def test_a_huge_image_that_compresses_to_nothing_is_refused_before_decoding(tmp_path: Path) -> None:
+    data = _zeros_png(10_000)  # exactly ingest's default max_pixels, about 100 KB: once a gigabyte per decode
+    assert len(data) < 200_000
+    (tmp_path / "zeros.png").write_bytes(data)
+    start = time.monotonic()
+    row = inspect_file(str(tmp_path / "zeros.png"), IngestConfig())
+    assert time.monotonic() - start < 2.0, "the pixels were decoded"
+    assert row[schema.ERROR] == schema.REASON_TOO_MANY_PIXELS and "max_expansion=200" in str(row[schema.ERROR_DETAIL])
+    # The guard is a setting: switched off, the same file is within max_pixels and decodes.
+    assert decode(data, 100_000_000, max_expansion=0).image.size == (10_000, 10_000)
+
+
+def test_the_expansion_guard_spares_large_images_with_real_content() -> None:
+    rng = np.random.default_rng(0)
+    noisy = Image.fromarray(rng.integers(0, 255, (4000, 4000), dtype=np.uint8))  # 16 MP that compresses ~1:1
+    buf = io.BytesIO()
+    noisy.save(buf, "PNG")
+    assert decode(buf.getvalue(), 100_000_000, max_expansion=200).image.size == (4000, 4000)
+    small = _zeros_png(1000)  # a flat 1 MP image: below the size the guard looks at, it costs nothing to decode
+    assert decode(small, 100_000_000, max_expansion=200).image.size == (1000, 1000)

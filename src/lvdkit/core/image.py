@@ -71,13 +71,25 @@ class Decoded:
 ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "AVIF")
 
 
+# Deflate cannot expand more than about 1032:1, so a PNG of 10000x10000 zeros is about 97 KB: within max_pixels, yet
+# a gigabyte to decode. Images this large whose pixels would take more than max_expansion times their file size are
+# refused from the header (nothing decoded). Below this size a flat image costs little and is left to the PHash guard.
+EXPANSION_CHECK_PIXELS = 16_000_000
+
+
 def decode(
-    data: bytes, max_pixels: int, timeout_s: float | None = None, formats: Sequence[str] = ALLOWED_FORMATS
+    data: bytes,
+    max_pixels: int,
+    timeout_s: float | None = None,
+    formats: Sequence[str] = ALLOWED_FORMATS,
+    max_expansion: float = 0.0,
 ) -> Decoded:
     """Decode every pixel of the first frame of ``data``; raise :class:`DecodeError` with a reason otherwise.
 
     ``timeout_s``: a decode that takes longer is abandoned or rejected (``decode_timeout``); see the module notes.
     ``formats``: the Pillow formats that may be parsed (``ingest.formats``).
+    ``max_expansion``: for images of at least :data:`EXPANSION_CHECK_PIXELS`, the most decoded bytes per file byte
+    (``ingest.max_expansion``; 0 = no check); more is ``too_many_pixels``.
     """
     if not data:
         raise DecodeError(schema.REASON_EMPTY, "file has 0 bytes")
@@ -91,6 +103,7 @@ def decode(
             fmt, mode, n_frames = im.format, im.mode, int(getattr(im, "n_frames", 1))
             if im.width * im.height > max_pixels:
                 raise Image.DecompressionBombError(f"{im.width}x{im.height} exceeds max_pixels={max_pixels}")
+            _check_expansion(im, len(data), max_expansion)
             im.load()
             upright = ImageOps.exif_transpose(im)
     except _Timeout:
@@ -107,6 +120,16 @@ def decode(
     if timeout_s is not None and elapsed > timeout_s:
         raise _timeout(elapsed, timeout_s, interrupted=False)
     return Decoded(image=upright if upright is not None else im, format=fmt, mode=mode, n_frames=n_frames)
+
+
+def _check_expansion(im: Image.Image, n_bytes: int, max_expansion: float) -> None:
+    pixels = im.width * im.height
+    if max_expansion <= 0 or pixels < EXPANSION_CHECK_PIXELS:
+        return
+    ratio = pixels * len(im.getbands()) / max(n_bytes, 1)
+    if ratio > max_expansion:
+        detail = f"{im.width}x{im.height} from {n_bytes} bytes expands {ratio:.0f}x > max_expansion={max_expansion:g}"
+        raise Image.DecompressionBombError(detail)
 
 
 class _Timeout(BaseException):  # not an Exception: no ``except Exception`` inside Pillow may swallow it

@@ -22,7 +22,6 @@ from PIL import Image
 
 from lvdkit.core import schema
 from lvdkit.core.files import (
-    FileTooLarge,
     as_uri,
     content_hash,
     file_identity,
@@ -32,7 +31,7 @@ from lvdkit.core.files import (
     list_entries,
     read_bytes,
 )
-from lvdkit.core.image import ALLOWED_FORMATS, DecodeError, decode, to_rgb
+from lvdkit.core.image import ALLOWED_FORMATS, DecodeError, decode, read_error, to_rgb
 from lvdkit.core.io import disk_errors
 from lvdkit.core.settings import setting
 from lvdkit.core.stage import PartPlan, PartWork, StageInputs
@@ -50,6 +49,9 @@ class IngestConfig:
     keep_bytes: bool = False  # store the file bytes in the table (else later stages re-read ``uri``)
     # decompression-bomb guard: larger images are quarantined, never decoded
     max_pixels: int = setting(100_000_000, ge=1)
+    # images of 16+ megapixels whose pixels take more than this many times their file size are quarantined from the
+    # header (a few KB of PNG can declare a gigabyte of zeros); 0 switches it off. See lvdkit.core.image.
+    max_expansion: float = setting(200.0, ge=0)
     max_file_mb: float = setting(256.0, gt=0)  # larger files are quarantined without being read
     min_side: int = setting(16, ge=1)  # images whose shorter side is below this are quarantined (too_small)
     phash: bool = True  # compute imagededup's PHash for dedup_phash
@@ -94,17 +96,14 @@ def inspect_file(uri: str, cfg: IngestConfig, outside: str | None = None) -> dic
         return {**row, schema.ERROR: schema.REASON_SYMLINK_OUTSIDE, schema.ERROR_DETAIL: detail}
     try:
         data = read_bytes(uri, int(cfg.max_file_mb * 2**20))
-    except FileTooLarge as exc:
-        return {**row, schema.ERROR: schema.REASON_FILE_TOO_LARGE, schema.ERROR_DETAIL: str(exc)}
-    except IsADirectoryError as exc:
-        return {**row, schema.ERROR: schema.REASON_NOT_FILE, schema.ERROR_DETAIL: str(exc)}
     except OSError as exc:
-        return {**row, schema.ERROR: schema.REASON_UNREADABLE, schema.ERROR_DETAIL: f"{type(exc).__name__}: {exc}"}
+        err = read_error(exc)
+        return {**row, schema.ERROR: err.reason, schema.ERROR_DETAIL: err.detail}
     row.update({schema.SIZE_BYTES: len(data), schema.CONTENT_HASH: content_hash(data)})
     if cfg.keep_bytes:
         row[schema.IMAGE_BYTES] = data
     try:
-        dec = decode(data, cfg.max_pixels, timeout_s=cfg.decode_timeout_s, formats=cfg.formats)
+        dec = decode(data, cfg.max_pixels, cfg.decode_timeout_s, cfg.formats, cfg.max_expansion)
     except DecodeError as exc:
         return {**row, schema.ERROR: exc.reason, schema.ERROR_DETAIL: exc.detail}
     width, height = dec.image.size
