@@ -298,6 +298,76 @@ def test_a_torn_part_under_its_final_name_is_set_aside_and_redone_not_a_wedge(
     capsys.readouterr()
     _ingest(out, small_demo)
     log = capsys.readouterr().err
-    assert f"{torn} cannot be read back" in log and "3 of 4 parts already done" in log
+    assert f"{torn} (" in log and "not as committed" in log and "3 of 4 parts already done" in log
     assert _sorted(read_parts(stage)).equals(_sorted(clean))
     assert (stage / "_torn" / "part-000001.parquet").exists()  # kept for inspection, not deleted
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_readable_part_that_is_not_the_committed_one_is_set_aside_and_redone(
+    clean: pa.Table, small_demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A valid Parquet file under a part's name (another run's part, a file copied in by hand) passes any footer
+    check; only the commit record (size and checksum) tells it apart."""
+    out = tmp_path / "out"
+    _ingest(out, small_demo)
+    stage = out / "ingest"
+    record = json.loads((stage / "_SUCCESS").read_text())
+    (stage / "_SUCCESS").unlink()
+    (stage / "_RUNNING").write_text(json.dumps({k: record[k] for k in ("config_hash", "fingerprint")}))
+    foreign = stage / "part-000002.parquet"
+    rows = pq.read_table(foreign)
+    pq.write_table(rows.slice(0, rows.num_rows - 1), foreign)  # readable, one row short
+    capsys.readouterr()
+    _ingest(out, small_demo)
+    log = capsys.readouterr().err
+    assert f"{foreign} (" in log and "committed" in log and "3 of 4 parts already done" in log
+    assert _sorted(read_parts(stage)).equals(_sorted(clean))
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_finished_stage_whose_part_changed_is_resumed_not_skipped(
+    clean: pa.Table, small_demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    _ingest(out, small_demo)
+    stage = out / "ingest"
+    sizes = json.loads((stage / "_SUCCESS").read_text())["part_bytes"]
+    assert set(sizes) >= {f"part-00000{i}.parquet" for i in range(4)}
+    changed = stage / "part-000003.parquet"
+    changed.write_bytes(changed.read_bytes()[:100])  # torn after the stage finished (a bad copy, a full disk)
+    capsys.readouterr()
+    _ingest(out, small_demo)
+    log = capsys.readouterr().err
+    assert "part-000003.parquet changed since the stage finished" in log and "3 of 4 parts already done" in log
+    assert _sorted(read_parts(stage)).equals(_sorted(clean))
+    capsys.readouterr()
+    _ingest(out, small_demo)
+    assert "ingest: up to date" in capsys.readouterr().err  # and the repaired stage is trusted again
+
+
+# --- an embed actor dying ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_an_embed_actor_that_dies_mid_stage_is_replaced_and_the_embeddings_are_unchanged(
+    small_demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The actor process holding the models exits in the middle of part 1 (as an OOM kill would): Ray restarts it,
+    the part is redone, and every embedding equals an undisturbed run's."""
+    embed = ("ingest", "dedup_exact", "dedup_phash", "embed")
+    extra = (*TINY_EMBED, "embed.images_per_part=32")
+    want = tmp_path / "want"
+    run(load_config(CurateConfig, None, _args(want, small_demo, *extra)), stages=embed)
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    monkeypatch.setenv("LVDKIT_TEST_FAIL_ONCE", "embed:crash:1")
+    monkeypatch.setenv("LVDKIT_TEST_FAIL_DIR", str(markers))
+    got = tmp_path / "got"
+    run(load_config(CurateConfig, None, _args(got, small_demo, *extra)), stages=embed)
+    assert [p.name for p in markers.iterdir()] == ["embed-1"]  # the actor did die once, in part 1
+    assert len(part_files(got / "embed")) == len(part_files(want / "embed")) > 2
+    for sub in ("", schema.CALIBRATION):
+        tables = [read_parts(o / "embed" / sub) for o in (got, want)]
+        keys = [(c, "ascending") for c in (schema.IMAGE_ID, schema.EDIT) if c in tables[0].column_names]
+        assert tables[0].sort_by(keys).equals(tables[1].sort_by(keys)), sub or "embed"

@@ -5,7 +5,8 @@ Read by the driver and handed to the tasks (so they work with a Ray started befo
 - ``LVDKIT_TEST_SHARD_DELAY_S=S``: every part task of every stage sleeps ``S`` seconds before working.
 - ``LVDKIT_TEST_STAGE_DELAY=STAGE:S``: slow down one stage so a test can kill the run inside it: each part task of
   a per-part stage (ingest, embed, curated) sleeps after writing its part; a whole-dataset stage's task sleeps after
-  writing its parts, before ``_SUCCESS``.
+  writing its parts, before ``_SUCCESS``; ``summary:S`` sleeps between writing ``status.parquet`` and
+  ``summary.json``.
 - ``LVDKIT_TEST_FAIL_ONCE=STAGE[:MODE[:PART]]``: the first attempt at each part of ``STAGE`` (or only at part
   ``PART``) raises (``MODE`` ``raise``, the default) or kills its worker process (``crash``); later attempts work.
   "First" is remembered by marker files in ``LVDKIT_TEST_FAIL_DIR``, so it holds across worker processes.

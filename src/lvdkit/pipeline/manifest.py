@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 from lvdkit import __version__
 from lvdkit.core.io import read_json, write_json_atomic
+from lvdkit.pipeline.commits import changed_since_success, committed_sizes
 
 SUCCESS = "_SUCCESS"
 RUNNING = "_RUNNING"
@@ -39,9 +41,19 @@ def success(stage_dir: Path) -> dict[str, Any] | None:
 
 
 def prepare(stage_dir: Path, key: RunKey, force: bool) -> str:
-    """Decide what to do with ``stage_dir``: 'skip' (done), 'resume' (same run interrupted) or 'fresh'."""
-    if not force and key.matches(success(stage_dir)):
-        return "skip"
+    """Decide what to do with ``stage_dir``: 'skip' (done), 'resume' (same run interrupted, or finished with a part
+    changed since) or 'fresh'."""
+    record = success(stage_dir)
+    if not force and key.matches(record):
+        assert record is not None
+        changed = changed_since_success(stage_dir, record)
+        if not changed:
+            return "skip"
+        names = ", ".join(changed[:5])
+        print(f"[lvdkit] {record['stage']}: {names} changed since the stage finished", file=sys.stderr, flush=True)
+        write_json_atomic(stage_dir / RUNNING, {"config_hash": key.config_hash, "fingerprint": key.fingerprint})
+        (stage_dir / SUCCESS).unlink()
+        return "resume"
     if not force and key.matches(read_json(stage_dir / RUNNING)) and not (stage_dir / SUCCESS).exists():
         return "resume"
     if stage_dir.exists():
@@ -77,6 +89,7 @@ def finish(
         "seconds": round(seconds, 3),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "parts": sorted(p.name for p in stage_dir.glob("part-*.parquet")),
+        "part_bytes": committed_sizes(stage_dir),  # checked (a stat each) before a rerun skips the stage
     }
     write_json_atomic(stage_dir / SUCCESS, record)
     (stage_dir / RUNNING).unlink(missing_ok=True)

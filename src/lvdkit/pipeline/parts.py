@@ -23,6 +23,7 @@ from lvdkit.core.files import image_id
 from lvdkit.core.io import DiskFullError, is_disk_full, part_name
 from lvdkit.core.stage import PartWork
 from lvdkit.pipeline import faults
+from lvdkit.pipeline.commits import commit_part
 from lvdkit.pipeline.errors import INFLIGHT, StageError, crash_message, describe, failed_parts_message, raise_own
 from lvdkit.pipeline.kinds import Actors
 
@@ -133,12 +134,12 @@ def _write_part(run: PartRun, index: int, target: Path) -> tuple[int, str]:
     outputs, left_out, error = _process_part(run, index)
     if outputs is None:
         return 0, error
-    if left_out is not None:  # before the part: the part's existence marks the part done
-        faults.write_part(left_out, target.parent / schema.QUARANTINED / target.name, run.hooks)
+    if left_out is not None:  # before the part: the part's committed existence marks the part done
+        commit_part(left_out, target.parent / schema.QUARANTINED / target.name, run.hooks)
     for sub, table in outputs.items():
         if sub:
-            faults.write_part(table, target.parent / sub / target.name, run.hooks)
-    faults.write_part(outputs[""], target, run.hooks)
+            commit_part(table, target.parent / sub / target.name, run.hooks)
+    commit_part(outputs[""], target, run.hooks)
     run.hooks.pause()  # a test kills the run here, between parts
     return outputs[""].num_rows, ""
 

@@ -32,6 +32,7 @@ from lvdkit.core.ray_env import LazyRay, ray_session
 from lvdkit.core.settings import config_hash, save_config, to_dict
 from lvdkit.core.stage import SideFile, StageOutput
 from lvdkit.pipeline import faults
+from lvdkit.pipeline.commits import commit_part, untrusted
 from lvdkit.pipeline.config import CurateConfig
 from lvdkit.pipeline.errors import StageError, raise_own
 from lvdkit.pipeline.kinds import PartStage, Stage, WholeStage
@@ -40,7 +41,14 @@ from lvdkit.pipeline.names import CURATE_ORDER, stage_names
 from lvdkit.pipeline.ownership import check_not_inside_inputs, claim, locked
 from lvdkit.pipeline.parts import PartRun, actor_threads, map_parts
 from lvdkit.pipeline.stages import STAGES, declared_sides
-from lvdkit.pipeline.summary import STATUS_FILE, SUMMARY_FILE, summary_fingerprint, write_summary
+from lvdkit.pipeline.summary import (
+    STATUS_FILE,
+    SUMMARY_FILE,
+    summary_fingerprint,
+    write_funnel,
+    write_status,
+    write_summary,
+)
 
 WHOLE_STAGE_PART_ROWS = 1_000_000  # whole-dataset outputs are split into parts of this many rows
 
@@ -109,7 +117,7 @@ def _plan(stage: Stage, cfg: CurateConfig, out: Path) -> tuple[RunKey, int, Path
 
 
 def _run_parts(stage: PartStage, cfg: CurateConfig, stage_dir: Path, n_parts: int) -> int:
-    _set_aside_torn(stage, stage_dir)
+    _set_aside_untrusted(stage, stage_dir)
     done = {p.name for p in part_files(stage_dir)}
     pending = [i for i in range(n_parts) if part_name(i) not in done]
     if done:
@@ -135,12 +143,12 @@ def _run_parts(stage: PartStage, cfg: CurateConfig, stage_dir: Path, n_parts: in
 TORN = "_torn"  # parts that could not be read back (torn, or not lvdkit's), moved aside and redone
 
 
-def _set_aside_torn(stage: PartStage, stage_dir: Path) -> None:
-    """Move aside every part (and its part in each sub-folder) whose Parquet footer cannot be read, so the part is
-    redone instead of wedging every later read."""
+def _set_aside_untrusted(stage: PartStage, stage_dir: Path) -> None:
+    """Move aside every part (with its part in each sub-folder) that does not match its commit record (torn,
+    changed, or not lvdkit's), so the part is redone instead of wedging every later read."""
     for part in part_files(stage_dir):
         files = [part, *(stage_dir / sub / part.name for sub in stage.subparts)]
-        bad = [f for f in files if f.exists() and not _readable(f)]
+        bad = {f: why for f in files if f.exists() and (why := untrusted(f)) is not None}
         if not bad:
             continue
         for f in files:
@@ -148,20 +156,8 @@ def _set_aside_torn(stage: PartStage, stage_dir: Path) -> None:
                 aside = stage_dir / TORN / f.relative_to(stage_dir).as_posix().replace("/", "__")
                 aside.parent.mkdir(exist_ok=True)
                 os.replace(f, aside)
-        log(
-            f"{stage.name}: {', '.join(map(str, bad))} cannot be read back (torn or not lvdkit's): moved to "
-            f"{stage_dir / TORN}/, the part is redone"
-        )
-
-
-def _readable(path: Path) -> bool:
-    import pyarrow.parquet as pq
-
-    try:
-        pq.ParquetFile(path).metadata  # noqa: B018 - reading the footer is the check
-    except Exception:
-        return False
-    return True
+        named = ", ".join(f"{f} ({why})" for f, why in bad.items())
+        log(f"{stage.name}: {named}: not as committed (torn or not lvdkit's): moved to {stage_dir / TORN}/, redone")
 
 
 def _run_whole(stage: WholeStage, cfg: CurateConfig, out: Path) -> tuple[int, dict[str, Any]]:
@@ -182,7 +178,7 @@ def _whole_task(name: str, cfg: CurateConfig, out: str, hooks: faults.Hooks) -> 
     _write_sides(stage, result, stage_dir)
     table = result.table
     for k, start in enumerate(range(0, max(table.num_rows, 1), WHOLE_STAGE_PART_ROWS)):
-        faults.write_part(table.slice(start, WHOLE_STAGE_PART_ROWS), stage_dir / part_name(k), hooks)
+        commit_part(table.slice(start, WHOLE_STAGE_PART_ROWS), stage_dir / part_name(k), hooks)
     hooks.pause()  # a test kills the run here: parts written, no _SUCCESS yet
     return table.num_rows, result.stats
 
@@ -236,14 +232,21 @@ def _run_locked(cfg: CurateConfig, out: Path, stages: tuple[str, ...], force: bo
         current = previous is not None and previous.get("fingerprint") == summary_fingerprint(out)
         if previous is not None and current and not any(ran) and (out / STATUS_FILE).exists():
             return previous  # nothing changed: the status table and summary on disk are current
+        hooks = faults.Hooks.for_stage("summary")
         if lazy.started_here:  # the status table holds every image: build it in a worker, not in the driver
-            task = ray.remote(num_cpus=1, max_retries=cfg.ray.max_task_retries)(write_summary)
+            task = ray.remote(num_cpus=1, max_retries=cfg.ray.max_task_retries)(_summarise)
             try:
-                return ray.get(task.remote(out))  # type: ignore[no-any-return]
+                return ray.get(task.remote(out, hooks))  # type: ignore[no-any-return]
             except Exception as exc:
                 raise_own(exc)
                 raise
-    return write_summary(out)
+    return _summarise(out, hooks)
+
+
+def _summarise(out: Path, hooks: faults.Hooks) -> dict[str, Any]:
+    status = write_status(out)
+    hooks.pause()  # LVDKIT_TEST_STAGE_DELAY=summary:S: a test kills the run with the status written, the funnel not
+    return write_funnel(out, status)
 
 
 def check_embedding_keys(cfg: CurateConfig, stages: tuple[str, ...]) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
 from lvdkit.core import schema
 from lvdkit.core.io import write_json_atomic, write_parquet_atomic
 from lvdkit.core.stage import StageInputs
@@ -17,12 +19,29 @@ STATUS_FILE, SUMMARY_FILE = "status.parquet", "summary.json"
 
 def write_summary(out: Path) -> dict[str, Any]:
     """Write ``status.parquet`` and ``summary.json`` from the finished stages; returns the summary."""
+    return write_funnel(out, write_status(out))
+
+
+def _finished(out: Path) -> list[str]:
     finished = [s for s in CURATE_ORDER if success(out / s) is not None]
     if "ingest" not in finished:
         raise RuntimeError(f"no finished ingest in {out}: nothing to summarise")
+    return finished
+
+
+def write_status(out: Path) -> pa.Table:
+    """Write ``status.parquet``, one final row per input file, and return it."""
+    finished = _finished(out)
     dedup = tuple(s for s in DEDUP_STAGES if s in finished)
     status = final_status(StageInputs(str(out), tuple(finished)), dedup)
     write_parquet_atomic(status, out / STATUS_FILE)
+    return status
+
+
+def write_funnel(out: Path, status: pa.Table) -> dict[str, Any]:
+    """Write ``summary.json`` (the funnel) from the status table; returns it."""
+    finished = _finished(out)
+    dedup = tuple(s for s in DEDUP_STAGES if s in finished)
     st = status[schema.STATUS_COL].to_numpy(zero_copy_only=False)
     reasons = status[schema.REASON].to_numpy(zero_copy_only=False)
     quarantined = reasons[st == schema.STATUS_QUARANTINED]
