@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -236,3 +237,52 @@ def test_worker_killed_mid_run_recovers_from_checkpoint(parts: Path, tmp_path: P
     meta = read_checkpoint(checkpoints(out)[-1])[1]
     assert meta["step"] == TOTAL_STEPS
     assert meta["pid"] not in killed  # a new worker process finished the run
+
+
+@contextlib.contextmanager
+def _small_disk(folder: Path, mb: int) -> Iterator[Path]:
+    """A real filesystem that can fill up: a tmpfs of ``mb`` MiB mounted on ``folder`` (needs root, as CI has)."""
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mb}m", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def _fill(disk: Path, leave: int) -> Path:
+    """Write a file that leaves ``leave`` bytes free on ``disk``, as another job filling the disk would."""
+    st = os.statvfs(disk)
+    filler = disk / "filler.bin"
+    with filler.open("wb") as fh:
+        fh.truncate(0)
+        remaining = st.f_bavail * st.f_frsize - leave
+        while remaining > 0:
+            remaining -= fh.write(b"\0" * min(remaining, 2**22))
+    return filler
+
+
+def test_disk_full_while_a_checkpoint_is_written_fails_naming_it_then_resume_works(parts: Path, tmp_path: Path) -> None:
+    """The disk fills after the first checkpoint, leaving room for the metrics log but not for a checkpoint: the
+    run fails as ``lvdkit: error:`` naming the checkpoint, the earlier checkpoint stays usable, and once space is
+    freed ``resume=true`` finishes the run."""
+    with _small_disk(tmp_path / "disk", 64) as disk:
+        out = disk / "run"
+        proc = _start(out, parts, delay=1.0)
+        _wait_for(lambda: _registered_step(out) >= 2, proc)
+        size = sum(f.stat().st_size for f in checkpoints(out)[-1].iterdir())
+        filler = _fill(disk, leave=size // 2)
+        _, stderr = proc.communicate(timeout=300)
+        message = stderr.decode()
+        assert proc.returncode == 2, message[-3000:]
+        assert "lvdkit: error: disk full" in message and "checkpoint_* (step" in message, message[-3000:]
+        assert "resume=true" in message
+        kept = checkpoints(out)
+        state, meta = read_checkpoint(kept[-1])  # the last complete checkpoint loads
+        assert meta["step"] >= 2 and state["method"]
+        filler.unlink()
+        done = run_cli("pretrain", f"out={out}", f"data={parts}", *TINY_VIT, "resume=true", timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert read_checkpoint(checkpoints(out)[-1])[1]["step"] == TOTAL_STEPS

@@ -7,17 +7,21 @@ lvdkit refuses that unless ``resume=true``, so an old run is never continued by 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
+import re
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 
+from lvdkit.core.io import DiskFullError, is_disk_full
 from lvdkit.core.settings import save_config, to_dict
 from lvdkit.pretrain.augment import AugmentBatch
 from lvdkit.pretrain.config import PretrainConfig
@@ -206,7 +210,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
             f"{'GPU' if use_gpu else 'CPU'}; run folder {out}",
             flush=True,
         )
-        with _Progress(out / METRICS_FILE, total_steps, cfg.progress):
+        with _Progress(out / METRICS_FILE, total_steps, cfg.progress), _disk_full_names_the_file(out):
             result = trainer.fit()
     last = latest_checkpoint(out)
     meta = json.loads((last / META_FILE).read_text())
@@ -221,6 +225,29 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     }
     (out / FINAL_FILE).write_text(json.dumps(record, indent=2))
     return record
+
+
+@contextlib.contextmanager
+def _disk_full_names_the_file(out: Path) -> Iterator[None]:
+    """A worker that ran out of disk fails the run with Ray Train's wrapper around its error: say which file could
+    not be written and which checkpoint a resume starts from, as ``lvdkit: error:``."""
+    try:
+        yield
+    except Exception as exc:
+        found = re.search(r"disk full: no space left on device while writing (.+?)(?: \(|$)", str(exc), re.M)
+        if found is None and not is_disk_full(exc):
+            raise
+        where = found.group(1) if found else str(out)
+        kept = checkpoints(out)
+        resume = f"the checkpoint at step {_step_of(kept[-1])} is kept" if kept else "no checkpoint was written yet"
+        raise DiskFullError(
+            f"disk full: no space left on device while writing {where}; {resume}. Free space (or move out=) and "
+            "rerun with resume=true"
+        ) from None
+
+
+def _step_of(checkpoint: Path) -> int:
+    return int(json.loads((checkpoint / META_FILE).read_text())["step"])
 
 
 class _Progress:

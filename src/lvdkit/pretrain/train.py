@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lvdkit.core.io import disk_errors
 from lvdkit.core.settings import from_dict
 from lvdkit.pretrain.config import METHODS, PretrainConfig
 from lvdkit.pretrain.heads import cancel_last_layer_gradients
@@ -132,8 +133,9 @@ class _Metrics:
                 self.writer = SummaryWriter(str(out / "tensorboard"))
 
     def log(self, row: dict[str, Any]) -> None:
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
+        with disk_errors(self.file.name):
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
         if self.writer is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)):
@@ -332,4 +334,5 @@ def _report(
             meta = {**position, "method": cfg.method, "model": cfg.model, "identity": identity, "pid": os.getpid()}
             write_checkpoint(Path(tmp), method, optimizer, meta)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report({k: v for k, v in row.items() if isinstance(v, (int, float))}, checkpoint=checkpoint)
+        with disk_errors(f"{cfg.out}/checkpoint_* (step {step})"):  # Ray Train copies the folder into the run
+            ray.train.report({k: v for k, v in row.items() if isinstance(v, (int, float))}, checkpoint=checkpoint)
