@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from lvdkit.cluster import HierarchicalConfig, default_levels, hierarchical_kmeans
+from lvdkit.cluster.sampling import balanced_sample
 
 from ._data import skewed
 
@@ -72,6 +73,24 @@ def test_resampling_with_one_member_snaps_centroids_to_points() -> None:
     assert np.mean(plain.assign[0] != snapped.assign[0]) > 0.01  # points were re-assigned
     # mean distances grow (a point is not the cluster's best centre) but stay close to the plain fit
     assert plain.distance.mean() < snapped.distance.mean() < 2 * plain.distance.mean()
+
+
+def test_a_balanced_sample_over_the_hierarchy_evens_out_a_skewed_pool() -> None:
+    """What the method is for (Vo et al. 2024): one concept holds 70% of the pool, yet a balanced sample drawn over
+    the hierarchy takes every concept at about the same rate; over a flat clustering with as many level-1 clusters,
+    the giant concept keeps most of its share (it holds most of the clusters)."""
+    x, labels = skewed(3000, 16, n_small=20, giant_share=0.7, seed=4)
+    base = dict(sample_sizes=[10, 5], n_iter=10)
+    tree = hierarchical_kmeans(x, HierarchicalConfig(levels=[80, 21], n_resampling_steps=[5, 5], **base))  # type: ignore[arg-type]
+    flat = hierarchical_kmeans(x, HierarchicalConfig(levels=[80], n_resampling_steps=[0], sample_sizes=[1]))
+
+    def giant_share(picked: np.ndarray) -> float:
+        return float(np.mean(labels[picked] == 0))
+
+    from_tree, from_flat = balanced_sample(tree, 210), balanced_sample(flat, 210)
+    assert np.mean(labels == 0) > 0.65 and giant_share(from_flat) > 0.4
+    assert giant_share(from_tree) < 0.2 < giant_share(from_flat) / 2
+    assert np.all(np.bincount(labels[from_tree], minlength=21)[1:] >= 3)  # every small concept is in the sample
 
 
 def test_resampling_changes_the_fit_on_a_skewed_set() -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import multiprocessing
-import socket
 import sys
 
 import numpy as np
@@ -12,6 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from lvdkit.pretrain.centering import CENTERING_METHODS, SoftmaxCenter, sinkhorn_knopp, teacher_probs
+
+from .gloo_ranks import run_ranks
 
 LOGITS = [[2.0, 0.0, -1.0], [1.5, 0.5, 0.0], [3.0, -0.5, 0.2], [0.1, 0.3, 0.2]]  # 4 samples, 3 prototypes
 
@@ -110,7 +110,8 @@ def test_teacher_probs_dispatch() -> None:
         teacher_probs(logits, 0.5, "softmax", None)
     with pytest.raises(ValueError, match=r"valid: \('sinkhorn_knopp', 'softmax'\)"):
         teacher_probs(logits, 0.5, "centering", center)
-    assert CENTERING_METHODS == ("sinkhorn_knopp", "softmax")
+    for method in CENTERING_METHODS:  # every name the config accepts gives teacher targets: rows of probabilities
+        torch.testing.assert_close(teacher_probs(logits, 0.5, method, center).sum(dim=-1), torch.ones(4))
 
 
 def _rank_main(rank: int, port: int, conn) -> None:  # type: ignore[no-untyped-def]
@@ -131,21 +132,7 @@ def _rank_main(rank: int, port: int, conn) -> None:  # type: ignore[no-untyped-d
 
 @pytest.mark.skipif(sys.platform != "linux", reason="forks two gloo ranks")
 def test_distributed_sums_match_single_process() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = multiprocessing.get_context("fork")  # forking skips re-importing torch in the children
-    pipes = [ctx.Pipe(duplex=False) for _ in range(2)]
-    procs = [ctx.Process(target=_rank_main, args=(rank, port, pipes[rank][1])) for rank in range(2)]
-    for p in procs:
-        p.start()
-    results = []
-    for receiver, _ in pipes:
-        assert receiver.poll(60), "a rank did not answer"
-        results.append(receiver.recv())
-    for p in procs:
-        p.join(30)
-        assert p.exitcode == 0
+    results = run_ranks(_rank_main, start_method="fork")  # fork skips re-importing torch in the children
     logits = torch.tensor(LOGITS)
     gathered = np.concatenate([results[0][0], results[1][0]])
     np.testing.assert_allclose(gathered, sinkhorn_knopp(logits, 0.5).numpy(), rtol=1e-5, atol=1e-7)
