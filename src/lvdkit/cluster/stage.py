@@ -37,6 +37,8 @@ def cluster_images(
 ) -> tuple[pa.Table, list[np.ndarray], dict[str, Any]]:
     """Cluster unit rows x [N, D]; returns the per-image table (schema.CLUSTER), centroids per level, and stats."""
     n = len(ids)
+    if n == 0:  # nothing survived dedup: no clusters, no centroids
+        return schema.CLUSTER.empty_table(), [], {"levels": [], "level1_sizes": None, "balanced": 0}
     result = hierarchical_kmeans(x, cfg.hierarchy)
     levels = np.stack(result.assign, axis=1).astype(np.int32)  # [N, L]
     balanced = np.zeros(n, dtype=bool)

@@ -135,6 +135,7 @@ REASON_SAMPLE = "sample_retrieval"
 REASON_CLUSTER = "cluster_retrieval"
 REASON_BALANCED = "balanced_sample"
 REASON_SEED = "seed"
+REASON_POOL = "deduplicated_pool"  # no seed sets and no balanced sample configured: the whole deduplicated pool
 
 
 def curated_schema(dim: int | None) -> pa.Schema:

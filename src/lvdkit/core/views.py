@@ -101,7 +101,11 @@ def embeddings_of(
     col = schema.embedding_column(key)
     sub = schema.CALIBRATION if calibration else ""
     parts = inputs.parts(EMBED, sub)
-    if parts and col not in pq.read_schema(parts[0]).names:
+    if not parts:  # embed had no image to embed (everything quarantined or removed before it)
+        if len(ids) and not allow_missing:
+            raise RuntimeError(f"{inputs.folder(EMBED)} holds no embeddings: rerun embed")
+        return np.zeros((len(ids), 0), np.float32)
+    if col not in pq.read_schema(parts[0]).names:
         raise ValueError(f"no embeddings for model {key!r} in {inputs.folder(EMBED)}: set it in embed.models")
     table = inputs.table(EMBED, columns=[schema.IMAGE_ID, col], sub=sub)
     pos = pc.index_in(ids, value_set=table[schema.IMAGE_ID])

@@ -25,7 +25,13 @@ from lvdkit.core.settings import setting
 from lvdkit.core.stage import PartPlan, PartWork, StageInputs
 from lvdkit.core.views import aligned, embeddings_of, ingested
 
-REASON_ORDER = (schema.REASON_SAMPLE, schema.REASON_CLUSTER, schema.REASON_BALANCED, schema.REASON_SEED)
+REASON_ORDER = (
+    schema.REASON_SAMPLE,
+    schema.REASON_CLUSTER,
+    schema.REASON_BALANCED,
+    schema.REASON_SEED,
+    schema.REASON_POOL,
+)
 SELECTION = schema.SELECTION
 
 
@@ -103,12 +109,21 @@ def _shrink(data: bytes, max_side: int) -> tuple[bytes, int, int]:
 # --- the stage: selections merged in the driver (ids and metadata), bytes fetched per part -------------------------
 
 
-def plan_curated(cfg: CuratedConfig, inputs: StageInputs, fingerprint: str, listing: Path) -> PartPlan:
-    """Merge the selections, attach what each curated row needs but its bytes, and write that work list."""
+def plan_curated(
+    cfg: CuratedConfig, inputs: StageInputs, fingerprint: str, listing: Path, whole_pool: bool = False
+) -> PartPlan:
+    """Merge the selections, attach what each curated row needs but its bytes, and write that work list.
+
+    ``whole_pool``: nothing was configured to select images (no seed sets, no balanced sample), so the curated set is
+    the whole deduplicated pool (reason ``deduplicated_pool``) rather than empty.
+    """
     clusters = inputs.table("cluster", schema=schema.CLUSTER)
     seeds_path = inputs.side("retrieve", schema.SEEDS_FILE)
     seeds = pq.read_table(seeds_path) if seeds_path.exists() else None
-    chosen = merge_selections(_selections(inputs, clusters, seeds if cfg.include_seeds else None))
+    selections = _selections(inputs, clusters, seeds if cfg.include_seeds else None)
+    if whole_pool:
+        selections.append(_scored(clusters, schema.REASON_POOL))
+    chosen = merge_selections(selections)
     chosen = chosen.sort_by(schema.IMAGE_ID)
     ids = chosen[schema.IMAGE_ID]
     meta_cols = [schema.IMAGE_ID, schema.URI, schema.FORMAT, schema.WIDTH, schema.HEIGHT, schema.CONTENT_HASH]
@@ -119,7 +134,7 @@ def plan_curated(cfg: CuratedConfig, inputs: StageInputs, fingerprint: str, list
         values = pool_meta[col] if seed_meta is None else pc.coalesce(pool_meta[col], seed_meta[col])
         listing_table = listing_table.append_column(col, values)
     listing_table = listing_table.append_column(schema.CLUSTER_IDS, aligned(ids, clusters)[schema.CLUSTER_IDS])
-    if cfg.embedding is not None:
+    if cfg.embedding is not None and listing_table.num_rows:  # no rows, no parts: nothing to give a width
         listing_table = listing_table.append_column(schema.EMBEDDING, _embeddings(inputs, cfg.embedding, ids, seeds))
     pq.write_table(listing_table, listing, row_group_size=cfg.rows_per_part)
     return PartPlan(fingerprint, -(-listing_table.num_rows // cfg.rows_per_part))
@@ -129,18 +144,7 @@ def _selections(inputs: StageInputs, clusters: pa.Table, seeds: pa.Table | None)
     """Retrieved images, the balanced sample and (when given) the seeds, as SELECTION tables."""
     retrieved = inputs.table("retrieve", schema=schema.RETRIEVED).rename_columns({schema.METHOD: schema.REASON})
     balanced = clusters.filter(clusters[schema.BALANCED])
-    n = balanced.num_rows
-    out = [
-        retrieved.select(SELECTION.names),
-        pa.table(
-            {
-                schema.IMAGE_ID: balanced[schema.IMAGE_ID],
-                schema.REASON: pa.array([schema.REASON_BALANCED] * n, pa.string()),
-                schema.SEED_SET: pa.nulls(n, pa.string()),
-                schema.SCORE: pc.cast(pc.subtract(1.0, pc.cast(balanced[schema.DISTANCE], pa.float64())), pa.float32()),
-            }
-        ),
-    ]
+    out = [retrieved.select(SELECTION.names), _scored(balanced, schema.REASON_BALANCED)]
     if seeds is not None:
         out.append(
             pa.table(
@@ -153,6 +157,20 @@ def _selections(inputs: StageInputs, clusters: pa.Table, seeds: pa.Table | None)
             )
         )
     return out
+
+
+def _scored(clusters: pa.Table, reason: str) -> pa.Table:
+    """Pool images picked by ``reason`` as a SELECTION table, scored by cosine similarity to their centroid."""
+    n = clusters.num_rows
+    similarity = pc.subtract(1.0, pc.cast(clusters[schema.DISTANCE], pa.float64()))
+    return pa.table(
+        {
+            schema.IMAGE_ID: clusters[schema.IMAGE_ID],
+            schema.REASON: pa.array([reason] * n, pa.string()),
+            schema.SEED_SET: pa.nulls(n, pa.string()),
+            schema.SCORE: pc.cast(similarity, pa.float32()),
+        }
+    )
 
 
 def _embeddings(inputs: StageInputs, key: str, ids: pa.ChunkedArray, seeds: pa.Table | None) -> pa.Array:

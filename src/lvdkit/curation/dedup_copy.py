@@ -156,7 +156,8 @@ def run_dedup_copy(cfg: DedupCopyConfig, inputs: StageInputs) -> StageOutput:
     whitening and the threshold as side files (dedup_relative reads both)."""
     images = alive(inputs, dedups_before("dedup_copy"), [schema.WIDTH, schema.HEIGHT, schema.CONTENT_HASH])
     emb = embeddings_of(inputs, cfg.embedding, images[schema.IMAGE_ID])
-    calib = inputs.table(EMBED, columns=[schema.IMAGE_ID], sub=schema.CALIBRATION)
+    ids_only = pa.schema([(schema.IMAGE_ID, pa.string())])  # no parts when there was nothing to copy
+    calib = inputs.table(EMBED, columns=[schema.IMAGE_ID], schema=ids_only, sub=schema.CALIBRATION)
     calib_src = pc.index_in(calib[schema.IMAGE_ID], value_set=images[schema.IMAGE_ID]).to_numpy(zero_copy_only=False)
     calib_emb = (
         embeddings_of(inputs, cfg.embedding, calib[schema.IMAGE_ID], calibration=True) if len(calib) else emb[:0]

@@ -38,7 +38,7 @@ def dedup_relative(
     pool_x: np.ndarray,
     protected_ids: list[str],
     protected_x: np.ndarray,
-    threshold: float,
+    threshold: float | None,
 ) -> pa.Table:
     """Mark pool images (descriptors pool_x [N, D], whitened) whose best match in protected_x [P, D] exceeds
     ``threshold``. dup_of / group_id name the protected image (its id), distance = 1 - similarity."""
@@ -49,9 +49,11 @@ def dedup_relative(
     if n == 0 or len(protected_ids) == 0:
         best_sim, best = np.full(n, -1.0, np.float32), np.zeros(n, np.int64)
     else:
+        if threshold is None:
+            raise ValueError("dedup_relative: a threshold is needed to compare a pool with a protected set")
         sims, nn = knn(build_index(protected_x, "flat"), pool_x, 1)  # [N, 1]
         best_sim, best = sims[:, 0], nn[:, 0]
-    hit = best_sim > threshold
+    hit = best_sim > (threshold if threshold is not None else 1.0)  # nothing to compare: nothing is a copy
     matched = np.asarray(protected_ids, dtype=object)[best] if len(protected_ids) else np.full(n, None)
     return pa.table(
         {
@@ -81,7 +83,8 @@ def run_dedup_relative(cfg: DedupRelativeConfig, reader: SideSetReader, inputs: 
         ok_ids = protected.ok[schema.IMAGE_ID].to_pylist()
         prot_x = whitener(protected.x)
         unusable = protected.rows.num_rows - len(ok_ids)
-    threshold = cfg.threshold if cfg.threshold is not None else _copy_threshold(inputs)
+    compared = len(images) > 0 and len(ok_ids) > 0  # an empty pool or protected set needs no threshold
+    threshold = cfg.threshold if cfg.threshold is not None or not compared else _copy_threshold(inputs)
     table = dedup_relative(images[schema.IMAGE_ID], pool_x, ok_ids, prot_x, threshold)
     stats = {"protected": len(ok_ids), "protected_unusable": unusable, "threshold": threshold}
     return StageOutput(table, dedup_stats(table, stats), dict(sides))

@@ -118,13 +118,18 @@ STAGES: dict[str, Stage] = {
             reads=(*_DEDUPED, "cluster", "retrieve"),
             section=lambda c: c.curated,
             subparts=(schema.QUARANTINED,),
-            plan=lambda c, inputs, fp, listing: plan_curated(c.curated, inputs, fp, listing),
+            plan=lambda c, inputs, fp, listing: plan_curated(c.curated, inputs, fp, listing, _selects_nothing(c)),
             work=lambda c, listing: CuratedWork(listing, c.curated),
             stats=curated_stats,
         ),
     )
 }
 assert tuple(STAGES) == CURATE_ORDER, "lvdkit.pipeline.names.CURATE_ORDER must list STAGES in order"
+
+
+def _selects_nothing(c: CurateConfig) -> bool:
+    """No seed sets and no balanced sample: the curated set is then the whole deduplicated pool."""
+    return not c.retrieve.seed_sets and c.cluster.target_size is None
 
 
 def declared_sides() -> dict[str, tuple[str, ...]]:

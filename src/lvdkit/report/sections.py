@@ -149,7 +149,8 @@ def funnel_section(ctx: Context) -> str:
 def _curated_rows(ctx: Context, summary: dict[str, Any], total: int) -> list[tuple[list[object], str]]:
     if summary.get("curated") is None or ctx.finished("curated") is None:
         return [(["curated", Raw(missing("curated has not run").strip()), ""], "")]
-    reasons = ctx.outputs.table("curated", columns=[schema.REASON])[schema.REASON]
+    empty = pa.schema([(schema.REASON, pa.string())])  # a curated set of no images has no parts
+    reasons = ctx.outputs.table("curated", columns=[schema.REASON], schema=empty)[schema.REASON]
     counts = {r["values"]: int(r["counts"]) for r in pc.value_counts(reasons).to_pylist()}
     curated = int(summary["curated"])
     rows: list[tuple[list[object], str]] = [(["curated", curated, bar(curated, total, "curated")], "")]

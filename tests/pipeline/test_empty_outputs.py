@@ -1,0 +1,67 @@
+"""Runs that select nothing, or have nothing left to select: every stage finishes and the report renders.
+
+Without seed sets and without a balanced sample the curated set is the whole deduplicated pool (reason
+``deduplicated_pool``), so a user who only wants a deduplicated pool gets one; a pool with no usable image at all
+gives empty outputs, never a crash.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from lvdkit.core import schema
+from lvdkit.core.io import read_parts
+from lvdkit.core.settings import load_config
+from lvdkit.pipeline.config import CurateConfig
+from lvdkit.pipeline.runner import run
+from lvdkit.report import build_report
+
+from ..conftest import TINY_EMBED
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def _curate(pool: Path, out: Path, *extra: str) -> dict[str, object]:
+    args = [f"out={out}", f"ingest.inputs=[{pool}]", "progress=false", *TINY_EMBED, *extra]
+    return run(load_config(CurateConfig, None, args))
+
+
+def test_without_seeds_or_a_balanced_sample_the_curated_set_is_the_deduplicated_pool(
+    small_demo: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    summary = _curate(small_demo / "raw", out)
+    curated = read_parts(out / "curated", columns=[schema.IMAGE_ID, schema.REASON])
+    kept = pq.read_table(out / "status.parquet").filter(
+        pc.equal(pq.read_table(out / "status.parquet")[schema.STATUS_COL], schema.FINAL_KEPT)
+    )
+    assert summary["curated"] == summary["kept"] == curated.num_rows > 50
+    assert set(curated[schema.IMAGE_ID].to_pylist()) == set(kept[schema.IMAGE_ID].to_pylist())
+    assert set(curated[schema.REASON].to_pylist()) == {schema.REASON_POOL}
+    assert "deduplicated_pool" in build_report(out)
+
+
+def test_a_balanced_sample_of_zero_selects_nothing_and_the_report_says_so(small_demo: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    summary = _curate(small_demo / "raw", out, "cluster.target_size=0")  # configured: the pool is not taken whole
+    assert summary["curated"] == 0 and summary["kept"] > 50
+    assert read_parts(out / "curated", schema=schema.curated_schema(None)).num_rows == 0
+    page = build_report(out)
+    assert "curated" in page and "Traceback" not in page
+
+
+def test_a_pool_with_no_usable_image_runs_every_stage_to_empty_outputs(tmp_path: Path) -> None:
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    for k in range(4):
+        (pool / f"notes_{k}.txt").write_text(f"not an image {k}")
+    (pool / "empty.jpg").write_bytes(b"")
+    out = tmp_path / "out"
+    summary = _curate(pool, out)
+    assert summary["images_in"] == summary["quarantined"] == 5
+    assert summary["kept"] == summary["duplicates"] == summary["curated"] == 0
+    assert "not_an_image" in build_report(out)
