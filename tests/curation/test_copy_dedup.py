@@ -183,3 +183,29 @@ def test_dedup_relative_removes_only_copies_of_protected_images() -> None:
     assert removed == {f"p{i}": f"e{i}" for i in range(10)}
     empty = dedup_relative(pa.array(["a", "b"]), pool[:2], [], protected[:0], 0.5)
     assert empty[schema.KEEP].to_pylist() == [True, True]
+
+
+def test_pca_whitening_falls_back_to_raw_descriptors_on_a_sample_too_small_to_fit_it_and_says_why() -> None:
+    """The small-pool failure: PCA to 256 dims fitted on 200 descriptors whitens noise. Below
+    ``whiten_min_per_dim`` descriptors per output dimension the stage uses the raw descriptors and records why; with
+    enough descriptors it whitens as configured."""
+    rng = np.random.default_rng(7)
+    n, d, n_copies = 300, 64, 30
+    emb = _clustered(n, d, rng)
+    emb[-n_copies:] = _noisy(emb[:n_copies], rng, 0.3)
+    src = rng.choice(np.arange(n_copies, n - n_copies), 100, replace=False)
+    copies = _noisy(emb[src], rng, 0.3)
+    cfg = DedupCopyConfig(whiten_dims=48, whiten_min_per_dim=8)  # needs 384 descriptors, the pool has 300
+    table, stats, whitener = dedup_copy(_table(n), emb, src, copies, cfg)
+    assert stats["whitening"] == "none" and "needs 384 descriptors" in stats["whitening_why"]
+    assert whitener.matrix is None and not whitener.mean.any()  # the identity
+    removed = {r[schema.IMAGE_ID]: r[schema.DUP_OF] for r in table.to_pylist() if not r[schema.KEEP]}
+    assert (
+        sum(
+            removed.get(f"{i:05d}") == f"{n - n_copies + i:05d}" or removed.get(f"{n - n_copies + i:05d}") == f"{i:05d}"
+            for i in range(n_copies)
+        )
+        >= 0.8 * n_copies
+    )
+    _, stats, whitener = dedup_copy(_table(n), emb, src, copies, DedupCopyConfig(whiten_dims=32, whiten_min_per_dim=8))
+    assert stats["whitening"] == "pca" and whitener.matrix is not None  # 300 >= 8 x 32

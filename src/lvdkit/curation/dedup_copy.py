@@ -32,6 +32,9 @@ from lvdkit.curation.components import component_sizes, connected_components, de
 from lvdkit.curation.dedup_exact import groups_table
 
 
+WhitenMode = Literal["none", "center", "pca"]
+
+
 @dataclass
 class DedupCopyConfig:
     """Copy-detection self-dedup. ``threshold: null`` calibrates it on the pool (see module docstring)."""
@@ -46,9 +49,14 @@ class DedupCopyConfig:
     negative_rank: int = setting(2, ge=1)
     # floor for a calibrated threshold: tiny pools or useless descriptors calibrate badly
     min_threshold: float = setting(0.4, ge=-1, le=1)
-    whiten: Literal["none", "center", "pca"] = "pca"
+    whiten: WhitenMode = "pca"
     whiten_dims: int = setting(256, ge=1)
     whiten_sample: int = setting(100_000, ge=2)  # images the whitening is fitted on
+    # pca needs at least this many sample descriptors per output dimension, else the raw descriptors are used (the
+    # record says so): PCA on too few descriptors whitens noise. Measured (bench/whitening_rule.py, demo, SSCD, 256
+    # dims): at 0.8 and 1.2 per dim pca found 0.00 and 0.21 of the copies; from 2.0 it beat centering and raw
+    # descriptors (0.80-0.87 recall at 0.86-0.98 precision); below it raw descriptors beat centering on precision.
+    whiten_min_per_dim: float = setting(2.0, ge=0)
     grouping: Literal["star", "components"] = "star"  # star: every member linked to the kept image (no chains)
     index: IndexKind = "auto"  # auto: exact flat index up to flat_max images, IVF above
     # measured: exact search of 100k x 512 took 384 s on 2 cores; IVF is far faster
@@ -121,7 +129,8 @@ def dedup_copy(
     n = images.num_rows
     rng = np.random.default_rng(cfg.seed)
     sample = embeddings[rng.choice(n, size=min(n, cfg.whiten_sample), replace=False)] if n else embeddings
-    whitener = fit_whitener(sample, cfg.whiten if n > 2 else "none", cfg.whiten_dims)
+    mode, why = whitening_mode(cfg, len(sample))
+    whitener = fit_whitener(sample, mode, cfg.whiten_dims)
     if not cfg.enabled or n < 2:
         return groups_table(images[schema.IMAGE_ID], np.arange(n), np.zeros(n, np.float32)), {}, whitener
     x = whitener(embeddings)  # [N, D_out], unit rows
@@ -145,10 +154,24 @@ def dedup_copy(
         groups_with_duplicates=int((sizes > 1).sum()),
         largest_group=int(sizes.max()),
         largest_union_find_component=int(union_find.max()),  # what plain transitive grouping would have merged
-        whitening=cfg.whiten,
+        whitening=mode,
+        whitening_why=why,
         index=cfg.index if cfg.index != "auto" else ("flat" if n <= cfg.flat_max else "ivf"),
     )
     return groups_table(images[schema.IMAGE_ID], rep, distance.astype(np.float32)), stats, whitener
+
+
+def whitening_mode(cfg: DedupCopyConfig, sample: int) -> tuple[WhitenMode, str]:
+    """The whitening actually fitted on ``sample`` descriptors, and why (recorded in ``_SUCCESS``)."""
+    if sample <= 2:
+        return "none", f"{sample} descriptors: nothing to fit"
+    needed = int(np.ceil(cfg.whiten_min_per_dim * cfg.whiten_dims))
+    if cfg.whiten == "pca" and sample < needed:
+        return "none", (
+            f"pca to {cfg.whiten_dims} dims needs {needed} descriptors "
+            f"(whiten_min_per_dim={cfg.whiten_min_per_dim:g}), the sample has {sample}: raw descriptors instead"
+        )
+    return cfg.whiten, f"whiten={cfg.whiten} on {sample} descriptors"
 
 
 def run_dedup_copy(cfg: DedupCopyConfig, inputs: StageInputs) -> StageOutput:
