@@ -185,10 +185,10 @@ def test_dedup_relative_removes_only_copies_of_protected_images() -> None:
     assert empty[schema.KEEP].to_pylist() == [True, True]
 
 
-def test_pca_whitening_falls_back_to_raw_descriptors_on_a_sample_too_small_to_fit_it_and_says_why() -> None:
+def test_pca_whitening_falls_back_to_centering_on_a_sample_too_small_to_fit_it_and_says_why() -> None:
     """The small-pool failure: PCA to 256 dims fitted on 200 descriptors whitens noise. Below
-    ``whiten_min_per_dim`` descriptors per output dimension the stage uses the raw descriptors and records why; with
-    enough descriptors it whitens as configured."""
+    ``whiten_min_per_dim`` descriptors per output dimension the stage only centres them and records why; with enough
+    descriptors it whitens as configured."""
     rng = np.random.default_rng(7)
     n, d, n_copies = 300, 64, 30
     emb = _clustered(n, d, rng)
@@ -197,8 +197,8 @@ def test_pca_whitening_falls_back_to_raw_descriptors_on_a_sample_too_small_to_fi
     copies = _noisy(emb[src], rng, 0.3)
     cfg = DedupCopyConfig(whiten_dims=48, whiten_min_per_dim=8)  # needs 384 descriptors, the pool has 300
     table, stats, whitener = dedup_copy(_table(n), emb, src, copies, cfg)
-    assert stats["whitening"] == "none" and "needs 384 descriptors" in stats["whitening_why"]
-    assert whitener.matrix is None and not whitener.mean.any()  # the identity
+    assert stats["whitening"] == "center" and "needs 384 descriptors" in stats["whitening_why"]
+    assert whitener.matrix is None and whitener.mean.any()  # centring only
     removed = {r[schema.IMAGE_ID]: r[schema.DUP_OF] for r in table.to_pylist() if not r[schema.KEEP]}
     assert (
         sum(
@@ -209,3 +209,22 @@ def test_pca_whitening_falls_back_to_raw_descriptors_on_a_sample_too_small_to_fi
     )
     _, stats, whitener = dedup_copy(_table(n), emb, src, copies, DedupCopyConfig(whiten_dims=32, whiten_min_per_dim=8))
     assert stats["whitening"] == "pca" and whitener.matrix is not None  # 300 >= 8 x 32
+
+
+def test_the_recall_rule_keeps_the_target_share_of_copies_unless_that_would_remove_too_much_of_the_pool() -> None:
+    from lvdkit.curation.dedup_relative import recall_rule
+
+    rng = np.random.default_rng(3)
+    positives = rng.uniform(0.5, 1.0, 1000)  # known copies' similarity to their source
+    quiet_pool = rng.uniform(-0.2, 0.3, 5000)  # no pool image looks like a protected one
+    threshold, parts = recall_rule(positives, quiet_pool, target_recall=0.95, max_removed=0.01)
+    assert np.mean(positives > threshold) == pytest.approx(0.95, abs=0.002)  # set by the copies
+    assert parts["threshold_for_recall"] == threshold and np.mean(quiet_pool > threshold) == 0.0
+    busy_pool = rng.uniform(0.0, 1.0, 5000)  # a pool much like the protected set: the budget binds
+    threshold, parts = recall_rule(positives, busy_pool, target_recall=0.95, max_removed=0.01)
+    assert np.mean(busy_pool > threshold) <= 0.01 + 1e-3 and threshold == parts["threshold_for_budget"] > 0.9
+    assert (
+        parts["estimated_recall"] == pytest.approx(np.mean(positives > threshold)) and parts["estimated_recall"] < 0.3
+    )
+    threshold, parts = recall_rule(None, busy_pool, target_recall=0.95, max_removed=0.05)  # no calibration copies
+    assert np.mean(busy_pool > threshold) == pytest.approx(0.05, abs=1e-3) and parts["estimated_recall"] is None

@@ -31,7 +31,6 @@ from lvdkit.core.whitening import Whitener, fit_whitener
 from lvdkit.curation.components import component_sizes, connected_components, dedup_stats, group, keep_priority
 from lvdkit.curation.dedup_exact import groups_table
 
-
 WhitenMode = Literal["none", "center", "pca"]
 
 
@@ -52,10 +51,12 @@ class DedupCopyConfig:
     whiten: WhitenMode = "pca"
     whiten_dims: int = setting(256, ge=1)
     whiten_sample: int = setting(100_000, ge=2)  # images the whitening is fitted on
-    # pca needs at least this many sample descriptors per output dimension, else the raw descriptors are used (the
-    # record says so): PCA on too few descriptors whitens noise. Measured (bench/whitening_rule.py, demo, SSCD, 256
-    # dims): at 0.8 and 1.2 per dim pca found 0.00 and 0.21 of the copies; from 2.0 it beat centering and raw
-    # descriptors (0.80-0.87 recall at 0.86-0.98 precision); below it raw descriptors beat centering on precision.
+    # pca needs at least this many sample descriptors per output dimension, else the descriptors are only centred
+    # (the record says so): PCA on too few descriptors whitens noise. Measured (bench/whitening_rule.py, demo, SSCD,
+    # 256 dims): at 0.8 and 1.2 per dim pca found 0.00 and 0.21 of the copies; from 2.0 it beat centering and raw
+    # descriptors (0.80-0.87 recall at 0.86-0.98 precision). Below it raw SSCD descriptors edged centering on
+    # precision, but raw descriptors with a common offset (a random-init CNN's) put every pair above 0.99: centering
+    # is the fallback that holds for both.
     whiten_min_per_dim: float = setting(2.0, ge=0)
     grouping: Literal["star", "components"] = "star"  # star: every member linked to the kept image (no chains)
     index: IndexKind = "auto"  # auto: exact flat index up to flat_max images, IVF above
@@ -167,9 +168,9 @@ def whitening_mode(cfg: DedupCopyConfig, sample: int) -> tuple[WhitenMode, str]:
         return "none", f"{sample} descriptors: nothing to fit"
     needed = int(np.ceil(cfg.whiten_min_per_dim * cfg.whiten_dims))
     if cfg.whiten == "pca" and sample < needed:
-        return "none", (
+        return "center", (
             f"pca to {cfg.whiten_dims} dims needs {needed} descriptors "
-            f"(whiten_min_per_dim={cfg.whiten_min_per_dim:g}), the sample has {sample}: raw descriptors instead"
+            f"(whiten_min_per_dim={cfg.whiten_min_per_dim:g}), the sample has {sample}: centred instead"
         )
     return cfg.whiten, f"whiten={cfg.whiten} on {sample} descriptors"
 

@@ -8,6 +8,7 @@ Descriptors go through the same whitening that ``dedup_copy`` fitted on the pool
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -28,8 +29,14 @@ class DedupRelativeConfig:
     """Protected sets and the similarity above which a pool image counts as their copy."""
 
     protected: list[str] = field(default_factory=list)  # folders, globs, file lists or URIs; empty: stage is a no-op
-    # cosine after whitening; null: the threshold dedup_copy calibrated
+    # cosine after whitening; null: set by ``rule``
     threshold: float | None = setting(None, ge=-1, le=1)
+    # recall: the highest threshold that keeps target_recall of the synthetic copies (embed's calibration copies,
+    # against their sources), raised if needed so that it removes at most max_removed of the pool (a missed leak
+    # contaminates an evaluation, an extra removal costs one training image); copy: dedup_copy's calibrated threshold
+    rule: Literal["recall", "copy"] = "recall"
+    target_recall: float = setting(0.95, gt=0, le=1)
+    max_removed: float = setting(0.01, ge=0, le=1)
     embedding: str = "copy"  # which embed model (must match dedup_copy's)
 
 
@@ -84,10 +91,49 @@ def run_dedup_relative(cfg: DedupRelativeConfig, reader: SideSetReader, inputs: 
         prot_x = whitener(protected.x)
         unusable = protected.rows.num_rows - len(ok_ids)
     compared = len(images) > 0 and len(ok_ids) > 0  # an empty pool or protected set needs no threshold
-    threshold = cfg.threshold if cfg.threshold is not None or not compared else _copy_threshold(inputs)
+    threshold, rule_stats = cfg.threshold, dict[str, object]()
+    if threshold is None and compared:
+        if cfg.rule == "copy":
+            threshold = _copy_threshold(inputs)
+        else:
+            threshold, rule_stats = _recall_threshold(cfg, inputs, whitener, pool_x, prot_x)
     table = dedup_relative(images[schema.IMAGE_ID], pool_x, ok_ids, prot_x, threshold)
-    stats = {"protected": len(ok_ids), "protected_unusable": unusable, "threshold": threshold}
+    stats = {"protected": len(ok_ids), "protected_unusable": unusable, "threshold": threshold, **rule_stats}
     return StageOutput(table, dedup_stats(table, stats), dict(sides))
+
+
+def _recall_threshold(
+    cfg: DedupRelativeConfig, inputs: StageInputs, whitener: Whitener, pool_x: np.ndarray, prot_x: np.ndarray
+) -> tuple[float, dict[str, object]]:
+    """The recall rule (see :class:`DedupRelativeConfig`) on this pool: (threshold, what it was made of)."""
+    ids_only = pa.schema([(schema.IMAGE_ID, pa.string())])
+    calib = inputs.table("embed", columns=[schema.IMAGE_ID], schema=ids_only, sub=schema.CALIBRATION)
+    best, _ = knn(build_index(prot_x, "flat"), pool_x, 1)  # [N, 1] each pool image's best protected match
+    positives = None
+    if calib.num_rows:  # else embed.calibration_copies=0: only the budget can set it
+        copies = whitener(embeddings_of(inputs, cfg.embedding, calib[schema.IMAGE_ID], calibration=True))
+        sources = whitener(embeddings_of(inputs, cfg.embedding, calib[schema.IMAGE_ID]))
+        positives = np.sum(copies * sources, axis=1)  # [C] similarity of each synthetic copy to its source
+    return recall_rule(positives, best[:, 0], cfg.target_recall, cfg.max_removed)
+
+
+def recall_rule(
+    positives: np.ndarray | None, best: np.ndarray, target_recall: float, max_removed: float
+) -> tuple[float, dict[str, object]]:
+    """The highest threshold under which ``target_recall`` of ``positives`` [C] (similarities of known copies to their
+    sources) stay above it, raised where needed so that at most ``max_removed`` of ``best`` [N] (each pool image's
+    best similarity to the protected set) exceeds it. Returns (threshold, its parts and the estimated recall)."""
+    for_budget = float(np.quantile(best, 1.0 - max_removed)) if len(best) else -1.0
+    if positives is None or len(positives) == 0:
+        return for_budget, {"rule": "recall", "threshold_for_budget": for_budget, "estimated_recall": None}
+    for_recall = float(np.quantile(positives, 1.0 - target_recall))
+    threshold = max(for_recall, for_budget)
+    return threshold, {
+        "rule": "recall",
+        "threshold_for_recall": for_recall,
+        "threshold_for_budget": for_budget,
+        "estimated_recall": float(np.mean(positives > threshold)),
+    }
 
 
 def _copy_threshold(inputs: StageInputs) -> float:
