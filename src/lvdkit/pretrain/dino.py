@@ -67,11 +67,6 @@ class DINOMethod(Method):
         self.teacher: DINOStudent = copy.deepcopy(self.student).eval().requires_grad_(False)
         self.center = SoftmaxCenter(d.head_out_dim, d.center_momentum)
 
-    def train(self, mode: bool = True) -> DINOMethod:
-        super().train(mode)
-        self.teacher.eval()  # no drop path in the teacher (DINO builds its teacher without it)
-        return self
-
     def loss(
         self,
         batch: dict[str, Tensor],

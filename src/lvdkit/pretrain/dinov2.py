@@ -87,11 +87,6 @@ class DINOv2Method(Method):
         self.grid: tuple[int, int] = (crops.global_size // int(patch[0]), crops.global_size // int(patch[1]))
         self.mask_generator = BlockMaskGenerator(self.grid, max_num_patches=max(1, self.grid[0] * self.grid[1] // 2))
 
-    def train(self, mode: bool = True) -> DINOv2Method:
-        super().train(mode)
-        self.teacher.eval()  # no drop path in the teacher, ever
-        return self
-
     def loss(
         self,
         batch: dict[str, Tensor],

@@ -85,11 +85,6 @@ class DistillMethod(Method):
         self.student: DistillStudent = DistillStudent(backbone, feature_dim(backbone, size), t_dim)
         self.queue = EmbeddingQueue(t_dim, dc.queue_size or queue_size_for(n_images))
 
-    def train(self, mode: bool = True) -> DistillMethod:
-        super().train(mode)
-        self.teacher.eval()
-        return self
-
     def loss(
         self,
         batch: dict[str, Tensor],

@@ -19,6 +19,15 @@ class Method(nn.Module):
     identity: dict[str, Any]  # the student backbone's constructor kwargs (what an export rebuilds it from)
     frozen_prefixes: tuple[str, ...] = ()  # state-dict keys never trained: left out of checkpoints
 
+    def train(self, mode: bool = True) -> Method:
+        """Train mode for the student only: a ``teacher`` sub-module (EMA or frozen) never trains (no drop path, no
+        dropout, frozen batch statistics)."""
+        super().train(mode)
+        teacher = getattr(self, "teacher", None)
+        if isinstance(teacher, nn.Module):
+            teacher.eval()
+        return self
+
     @property
     def device(self) -> torch.device:
         return next(self.student.parameters()).device
