@@ -22,11 +22,12 @@ def write_summary(out: Path) -> dict[str, Any]:
     return write_funnel(out, write_status(out))
 
 
-def _finished(out: Path) -> list[str]:
-    finished = [s for s in CURATE_ORDER if success(out / s) is not None]
-    if "ingest" not in finished:
+def _finished(out: Path) -> dict[str, dict[str, Any]]:
+    """The ``_SUCCESS`` record of every finished stage, in run order."""
+    records = {s: r for s in CURATE_ORDER if (r := success(out / s)) is not None}
+    if "ingest" not in records:
         raise RuntimeError(f"no finished ingest in {out}: nothing to summarise")
-    return finished
+    return records
 
 
 def write_status(out: Path) -> pa.Table:
@@ -40,13 +41,12 @@ def write_status(out: Path) -> pa.Table:
 
 def write_funnel(out: Path, status: pa.Table) -> dict[str, Any]:
     """Write ``summary.json`` (the funnel) from the status table; returns it."""
-    finished = _finished(out)
-    dedup = tuple(s for s in DEDUP_STAGES if s in finished)
+    records = _finished(out)
+    dedup = tuple(s for s in DEDUP_STAGES if s in records)
     st = status[schema.STATUS_COL].to_numpy(zero_copy_only=False)
     reasons = status[schema.REASON].to_numpy(zero_copy_only=False)
     quarantined = reasons[st == schema.STATUS_QUARANTINED]
     removed_by = reasons[st == schema.FINAL_DUPLICATE]
-    records = {s: success(out / s) or {} for s in finished}
     summary = {
         "images_in": len(st),
         "kept": int((st == schema.FINAL_KEPT).sum()),
@@ -59,7 +59,7 @@ def write_funnel(out: Path, status: pa.Table) -> dict[str, Any]:
             s: {"rows": r.get("rows"), "seconds": r.get("seconds"), "stats": r.get("stats", {})}
             for s, r in records.items()
         },
-        "outputs": {"status": str(out / STATUS_FILE), **{s: str(out / s) for s in finished}},
+        "outputs": {"status": str(out / STATUS_FILE), **{s: str(out / s) for s in records}},
     }
     summary["fingerprint"] = summary_fingerprint(out)
     write_json_atomic(out / SUMMARY_FILE, summary)
