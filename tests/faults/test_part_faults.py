@@ -282,17 +282,23 @@ def test_a_file_changed_after_ingest_fails_embed_or_curated_naming_it_and_a_reru
     assert stats["quarantined"] == {"changed_since_ingest": 1}
 
 
+def _interrupted_ingest(out: Path, demo: Path) -> Path:
+    """A finished ingest turned back into an interrupted one (its run marker, no ``_SUCCESS``); its stage folder."""
+    _ingest(out, demo)
+    stage = out / "ingest"
+    record = json.loads((stage / "_SUCCESS").read_text())
+    (stage / "_SUCCESS").unlink()
+    (stage / "_RUNNING").write_text(json.dumps({k: record[k] for k in ("config_hash", "fingerprint")}))
+    return stage
+
+
 @pytest.mark.usefixtures("ray_local")
 def test_a_torn_part_under_its_final_name_is_set_aside_and_redone_not_a_wedge(
     clean: pa.Table, small_demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """As a crash in the middle of a non-atomic copy, or a foreign file, would leave it: the run resumes."""
     out = tmp_path / "out"
-    _ingest(out, small_demo)
-    stage = out / "ingest"
-    record = json.loads((stage / "_SUCCESS").read_text())
-    (stage / "_SUCCESS").unlink()  # interrupted before the stage finished ...
-    (stage / "_RUNNING").write_text(json.dumps({k: record[k] for k in ("config_hash", "fingerprint")}))
+    stage = _interrupted_ingest(out, small_demo)  # interrupted before the stage finished ...
     torn = stage / "part-000001.parquet"
     torn.write_bytes(torn.read_bytes()[: torn.stat().st_size // 2])  # ... with a part cut in half
     capsys.readouterr()
@@ -310,11 +316,7 @@ def test_a_readable_part_that_is_not_the_committed_one_is_set_aside_and_redone(
     """A valid Parquet file under a part's name (another run's part, a file copied in by hand) passes any footer
     check; only the commit record (size and checksum) tells it apart."""
     out = tmp_path / "out"
-    _ingest(out, small_demo)
-    stage = out / "ingest"
-    record = json.loads((stage / "_SUCCESS").read_text())
-    (stage / "_SUCCESS").unlink()
-    (stage / "_RUNNING").write_text(json.dumps({k: record[k] for k in ("config_hash", "fingerprint")}))
+    stage = _interrupted_ingest(out, small_demo)
     foreign = stage / "part-000002.parquet"
     rows = pq.read_table(foreign)
     pq.write_table(rows.slice(0, rows.num_rows - 1), foreign)  # readable, one row short

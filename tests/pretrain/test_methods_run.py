@@ -19,15 +19,10 @@ from lvdkit.pretrain.export import export
 from lvdkit.pretrain.run import checkpoints, pretrain
 from lvdkit.pretrain.train import build_schedules, read_checkpoint
 
-from .test_pretrain_run import N_IMAGES, _rows, parts  # noqa: F401  (parts: the shared 48-image fixture)
+from .test_pretrain_run import N_IMAGES, TINY_MODEL, _rows, parts  # noqa: F401  (parts: the shared 48-image fixture)
 
 COMMON = (
-    "model=timm:vit_tiny_patch16_224",
-    "model_kwargs={patch_size: 8, depth: 2, embed_dim: 32, num_heads: 2}",
-    "crops.global_size=32",
-    "crops.local_size=16",
-    "crops.n_local=2",
-    "crops.blur_kernel=3",
+    *TINY_MODEL,
     "optim.epochs=1",
     "optim.warmup_epochs=0",
     "progress=false",

@@ -35,13 +35,16 @@ from ..conftest import kill_tree, run_cli
 
 N_IMAGES, BATCH, EPOCHS = 48, 8, 2
 TOTAL_STEPS = N_IMAGES // BATCH * EPOCHS
-TINY_VIT = (
+TINY_MODEL = (  # a 2-block ViT on 32 px crops: the smallest that exercises every part (shared with other tests)
     "model=timm:vit_tiny_patch16_224",
     "model_kwargs={patch_size: 8, depth: 2, embed_dim: 32, num_heads: 2}",
     "crops.global_size=32",
     "crops.local_size=16",
     "crops.n_local=2",
     "crops.blur_kernel=3",
+)
+TINY_VIT = (
+    *TINY_MODEL,
     "dinov2.head_out_dim=64",
     "dinov2.head_hidden_dim=32",
     "dinov2.head_bottleneck_dim=16",
