@@ -19,6 +19,11 @@ def gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
+def set_threads(n: int) -> None:
+    """Faiss's OpenMP threads in this process: a task uses the CPUs it reserved, no more (nor fewer)."""
+    faiss.omp_set_num_threads(max(1, n))
+
+
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     """Rows scaled to unit L2 norm (an all-zero row stays zero rather than NaN). x: [N, ...] -> [N, D] float32."""
     x = np.ascontiguousarray(x, dtype=np.float32).reshape(len(x), -1)

@@ -112,3 +112,57 @@ class PartWork:
     def quarantined(self, rows: pa.Table, reason: str, detail: str) -> pa.Table | None:
         """Output rows standing for ``rows`` that failed; ``None``: they are left out (and listed by the runner)."""
         return None
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one task of a partitioned stage reserves: CPUs (its threads match them) and memory (Ray schedules by it;
+    the stage keeps each task's working set within it)."""
+
+    cpus: float
+    memory_mb: int
+
+
+class PartitionedWork:
+    """A stage whose work is split by content (k-means cells of the descriptors), not by the parts it reads.
+
+    The runner runs, in order, each step as Ray tasks wherever the cluster has room, and writes what they return:
+
+    1. ``prepare()``, one task: a state fitted on a bounded sample (whitening, cells); handed to later tasks by
+       reference, never fetched by the driver;
+    2. ``scatter(state, i)``, one task per input part ``i`` (``n_inputs`` of them): a scratch table (the part's rows
+       with their cells) and a small summary (per-cell counts, calibration figures);
+    3. ``plan(summary)`` in the driver, on the summaries merged as they arrive (``merge``): the partitions (a list of
+       small picklable values) and any figures the later steps need;
+    4. ``solve(state, plan, j, scratch)``, one task per partition ``j``: a scratch table (its pairs), reading only its
+       rows of the scatter tables (``scratch``: their paths);
+    5. ``reduce(state, plan, solved)``, one task: the decisions (a table that grows with what was found, not with the
+       pool), stats and declared side files;
+    6. ``write(state, decisions, i)``, one task per input part: output part ``i``.
+    """
+
+    n_inputs: int = 0
+    resources: Resources = Resources(cpus=1.0, memory_mb=1024)
+
+    def prepare(self) -> Any:
+        raise NotImplementedError
+
+    def scatter(self, state: Any, index: int) -> tuple[pa.Table, Any]:
+        raise NotImplementedError
+
+    def merge(self, total: Any, summary: Any) -> Any:
+        """Fold one scatter summary into the running total (``total`` is None before the first)."""
+        raise NotImplementedError
+
+    def plan(self, total: Any) -> tuple[list[Any], Any]:
+        """(partitions, figures handed to solve/reduce/write)."""
+        raise NotImplementedError
+
+    def solve(self, state: Any, figures: Any, partition: Any, scratch: list[Path]) -> pa.Table:
+        raise NotImplementedError
+
+    def reduce(self, state: Any, figures: Any, solved: list[Path]) -> StageOutput:
+        raise NotImplementedError
+
+    def write(self, state: Any, decisions: pa.Table, index: int) -> pa.Table:
+        raise NotImplementedError

@@ -64,6 +64,16 @@ class DedupCopyConfig:
     flat_max: int = setting(50_000, ge=1)
     nprobe: int = setting(16, ge=1)
     seed: int = 0
+    # where it runs: one task over the pool ("single"), or partitioned over the cluster by k-means cells
+    # ("partitioned", lvdkit.curation.copy_partitioned); "auto": partitioned from partition_min_rows images on
+    path: Literal["auto", "single", "partitioned"] = "auto"
+    partition_min_rows: int = setting(100_000, ge=0)
+    cell_copies: int = setting(2, ge=1)  # cells each descriptor joins (>= 2: neighbours across a cell border meet)
+    cell_rows: int = setting(25_000, ge=1)  # k-means cells: about pool rows x cell_copies / cell_rows of them
+    partition_rows: int = setting(100_000, ge=2)  # rows per partition task (its exact k-NN): the memory bound
+    calibration_queries: int = setting(20_000, ge=2)  # images whose exact neighbours calibrate the threshold
+    task_cpus: float = setting(1.0, gt=0)  # CPUs per partitioned task (Faiss threads match them)
+    task_memory_mb: int | None = setting(None, ge=64)  # memory Ray reserves per task; null: from partition_rows
 
 
 @dataclass

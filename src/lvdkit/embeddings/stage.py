@@ -127,7 +127,8 @@ def _seed_of(key: str, seed: int) -> int:
 
 def plan_embed(cfg: EmbedConfig, inputs: StageInputs, fingerprint: str, listing: Path) -> PartPlan:
     """The work list: surviving images with their part number (row group = part)."""
-    images = alive(inputs, dedups_before("dedup_copy"), [schema.URI, schema.CONTENT_HASH])  # between phash and copy
+    # between phash and copy; size and content hash rank the images for keeping in dedup_copy's partitioned path
+    images = alive(inputs, dedups_before("dedup_copy"), [schema.URI, schema.CONTENT_HASH, schema.WIDTH, schema.HEIGHT])
     per_part = cfg.images_per_part
     if per_part < 1:
         raise ValueError(f"embed.images_per_part must be >= 1, got {per_part}")

@@ -6,8 +6,9 @@ A stage names the upstream stages whose outputs it reads (``reads``) and every o
 - :class:`WholeStage`: one task over the whole dataset, returning a :class:`~lvdkit.core.stage.StageOutput`.
 - :class:`PartStage`: a work list split into parts, each part one task (or one call on an actor pool holding
   models) writing one ``part-NNNNNN.parquet``; interrupted runs resume part by part.
-
-The scale-out work adds a partitioned kind beside these (work per k-means partition, a reduce at the end).
+- :class:`PartitionedStage`: a whole-dataset stage that can also run split by content over the cluster (a
+  :class:`~lvdkit.core.stage.PartitionedWork`: tasks per input part, per k-means partition, a reduce), chosen per
+  run (small pools may be faster as one task).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lvdkit.core.stage import PartPlan, PartWork, StageInputs, StageOutput
+from lvdkit.core.stage import PartitionedWork, PartPlan, PartWork, StageInputs, StageOutput
 from lvdkit.pipeline.config import CurateConfig
 
 
@@ -62,3 +63,12 @@ class PartStage(Stage):
     work: Callable[[CurateConfig, Path], PartWork]  # (cfg, listing) -> the part work, built on the driver
     stats: Callable[[StageInputs], dict[str, Any]]
     actors: Callable[[CurateConfig], Actors | None] | None = None  # None: plain tasks
+
+
+@dataclass(frozen=True, kw_only=True)
+class PartitionedStage(WholeStage):
+    """A whole-dataset stage (``run``: the single-task path) with a partitioned path over the cluster (``work``);
+    ``partitioned`` chooses the path for this run (by pool size and config)."""
+
+    work: Callable[[CurateConfig, StageInputs], PartitionedWork]
+    partitioned: Callable[[CurateConfig, StageInputs], bool]

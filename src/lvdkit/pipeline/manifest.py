@@ -75,7 +75,14 @@ def _check_ours(stage_dir: Path) -> None:
 
 
 def finish(
-    stage_dir: Path, stage: str, key: RunKey, config: dict[str, Any], rows: int, seconds: float, stats: dict[str, Any]
+    stage_dir: Path,
+    stage: str,
+    key: RunKey,
+    config: dict[str, Any],
+    rows: int,
+    seconds: float,
+    stats: dict[str, Any],
+    nodes: list[str] | None = None,
 ) -> dict[str, Any]:
     """Write ``_SUCCESS`` and drop the ``_RUNNING`` marker; returns the record."""
     record = {
@@ -90,6 +97,7 @@ def finish(
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "parts": sorted(p.name for p in stage_dir.glob("part-*.parquet")),
         "part_bytes": committed_sizes(stage_dir),  # checked (a stat each) before a rerun skips the stage
+        "nodes": nodes or [],  # the Ray nodes whose tasks did this run's work (resumed runs: the last attempt's)
     }
     write_json_atomic(stage_dir / SUCCESS, record)
     (stage_dir / RUNNING).unlink(missing_ok=True)

@@ -41,8 +41,9 @@ class PartRun:
     threads: int = 1
 
 
-def map_parts(run: PartRun, pending: list[int], actors: Actors | None, progress: bool) -> None:
-    """Process and write every pending part; raise :class:`StageError` naming the parts that failed."""
+def map_parts(run: PartRun, pending: list[int], actors: Actors | None, progress: bool) -> set[str]:
+    """Process and write every pending part; raise :class:`StageError` naming the parts that failed. Returns the
+    Ray nodes the parts ran on."""
     ds = ray.data.from_items([{"part": i} for i in pending], override_num_blocks=len(pending))
     if actors is None:
         results = ds.map_batches(
@@ -64,6 +65,7 @@ def map_parts(run: PartRun, pending: list[int], actors: Actors | None, progress:
             max_task_retries=run.retries,
         )
     failures: list[str] = []
+    nodes: set[str] = set()
     try:
         with tqdm(total=len(pending), desc=run.stage, unit="part", disable=not progress, file=sys.stderr) as bar:
             for row in results.iter_rows():
@@ -71,6 +73,7 @@ def map_parts(run: PartRun, pending: list[int], actors: Actors | None, progress:
                     raise DiskFullError(str(row["disk_full"]))
                 if row["error"]:
                     failures.append(str(row["error"]))
+                nodes.add(str(row["node"]))
                 bar.update(1)
                 bar.set_postfix(rows=int(row["rows"]), refresh=False)
     except (DiskFullError, StageError):
@@ -80,6 +83,7 @@ def map_parts(run: PartRun, pending: list[int], actors: Actors | None, progress:
         raise StageError(crash_message(run.stage, Path(run.stage_dir), run.work, run.retries, exc)) from exc
     if failures:
         raise StageError(failed_parts_message(run.stage, failures, len(pending), run.retries, run.on_error))
+    return nodes
 
 
 def actor_threads(actors: Actors) -> int:
@@ -126,6 +130,7 @@ def _write_parts(batch: dict[str, np.ndarray], run: PartRun) -> dict[str, np.nda
         "rows": np.asarray(rows, dtype=np.int64),
         "error": np.asarray(errors, dtype=object),
         "disk_full": np.asarray(disk, dtype=object),
+        "node": np.asarray([ray.get_runtime_context().get_node_id()] * len(rows), dtype=object),
     }
 
 

@@ -18,27 +18,19 @@ from typing import Any
 import ray
 
 from lvdkit.core import schema
-from lvdkit.core.io import (
-    disk_errors,
-    part_files,
-    part_name,
-    read_json,
-    remove_temporaries,
-    write_bytes_atomic,
-    write_json_atomic,
-    write_parquet_atomic,
-)
+from lvdkit.core.io import disk_errors, part_files, part_name, read_json, remove_temporaries
 from lvdkit.core.ray_env import LazyRay, ray_session
 from lvdkit.core.settings import config_hash, save_config, to_dict
-from lvdkit.core.stage import SideFile, StageOutput
 from lvdkit.pipeline import faults
 from lvdkit.pipeline.commits import commit_part, untrusted
 from lvdkit.pipeline.config import CurateConfig
 from lvdkit.pipeline.errors import StageError, raise_own
-from lvdkit.pipeline.kinds import PartStage, Stage, WholeStage
+from lvdkit.pipeline.kinds import PartitionedStage, PartStage, Stage, WholeStage
 from lvdkit.pipeline.manifest import RunKey, fingerprint_of, finish, prepare, success
 from lvdkit.pipeline.names import CURATE_ORDER, stage_names
+from lvdkit.pipeline.outputs import write_sides
 from lvdkit.pipeline.ownership import check_not_inside_inputs, claim, locked
+from lvdkit.pipeline.partitioned import node_id, run_partitioned
 from lvdkit.pipeline.parts import PartRun, actor_threads, map_parts
 from lvdkit.pipeline.stages import STAGES, declared_sides
 from lvdkit.pipeline.summary import (
@@ -89,12 +81,18 @@ def run_stage(name: str, cfg: CurateConfig, ray_: LazyRay, force: bool = False) 
     log(f"{name}: {'resuming' if action == 'resume' else 'running'}")
     ray_.ensure()
     if isinstance(stage, PartStage):
-        rows = _run_parts(stage, cfg, stage_dir, n_parts)
+        rows, nodes = _run_parts(stage, cfg, stage_dir, n_parts)
         stats = stage.stats(stage.inputs(out, declared_sides()))
+    elif isinstance(stage, PartitionedStage) and stage.partitioned(cfg, stage.inputs(out, declared_sides())):
+        _set_aside_untrusted(stage, stage_dir)
+        rows, stats, nodes = run_partitioned(stage, cfg, out, cfg.progress)
+        stats = {**stats, "path": "partitioned"}
     else:
         assert isinstance(stage, WholeStage)
-        rows, stats = _run_whole(stage, cfg, out)
-    record = finish(stage_dir, name, key, to_dict(stage.section(cfg)), rows, time.time() - start, stats)
+        rows, stats, node = _run_whole(stage, cfg, out)
+        stats, nodes = ({**stats, "path": "single"} if isinstance(stage, PartitionedStage) else stats), {node}
+    seconds = time.time() - start
+    record = finish(stage_dir, name, key, to_dict(stage.section(cfg)), rows, seconds, stats, sorted(nodes))
     log(f"{name}: {rows} rows in {record['seconds']:.1f}s -> {stage_dir}")
     return {**record, "skipped": False}
 
@@ -116,7 +114,7 @@ def _plan(stage: Stage, cfg: CurateConfig, out: Path) -> tuple[RunKey, int, Path
     return RunKey(section_hash, plan.fingerprint), plan.n_parts, listing
 
 
-def _run_parts(stage: PartStage, cfg: CurateConfig, stage_dir: Path, n_parts: int) -> int:
+def _run_parts(stage: PartStage, cfg: CurateConfig, stage_dir: Path, n_parts: int) -> tuple[int, set[str]]:
     _set_aside_untrusted(stage, stage_dir)
     done = {p.name for p in part_files(stage_dir)}
     pending = [i for i in range(n_parts) if part_name(i) not in done]
@@ -133,17 +131,19 @@ def _run_parts(stage: PartStage, cfg: CurateConfig, stage_dir: Path, n_parts: in
             on_error=cfg.on_part_error,
             threads=actor_threads(actors) if actors is not None else 1,
         )
-        map_parts(run, pending, actors, cfg.progress)
+        nodes = map_parts(run, pending, actors, cfg.progress)
+    else:
+        nodes = set()
     missing = [i for i in range(n_parts) if not (stage_dir / part_name(i)).exists()]
     if missing:
         raise StageError(f"{stage.name}: parts {missing[:10]} produced no output")
-    return sum(_parquet_rows(p) for p in part_files(stage_dir))
+    return sum(_parquet_rows(p) for p in part_files(stage_dir)), nodes
 
 
 TORN = "_torn"  # parts that could not be read back (torn, or not lvdkit's), moved aside and redone
 
 
-def _set_aside_untrusted(stage: PartStage, stage_dir: Path) -> None:
+def _set_aside_untrusted(stage: Stage, stage_dir: Path) -> None:
     """Move aside every part (with its part in each sub-folder) that does not match its commit record (torn,
     changed, or not lvdkit's), so the part is redone instead of wedging every later read."""
     for part in part_files(stage_dir):
@@ -160,7 +160,7 @@ def _set_aside_untrusted(stage: PartStage, stage_dir: Path) -> None:
         log(f"{stage.name}: {named}: not as committed (torn or not lvdkit's): moved to {stage_dir / TORN}/, redone")
 
 
-def _run_whole(stage: WholeStage, cfg: CurateConfig, out: Path) -> tuple[int, dict[str, Any]]:
+def _run_whole(stage: WholeStage, cfg: CurateConfig, out: Path) -> tuple[int, dict[str, Any], str]:
     task = ray.remote(num_cpus=1, max_retries=cfg.ray.max_task_retries)(_whole_task)
     hooks = faults.Hooks.for_stage(stage.name)
     try:
@@ -170,33 +170,17 @@ def _run_whole(stage: WholeStage, cfg: CurateConfig, out: Path) -> tuple[int, di
         raise
 
 
-def _whole_task(name: str, cfg: CurateConfig, out: str, hooks: faults.Hooks) -> tuple[int, dict[str, Any]]:
+def _whole_task(name: str, cfg: CurateConfig, out: str, hooks: faults.Hooks) -> tuple[int, dict[str, Any], str]:
     stage = STAGES[name]
     assert isinstance(stage, WholeStage)
     result = stage.run(cfg, stage.inputs(Path(out), declared_sides()))
     stage_dir = Path(out) / name
-    _write_sides(stage, result, stage_dir)
+    write_sides(stage.name, stage.sides, result, stage_dir)
     table = result.table
     for k, start in enumerate(range(0, max(table.num_rows, 1), WHOLE_STAGE_PART_ROWS)):
         commit_part(table.slice(start, WHOLE_STAGE_PART_ROWS), stage_dir / part_name(k), hooks)
     hooks.pause()  # a test kills the run here: parts written, no _SUCCESS yet
-    return table.num_rows, result.stats
-
-
-def _write_sides(stage: Stage, result: StageOutput, stage_dir: Path) -> None:
-    """Write the side files a stage returned, each atomically; refuse any it did not declare."""
-    inputs = stage.inputs(stage_dir.parent, {stage.name: stage.sides})
-    for name, value in result.sides.items():
-        _write_side(inputs.side(stage.name, name), value)  # raises on an undeclared name
-
-
-def _write_side(path: Path, value: SideFile) -> None:
-    if isinstance(value, bytes):
-        write_bytes_atomic(path, value)
-    elif isinstance(value, dict):
-        write_json_atomic(path, value)
-    else:
-        write_parquet_atomic(value, path)
+    return table.num_rows, result.stats, node_id()
 
 
 def _parquet_rows(path: Path) -> int:

@@ -15,6 +15,8 @@ import ray
 from lvdkit.cluster.stage import run_cluster
 from lvdkit.core import schema
 from lvdkit.core.files import file_identity, list_inputs
+from lvdkit.core.stage import StageInputs
+from lvdkit.curation.copy_partitioned import CopyPartitions
 from lvdkit.curation.curated import CuratedWork, curated_stats, plan_curated
 from lvdkit.curation.dedup_copy import run_dedup_copy
 from lvdkit.curation.dedup_exact import run_dedup_exact
@@ -25,7 +27,7 @@ from lvdkit.curation.retrieve import run_retrieve
 from lvdkit.curation.side_sets import SideSetReader
 from lvdkit.embeddings.stage import EmbedWork, embed_stats, plan_embed
 from lvdkit.pipeline.config import CurateConfig
-from lvdkit.pipeline.kinds import Actors, PartStage, Stage, WholeStage
+from lvdkit.pipeline.kinds import Actors, PartitionedStage, PartStage, Stage, WholeStage
 from lvdkit.pipeline.names import CURATE_ORDER
 
 
@@ -84,12 +86,14 @@ STAGES: dict[str, Stage] = {
             stats=embed_stats,
             actors=_embed_actors,
         ),
-        WholeStage(
+        PartitionedStage(
             name="dedup_copy",
             reads=_EMBEDDED,
             section=lambda c: c.dedup_copy,
             sides=(schema.WHITENING_FILE, schema.THRESHOLD_FILE),
             run=lambda c, inputs: run_dedup_copy(c.dedup_copy, inputs),
+            work=lambda c, inputs: CopyPartitions.create(c.dedup_copy, inputs),
+            partitioned=lambda c, inputs: _copy_partitioned(c, inputs),
         ),
         WholeStage(
             name="dedup_relative",
@@ -125,6 +129,17 @@ STAGES: dict[str, Stage] = {
     )
 }
 assert tuple(STAGES) == CURATE_ORDER, "lvdkit.pipeline.names.CURATE_ORDER must list STAGES in order"
+
+
+def _copy_partitioned(c: CurateConfig, inputs: StageInputs) -> bool:
+    """dedup_copy's path for this run: as configured, or by pool size (``path: auto``). Grouping by union-find
+    components needs every descriptor at hand to measure distances, so it keeps the single task."""
+    cfg = c.dedup_copy
+    if cfg.path == "partitioned" and cfg.grouping != "star":
+        raise ValueError("dedup_copy.path=partitioned groups with the star rule only: set dedup_copy.grouping=star")
+    if cfg.path != "auto":
+        return cfg.path == "partitioned"
+    return cfg.grouping == "star" and int(inputs.record("embed").get("rows") or 0) >= cfg.partition_min_rows
 
 
 def _selects_nothing(c: CurateConfig) -> bool:

@@ -1,0 +1,342 @@
+"""``dedup_copy`` partitioned: the same decisions as :func:`lvdkit.curation.dedup_copy.dedup_copy`, with no task
+holding the pool.
+
+1. prepare: whitening and ``C`` k-means cells fitted on a sample read from evenly spread embed parts; a sample of
+   calibration queries (the whole pool when it is small);
+2. scatter, per embed part: descriptors whitened and assigned to their ``cell_copies`` nearest cells (a scratch table
+   sorted by cell); per-cell counts; the calibration queries' nearest rows in this part (an exact k-NN of the queries
+   over the whole pool, merged in the driver); the synthetic copies' similarity to their sources;
+3. plan (driver): the threshold calibrated from those figures (a bounded sample, not the pool), consecutive cells
+   grouped into partitions of at most ``partition_rows`` rows;
+4. solve, per partition: exact k-NN among its rows (Faiss flat), pairs above the threshold;
+5. reduce: the pairs (their number grows with the copies, not with the pool) grouped with the same star rule;
+6. write, per embed part: one dedup row per image.
+
+With one cell (a small pool) this is an exact k-NN and the decisions equal the single-task path's; with more cells a
+pair is found when its two images share one of their nearest cells (recall measured in ``bench/scale_curation.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from lvdkit.core import schema
+from lvdkit.core.partitions import assign_cells, fit_cells, merge_top, pairs_within, plan_ranges, row_keys, top_against
+from lvdkit.core.stage import PartitionedWork, Resources, StageInputs, StageOutput
+from lvdkit.core.views import EMBED
+from lvdkit.core.whitening import Whitener, fit_whitener
+from lvdkit.curation.components import component_sizes, connected_components, keep_priority, star_groups
+from lvdkit.curation.dedup_copy import Calibration, DedupCopyConfig, calibrate, whitening_mode
+
+CELL, KEY, X = "cell", "key", "x"  # scratch columns: a row's cell, its global key, its whitened descriptor
+_NODE = [schema.IMAGE_ID, schema.WIDTH, schema.HEIGHT, schema.CONTENT_HASH]
+
+
+@dataclass
+class CopyState:
+    """What prepare fitted: handed to every later task."""
+
+    whitener: Whitener
+    whitening: str
+    whitening_why: str
+    centroids: np.ndarray  # [C, D_out]
+    queries: np.ndarray  # [Q, D_out] calibration queries, whitened
+    query_keys: np.ndarray  # [Q] their global row keys
+    rows: int  # images in the pool
+
+
+@dataclass
+class CopyTotals:
+    """Scatter summaries merged: bounded by the number of cells and of calibration queries."""
+
+    counts: np.ndarray  # [C] rows per cell
+    top: tuple[np.ndarray, np.ndarray]  # queries' nearest rows: sims, keys [Q, negative_rank + 1]
+    positives: list[np.ndarray] = field(default_factory=list)  # synthetic copies' similarity to their sources
+
+
+@dataclass
+class CopyFigures:
+    threshold: float | None  # None: nothing to compare (disabled, or fewer than two images)
+    calibration: Calibration | None
+
+
+@dataclass
+class CopyPartitions(PartitionedWork):
+    """The partitioned dedup_copy over ``inputs`` (see the module docstring)."""
+
+    cfg: DedupCopyConfig
+    inputs: StageInputs
+    part_rows: list[int]  # rows of each embed part (from the Parquet footers)
+    dims: int  # descriptor dimension
+
+    @classmethod
+    def create(cls, cfg: DedupCopyConfig, inputs: StageInputs) -> CopyPartitions:
+        parts = inputs.parts(EMBED)
+        rows = [pq.ParquetFile(p).metadata.num_rows for p in parts]
+        col = schema.embedding_column(cfg.embedding)
+        dims = pq.read_schema(parts[0]).field(col).type.list_size if parts else 0
+        work = cls(cfg=cfg, inputs=inputs, part_rows=rows, dims=dims)
+        work.n_inputs = len(parts)
+        work.resources = Resources(cpus=cfg.task_cpus, memory_mb=cfg.task_memory_mb or work.memory_estimate_mb())
+        return work
+
+    def memory_estimate_mb(self) -> int:
+        """A partition's working set: its rows (read, deduplicated, indexed: three copies) and their k-NN results,
+        plus the state; doubled for Arrow and Faiss overheads."""
+        d = min(self.dims, self.cfg.whiten_dims) if self.cfg.whiten == "pca" else self.dims
+        per_row = 3 * 4 * max(d, 1) + 12 * (self.cfg.k + 1) + 64
+        state = 4 * max(d, 1) * (self.cfg.calibration_queries + self.cfg.whiten_sample)
+        return int(2 * (self.cfg.partition_rows * per_row + state) / 2**20) + 256
+
+    # --- 1. prepare ---------------------------------------------------------------------------------------------
+
+    def prepare(self) -> CopyState:
+        cfg, total = self.cfg, sum(self.part_rows)
+        picked = _spread(self.part_rows, cfg.whiten_sample)
+        raw = np.concatenate([self._descriptors(i) for i in picked]) if picked else np.zeros((0, self.dims), np.float32)
+        keys = np.concatenate([row_keys(i, self.part_rows[i]) for i in picked]) if picked else np.zeros(0, np.int64)
+        rng = np.random.default_rng(cfg.seed)
+        take = np.sort(rng.choice(len(raw), size=min(len(raw), cfg.whiten_sample), replace=False))
+        mode, why = whitening_mode(cfg, len(take))
+        whitener = fit_whitener(raw[take], mode, cfg.whiten_dims)
+        x = whitener(raw[take])
+        q = np.sort(rng.choice(len(x), size=min(len(x), cfg.calibration_queries), replace=False))
+        n_cells = max(1, math.ceil(total * cfg.cell_copies / cfg.cell_rows))
+        centroids = fit_cells(x, n_cells, cfg.seed) if len(x) else np.zeros((1, x.shape[1]), np.float32)
+        return CopyState(whitener, mode, why, centroids, x[q], keys[take][q], total)
+
+    def _descriptors(self, index: int) -> np.ndarray:
+        col = schema.embedding_column(self.cfg.embedding)
+        table = pq.read_table(self.inputs.parts(EMBED)[index], columns=[col])
+        return _matrix(table[col])
+
+    # --- 2. scatter ----------------------------------------------------------------------------------------------
+
+    def scatter(self, state: CopyState, index: int) -> tuple[pa.Table, dict[str, Any]]:
+        cfg = self.cfg
+        col = schema.embedding_column(cfg.embedding)
+        part = pq.read_table(self.inputs.parts(EMBED)[index], columns=[schema.IMAGE_ID, col])
+        x = state.whitener(_matrix(part[col]))
+        keys = row_keys(index, part.num_rows)
+        cells = assign_cells(x, state.centroids, cfg.cell_copies)  # [n, m]
+        counts = np.bincount(cells.ravel(), minlength=len(state.centroids))
+        sims, near = top_against(state.queries, x, keys, cfg.negative_rank + 1)
+        itself = near == state.query_keys[:, None]
+        top = (np.where(itself, -np.inf, sims).astype(np.float32), np.where(itself, -1, near))
+        nodes = _nodes(self.inputs, index, part[schema.IMAGE_ID])
+        m = cells.shape[1]
+        rows = np.repeat(np.arange(part.num_rows), m)
+        table = nodes.take(pa.array(rows)).append_column(KEY, pa.array(keys[rows]))
+        table = table.append_column(CELL, pa.array(cells.ravel().astype(np.int32)))
+        table = table.append_column(X, _list_array(x[rows])).sort_by(CELL)
+        summary = {"counts": counts, "top": top, "positives": self._positives(state, index, part, x)}
+        return table, summary
+
+    def _positives(self, state: CopyState, index: int, part: pa.Table, x: np.ndarray) -> np.ndarray:
+        """Similarity of each synthetic copy made from this part's images to its source."""
+        name = self.inputs.parts(EMBED)[index].name
+        path = self.inputs.folder(EMBED, schema.CALIBRATION) / name
+        if not path.exists():
+            return np.empty(0, np.float32)
+        col = schema.embedding_column(self.cfg.embedding)
+        copies = pq.read_table(path, columns=[schema.IMAGE_ID, col])
+        at = pc.index_in(copies[schema.IMAGE_ID], value_set=part[schema.IMAGE_ID]).to_numpy(zero_copy_only=False)
+        found = ~np.isnan(at.astype(np.float64))
+        y = state.whitener(_matrix(copies[col]))[found]
+        return np.sum(y * x[at[found].astype(np.int64)], axis=1).astype(np.float32)
+
+    def merge(self, total: CopyTotals | None, summary: dict[str, Any]) -> CopyTotals:
+        if total is None:
+            return CopyTotals(summary["counts"], summary["top"], [summary["positives"]])
+        total.counts = total.counts + summary["counts"]
+        total.top = merge_top(total.top, summary["top"])
+        total.positives.append(summary["positives"])
+        return total
+
+    # --- 3. plan ---------------------------------------------------------------------------------------------------
+
+    def plan(self, total: CopyTotals | None) -> tuple[list[Any], CopyFigures]:
+        cfg = self.cfg
+        n = sum(self.part_rows)
+        if not cfg.enabled or n < 2 or total is None:
+            return [], CopyFigures(None, None)
+        threshold, cal = cfg.threshold, None
+        if threshold is None:
+            cal = self._calibrate(total)
+            threshold = max(cal.threshold, cfg.min_threshold)
+        return list(plan_ranges(total.counts, cfg.partition_rows)), CopyFigures(float(threshold), cal)
+
+    def _calibrate(self, total: CopyTotals) -> Calibration:
+        """As the single-task path, from the calibration queries' exact neighbours over the whole pool."""
+        ranked = total.top[0]  # [Q, rank + 1] best first, the query itself masked out (-inf) in scatter
+        pos = np.concatenate(total.positives) if total.positives else np.empty(0, np.float32)
+        return calibrate(pos, ranked[:, self.cfg.negative_rank - 1], ranked[:, 0], self.cfg.target_precision)
+
+    # --- 4. solve --------------------------------------------------------------------------------------------------
+
+    def solve(self, state: CopyState, figures: CopyFigures, partition: Any, scratch: list[Path]) -> pa.Table:
+        start, stop = partition
+        data = pads.dataset([str(p) for p in scratch], format="parquet")
+        rows = data.to_table(filter=(pc.field(CELL) >= start) & (pc.field(CELL) < stop))
+        _, first = np.unique(rows[KEY].to_numpy(), return_index=True)  # a row whose two cells are both here
+        rows = rows.take(pa.array(np.sort(first)))
+        assert figures.threshold is not None
+        pairs, sims = pairs_within(_matrix(rows[X]), self.cfg.k, figures.threshold)
+        a, b = rows.take(pa.array(pairs[:, 0])), rows.take(pa.array(pairs[:, 1]))
+        cols: dict[str, Any] = {"sim": pa.array(sims, pa.float32())}
+        for side, t in (("a_", a), ("b_", b)):
+            for name in (KEY, *_NODE):
+                cols[side + name] = t[name]
+        return pa.table(cols)
+
+    # --- 5. reduce -------------------------------------------------------------------------------------------------
+
+    def reduce(self, state: CopyState, figures: CopyFigures, solved: list[Path]) -> StageOutput:
+        found = pa.concat_tables([pq.read_table(p) for p in solved]) if solved else None
+        decisions, stats = _group(found, state.rows)
+        stats.update(
+            threshold=figures.threshold,
+            whitening=state.whitening,
+            whitening_why=state.whitening_why,
+            index="partitioned",
+            cells=len(state.centroids),
+            calibration_queries=len(state.queries),
+        )
+        if figures.calibration is not None:
+            stats["calibration"] = asdict(figures.calibration)
+        sides = {
+            schema.WHITENING_FILE: state.whitener.to_bytes(),
+            schema.THRESHOLD_FILE: {"threshold": figures.threshold},
+        }
+        return StageOutput(decisions, stats, sides)
+
+    # --- 6. write --------------------------------------------------------------------------------------------------
+
+    def write(self, state: CopyState, decisions: pa.Table, index: int) -> pa.Table:
+        ids = pq.read_table(self.inputs.parts(EMBED)[index], columns=[schema.IMAGE_ID])[schema.IMAGE_ID]
+        at = pc.index_in(ids, value_set=decisions[schema.IMAGE_ID])
+        hit = pc.is_valid(at).to_numpy(zero_copy_only=False)
+        mine = decisions.take(pc.drop_null(at))
+        group = np.asarray(ids.to_numpy(zero_copy_only=False), dtype=object)
+        dup_of = np.full(len(group), None, dtype=object)
+        distance = np.zeros(len(group), np.float32)
+        dup_of[hit] = mine[schema.DUP_OF].to_numpy(zero_copy_only=False)
+        distance[hit] = mine[schema.DISTANCE].to_numpy(zero_copy_only=False)
+        group[hit] = mine[schema.GROUP_ID].to_numpy(zero_copy_only=False)
+        keep = np.array([d is None for d in dup_of], dtype=bool)
+        return pa.table(
+            {
+                schema.IMAGE_ID: ids,
+                schema.GROUP_ID: pa.array(group, pa.string()),
+                schema.KEEP: pa.array(keep),
+                schema.DUP_OF: pa.array(dup_of, pa.string()),
+                schema.DISTANCE: pa.array(distance),
+            },
+            schema=schema.DEDUP,
+        )
+
+
+def _spread(part_rows: list[int], wanted: int) -> list[int]:
+    """Parts spread evenly over the pool holding at least ``wanted`` rows (all parts when the pool is smaller)."""
+    total = sum(part_rows)
+    if total <= wanted:
+        return [i for i, n in enumerate(part_rows) if n]
+    step = max(1, int(total / wanted))
+    picked, held = [], 0
+    for i in range(0, len(part_rows), step):
+        picked.append(i)
+        held += part_rows[i]
+        if held >= wanted:
+            break
+    return [i for i in picked if part_rows[i]]
+
+
+def _matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A fixed-size-list column as a [N, D] float32 array."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if len(arr) == 0:
+        return np.zeros((0, arr.type.list_size), np.float32)
+    return arr.flatten().to_numpy().reshape(len(arr), -1).astype(np.float32, copy=False)
+
+
+def _list_array(x: np.ndarray) -> pa.FixedSizeListArray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), x.shape[1])
+
+
+def _nodes(inputs: StageInputs, index: int, ids: pa.ChunkedArray) -> pa.Table:
+    """What ranks the images of embed part ``index`` for keeping (size, content hash, id), in the order of ``ids``:
+    from the embed work list, whose row group ``index`` holds that part's images."""
+    listing = pq.ParquetFile(inputs.folder(EMBED) / schema.LISTING).read_row_group(index, columns=_NODE)
+    at = pc.index_in(ids, value_set=listing[schema.IMAGE_ID])
+    if pc.any(pc.is_null(at)).as_py():
+        raise RuntimeError(f"{inputs.folder(EMBED)}: part {index} holds images its work list lacks: rerun embed")
+    return listing.take(at)
+
+
+def _group(found: pa.Table | None, n: int) -> tuple[pa.Table, dict[str, Any]]:
+    """Pairs found in the partitions (some twice) -> the duplicates' dedup rows and the stage's figures.
+
+    Only images in a pair are ranked and grouped; every other image is its own group. The star rule visits images by
+    the same priority as the single-task path, so the groups are the same."""
+    empty = schema.DEDUP.empty_table()
+    if found is None or found.num_rows == 0:
+        return empty, {
+            "pairs": 0,
+            "groups_with_duplicates": 0,
+            "largest_group": 1 if n else 0,
+            "largest_union_find_component": 1 if n else 0,
+            "in": n,
+            "kept": n,
+            "duplicates": 0,
+        }
+    a, b = found["a_" + KEY].to_numpy(), found["b_" + KEY].to_numpy()
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    _, first = np.unique(np.stack([lo, hi], axis=1), axis=0, return_index=True)
+    found = found.take(pa.array(np.sort(first)))
+    a, b = found["a_" + KEY].to_numpy(), found["b_" + KEY].to_numpy()
+    keys, inverse = np.unique(np.concatenate([a, b]), return_inverse=True)
+    both = pa.concat_tables(
+        [
+            found.select(["a_" + c for c in _NODE]).rename_columns(_NODE),
+            found.select(["b_" + c for c in _NODE]).rename_columns(_NODE),
+        ]
+    )
+    _, first_of = np.unique(inverse, return_index=True)
+    nodes = both.take(pa.array(first_of))  # one row per key, in key order
+    pairs = inverse.reshape(2, -1).T  # [P, 2] local node indices
+    rep = star_groups(len(keys), pairs, keep_priority(nodes))
+    sim = {(int(p.min()), int(p.max())): float(s) for p, s in zip(pairs, found["sim"].to_numpy(), strict=True)}
+    dup = np.flatnonzero(rep != np.arange(len(keys)))
+    ids = np.asarray(nodes[schema.IMAGE_ID].to_numpy(zero_copy_only=False), dtype=object)
+    distance = np.array([1.0 - sim[(min(int(i), int(rep[i])), max(int(i), int(rep[i])))] for i in dup], np.float32)
+    decisions = pa.table(
+        {
+            schema.IMAGE_ID: pa.array(ids[dup], pa.string()),
+            schema.GROUP_ID: pa.array(ids[rep[dup]], pa.string()),
+            schema.KEEP: pa.array(np.zeros(len(dup), bool)),
+            schema.DUP_OF: pa.array(ids[rep[dup]], pa.string()),
+            schema.DISTANCE: pa.array(distance),
+        },
+        schema=schema.DEDUP,
+    )
+    sizes = component_sizes(rep)
+    stats = {
+        "pairs": len(pairs),
+        "groups_with_duplicates": int((sizes > 1).sum()),
+        "largest_group": int(sizes.max()),
+        "largest_union_find_component": int(component_sizes(connected_components(len(keys), pairs)).max()),
+        "in": n,
+        "kept": n - len(dup),
+        "duplicates": len(dup),
+    }
+    return decisions, stats

@@ -1,0 +1,79 @@
+"""dedup_copy's partitioned path (k-means cells, one task per partition) decides as its single-task path."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from lvdkit.core import schema
+from lvdkit.core.io import part_files, read_json
+from lvdkit.core.settings import load_config
+from lvdkit.pipeline.config import CurateConfig
+from lvdkit.pipeline.runner import run
+
+from ..conftest import TINY_EMBED
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+UPSTREAM = ("ingest", "dedup_exact", "dedup_phash", "embed")
+
+
+@pytest.fixture(scope="module")
+def embedded(small_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("copy_paths") / "out"
+    run(_cfg(out, small_demo), UPSTREAM)
+    return out
+
+
+def _cfg(out: Path, demo: Path, *extra: str) -> CurateConfig:
+    overrides = [f"out={out}", f"ingest.inputs=[{demo / 'raw'}]", "progress=false", *TINY_EMBED, *extra]
+    return load_config(CurateConfig, None, overrides)
+
+
+def _copy_dedup(embedded: Path, demo: Path, where: Path, *extra: str) -> dict[str, tuple[bool, str | None]]:
+    shutil.copytree(embedded, where)
+    run(_cfg(where, demo, *extra), ("dedup_copy",))
+    rows = pa.concat_tables([pq.read_table(p) for p in part_files(where / "dedup_copy")]).to_pylist()
+    return {r[schema.IMAGE_ID]: (r[schema.KEEP], r[schema.DUP_OF]) for r in rows}
+
+
+def test_both_paths_give_the_same_decisions_on_the_demo(embedded: Path, small_demo: Path, tmp_path: Path) -> None:
+    single = _copy_dedup(embedded, small_demo, tmp_path / "single", "dedup_copy.path=single")
+    one_cell = _copy_dedup(embedded, small_demo, tmp_path / "one", "dedup_copy.path=partitioned")
+    cells = ["dedup_copy.path=partitioned", "dedup_copy.cell_rows=40", "dedup_copy.partition_rows=60"]
+    many = _copy_dedup(embedded, small_demo, tmp_path / "many", *cells)
+    assert any(dup is not None for _, dup in single.values())  # there is something to decide
+    assert one_cell == single
+    assert many == single
+    record = read_json(tmp_path / "many" / "dedup_copy" / "_SUCCESS")
+    assert record is not None
+    stats = record["stats"]
+    assert stats["path"] == "partitioned" and stats["cells"] > 1
+    assert stats["duplicates"] == sum(dup is not None for _, dup in single.values())
+    assert record["nodes"]  # the node(s) whose tasks ran
+    assert not (tmp_path / "many" / "dedup_copy" / "_scratch").exists()  # scratch tables removed at the end
+    for side in (schema.WHITENING_FILE, schema.THRESHOLD_FILE):
+        assert (tmp_path / "many" / "dedup_copy" / side).is_file()
+    single_record = read_json(tmp_path / "single" / "dedup_copy" / "_SUCCESS")
+    assert single_record is not None and single_record["stats"]["path"] == "single"
+
+
+def test_auto_picks_the_path_by_pool_size(embedded: Path, small_demo: Path, tmp_path: Path) -> None:
+    _copy_dedup(embedded, small_demo, tmp_path / "small", "dedup_copy.partition_min_rows=100000")
+    _copy_dedup(embedded, small_demo, tmp_path / "large", "dedup_copy.partition_min_rows=10")
+    paths = {
+        w: (read_json(tmp_path / w / "dedup_copy" / "_SUCCESS") or {})["stats"]["path"] for w in ("small", "large")
+    }
+    assert paths == {"small": "single", "large": "partitioned"}
+
+
+def test_partitioned_with_union_find_grouping_is_refused_by_name(
+    embedded: Path, small_demo: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(ValueError, match=r"dedup_copy\.grouping=star"):
+        _copy_dedup(
+            embedded, small_demo, tmp_path / "x", "dedup_copy.path=partitioned", "dedup_copy.grouping=components"
+        )
