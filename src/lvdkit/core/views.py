@@ -40,6 +40,25 @@ def alive(inputs: StageInputs, after: tuple[str, ...], columns: list[str]) -> pa
     return table.select(list(dict.fromkeys([schema.IMAGE_ID, *columns])))
 
 
+def alive_in_part(inputs: StageInputs, index: int, after: tuple[str, ...], columns: list[str]) -> pa.Table:
+    """:func:`alive` for the rows of ingest part ``index`` only (what a per-part task of a partitioned stage reads).
+
+    A dedup stage that ran partitioned wrote its part ``index`` for ingest part ``index`` (read alone); one that ran
+    as a single task (a small pool) is read whole, for its removed images only."""
+    wanted = list(dict.fromkeys([schema.IMAGE_ID, schema.STATUS_COL, *columns]))
+    table = pq.read_table(inputs.parts(INGEST)[index], columns=wanted)
+    table = table.filter(pc.equal(table[schema.STATUS_COL], schema.STATUS_OK))
+    for stage in after:
+        aligned_part = inputs.record(stage).get("stats", {}).get("path") == "partitioned"
+        parts = [inputs.parts(stage)[index]] if aligned_part else inputs.parts(stage)
+        if not parts:
+            continue
+        dedup = pa.concat_tables([pq.read_table(p, columns=[schema.IMAGE_ID, schema.KEEP]) for p in parts])
+        removed = dedup.filter(pc.invert(dedup[schema.KEEP]))[schema.IMAGE_ID]
+        table = table.filter(pc.invert(pc.is_in(table[schema.IMAGE_ID], value_set=removed)))
+    return table.select(list(dict.fromkeys([schema.IMAGE_ID, *columns])))
+
+
 def final_status(inputs: StageInputs, dedup_stages: tuple[str, ...]) -> pa.Table:
     """One row per ingested file: kept, duplicate (naming the finally kept image) or quarantined (with reason).
 

@@ -34,11 +34,10 @@ from lvdkit.core.partitions import assign_cells, fit_cells, merge_top, pairs_wit
 from lvdkit.core.stage import PartitionedWork, Resources, StageInputs, StageOutput
 from lvdkit.core.views import EMBED
 from lvdkit.core.whitening import Whitener, fit_whitener
-from lvdkit.curation.components import component_sizes, connected_components, keep_priority, star_groups
+from lvdkit.curation.components import NODE_COLUMNS, dedup_rows, found_pairs, group_found
 from lvdkit.curation.dedup_copy import Calibration, DedupCopyConfig, calibrate, whitening_mode
 
 CELL, KEY, X = "cell", "key", "x"  # scratch columns: a row's cell, its global key, its whitened descriptor
-_NODE = [schema.IMAGE_ID, schema.WIDTH, schema.HEIGHT, schema.CONTENT_HASH]
 
 
 @dataclass
@@ -192,17 +191,13 @@ class CopyPartitions(PartitionedWork):
         assert figures.threshold is not None
         pairs, sims = pairs_within(_matrix(rows[X]), self.cfg.k, figures.threshold)
         a, b = rows.take(pa.array(pairs[:, 0])), rows.take(pa.array(pairs[:, 1]))
-        cols: dict[str, Any] = {"sim": pa.array(sims, pa.float32())}
-        for side, t in (("a_", a), ("b_", b)):
-            for name in (KEY, *_NODE):
-                cols[side + name] = t[name]
-        return pa.table(cols)
+        return found_pairs(a, b, a[KEY], b[KEY], 1.0 - sims)
 
     # --- 5. reduce -------------------------------------------------------------------------------------------------
 
     def reduce(self, state: CopyState, figures: CopyFigures, solved: list[Path]) -> StageOutput:
         found = pa.concat_tables([pq.read_table(p) for p in solved]) if solved else None
-        decisions, stats = _group(found, state.rows)
+        decisions, stats = group_found(found, state.rows)
         stats.update(
             threshold=figures.threshold,
             whitening=state.whitening,
@@ -223,26 +218,7 @@ class CopyPartitions(PartitionedWork):
 
     def write(self, state: CopyState, decisions: pa.Table, index: int) -> pa.Table:
         ids = pq.read_table(self.inputs.parts(EMBED)[index], columns=[schema.IMAGE_ID])[schema.IMAGE_ID]
-        at = pc.index_in(ids, value_set=decisions[schema.IMAGE_ID])
-        hit = pc.is_valid(at).to_numpy(zero_copy_only=False)
-        mine = decisions.take(pc.drop_null(at))
-        group = np.asarray(ids.to_numpy(zero_copy_only=False), dtype=object)
-        dup_of = np.full(len(group), None, dtype=object)
-        distance = np.zeros(len(group), np.float32)
-        dup_of[hit] = mine[schema.DUP_OF].to_numpy(zero_copy_only=False)
-        distance[hit] = mine[schema.DISTANCE].to_numpy(zero_copy_only=False)
-        group[hit] = mine[schema.GROUP_ID].to_numpy(zero_copy_only=False)
-        keep = np.array([d is None for d in dup_of], dtype=bool)
-        return pa.table(
-            {
-                schema.IMAGE_ID: ids,
-                schema.GROUP_ID: pa.array(group, pa.string()),
-                schema.KEEP: pa.array(keep),
-                schema.DUP_OF: pa.array(dup_of, pa.string()),
-                schema.DISTANCE: pa.array(distance),
-            },
-            schema=schema.DEDUP,
-        )
+        return dedup_rows(ids, decisions)
 
 
 def _spread(part_rows: list[int], wanted: int) -> list[int]:
@@ -276,67 +252,8 @@ def _list_array(x: np.ndarray) -> pa.FixedSizeListArray:
 def _nodes(inputs: StageInputs, index: int, ids: pa.ChunkedArray) -> pa.Table:
     """What ranks the images of embed part ``index`` for keeping (size, content hash, id), in the order of ``ids``:
     from the embed work list, whose row group ``index`` holds that part's images."""
-    listing = pq.ParquetFile(inputs.folder(EMBED) / schema.LISTING).read_row_group(index, columns=_NODE)
+    listing = pq.ParquetFile(inputs.folder(EMBED) / schema.LISTING).read_row_group(index, columns=NODE_COLUMNS)
     at = pc.index_in(ids, value_set=listing[schema.IMAGE_ID])
     if pc.any(pc.is_null(at)).as_py():
         raise RuntimeError(f"{inputs.folder(EMBED)}: part {index} holds images its work list lacks: rerun embed")
     return listing.take(at)
-
-
-def _group(found: pa.Table | None, n: int) -> tuple[pa.Table, dict[str, Any]]:
-    """Pairs found in the partitions (some twice) -> the duplicates' dedup rows and the stage's figures.
-
-    Only images in a pair are ranked and grouped; every other image is its own group. The star rule visits images by
-    the same priority as the single-task path, so the groups are the same."""
-    empty = schema.DEDUP.empty_table()
-    if found is None or found.num_rows == 0:
-        return empty, {
-            "pairs": 0,
-            "groups_with_duplicates": 0,
-            "largest_group": 1 if n else 0,
-            "largest_union_find_component": 1 if n else 0,
-            "in": n,
-            "kept": n,
-            "duplicates": 0,
-        }
-    a, b = found["a_" + KEY].to_numpy(), found["b_" + KEY].to_numpy()
-    lo, hi = np.minimum(a, b), np.maximum(a, b)
-    _, first = np.unique(np.stack([lo, hi], axis=1), axis=0, return_index=True)
-    found = found.take(pa.array(np.sort(first)))
-    a, b = found["a_" + KEY].to_numpy(), found["b_" + KEY].to_numpy()
-    keys, inverse = np.unique(np.concatenate([a, b]), return_inverse=True)
-    both = pa.concat_tables(
-        [
-            found.select(["a_" + c for c in _NODE]).rename_columns(_NODE),
-            found.select(["b_" + c for c in _NODE]).rename_columns(_NODE),
-        ]
-    )
-    _, first_of = np.unique(inverse, return_index=True)
-    nodes = both.take(pa.array(first_of))  # one row per key, in key order
-    pairs = inverse.reshape(2, -1).T  # [P, 2] local node indices
-    rep = star_groups(len(keys), pairs, keep_priority(nodes))
-    sim = {(int(p.min()), int(p.max())): float(s) for p, s in zip(pairs, found["sim"].to_numpy(), strict=True)}
-    dup = np.flatnonzero(rep != np.arange(len(keys)))
-    ids = np.asarray(nodes[schema.IMAGE_ID].to_numpy(zero_copy_only=False), dtype=object)
-    distance = np.array([1.0 - sim[(min(int(i), int(rep[i])), max(int(i), int(rep[i])))] for i in dup], np.float32)
-    decisions = pa.table(
-        {
-            schema.IMAGE_ID: pa.array(ids[dup], pa.string()),
-            schema.GROUP_ID: pa.array(ids[rep[dup]], pa.string()),
-            schema.KEEP: pa.array(np.zeros(len(dup), bool)),
-            schema.DUP_OF: pa.array(ids[rep[dup]], pa.string()),
-            schema.DISTANCE: pa.array(distance),
-        },
-        schema=schema.DEDUP,
-    )
-    sizes = component_sizes(rep)
-    stats = {
-        "pairs": len(pairs),
-        "groups_with_duplicates": int((sizes > 1).sum()),
-        "largest_group": int(sizes.max()),
-        "largest_union_find_component": int(component_sizes(connected_components(len(keys), pairs)).max()),
-        "in": n,
-        "kept": n - len(dup),
-        "duplicates": len(dup),
-    }
-    return decisions, stats

@@ -7,12 +7,14 @@ on listing order or on which worker saw the file first.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from lvdkit.core import schema
+from lvdkit.core.settings import setting
 from lvdkit.core.stage import StageInputs, StageOutput
 from lvdkit.core.views import alive, dedups_before
 from lvdkit.curation.components import dedup_stats, representatives
@@ -20,9 +22,14 @@ from lvdkit.curation.components import dedup_stats, representatives
 
 @dataclass
 class DedupExactConfig:
-    """Exact dedup has one switch: it costs a sort of the content hashes and nothing else."""
+    """Exact dedup costs a sort of the content hashes; on a large pool, one sort per hash partition."""
 
     enabled: bool = True
+    # where it runs: one task ("single") or partitioned by content hash over the cluster ("partitioned");
+    # "auto": partitioned from partition_min_rows ingested files on
+    path: Literal["auto", "single", "partitioned"] = "auto"
+    partition_min_rows: int = setting(1_000_000, ge=0)
+    partition_rows: int = setting(1_000_000, ge=1)  # rows per partition task (about 250 bytes each)
 
 
 def dedup_exact(images: pa.Table, cfg: DedupExactConfig) -> pa.Table:

@@ -35,6 +35,11 @@ class DedupPhashConfig:
     max_distance: int = setting(0, ge=0, le=64)
     grouping: Literal["star", "components"] = "star"  # star: linked to the kept image; components: union-find
     query_chunk: int = setting(65536, ge=1)  # queries per Faiss range search (bounds memory)
+    # where it runs: one task ("single") or partitioned over the cluster by hash bands ("partitioned", up to
+    # max_distance 3); "auto": partitioned from partition_min_rows images on
+    path: Literal["auto", "single", "partitioned"] = "auto"
+    partition_min_rows: int = setting(1_000_000, ge=0)
+    partition_rows: int = setting(2_000_000, ge=1)  # hash rows per partition task (about 100 bytes each)
 
 
 def hamming_pairs(hashes: np.ndarray, max_distance: int, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:

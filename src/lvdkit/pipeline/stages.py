@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import ray
 
@@ -20,8 +21,9 @@ from lvdkit.curation.copy_partitioned import CopyPartitions
 from lvdkit.curation.curated import CuratedWork, curated_stats, plan_curated
 from lvdkit.curation.dedup_copy import run_dedup_copy
 from lvdkit.curation.dedup_exact import run_dedup_exact
-from lvdkit.curation.dedup_phash import run_dedup_phash
+from lvdkit.curation.dedup_phash import MULTIHASH_MAX_DISTANCE, run_dedup_phash
 from lvdkit.curation.dedup_relative import run_dedup_relative
+from lvdkit.curation.hash_partitioned import ExactPartitions, PhashPartitions
 from lvdkit.curation.ingest import IngestWork, ingest_stats, plan_ingest
 from lvdkit.curation.retrieve import run_retrieve
 from lvdkit.curation.side_sets import SideSetReader
@@ -64,17 +66,21 @@ STAGES: dict[str, Stage] = {
             work=lambda c, listing: IngestWork(listing, c.ingest),
             stats=ingest_stats,
         ),
-        WholeStage(
+        PartitionedStage(
             name="dedup_exact",
             reads=("ingest",),
             section=lambda c: c.dedup_exact,
             run=lambda c, inputs: run_dedup_exact(c.dedup_exact, inputs),
+            work=lambda c, inputs: ExactPartitions.create(c.dedup_exact, inputs),
+            partitioned=lambda c, inputs: _by_size("dedup_exact", c.dedup_exact, inputs, "ingest"),
         ),
-        WholeStage(
+        PartitionedStage(
             name="dedup_phash",
             reads=("ingest", "dedup_exact"),
             section=lambda c: c.dedup_phash,
             run=lambda c, inputs: run_dedup_phash(c.dedup_phash, inputs),
+            work=lambda c, inputs: PhashPartitions.create(c.dedup_phash, inputs),
+            partitioned=lambda c, inputs: _phash_partitioned(c, inputs),
         ),
         PartStage(
             name="embed",
@@ -131,15 +137,32 @@ STAGES: dict[str, Stage] = {
 assert tuple(STAGES) == CURATE_ORDER, "lvdkit.pipeline.names.CURATE_ORDER must list STAGES in order"
 
 
+def _by_size(stage: str, cfg: Any, inputs: StageInputs, counted: str) -> bool:
+    """A stage's path for this run: as configured (``path``), or by the rows of ``counted`` (``path: auto``)."""
+    if cfg.path != "auto":
+        return bool(cfg.path == "partitioned")
+    return int(inputs.record(counted).get("rows") or 0) >= cfg.partition_min_rows
+
+
+def _phash_partitioned(c: CurateConfig, inputs: StageInputs) -> bool:
+    """Hash bands find every pair up to 3 bits apart in buckets of useful size; beyond, the single task's brute
+    force is the right tool."""
+    cfg = c.dedup_phash
+    if cfg.path == "partitioned" and cfg.max_distance > MULTIHASH_MAX_DISTANCE:
+        raise ValueError(
+            f"dedup_phash.path=partitioned works up to dedup_phash.max_distance={MULTIHASH_MAX_DISTANCE} "
+            f"(it is {cfg.max_distance}): lower it or set dedup_phash.path=single"
+        )
+    return cfg.max_distance <= MULTIHASH_MAX_DISTANCE and _by_size("dedup_phash", cfg, inputs, "ingest")
+
+
 def _copy_partitioned(c: CurateConfig, inputs: StageInputs) -> bool:
     """dedup_copy's path for this run: as configured, or by pool size (``path: auto``). Grouping by union-find
     components needs every descriptor at hand to measure distances, so it keeps the single task."""
     cfg = c.dedup_copy
     if cfg.path == "partitioned" and cfg.grouping != "star":
         raise ValueError("dedup_copy.path=partitioned groups with the star rule only: set dedup_copy.grouping=star")
-    if cfg.path != "auto":
-        return cfg.path == "partitioned"
-    return cfg.grouping == "star" and int(inputs.record("embed").get("rows") or 0) >= cfg.partition_min_rows
+    return (cfg.path != "auto" or cfg.grouping == "star") and _by_size("dedup_copy", cfg, inputs, "embed")
 
 
 def _selects_nothing(c: CurateConfig) -> bool:

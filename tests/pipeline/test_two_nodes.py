@@ -1,0 +1,144 @@
+"""A real two-node Ray cluster on this machine (``ray.cluster_utils.Cluster``: two raylets on loopback).
+
+``lvdkit curate`` joins it with ``--address``, every partitioned stage runs tasks on both nodes (its ``_SUCCESS``
+lists them), and the decisions equal a single-node run's. Then the second node is killed in the middle of
+``dedup_copy``'s partitions: its tasks rerun on the head and the output is the same.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from lvdkit.core import schema
+from lvdkit.core.io import part_files, read_json
+
+from ..conftest import TINY_EMBED, run_cli
+
+PARTITIONED = ("ingest", "embed", "dedup_copy", "curated")  # stages whose work is split over the cluster
+LATER = ("dedup_copy", "dedup_relative", "cluster", "retrieve", "curated")
+
+
+def _args(out: Path, demo: Path) -> list[str]:
+    return [
+        f"out={out}",
+        f"ingest.inputs=[{demo / 'raw'}]",
+        "progress=false",
+        *TINY_EMBED,
+        "ingest.files_per_part=20",
+        "embed.num_actors=2",
+        "embed.images_per_part=16",
+        "dedup_copy.path=partitioned",
+        "dedup_copy.cell_rows=10",
+        "dedup_copy.partition_rows=14",
+        "curated.rows_per_part=20",
+    ]
+
+
+def _cluster() -> tuple[object, object]:
+    from ray.cluster_utils import Cluster
+
+    store = 150 * 2**20
+    cluster = Cluster(
+        initialize_head=True,
+        connect=False,
+        head_node_args={"num_cpus": 2, "object_store_memory": store, "include_dashboard": False},
+    )
+    worker = cluster.add_node(num_cpus=2, object_store_memory=store)
+    cluster.wait_for_nodes()
+    return cluster, worker
+
+
+@pytest.fixture(scope="module")
+def runs(small_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+    """The same curation on the two-node cluster and on a single-node local Ray."""
+    base = tmp_path_factory.mktemp("two_nodes")
+    cluster, _ = _cluster()
+    try:
+        on_two = run_cli("curate", "--address", cluster.address, *_args(base / "two", small_demo))  # type: ignore[attr-defined]
+    finally:
+        cluster.shutdown()  # type: ignore[attr-defined]
+    assert on_two.returncode == 0, on_two.stderr[-3000:]
+    on_one = run_cli("curate", "ray.num_cpus=2", *_args(base / "one", small_demo))
+    assert on_one.returncode == 0, on_one.stderr[-3000:]
+    yield {"two": base / "two", "one": base / "one"}
+
+
+def _dedup(out: Path, stage: str) -> dict[str, tuple[bool, str | None]]:
+    rows = pa.concat_tables([pq.read_table(p) for p in part_files(out / stage)]).to_pylist()
+    return {r[schema.IMAGE_ID]: (r[schema.KEEP], r[schema.DUP_OF]) for r in rows}
+
+
+def _status(out: Path) -> dict[str, tuple[str, str | None, str | None]]:
+    rows = pq.read_table(out / "status.parquet").to_pylist()
+    return {r[schema.IMAGE_ID]: (r[schema.STATUS_COL], r[schema.REASON], r[schema.DUP_OF]) for r in rows}
+
+
+def _curated(out: Path) -> list[str]:
+    return sorted(pq.read_table(out / "curated", columns=[schema.IMAGE_ID])[schema.IMAGE_ID].to_pylist())
+
+
+def test_curate_on_two_nodes_uses_both_and_decides_as_one_node(runs: dict[str, Path]) -> None:
+    two, one = runs["two"], runs["one"]
+    nodes = {stage: (read_json(two / stage / "_SUCCESS") or {}).get("nodes", []) for stage in PARTITIONED}
+    assert all(len(n) == 2 for n in nodes.values()), nodes
+    assert len({node for n in nodes.values() for node in n}) == 2
+    assert (read_json(two / "dedup_copy" / "_SUCCESS") or {})["stats"]["cells"] > 1
+    for stage in ("dedup_exact", "dedup_phash", "dedup_copy", "dedup_relative"):
+        assert _dedup(two, stage) == _dedup(one, stage), stage
+    assert _status(two) == _status(one)
+    assert _curated(two) == _curated(one)
+    assert any(status == schema.FINAL_DUPLICATE for status, _, _ in _status(two).values())
+
+
+def test_losing_a_node_in_the_middle_of_dedup_copy_changes_nothing(
+    runs: dict[str, Path], small_demo: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(runs["two"], out)
+    for stage in LATER:
+        shutil.rmtree(out / stage)
+    cluster, worker = _cluster()
+    try:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "lvdkit.cli",
+                "run",
+                "dedup_copy",
+                "--address",
+                cluster.address,
+                *_args(out, small_demo),
+            ],  # type: ignore[attr-defined]
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "LVDKIT_TEST_STAGE_DELAY": "dedup_copy:2"},
+        )
+        solved = out / "dedup_copy" / "_scratch" / "solve"
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and not part_files(solved):
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert part_files(solved), "no partition was solved in time"
+        cluster.remove_node(worker)  # type: ignore[attr-defined]  # SIGKILLs its raylet and workers
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        cluster.shutdown()  # type: ignore[attr-defined]
+    assert proc.returncode == 0, stderr[-3000:]
+    assert _dedup(out, "dedup_copy") == _dedup(runs["one"], "dedup_copy")
+    record = read_json(out / "dedup_copy" / "_SUCCESS") or {}
+    assert (
+        record["stats"]["duplicates"]
+        == (read_json(runs["one"] / "dedup_copy" / "_SUCCESS") or {})["stats"]["duplicates"]
+    )
