@@ -158,3 +158,17 @@ def test_seeds_and_errors() -> None:
         balanced_sample(tree, -1)
     with pytest.raises(ValueError, match="expected \\(300,\\)"):
         balanced_sample(tree, 10, strategy="closest", distance=custom[:10])
+
+
+def test_shares_from_counts_alone_pick_what_the_balanced_sample_picks() -> None:
+    """The partitioned path knows per-cluster counts, not the points: its shares must match the points' sample."""
+    from lvdkit.cluster.sampling import pick_by_share, shares
+
+    x, _ = skewed(n=3000, d=16, n_small=20, giant_share=0.5, seed=3)
+    result = hierarchical_kmeans(x, HierarchicalConfig(levels=[60, 8, 2], seed=0))
+    keys = np.random.default_rng(5).random(len(x))
+    for target in (0, 7, 300, 1500, 3000):
+        picked = balanced_sample(result, target, keys=keys)
+        share = shares(result.sizes(0), result.parents, [len(c) for c in result.centroids], target)
+        np.testing.assert_array_equal(share, np.bincount(result.assign[0][picked], minlength=60))
+        np.testing.assert_array_equal(pick_by_share(result.assign[0], keys, share), picked)

@@ -28,13 +28,14 @@ PAPER_RESAMPLING_STEPS = (1, 10, 10, 10)  # the paper's web-scale config, levels
 PAPER_SAMPLE_SIZES = (1, 10, 5, 3)
 
 
-def default_levels(n: int) -> list[int]:
+def default_levels(n: int, max_leaf: int | None = MAX_LEAF_CLUSTERS) -> list[int]:
     """Clusters per level for ``n`` points, bottom-up: level 1 ``clip(n // 50, 1, 100_000)``, then each level
     ``// 10`` while that stays >= 2, at most 4 levels. E.g. 100k points -> [2000, 200, 20, 2]; 1M -> [20000, 2000,
-    200, 20]; 500 -> [10]."""
+    200, 20]; 500 -> [10]. ``max_leaf=None`` lifts the cap (the partitioned path fits level 1 per partition, so
+    its cost grows with the partition, not with k)."""
     if n < 1:
         raise ValueError(f"hierarchical k-means of {n} points: need at least 1")
-    levels = [int(min(max(1, n // POINTS_PER_LEAF), MAX_LEAF_CLUSTERS, n))]
+    levels = [int(min(max(1, n // POINTS_PER_LEAF), max_leaf or n, n))]
     while len(levels) < MAX_LEVELS and levels[-1] // LEVEL_RATIO >= 2:
         levels.append(levels[-1] // LEVEL_RATIO)
     return levels
@@ -59,9 +60,9 @@ class HierarchicalConfig:
     spherical: bool = True
     sample: int | None = setting(None, ge=1)
 
-    def resolve(self, n: int) -> tuple[list[int], list[int], list[int]]:
+    def resolve(self, n: int, max_leaf: int | None = MAX_LEAF_CLUSTERS) -> tuple[list[int], list[int], list[int]]:
         """(levels, n_resampling_steps, sample_sizes) for ``n`` points, checked."""
-        levels = list(self.levels) if self.levels is not None else default_levels(n)
+        levels = list(self.levels) if self.levels is not None else default_levels(n, max_leaf)
         n_levels = len(levels)
         if not levels:
             raise ValueError("HierarchicalConfig.levels is empty; give at least one level")
@@ -128,7 +129,7 @@ def hierarchical_kmeans(x: np.ndarray, cfg: HierarchicalConfig | None = None) ->
     for level, (k, n_steps, size) in enumerate(zip(levels, steps, sizes, strict=True)):
         seed = cfg.seed + 1000 * level  # distinct seeds per level: reproducible, not correlated across levels
         sample = cfg.sample if level == 0 else None
-        c, a, d = _fit_level(
+        c, a, d = fit_level(
             inputs, k, n_steps, size, n_iter=cfg.n_iter, spherical=cfg.spherical, seed=seed, sample=sample
         )
         centroids.append(c)
@@ -137,6 +138,39 @@ def hierarchical_kmeans(x: np.ndarray, cfg: HierarchicalConfig | None = None) ->
             distance = d
         inputs = c
 
+    return _tree(centroids, member_assign, distance, levels, cfg.spherical)
+
+
+def fit_upper_levels(
+    centroids: np.ndarray, cfg: HierarchicalConfig, levels: list[int], steps: list[int], sizes: list[int]
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Levels 2.. of the tree on the level-1 ``centroids`` (as :func:`hierarchical_kmeans` fits them): each
+    level's centroids and each lower-level cluster's parent."""
+    out, parents, inputs = [], [], centroids
+    for level in range(1, len(levels)):
+        c, a, _ = fit_level(
+            inputs,
+            levels[level],
+            steps[level],
+            sizes[level],
+            n_iter=cfg.n_iter,
+            spherical=cfg.spherical,
+            seed=cfg.seed + 1000 * level,
+            sample=None,
+        )
+        out.append(c)
+        parents.append(a)
+        inputs = c
+    return out, parents
+
+
+def _tree(
+    centroids: list[np.ndarray],
+    member_assign: list[np.ndarray],
+    distance: np.ndarray,
+    levels: list[int],
+    spherical: bool,
+) -> HierarchicalResult:
     assign = [member_assign[0]]
     for level in range(1, len(levels)):
         assign.append(member_assign[level][assign[-1]])  # a point's cluster is its level-(l-1) cluster's cluster
@@ -145,12 +179,12 @@ def hierarchical_kmeans(x: np.ndarray, cfg: HierarchicalConfig | None = None) ->
         assign=assign,
         parents=member_assign[1:],
         distance=distance,
-        spherical=cfg.spherical,
+        spherical=spherical,
         levels=levels,
     )
 
 
-def _fit_level(
+def fit_level(
     x: np.ndarray, k: int, n_steps: int, size: int, *, n_iter: int, spherical: bool, seed: int, sample: int | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """k-means of ``x`` [M, D] into ``k``, then ``n_steps`` resampling steps. Returns centroids, assign, distance."""

@@ -52,11 +52,13 @@ def balanced_sample(
     strategy: Strategy = "random",
     seed: int = 0,
     distance: np.ndarray | None = None,
+    keys: np.ndarray | None = None,
 ) -> np.ndarray:
     """Exactly ``min(target, N)`` distinct point indices (sorted, int64) balanced over the tree of ``result``.
 
-    strategy: 'random' (seeded) or 'closest' (smallest ``distance`` to the level-1 centroid first; ``distance``
-    [N] defaults to ``result.distance``) picks the members inside each level-1 cluster.
+    strategy: 'random' (seeded, or the smallest of the given random ``keys`` [N] first) or 'closest' (smallest
+    ``distance`` to the level-1 centroid first; ``distance`` [N] defaults to ``result.distance``) picks the members
+    inside each level-1 cluster.
     """
     if strategy not in ("random", "closest"):
         raise ValueError(f"balanced_sample strategy {strategy!r}; valid: 'random', 'closest'")
@@ -73,7 +75,7 @@ def balanced_sample(
         share = _group_allocate(result.sizes(level), result.parents[level], share)
 
     if strategy == "random":
-        key = np.random.default_rng(seed).random(n)
+        key = np.random.default_rng(seed).random(n) if keys is None else np.asarray(keys, dtype=np.float64)
     else:
         key = np.asarray(result.distance if distance is None else distance, dtype=np.float64)
         if key.shape != (n,):
@@ -86,6 +88,29 @@ def balanced_sample(
     picked = np.sort(order[rank < share[sorted_assign]])
     assert len(picked) == target, (len(picked), target)  # shares sum to the target and never exceed a cluster
     return picked.astype(np.int64)
+
+
+def shares(sizes: np.ndarray, parents: list[np.ndarray], n_clusters: list[int], target: int) -> np.ndarray:
+    """Top-down balanced shares of ``target`` over level-1 clusters of ``sizes`` [k_1] (members each), whose
+    level-(l+1) cluster is ``parents[l]`` [k_l] (``n_clusters``: k per level): what :func:`balanced_sample` takes
+    from each level-1 cluster. Needs only per-cluster counts, so a partitioned run computes it without the points."""
+    per_level = [np.asarray(sizes, dtype=np.int64)]
+    for parent, k in zip(parents, n_clusters[1:], strict=True):
+        per_level.append(np.bincount(parent, weights=per_level[-1], minlength=k).astype(np.int64))
+    share = allocate(per_level[-1], min(int(target), int(per_level[0].sum())))
+    for level in range(len(parents) - 1, -1, -1):
+        share = _group_allocate(per_level[level], parents[level], share)
+    return share
+
+
+def pick_by_share(cluster: np.ndarray, key: np.ndarray, share: np.ndarray) -> np.ndarray:
+    """Indices (sorted) of the ``share[c]`` members of each cluster ``c`` with the smallest ``key``.
+    cluster, key: [M] (the members at hand: a whole partition's clusters); share: indexed by cluster."""
+    order = np.lexsort((key, cluster))
+    sorted_cluster = cluster[order]
+    first = np.searchsorted(sorted_cluster, sorted_cluster)  # start of each member's cluster in ``order``
+    rank = np.arange(len(order)) - first
+    return np.sort(order[rank < share[sorted_cluster]])
 
 
 def _group_caps(sizes: np.ndarray, group: np.ndarray, targets: np.ndarray) -> np.ndarray:

@@ -6,6 +6,7 @@ centroids feed cluster-based retrieval and the curated set.
 
 from __future__ import annotations
 
+import hashlib
 import io
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -30,12 +31,32 @@ class ClusterConfig:
     # balanced sample of this many images goes to the curated set; null: none
     target_size: int | None = setting(None, ge=0)
     strategy: Literal["random", "closest"] = "random"  # leaf picks of the balanced sample
+    # where it runs: one task ("single") or partitioned over the cluster ("partitioned": level 1 fitted per
+    # partition of coarse cells, so level-1 counts in the millions work); "auto": partitioned from
+    # partition_min_rows images on
+    path: Literal["auto", "single", "partitioned"] = "auto"
+    partition_min_rows: int = setting(1_000_000, ge=0)
+    partition_rows: int = setting(500_000, ge=2)  # images per partition task (level 1 is fitted on them)
+    fit_sample: int = setting(200_000, ge=1)  # images the coarse cells are fitted on
+    task_cpus: float = setting(1.0, gt=0)
+    task_memory_mb: int | None = setting(None, ge=64)  # null: from partition_rows and the embedding size
+
+
+def pick_keys(content_hashes: pa.Array | pa.ChunkedArray, seed: int) -> np.ndarray:
+    """The random order of balanced sampling's picks: a hash of each image's content, the same on every path,
+    partition and machine. [N] float64 in [0, 1)."""
+    out = np.empty(len(content_hashes), np.float64)
+    for i, h in enumerate(content_hashes.to_pylist()):
+        digest = hashlib.blake2b(f"pick:{seed}:{h}".encode(), digest_size=8).digest()
+        out[i] = int.from_bytes(digest, "little") / 2**64
+    return out
 
 
 def cluster_images(
-    ids: pa.Array | pa.ChunkedArray, x: np.ndarray, cfg: ClusterConfig
+    ids: pa.Array | pa.ChunkedArray, x: np.ndarray, cfg: ClusterConfig, keys: np.ndarray | None = None
 ) -> tuple[pa.Table, list[np.ndarray], dict[str, Any]]:
-    """Cluster unit rows x [N, D]; returns the per-image table (schema.CLUSTER), centroids per level, and stats."""
+    """Cluster unit rows x [N, D]; returns the per-image table (schema.CLUSTER), centroids per level, and stats.
+    ``keys`` [N]: the random order of balanced picks (default: seeded random numbers)."""
     n = len(ids)
     if n == 0:  # nothing survived dedup: no clusters, no centroids
         return schema.CLUSTER.empty_table(), [], {"levels": [], "level1_sizes": None, "balanced": 0}
@@ -43,7 +64,8 @@ def cluster_images(
     levels = np.stack(result.assign, axis=1).astype(np.int32)  # [N, L]
     balanced = np.zeros(n, dtype=bool)
     if cfg.target_size is not None:
-        balanced[balanced_sample(result, cfg.target_size, strategy=cfg.strategy, seed=cfg.hierarchy.seed)] = True
+        picks = balanced_sample(result, cfg.target_size, strategy=cfg.strategy, seed=cfg.hierarchy.seed, keys=keys)
+        balanced[picks] = True
     table = pa.table(
         {
             schema.IMAGE_ID: ids,
@@ -66,9 +88,12 @@ def cluster_images(
 
 def run_cluster(cfg: ClusterConfig, inputs: StageInputs) -> StageOutput:
     """The stage: the deduplicated pool's embeddings -> per-image clusters, plus each level's centroids."""
-    images = alive(inputs, DEDUP_STAGES, [])
+    images = alive(inputs, DEDUP_STAGES, [schema.CONTENT_HASH])
+    # in content order, with content-keyed picks: the same clusters wherever the files lie, and on both paths
+    images = images.sort_by([(schema.CONTENT_HASH, "ascending"), (schema.IMAGE_ID, "ascending")])
     x = embeddings_of(inputs, cfg.embedding, images[schema.IMAGE_ID])
-    table, centroids, stats = cluster_images(images[schema.IMAGE_ID], x, cfg)
+    keys = pick_keys(images[schema.CONTENT_HASH], cfg.hierarchy.seed)
+    table, centroids, stats = cluster_images(images[schema.IMAGE_ID], x, cfg, keys)
     sides: dict[str, bytes] = {}
     for level, c in enumerate(centroids, start=1):
         buf = io.BytesIO()

@@ -138,11 +138,13 @@ class PartitionedWork:
        rows of the scatter tables (``scratch``: their paths);
     5. ``reduce(state, plan, solved)``, one task: the decisions (a table that grows with what was found, not with the
        pool), stats and declared side files;
-    6. ``write(state, decisions, i)``, one task per input part: output part ``i``.
+    6. ``write(state, decisions, i, solved)``, one task per input part (or, with ``write_per_partition``, per
+       partition, reading its solved table ``solved[i]``): output part ``i``.
     """
 
     n_inputs: int = 0
     resources: Resources = Resources(cpus=1.0, memory_mb=1024)
+    write_per_partition: bool = False  # output part j holds partition j's rows (their work stays together)
 
     def prepare(self) -> Any:
         raise NotImplementedError
@@ -164,5 +166,5 @@ class PartitionedWork:
     def reduce(self, state: Any, figures: Any, solved: list[Path]) -> StageOutput:
         raise NotImplementedError
 
-    def write(self, state: Any, decisions: pa.Table, index: int) -> pa.Table:
+    def write(self, state: Any, decisions: pa.Table, index: int, solved: list[Path]) -> pa.Table:
         raise NotImplementedError

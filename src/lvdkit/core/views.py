@@ -41,22 +41,33 @@ def alive(inputs: StageInputs, after: tuple[str, ...], columns: list[str]) -> pa
 
 
 def alive_in_part(inputs: StageInputs, index: int, after: tuple[str, ...], columns: list[str]) -> pa.Table:
-    """:func:`alive` for the rows of ingest part ``index`` only (what a per-part task of a partitioned stage reads).
-
-    A dedup stage that ran partitioned wrote its part ``index`` for ingest part ``index`` (read alone); one that ran
-    as a single task (a small pool) is read whole, for its removed images only."""
+    """:func:`alive` for the rows of ingest part ``index`` only (what a per-part task of a partitioned stage reads)."""
     wanted = list(dict.fromkeys([schema.IMAGE_ID, schema.STATUS_COL, *columns]))
     table = pq.read_table(inputs.parts(INGEST)[index], columns=wanted)
     table = table.filter(pc.equal(table[schema.STATUS_COL], schema.STATUS_OK))
+    return _drop_removed(inputs, table, index, after).select(list(dict.fromkeys([schema.IMAGE_ID, *columns])))
+
+
+def alive_embedded(inputs: StageInputs, index: int, after: tuple[str, ...], columns: list[str]) -> pa.Table:
+    """The rows of embed part ``index`` (``image_id`` and ``columns``) that no dedup stage in ``after`` removed."""
+    table = pq.read_table(inputs.parts(EMBED)[index], columns=list(dict.fromkeys([schema.IMAGE_ID, *columns])))
+    return _drop_removed(inputs, table, index, after)
+
+
+def _drop_removed(inputs: StageInputs, table: pa.Table, index: int, after: tuple[str, ...]) -> pa.Table:
+    """``table`` without the images the stages in ``after`` removed. A stage that ran partitioned wrote its part
+    ``index`` for the same part of its own input as ``table``'s (ingest for exact and PHash dedup, embed after),
+    and is read alone; one that ran as a single task (a small pool) is read whole, for its removed images only."""
     for stage in after:
         aligned_part = inputs.record(stage).get("stats", {}).get("path") == "partitioned"
-        parts = [inputs.parts(stage)[index]] if aligned_part else inputs.parts(stage)
+        parts = inputs.parts(stage)
+        parts = [parts[index]] if aligned_part else parts
         if not parts:
             continue
         dedup = pa.concat_tables([pq.read_table(p, columns=[schema.IMAGE_ID, schema.KEEP]) for p in parts])
         removed = dedup.filter(pc.invert(dedup[schema.KEEP]))[schema.IMAGE_ID]
         table = table.filter(pc.invert(pc.is_in(table[schema.IMAGE_ID], value_set=removed)))
-    return table.select(list(dict.fromkeys([schema.IMAGE_ID, *columns])))
+    return table
 
 
 def final_status(inputs: StageInputs, dedup_stages: tuple[str, ...]) -> pa.Table:

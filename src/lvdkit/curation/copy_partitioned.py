@@ -216,7 +216,7 @@ class CopyPartitions(PartitionedWork):
 
     # --- 6. write --------------------------------------------------------------------------------------------------
 
-    def write(self, state: CopyState, decisions: pa.Table, index: int) -> pa.Table:
+    def write(self, state: CopyState, decisions: pa.Table, index: int, solved: list[Path]) -> pa.Table:
         ids = pq.read_table(self.inputs.parts(EMBED)[index], columns=[schema.IMAGE_ID])[schema.IMAGE_ID]
         return dedup_rows(ids, decisions)
 

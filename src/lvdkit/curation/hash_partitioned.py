@@ -80,7 +80,7 @@ class _HashWork(PartitionedWork):
         data = pads.dataset([str(p) for p in scratch], format="parquet")
         return data.to_table(filter=(pc.field(BUCKET) >= start) & (pc.field(BUCKET) < stop))
 
-    def write(self, state: Any, decisions: pa.Table, index: int) -> pa.Table:
+    def write(self, state: Any, decisions: pa.Table, index: int, solved: list[Path]) -> pa.Table:
         ids = alive_in_part(self.inputs, index, dedups_before(self.stage), [])[schema.IMAGE_ID]
         return dedup_rows(ids, decisions)
 

@@ -117,9 +117,10 @@ class _Steps:
         )
         stats, node = ray.get(stats_ref)
         self.nodes.add(node)
-        targets = [stage_dir / part_name(i) for i in range(self.work.n_inputs)]
+        outputs = len(partitions) if self.work.write_per_partition else self.work.n_inputs
+        targets = [stage_dir / part_name(i) for i in range(outputs)]
         refs = [
-            self.task(_write).remote(self.work, state, decisions, i, str(t), self.hooks)
+            self.task(_write).remote(self.work, state, decisions, i, solved, str(t), self.hooks)
             for i, t in enumerate(targets)
             if not _trusted(t)
         ]
@@ -189,6 +190,8 @@ def _reduce(
     return output.table, (output.stats, node_id())
 
 
-def _write(work: PartitionedWork, state: Any, decisions: Any, index: int, path: str, hooks: faults.Hooks) -> Any:
-    commit_part(work.write(state, decisions, index), Path(path), hooks)
+def _write(
+    work: PartitionedWork, state: Any, decisions: Any, index: int, solved: list[Path], path: str, hooks: faults.Hooks
+) -> Any:
+    commit_part(work.write(state, decisions, index, solved), Path(path), hooks)
     return None, node_id()

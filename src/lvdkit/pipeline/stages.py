@@ -13,6 +13,7 @@ from typing import Any
 
 import ray
 
+from lvdkit.cluster.partitioned import ClusterPartitions
 from lvdkit.cluster.stage import run_cluster
 from lvdkit.core import schema
 from lvdkit.core.files import file_identity, list_inputs
@@ -109,12 +110,14 @@ STAGES: dict[str, Stage] = {
             extra_fingerprint=_protected_files,
             run=lambda c, inputs: run_dedup_relative(c.dedup_relative, _side_sets(c), inputs),
         ),
-        WholeStage(
+        PartitionedStage(
             name="cluster",
             reads=_DEDUPED,
             section=lambda c: c.cluster,
             sides=(schema.CENTROIDS_FILES,),
             run=lambda c, inputs: run_cluster(c.cluster, inputs),
+            work=lambda c, inputs: ClusterPartitions.create(c.cluster, inputs),
+            partitioned=lambda c, inputs: _by_size("cluster", c.cluster, inputs, "embed"),
         ),
         WholeStage(
             name="retrieve",

@@ -1,0 +1,80 @@
+"""The cluster stage partitioned (level 1 fitted per partition of coarse cells) against its single task."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from lvdkit.core import schema
+from lvdkit.core.io import part_files, read_json
+from lvdkit.core.settings import load_config
+from lvdkit.pipeline.config import CurateConfig
+from lvdkit.pipeline.runner import run
+
+from ..conftest import TINY_EMBED
+
+UPSTREAM = ("ingest", "dedup_exact", "dedup_phash", "embed", "dedup_copy", "dedup_relative")
+
+
+def _cfg(out: Path, demo: Path, *extra: str) -> CurateConfig:
+    overrides = [
+        f"out={out}",
+        f"ingest.inputs=[{demo / 'raw'}]",
+        "progress=false",
+        *TINY_EMBED,
+        "embed.images_per_part=16",
+        "cluster.hierarchy.levels=[8, 2]",
+        "cluster.target_size=30",
+        *extra,
+    ]
+    return load_config(CurateConfig, None, overrides)
+
+
+@pytest.fixture(scope="module")
+def deduped(small_demo: Path, tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> Path:
+    out = tmp_path_factory.mktemp("cluster_paths") / "out"
+    run(_cfg(out, small_demo), UPSTREAM)
+    return out
+
+
+def _cluster(deduped: Path, demo: Path, where: Path, *extra: str) -> dict[str, tuple[list[int], float, bool]]:
+    shutil.copytree(deduped, where)
+    run(_cfg(where, demo, *extra), ("cluster",))
+    rows = pa.concat_tables([pq.read_table(p) for p in part_files(where / "cluster")]).to_pylist()
+    return {r[schema.IMAGE_ID]: (r[schema.CLUSTER_IDS], r[schema.DISTANCE], r[schema.BALANCED]) for r in rows}
+
+
+def test_one_partition_clusters_and_samples_as_the_single_task(deduped: Path, small_demo: Path, tmp_path: Path) -> None:
+    single = _cluster(deduped, small_demo, tmp_path / "single", "cluster.path=single")
+    one = _cluster(deduped, small_demo, tmp_path / "one", "cluster.path=partitioned")
+    assert one.keys() == single.keys()
+    for image, (levels, distance, balanced) in single.items():
+        assert one[image][0] == levels and one[image][2] == balanced
+        assert one[image][1] == pytest.approx(distance, abs=1e-5)
+    for level in (1, 2):
+        name = schema.centroids_file(level)
+        np.testing.assert_allclose(
+            np.load(tmp_path / "one" / "cluster" / name), np.load(tmp_path / "single" / "cluster" / name), atol=1e-5
+        )
+    record = read_json(tmp_path / "one" / "cluster" / "_SUCCESS") or {}
+    assert record["stats"]["path"] == "partitioned" and record["stats"]["balanced"] == 30
+
+
+def test_many_partitions_keep_the_tree_and_the_sample_whole(deduped: Path, small_demo: Path, tmp_path: Path) -> None:
+    found = _cluster(deduped, small_demo, tmp_path / "many", "cluster.path=partitioned", "cluster.partition_rows=30")
+    parts = part_files(tmp_path / "many" / "cluster")
+    assert len(parts) > 1  # one output part per partition
+    level1 = np.array([levels[0] for levels, _, _ in found.values()])
+    level2 = np.array([levels[1] for levels, _, _ in found.values()])
+    assert set(level1) == set(range(8)) and set(level2) <= {0, 1}
+    for cluster in range(8):  # a level-1 cluster has one parent
+        assert len(set(level2[level1 == cluster])) == 1
+    assert sum(balanced for _, _, balanced in found.values()) == 30
+    assert all(d >= 0 for _, d, _ in found.values())
+    centroids = np.load(tmp_path / "many" / "cluster" / schema.centroids_file(1))
+    assert centroids.shape[0] == 8
