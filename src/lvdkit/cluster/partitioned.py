@@ -34,7 +34,7 @@ from lvdkit.cluster.sampling import pick_by_share, shares
 from lvdkit.cluster.stage import ClusterConfig, pick_keys
 from lvdkit.core import schema
 from lvdkit.core.partitions import plan_ranges
-from lvdkit.core.stage import PartitionedWork, Resources, StageInputs, StageOutput
+from lvdkit.core.stage import PartitionedWork, Resources, Scratch, StageInputs, StageOutput
 from lvdkit.core.views import DEDUP_STAGES, EMBED, alive_embedded
 
 CELL, X, LOCAL, PARTITION, SIZE, CENTROID = "cell", "x", "local", "partition", "size", "centroid"
@@ -173,8 +173,10 @@ class ClusterPartitions(PartitionedWork):
         sides = {schema.centroids_file(lv): _npy(c) for lv, c in enumerate(centroids, start=1)}
         return StageOutput(leaves, _stats(centroids, sizes, int(share.sum())), dict(sides))
 
-    def write(self, state: ClusterState, decisions: pa.Table, index: int, solved: list[Path]) -> pa.Table:
-        rows = pq.read_table(solved[index], columns=[schema.IMAGE_ID, schema.CONTENT_HASH, LOCAL, schema.DISTANCE])
+    def write(self, state: ClusterState, figures: Any, decisions: pa.Table, index: int, scratch: Scratch) -> pa.Table:
+        rows = pq.read_table(
+            scratch.solved[index], columns=[schema.IMAGE_ID, schema.CONTENT_HASH, LOCAL, schema.DISTANCE]
+        )
         rows = rows.filter(pc.is_valid(rows[schema.IMAGE_ID]))
         mine = decisions.filter(pc.equal(decisions[PARTITION], index)).sort_by(LOCAL)
         local = rows[LOCAL].to_numpy().astype(np.int64)

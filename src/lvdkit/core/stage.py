@@ -123,6 +123,14 @@ class Resources:
     memory_mb: int
 
 
+@dataclass(frozen=True)
+class Scratch:
+    """A partitioned stage's intermediate tables: one per input part (scatter), one per partition (solve)."""
+
+    scattered: list[Path]
+    solved: list[Path]
+
+
 class PartitionedWork:
     """A stage whose work is split by content (k-means cells of the descriptors), not by the parts it reads.
 
@@ -138,8 +146,8 @@ class PartitionedWork:
        rows of the scatter tables (``scratch``: their paths);
     5. ``reduce(state, plan, solved)``, one task: the decisions (a table that grows with what was found, not with the
        pool), stats and declared side files;
-    6. ``write(state, decisions, i, solved)``, one task per input part (or, with ``write_per_partition``, per
-       partition, reading its solved table ``solved[i]``): output part ``i``.
+    6. ``write(state, figures, decisions, i, scratch)``, one task per input part (or, with ``write_per_partition``,
+       per partition): output part ``i`` (``scratch``: the scatter and solve tables, to read its own).
     """
 
     n_inputs: int = 0
@@ -166,5 +174,9 @@ class PartitionedWork:
     def reduce(self, state: Any, figures: Any, solved: list[Path]) -> StageOutput:
         raise NotImplementedError
 
-    def write(self, state: Any, decisions: pa.Table, index: int, solved: list[Path]) -> pa.Table:
+    def write(self, state: Any, figures: Any, decisions: pa.Table, index: int, scratch: Scratch) -> pa.Table:
         raise NotImplementedError
+
+    def final_stats(self, stats: dict[str, Any], parts: list[Path]) -> dict[str, Any]:
+        """The stage's stats once its output ``parts`` are written (for figures only they can give)."""
+        return stats

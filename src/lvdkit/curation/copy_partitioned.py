@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from lvdkit.core import schema
 from lvdkit.core.partitions import assign_cells, fit_cells, merge_top, pairs_within, plan_ranges, row_keys, top_against
-from lvdkit.core.stage import PartitionedWork, Resources, StageInputs, StageOutput
+from lvdkit.core.stage import PartitionedWork, Resources, Scratch, StageInputs, StageOutput
 from lvdkit.core.views import EMBED
 from lvdkit.core.whitening import Whitener, fit_whitener
 from lvdkit.curation.components import NODE_COLUMNS, dedup_rows, found_pairs, group_found
@@ -216,7 +216,7 @@ class CopyPartitions(PartitionedWork):
 
     # --- 6. write --------------------------------------------------------------------------------------------------
 
-    def write(self, state: CopyState, decisions: pa.Table, index: int, solved: list[Path]) -> pa.Table:
+    def write(self, state: CopyState, figures: Any, decisions: pa.Table, index: int, scratch: Scratch) -> pa.Table:
         ids = pq.read_table(self.inputs.parts(EMBED)[index], columns=[schema.IMAGE_ID])[schema.IMAGE_ID]
         return dedup_rows(ids, decisions)
 

@@ -38,6 +38,10 @@ class DedupRelativeConfig:
     target_recall: float = setting(0.95, gt=0, le=1)
     max_removed: float = setting(0.01, ge=0, le=1)
     embedding: str = "copy"  # which embed model (must match dedup_copy's)
+    # where it runs: one task ("single"), or part by part with the protected set broadcast ("partitioned",
+    # lvdkit.curation.relative_partitioned); "auto": partitioned from partition_min_rows images on
+    path: Literal["auto", "single", "partitioned"] = "auto"
+    partition_min_rows: int = setting(1_000_000, ge=0)
 
 
 def dedup_relative(

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from lvdkit.core import schema
 from lvdkit.core.partitions import plan_ranges, row_keys
-from lvdkit.core.stage import PartitionedWork, Resources, StageInputs, StageOutput
+from lvdkit.core.stage import PartitionedWork, Resources, Scratch, StageInputs, StageOutput
 from lvdkit.core.views import INGEST, alive_in_part, dedups_before
 from lvdkit.curation.components import NODE_COLUMNS, dedup_rows, found_pairs, group_found
 from lvdkit.curation.dedup_exact import DedupExactConfig, dedup_exact
@@ -80,7 +80,7 @@ class _HashWork(PartitionedWork):
         data = pads.dataset([str(p) for p in scratch], format="parquet")
         return data.to_table(filter=(pc.field(BUCKET) >= start) & (pc.field(BUCKET) < stop))
 
-    def write(self, state: Any, decisions: pa.Table, index: int, solved: list[Path]) -> pa.Table:
+    def write(self, state: Any, figures: Any, decisions: pa.Table, index: int, scratch: Scratch) -> pa.Table:
         ids = alive_in_part(self.inputs, index, dedups_before(self.stage), [])[schema.IMAGE_ID]
         return dedup_rows(ids, decisions)
 

@@ -48,6 +48,10 @@ class RetrieveConfig:
     min_seeds_per_cluster: int = setting(3, ge=0)  # cluster-based: a cluster must hold more than this many seed images
     per_cluster: int = setting(10_000, ge=1)  # cluster-based: images taken from each such cluster
     max_per_set: int = setting(1_000_000, ge=1)  # cluster-based: cap per seed set
+    # where it runs: one task over the pool ("single"), or seed neighbours found per embed part and merged per seed
+    # set ("partitioned", lvdkit.curation.retrieve_partitioned); "auto": partitioned from partition_min_rows images
+    path: Literal["auto", "single", "partitioned"] = "auto"
+    partition_min_rows: int = setting(1_000_000, ge=0)
 
 
 def resolve_mode(seed_set: SeedSet, n_seeds: int, cfg: RetrieveConfig) -> str:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from lvdkit.core.io import part_files, part_name
 from lvdkit.core.knn import set_threads
-from lvdkit.core.stage import PartitionedWork, StageOutput
+from lvdkit.core.stage import PartitionedWork, Scratch, StageOutput
 from lvdkit.pipeline import faults
 from lvdkit.pipeline.commits import commit_part, untrusted
 from lvdkit.pipeline.config import CurateConfig
@@ -118,13 +118,16 @@ class _Steps:
         stats, node = ray.get(stats_ref)
         self.nodes.add(node)
         outputs = len(partitions) if self.work.write_per_partition else self.work.n_inputs
+        scratch_of = Scratch(scattered, solved)
         targets = [stage_dir / part_name(i) for i in range(outputs)]
         refs = [
-            self.task(_write).remote(self.work, state, decisions, i, solved, str(t), self.hooks)
+            self.task(_write).remote(self.work, state, figures_ref, decisions, i, scratch_of, str(t), self.hooks)
             for i, t in enumerate(targets)
             if not _trusted(t)
         ]
         list(self.gather(refs, "write"))
+        stats, node = ray.get(self.task(_final).remote(self.work, stats, targets))
+        self.nodes.add(node)
         shutil.rmtree(scratch, ignore_errors=True)
         rows = sum(pq.ParquetFile(p).metadata.num_rows for p in part_files(stage_dir))
         return rows, stats, self.nodes
@@ -190,8 +193,19 @@ def _reduce(
     return output.table, (output.stats, node_id())
 
 
+def _final(work: PartitionedWork, stats: dict[str, Any], parts: list[Path]) -> tuple[dict[str, Any], str]:
+    return work.final_stats(stats, parts), node_id()
+
+
 def _write(
-    work: PartitionedWork, state: Any, decisions: Any, index: int, solved: list[Path], path: str, hooks: faults.Hooks
+    work: PartitionedWork,
+    state: Any,
+    figures: Any,
+    decisions: Any,
+    index: int,
+    scratch: Scratch,
+    path: str,
+    hooks: faults.Hooks,
 ) -> Any:
-    commit_part(work.write(state, decisions, index, solved), Path(path), hooks)
+    commit_part(work.write(state, figures, decisions, index, scratch), Path(path), hooks)
     return None, node_id()

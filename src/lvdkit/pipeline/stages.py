@@ -26,11 +26,13 @@ from lvdkit.curation.dedup_phash import MULTIHASH_MAX_DISTANCE, run_dedup_phash
 from lvdkit.curation.dedup_relative import run_dedup_relative
 from lvdkit.curation.hash_partitioned import ExactPartitions, PhashPartitions
 from lvdkit.curation.ingest import IngestWork, ingest_stats, plan_ingest
+from lvdkit.curation.relative_partitioned import RelativePartitions
 from lvdkit.curation.retrieve import run_retrieve
+from lvdkit.curation.retrieve_partitioned import RetrievePartitions
 from lvdkit.curation.side_sets import SideSetReader
 from lvdkit.embeddings.stage import EmbedWork, embed_stats, plan_embed
 from lvdkit.pipeline.config import CurateConfig
-from lvdkit.pipeline.kinds import Actors, PartitionedStage, PartStage, Stage, WholeStage
+from lvdkit.pipeline.kinds import Actors, PartitionedStage, PartStage, Stage
 from lvdkit.pipeline.names import CURATE_ORDER
 
 
@@ -102,13 +104,15 @@ STAGES: dict[str, Stage] = {
             work=lambda c, inputs: CopyPartitions.create(c.dedup_copy, inputs),
             partitioned=lambda c, inputs: _copy_partitioned(c, inputs),
         ),
-        WholeStage(
+        PartitionedStage(
             name="dedup_relative",
             reads=(*_EMBEDDED, "dedup_copy"),
             section=lambda c: c.dedup_relative,
             sides=(schema.PROTECTED_FILE,),
             extra_fingerprint=_protected_files,
             run=lambda c, inputs: run_dedup_relative(c.dedup_relative, _side_sets(c), inputs),
+            work=lambda c, inputs: RelativePartitions.create(c.dedup_relative, _side_sets(c), inputs),
+            partitioned=lambda c, inputs: _by_size("dedup_relative", c.dedup_relative, inputs, "embed"),
         ),
         PartitionedStage(
             name="cluster",
@@ -119,12 +123,14 @@ STAGES: dict[str, Stage] = {
             work=lambda c, inputs: ClusterPartitions.create(c.cluster, inputs),
             partitioned=lambda c, inputs: _by_size("cluster", c.cluster, inputs, "embed"),
         ),
-        WholeStage(
+        PartitionedStage(
             name="retrieve",
             reads=(*_DEDUPED, "cluster"),
             section=lambda c: c.retrieve,
             sides=(schema.SEEDS_FILE,),
             run=lambda c, inputs: run_retrieve(c.retrieve, _side_sets(c), inputs),
+            work=lambda c, inputs: RetrievePartitions.create(c.retrieve, _side_sets(c), inputs),
+            partitioned=lambda c, inputs: _by_size("retrieve", c.retrieve, inputs, "embed"),
         ),
         PartStage(
             name="curated",
