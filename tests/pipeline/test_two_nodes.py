@@ -24,7 +24,17 @@ from lvdkit.core.io import part_files, read_json
 
 from ..conftest import TINY_EMBED, run_cli
 
-PARTITIONED = ("ingest", "embed", "dedup_copy", "curated")  # stages whose work is split over the cluster
+PARTITIONED = (  # stages whose work is split over the cluster
+    "ingest",
+    "dedup_exact",
+    "dedup_phash",
+    "embed",
+    "dedup_copy",
+    "dedup_relative",
+    "cluster",
+    "retrieve",
+    "curated",
+)
 LATER = ("dedup_copy", "dedup_relative", "cluster", "retrieve", "curated")
 
 
@@ -37,9 +47,24 @@ def _args(out: Path, demo: Path) -> list[str]:
         "ingest.files_per_part=20",
         "embed.num_actors=2",
         "embed.images_per_part=16",
+        "dedup_exact.path=partitioned",
+        "dedup_exact.partition_rows=20",
+        "dedup_phash.path=partitioned",
+        "dedup_phash.partition_rows=20",
         "dedup_copy.path=partitioned",
         "dedup_copy.cell_rows=10",
         "dedup_copy.partition_rows=14",
+        f"dedup_relative.protected=[{demo / 'heldout'}]",
+        "dedup_relative.path=partitioned",
+        "cluster.path=partitioned",
+        "cluster.hierarchy.levels=[6, 2]",
+        "cluster.partition_rows=30",
+        "cluster.target_size=20",
+        f"retrieve.seed_sets={{two: {{inputs: [{demo / 'seeds' / 'digit_2'}], mode: sample, k: 3}}, "
+        f"five: {{inputs: [{demo / 'seeds' / 'digit_5'}], mode: cluster}}}}",
+        "retrieve.min_seeds_per_cluster=0",
+        "retrieve.per_cluster=4",
+        "retrieve.path=partitioned",
         "curated.rows_per_part=20",
     ]
 
@@ -83,6 +108,12 @@ def _status(out: Path) -> dict[str, tuple[str, str | None, str | None]]:
     return {r[schema.IMAGE_ID]: (r[schema.STATUS_COL], r[schema.REASON], r[schema.DUP_OF]) for r in rows}
 
 
+def _rows(out: Path, stage: str) -> list[tuple[object, ...]]:
+    rows = pa.concat_tables([pq.read_table(p) for p in part_files(out / stage)]).to_pylist()
+    # floats to 5 decimals: a distance of 1e-7 on one node is 0.0 on another (threads sum in another order)
+    return sorted(tuple(str(round(v, 5) if isinstance(v, float) else v) for v in r.values()) for r in rows)
+
+
 def _curated(out: Path) -> list[str]:
     return sorted(pq.read_table(out / "curated", columns=[schema.IMAGE_ID])[schema.IMAGE_ID].to_pylist())
 
@@ -93,10 +124,15 @@ def test_curate_on_two_nodes_uses_both_and_decides_as_one_node(runs: dict[str, P
     assert all(len(n) == 2 for n in nodes.values()), nodes
     assert len({node for n in nodes.values() for node in n}) == 2
     assert (read_json(two / "dedup_copy" / "_SUCCESS") or {})["stats"]["cells"] > 1
+    for stage in PARTITIONED[1:-2]:
+        if stage != "embed":
+            assert (read_json(two / stage / "_SUCCESS") or {})["stats"]["path"] == "partitioned", stage
     for stage in ("dedup_exact", "dedup_phash", "dedup_copy", "dedup_relative"):
         assert _dedup(two, stage) == _dedup(one, stage), stage
     assert _status(two) == _status(one)
     assert _curated(two) == _curated(one)
+    for stage in ("cluster", "retrieve"):
+        assert _rows(two, stage) == _rows(one, stage), stage
     assert any(status == schema.FINAL_DUPLICATE for status, _, _ in _status(two).values())
 
 
