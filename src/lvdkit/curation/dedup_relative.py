@@ -98,7 +98,7 @@ def run_dedup_relative(cfg: DedupRelativeConfig, reader: SideSetReader, inputs: 
     threshold, rule_stats = cfg.threshold, dict[str, object]()
     if threshold is None and compared:
         if cfg.rule == "copy":
-            threshold = _copy_threshold(inputs)
+            threshold = copy_threshold(inputs)
         else:
             threshold, rule_stats = _recall_threshold(cfg, inputs, whitener, pool_x, prot_x)
     table = dedup_relative(images[schema.IMAGE_ID], pool_x, ok_ids, prot_x, threshold)
@@ -140,7 +140,7 @@ def recall_rule(
     }
 
 
-def _copy_threshold(inputs: StageInputs) -> float:
+def copy_threshold(inputs: StageInputs) -> float:
     """The threshold dedup_copy applied (its declared side output)."""
     path = inputs.side("dedup_copy", schema.THRESHOLD_FILE)
     value = (read_json(path) or {}).get("threshold")

@@ -25,7 +25,7 @@ from lvdkit.core.partitions import top_against
 from lvdkit.core.stage import PartitionedWork, Resources, Scratch, StageInputs, StageOutput
 from lvdkit.core.views import EMBED, alive_embedded
 from lvdkit.core.whitening import Whitener
-from lvdkit.curation.dedup_relative import DedupRelativeConfig, _copy_threshold, dedup_relative
+from lvdkit.curation.dedup_relative import DedupRelativeConfig, copy_threshold, dedup_relative
 from lvdkit.curation.side_sets import SideSetReader
 
 BINS = 65_536  # histogram of best similarities over [-1, 1]
@@ -108,7 +108,7 @@ class RelativePartitions(PartitionedWork):
         compared = n > 0 and bool(self.cfg.protected)
         if threshold is None and compared:
             if self.cfg.rule == "copy":
-                threshold = _copy_threshold(self.inputs)
+                threshold = copy_threshold(self.inputs)
             else:
                 positives = np.concatenate(total["positives"]) if total is not None else np.empty(0)
                 budget = histogram_quantile(hist, 1.0 - self.cfg.max_removed)

@@ -77,7 +77,9 @@ def sample_retrieval(
     order = np.lexsort((-flat_sim[valid], flat_img[valid]))  # per image, best similarity first
     img, sim, seed = flat_img[valid][order], flat_sim[valid][order], flat_seed[valid][order]
     first = np.concatenate([[True], img[1:] != img[:-1]])
-    return _table(pool_ids[img[first]], seed_set, np.asarray(seed_ids, dtype=object)[seed[first]], sim[first], SAMPLE)
+    return hits_table(
+        pool_ids[img[first]], seed_set, np.asarray(seed_ids, dtype=object)[seed[first]], sim[first], SAMPLE
+    )
 
 
 def cluster_retrieval(
@@ -102,10 +104,10 @@ def cluster_retrieval(
     rank = np.arange(len(order)) - np.searchsorted(pool_cluster[order], pool_cluster[order], side="left")
     take = order[rank < cfg.per_cluster]
     take = take[np.argsort(pool_distance[take], kind="stable")][: cfg.max_per_set]
-    return _table(pool_ids[take], seed_set, np.full(len(take), None), 1.0 - pool_distance[take], CLUSTER)
+    return hits_table(pool_ids[take], seed_set, np.full(len(take), None), 1.0 - pool_distance[take], CLUSTER)
 
 
-def _table(ids: np.ndarray, seed_set: str, seed_ids: np.ndarray, score: np.ndarray, method: str) -> pa.Table:
+def hits_table(ids: np.ndarray, seed_set: str, seed_ids: np.ndarray, score: np.ndarray, method: str) -> pa.Table:
     n = len(ids)
     return pa.table(
         {
@@ -130,7 +132,7 @@ def run_retrieve(cfg: RetrieveConfig, reader: SideSetReader, inputs: StageInputs
     hits, seed_tables, stats = [], [], {}
     for name, seed_set in cfg.seed_sets.items():
         seeds = reader.read(cfg.embedding, seed_set.inputs)
-        seed_tables.append(_seed_rows(name, seeds))
+        seed_tables.append(seed_rows(name, seeds))
         mode = resolve_mode(seed_set, seeds.ok.num_rows, cfg)
         hits.append(pool.retrieve(name, seed_set, seeds, mode, cfg))
         stats[name] = {
@@ -169,7 +171,7 @@ class _Pool:
         return self._clusters
 
 
-def _seed_rows(name: str, seeds: SideSet) -> pa.Table:
+def seed_rows(name: str, seeds: SideSet) -> pa.Table:
     """The usable seeds as ingested, with their set's name and their embeddings."""
     sx = seeds.x
     emb = pa.FixedSizeListArray.from_arrays(pa.array(sx.ravel(), pa.float32()), sx.shape[1])

@@ -27,7 +27,7 @@ from lvdkit.core import schema
 from lvdkit.core.partitions import ROW_KEY_SHIFT, row_keys, top_against
 from lvdkit.core.stage import PartitionedWork, Resources, Scratch, StageInputs, StageOutput
 from lvdkit.core.views import DEDUP_STAGES, EMBED, alive_embedded
-from lvdkit.curation.retrieve import CLUSTER, RETRIEVED, SAMPLE, RetrieveConfig, _seed_rows, _table, resolve_mode
+from lvdkit.curation.retrieve import CLUSTER, RETRIEVED, SAMPLE, RetrieveConfig, hits_table, resolve_mode, seed_rows
 from lvdkit.curation.side_sets import SideSetReader
 
 SET, SEED, LEVEL1 = "seed_set", "seed", "level1"
@@ -73,7 +73,7 @@ class RetrievePartitions(PartitionedWork):
         tables = []
         for name, seed_set in self.cfg.seed_sets.items():
             seeds = self.reader.read(self.cfg.embedding, seed_set.inputs)
-            tables.append(_seed_rows(name, seeds))
+            tables.append(seed_rows(name, seeds))
             mode = resolve_mode(seed_set, seeds.ok.num_rows, self.cfg)
             entry: dict[str, Any] = {"mode": mode, "ids": seeds.ok[schema.IMAGE_ID].to_pylist(), "x": seeds.x}
             entry["k"] = seed_set.k
@@ -191,7 +191,7 @@ def _by_seed(rows: pa.Table, name: str, seed_ids: list[str], k: int) -> pa.Table
     first = np.concatenate([[True], ids[best][1:] != ids[best][:-1]]) if len(best) else np.zeros(0, bool)
     hit = best[first]
     seeds = np.asarray(seed_ids, dtype=object)[seed[hit]]
-    return _table(ids[hit].astype(object), name, seeds, score[hit], SAMPLE)
+    return hits_table(ids[hit].astype(object), name, seeds, score[hit], SAMPLE)
 
 
 def _by_cluster(rows: pa.Table, name: str, cfg: RetrieveConfig) -> pa.Table:
@@ -201,4 +201,4 @@ def _by_cluster(rows: pa.Table, name: str, cfg: RetrieveConfig) -> pa.Table:
     ids = np.asarray(rows[schema.IMAGE_ID].to_numpy(zero_copy_only=False), dtype=object)
     take = _closest_per_cluster(level1, distance, ids, np.unique(level1), cfg.per_cluster)
     take = take[np.lexsort((ids[take].astype(str), distance[take]))][: cfg.max_per_set]
-    return _table(ids[take], name, np.full(len(take), None), 1.0 - distance[take], CLUSTER)
+    return hits_table(ids[take], name, np.full(len(take), None), 1.0 - distance[take], CLUSTER)

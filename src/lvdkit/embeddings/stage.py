@@ -45,7 +45,8 @@ class EmbedConfig:
     model_options: dict[str, dict[str, Any]] = field(default_factory=lambda: {"semantic": {"pretrained": True}})
     images_per_part: int = setting(1000, ge=1)  # one part file (and one resumable unit) per this many images
     batch_size: int = setting(32, ge=1)  # images per model forward
-    num_actors: int = setting(1, ge=1)  # model replicas (one per GPU on a GPU cluster)
+    num_actors: int = setting(1, ge=1)  # model replicas (one per GPU on a GPU cluster): the pool's largest size
+    min_actors: int | None = setting(None, ge=1)  # the pool's smallest size (Ray Data scales between); null: fixed
     actor_cpus: float = setting(1.0, gt=0)  # CPUs Ray reserves per actor (the rest decode)
     # CPUs per decode task (differs from actor_cpus so Ray keeps decode out of the actor)
     decode_cpus: float = setting(0.5, gt=0)

@@ -53,6 +53,7 @@ class Actors:
     num_cpus: float
     num_gpus: float
     threads: int | None  # intra-op threads per replica; None: the cluster's CPUs / replicas
+    min_replicas: int | None = None  # an autoscaling pool between min_replicas and replicas; None: fixed
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,6 +64,9 @@ class PartStage(Stage):
     work: Callable[[CurateConfig, Path], PartWork]  # (cfg, listing) -> the part work, built on the driver
     stats: Callable[[StageInputs], dict[str, Any]]
     actors: Callable[[CurateConfig], Actors | None] | None = None  # None: plain tasks
+    # the work list decides the stage's fingerprint (ingest: the files listed), so it is planned before the skip
+    # decision, in the driver; other stages plan in a Ray task, only when they have work
+    plans_fingerprint: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -54,11 +54,13 @@ def map_parts(run: PartRun, pending: list[int], actors: Actors | None, progress:
             max_retries=run.retries,  # Ray Data's default retries a dying worker forever
         )
     else:
+        # the run travels inside the class (pickled by value), not as constructor arguments in the object store,
+        # which a restarted actor could not get back once they are gone (ray-project/ray#53727)
+        actor = type("_PartActor", (_PartActor,), {"RUN": run})
         results = ds.map_batches(
-            _PartActor,  # type: ignore[arg-type]
-            fn_constructor_kwargs={"run": run},
+            actor,  # type: ignore[arg-type]
             batch_size=1,
-            concurrency=actors.replicas,
+            concurrency=(actors.min_replicas, actors.replicas) if actors.min_replicas else actors.replicas,
             num_cpus=actors.num_cpus,
             num_gpus=actors.num_gpus,
             max_restarts=run.retries,
@@ -96,9 +98,11 @@ def actor_threads(actors: Actors) -> int:
 class _PartActor:
     """Ray Data actor for stages whose work holds models: set up once, then write parts like a task."""
 
-    def __init__(self, run: PartRun) -> None:
-        self.run = run
-        run.work.setup(run.threads)
+    RUN: PartRun  # set on a subclass made per stage run
+
+    def __init__(self) -> None:
+        self.run = self.RUN
+        self.run.work.setup(self.run.threads)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return _write_parts(batch, self.run)

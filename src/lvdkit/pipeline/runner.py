@@ -80,6 +80,8 @@ def run_stage(name: str, cfg: CurateConfig, ray_: LazyRay, force: bool = False) 
     remove_temporaries(stage_dir)
     log(f"{name}: {'resuming' if action == 'resume' else 'running'}")
     ray_.ensure()
+    if isinstance(stage, PartStage) and not stage.plans_fingerprint:
+        n_parts = _plan_in_task(stage, cfg, out, key.fingerprint)
     if isinstance(stage, PartStage):
         rows, nodes = _run_parts(stage, cfg, stage_dir, n_parts)
         stats = stage.stats(stage.inputs(out, declared_sides()))
@@ -98,20 +100,43 @@ def run_stage(name: str, cfg: CurateConfig, ray_: LazyRay, force: bool = False) 
 
 
 def _plan(stage: Stage, cfg: CurateConfig, out: Path) -> tuple[RunKey, int, Path | None]:
-    """The stage's run key (config hash, input fingerprint); per-part stages also write their work list."""
+    """The stage's run key (config hash, input fingerprint). A per-part stage whose work list decides its fingerprint
+    (ingest: the files it lists) writes it here; the others plan in a Ray task once they have work
+    (:func:`_plan_in_task`): their work list holds a row per image, which the driver never should."""
     fingerprint = fingerprint_of(*(success(out / s) for s in stage.reads))
     if stage.extra_fingerprint is not None:
         fingerprint = hashlib.blake2b(
             f"{fingerprint}|{stage.extra_fingerprint(cfg)}".encode(), digest_size=8
         ).hexdigest()
     section_hash = config_hash(stage.section(cfg))
-    if not isinstance(stage, PartStage):
+    if not isinstance(stage, PartStage) or not stage.plans_fingerprint:
         return RunKey(section_hash, fingerprint), 0, None
     listing = out / f".{stage.name}{schema.LISTING}.tmp-{os.getpid()}"
     listing.parent.mkdir(parents=True, exist_ok=True)
     with disk_errors(listing):
         plan = stage.plan(cfg, stage.inputs(out, declared_sides()), fingerprint, listing)
     return RunKey(section_hash, plan.fingerprint), plan.n_parts, listing
+
+
+def _plan_in_task(stage: PartStage, cfg: CurateConfig, out: Path, fingerprint: str) -> int:
+    """Write the stage's work list in a Ray task (the driver only renames it into place); its number of parts."""
+    task = ray.remote(num_cpus=1, max_retries=cfg.ray.max_task_retries)(_plan_task)
+    try:
+        n_parts, listing = ray.get(task.remote(stage.name, cfg, str(out), fingerprint))
+    except Exception as exc:
+        raise_own(exc)
+        raise
+    os.replace(listing, out / stage.name / schema.LISTING)
+    return int(n_parts)
+
+
+def _plan_task(name: str, cfg: CurateConfig, out: str, fingerprint: str) -> tuple[int, str]:
+    stage = STAGES[name]
+    assert isinstance(stage, PartStage)
+    listing = Path(out) / name / f".{schema.LISTING}.tmp-plan-{os.getpid()}"
+    with disk_errors(listing):
+        plan = stage.plan(cfg, stage.inputs(Path(out), declared_sides()), fingerprint, listing)
+    return plan.n_parts, str(listing)
 
 
 def _run_parts(stage: PartStage, cfg: CurateConfig, stage_dir: Path, n_parts: int) -> tuple[int, set[str]]:

@@ -51,7 +51,8 @@ def _protected_files(cfg: CurateConfig) -> str:
 def _embed_actors(cfg: CurateConfig) -> Actors:
     e = cfg.embed
     gpus = 1.0 if e.device in ("auto", "cuda") and ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-    return Actors(replicas=e.num_actors, num_cpus=e.actor_cpus, num_gpus=gpus, threads=e.threads_per_actor)
+    smallest = min(e.min_actors, e.num_actors) if e.min_actors is not None else None
+    return Actors(e.num_actors, e.actor_cpus, gpus, e.threads_per_actor, smallest)
 
 
 _INGESTED = ("ingest", "dedup_exact", "dedup_phash")
@@ -68,6 +69,7 @@ STAGES: dict[str, Stage] = {
             plan=lambda c, inputs, fp, listing: plan_ingest(c.ingest, listing),
             work=lambda c, listing: IngestWork(listing, c.ingest),
             stats=ingest_stats,
+            plans_fingerprint=True,
         ),
         PartitionedStage(
             name="dedup_exact",

@@ -1,0 +1,352 @@
+"""Curation at scale on the partitioned path: memory per task and in the driver, recall, time per million rows.
+
+For each pool size, synthetic copy-detection descriptors (``bench/dedup_scale.py``'s model: clusters, a shared mean,
+anisotropic spread, edits that move along "nuisance" directions; 1% planted copies of other rows, and synthetic
+calibration copies as the embed stage makes them) are written as a finished ``embed`` stage in a fresh OUT, part by
+part (a subprocess, so the driver below never held them). Then, on a local Ray:
+
+- ``dedup_copy`` runs partitioned (cells, one exact k-NN task per partition of ``--partition-rows``), calibrating
+  its threshold as a user's run does;
+- ``cluster`` runs partitioned (level 1 fitted per partition of ``--cluster-partition-rows``, ``k1 = N / 500``);
+- sample-based retrieval's partitioned k-NN (``retrieve``'s scatter and merge: each seed's k nearest per embed part,
+  merged) for 1,000 seeds near pool images, as Ray tasks (the stage itself ingests seed *images*, which synthetic
+  descriptors do not have);
+- the planted copies are checked against an exact k-NN over the whole pool (whitened as the stage whitened it, same
+  threshold, k = 64): recall = planted pairs the partitioned run grouped / planted pairs exact k-NN finds;
+- where the pool fits (``--single-max``), ``dedup_copy``'s single task runs on the same OUT, side by side.
+
+Peak memory: the largest resident set of any Ray worker process (each task's process; a reused worker keeps what
+earlier tasks left, so this is an upper bound per task) and of this driver process, sampled every 0.2 s.
+
+Usage: python bench/scale_curation.py [--sizes 1000000,4000000,10000000] [--work /tmp/lvdk-scale] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import sys
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import machine_line, print_table
+from dedup_scale import DescriptorModel
+from lvdkit.core import schema
+from lvdkit.core.io import part_name, write_json_atomic
+
+KEY = "copy"
+STAGES_BEFORE = ("ingest", "dedup_exact", "dedup_phash", "embed")
+
+
+# --- the synthetic pool, written as a finished embed stage ----------------------------------------------------------
+
+
+def generate(out: Path, n: int, dim: int, part_rows: int, copy_fraction: float, calib: int, seed: int) -> None:
+    """Write OUT with ingest..embed finished: embed parts, calibration copies, the work list; truth.parquet."""
+    rng = np.random.default_rng(seed)
+    model = DescriptorModel(rng, dim)
+    n_parts = math.ceil(n / part_rows)
+    calib_per_part = max(1, math.ceil(calib / n_parts))
+    writer = None
+    sources, copies = [], []
+    for p in range(n_parts):
+        prng = np.random.default_rng([seed, p])
+        rows = min(part_rows, n - p * part_rows)
+        x = model.sample(prng, rows)
+        n_copies = int(rows * copy_fraction)
+        pick = prng.choice(rows, size=2 * n_copies, replace=False)
+        x[pick[:n_copies]], _ = model.edit(prng, x[pick[n_copies:]])
+        ids = np.array([f"{p:06d}{r:08d}" for r in range(rows)], dtype=object)
+        copies.extend(ids[pick[:n_copies]])
+        sources.extend(ids[pick[n_copies:]])
+        order = np.argsort(ids)  # embed parts are sorted by image id
+        _write(out / "embed" / part_name(p), ids[order], x[order])
+        cal = np.sort(prng.choice(rows, size=min(rows, calib_per_part), replace=False))
+        cx, _ = model.edit(prng, x[cal])
+        _write(out / "embed" / schema.CALIBRATION / part_name(p), ids[cal], cx, edit="synthetic")
+        listing = pa.table(
+            {
+                schema.IMAGE_ID: pa.array(ids, pa.string()),
+                schema.URI: pa.array([f"/synthetic/{i}.jpg" for i in ids], pa.string()),
+                schema.CONTENT_HASH: pa.array([f"{int(i):032x}" for i in ids], pa.string()),
+                schema.WIDTH: pa.array(np.full(rows, 256, np.int32)),
+                schema.HEIGHT: pa.array(np.full(rows, 256, np.int32)),
+            }
+        )
+        if writer is None:
+            writer = pq.ParquetWriter(out / "embed" / schema.LISTING, listing.schema)
+        writer.write_table(listing, row_group_size=part_rows)
+        ingest = {f.name: pa.nulls(rows, f.type) for f in schema.INGEST}  # what the single task reads
+        ingest.update({c: listing[c] for c in listing.column_names})
+        ingest[schema.STATUS_COL] = pa.array([schema.STATUS_OK] * rows, pa.string())
+        (out / "ingest").mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table(ingest, schema=schema.INGEST), out / "ingest" / part_name(p))
+        kept = pa.table(
+            {
+                schema.IMAGE_ID: listing[schema.IMAGE_ID],
+                schema.GROUP_ID: listing[schema.IMAGE_ID],
+                schema.KEEP: pa.array(np.ones(rows, bool)),
+                schema.DUP_OF: pa.nulls(rows, pa.string()),
+                schema.DISTANCE: pa.array(np.zeros(rows, np.float32)),
+            },
+            schema=schema.DEDUP,
+        )
+        for stage in ("dedup_exact", "dedup_phash"):  # nothing removed before dedup_copy
+            (out / stage).mkdir(parents=True, exist_ok=True)
+            pq.write_table(kept, out / stage / part_name(p))
+    assert writer is not None
+    writer.close()
+    pq.write_table(pa.table({"copy": copies, "source": sources}), out / "truth.parquet")
+    for stage in STAGES_BEFORE:
+        record = {"stage": stage, "rows": n, "config_hash": "synthetic", "fingerprint": f"n={n}", "stats": {}}
+        write_json_atomic(out / stage / "_SUCCESS", record)
+    write_json_atomic(out / "dedup_relative" / "_SUCCESS", {**record, "stage": "dedup_relative"})
+
+
+def _write(path: Path, ids: np.ndarray, x: np.ndarray, edit: str | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cols: dict[str, Any] = {schema.IMAGE_ID: pa.array(ids, pa.string())}
+    if edit is not None:
+        cols[schema.EDIT] = pa.array([edit] * len(ids), pa.string())
+    cols[schema.embedding_column(KEY)] = pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), x.shape[1])
+    pq.write_table(pa.table(cols), path)
+
+
+# --- memory of the driver and of every Ray worker -------------------------------------------------------------------
+
+
+class Peaks:
+    """Peak RSS of this process and of the largest Ray worker process, sampled in a thread."""
+
+    def __init__(self, interval_s: float = 0.2) -> None:
+        import psutil
+
+        self.psutil, self.me, self.interval_s = psutil, psutil.Process(), interval_s
+        self.driver = self.worker = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> Peaks:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.driver = max(self.driver, self.me.memory_info().rss)
+            for proc in self.psutil.process_iter(["name", "cmdline"]):
+                try:
+                    if (proc.info["cmdline"] or [""])[0].startswith("ray::") and proc.pid != self.me.pid:
+                        self.worker = max(self.worker, proc.memory_info().rss)
+                except (self.psutil.Error, IndexError):
+                    continue
+            self._stop.wait(self.interval_s)
+
+
+def run_stage(out: Path, stage: str, overrides: list[str]) -> tuple[float, Peaks, dict[str, Any]]:
+    from lvdkit.core.ray_env import LazyRay
+    from lvdkit.core.settings import load_config
+    from lvdkit.pipeline.config import CurateConfig
+    from lvdkit.pipeline.runner import run_stage as lvdkit_run_stage
+
+    cfg = load_config(CurateConfig, None, [f"out={out}", "progress=false", f"embed.models={{{KEY}: sscd}}", *overrides])
+    start = time.perf_counter()
+    with Peaks() as peaks:
+        record = lvdkit_run_stage(stage, cfg, LazyRay(out, None, None, None), force=True)
+    return time.perf_counter() - start, peaks, record
+
+
+# --- recall against exact k-NN ---------------------------------------------------------------------------------
+
+
+def exact_recall(out: Path, k: int) -> dict[str, Any]:
+    """Planted pairs that exact k-NN finds above the stage's threshold (whitened as the stage whitened), and of
+    those, the ones the stage grouped. Runs in a subprocess; the pool is searched in chunks (bounded memory)."""
+    from lvdkit.core.io import part_files
+    from lvdkit.core.partitions import merge_top, top_against
+    from lvdkit.core.whitening import Whitener
+
+    stage = out / "dedup_copy"
+    whitener = Whitener.load(str(stage / schema.WHITENING_FILE))
+    threshold = json.loads((stage / schema.THRESHOLD_FILE).read_text())["threshold"]
+    truth = pq.read_table(out / "truth.parquet").to_pydict()
+    col = schema.embedding_column(KEY)
+    wanted = set(truth["copy"])
+    queries, query_ids = [], []
+    for part in part_files(out / "embed"):
+        t = pq.read_table(part)
+        keep = np.isin(t[schema.IMAGE_ID].to_numpy(zero_copy_only=False), list(wanted))
+        t = t.filter(pa.array(keep))
+        queries.append(whitener(t[col].combine_chunks().flatten().to_numpy().reshape(t.num_rows, -1)))
+        query_ids.extend(t[schema.IMAGE_ID].to_pylist())
+    q = np.concatenate(queries)
+    best: tuple[np.ndarray, np.ndarray] | None = None
+    ids: list[str] = []
+    for part in part_files(out / "embed"):
+        t = pq.read_table(part)
+        x = whitener(t[col].combine_chunks().flatten().to_numpy().reshape(t.num_rows, -1))
+        keys = np.arange(len(ids), len(ids) + len(x), dtype=np.int64)
+        ids.extend(t[schema.IMAGE_ID].to_pylist())
+        top = top_against(q, x, keys, k + 1)
+        best = top if best is None else merge_top(best, top)
+    assert best is not None
+    source_of = dict(zip(truth["copy"], truth["source"], strict=True))
+    id_arr = np.asarray(ids, dtype=object)
+    found_exact = [
+        c for r, c in enumerate(query_ids) if source_of[c] in set(id_arr[best[1][r][best[0][r] > threshold]])
+    ]
+    dedup = pa.concat_tables([pq.read_table(p) for p in part_files(stage)]).to_pydict()
+    group = dict(zip(dedup[schema.IMAGE_ID], dedup[schema.GROUP_ID], strict=True))
+    grouped = [c for c in found_exact if group[c] == group[source_of[c]]]
+    return {"planted": len(query_ids), "exact": len(found_exact), "grouped": len(grouped), "threshold": threshold}
+
+
+def recall(out: Path, k: int) -> dict[str, Any]:
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return dict(pool.submit(exact_recall, out, k).result())
+
+
+# --- sample retrieval's partitioned k-NN, as Ray tasks ---------------------------------------------------------------
+
+
+def sample_retrieval(out: Path, n_seeds: int, k: int) -> tuple[float, Peaks, int]:
+    import ray
+
+    from lvdkit.core.io import part_files
+    from lvdkit.core.partitions import merge_top, top_against
+
+    col = schema.embedding_column(KEY)
+    first = pq.read_table(part_files(out / "embed")[0])
+    rng = np.random.default_rng(1)
+    x0 = first[col].combine_chunks().flatten().to_numpy().reshape(first.num_rows, -1)
+    seeds = x0[rng.choice(len(x0), size=min(n_seeds, len(x0)), replace=False)]
+    seeds = seeds + 0.05 * rng.standard_normal(seeds.shape).astype(np.float32)
+    seeds /= np.linalg.norm(seeds, axis=1, keepdims=True)
+
+    @ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
+    def nearest(path: str, part: int, seeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        t = pq.read_table(path, columns=[col])
+        x = t[col].combine_chunks().flatten().to_numpy().reshape(t.num_rows, -1)
+        return top_against(seeds, x, (np.int64(part) << 32) + np.arange(len(x), dtype=np.int64), k)
+
+    start = time.perf_counter()
+    with Peaks() as peaks:
+        seeds_ref = ray.put(seeds)
+        refs = [nearest.remote(str(p), i, seeds_ref) for i, p in enumerate(part_files(out / "embed"))]
+        best = None
+        while refs:
+            done, refs = ray.wait(refs, num_returns=1)
+            top = ray.get(done[0])
+            best = top if best is None else merge_top(best, top)
+    assert best is not None
+    return time.perf_counter() - start, peaks, len(np.unique(best[1][best[1] >= 0]))
+
+
+# --- the bench -------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="1000000,4000000,10000000", help="pool sizes, comma-separated")
+    ap.add_argument("--dim", type=int, default=256)
+    ap.add_argument("--part-rows", type=int, default=50_000, help="rows per embed part")
+    ap.add_argument("--partition-rows", type=int, default=50_000, help="dedup_copy rows per partition task")
+    ap.add_argument("--cell-copies", type=int, default=3, help="dedup_copy cells per descriptor")
+    ap.add_argument("--cluster-partition-rows", type=int, default=250_000, help="cluster images per partition task")
+    ap.add_argument("--single-max", type=int, default=1_000_000, help="run the single task up to this size")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/lvdk-scale"))
+    ap.add_argument("--keep", action="store_true", help="keep each size's OUT (about 2.2 GB per million rows)")
+    ap.add_argument("--num-cpus", type=int, default=None)
+    ap.add_argument("--skip-single", action="store_true")
+    ap.add_argument("--only-copy", action="store_true", help="dedup_copy only (to compare settings)")
+    args = ap.parse_args(argv)
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=args.num_cpus, include_dashboard=False, logging_level="ERROR")
+    print(machine_line(), flush=True)
+    copy_cfg = [
+        "dedup_copy.path=partitioned",
+        f"dedup_copy.partition_rows={args.partition_rows}",
+        f"dedup_copy.cell_rows={args.partition_rows // 4}",
+        f"dedup_copy.cell_copies={args.cell_copies}",
+    ]
+    rows = []
+    for n in [int(float(s)) for s in args.sizes.split(",")]:
+        out = args.work / f"n{n}"
+        shutil.rmtree(out, ignore_errors=True)
+        t0 = time.perf_counter()
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            pool.submit(generate, out, n, args.dim, args.part_rows, 0.01, 1000, 0).result()
+        print(f"n={n:,}: pool written in {time.perf_counter() - t0:.0f}s", flush=True)
+        secs, peaks, record = run_stage(out, "dedup_copy", copy_cfg)
+        rec = recall(out, 64)
+        rows.append(_row(n, "dedup_copy partitioned", secs, peaks, record, rec))
+        _print(rows[-1:])
+        if args.only_copy:
+            continue
+        k1 = max(2, n // 500)
+        levels = [k1, max(2, k1 // 10), max(2, k1 // 100)]
+        cluster_cfg = [
+            "cluster.path=partitioned",
+            f"cluster.embedding={KEY}",
+            f"cluster.hierarchy.levels={levels}",
+            f"cluster.partition_rows={args.cluster_partition_rows}",
+            f"cluster.target_size={n // 10}",
+        ]
+        secs, peaks, record = run_stage(out, "cluster", cluster_cfg)
+        rows.append(_row(n, f"cluster partitioned (k1={k1:,})", secs, peaks, record, None))
+        _print(rows[-1:])
+        secs, peaks, found = sample_retrieval(out, 1000, 4)
+        rows.append(_row(n, "sample retrieval k-NN (1000 seeds, k=4)", secs, peaks, {"stats": {"found": found}}, None))
+        if n <= args.single_max and not args.skip_single:
+            secs_single, peaks_single, record = run_stage(out, "dedup_copy", ["dedup_copy.path=single"])
+            rec_single = recall(out, 64)
+            rows.append(_row(n, "dedup_copy single task", secs_single, peaks_single, record, rec_single))
+            rows[-1].append(f"{secs_single / rows[-4][2] if rows[-4][2] else 0:.2f}x time")
+        if not args.keep:
+            shutil.rmtree(out, ignore_errors=True)
+        _print(rows)
+    return 0
+
+
+def _row(n: int, what: str, secs: float, peaks: Peaks, record: dict[str, Any], rec: dict[str, Any] | None) -> list:
+    recall_text = ""
+    if rec is not None:
+        recall_text = (
+            f"{rec['grouped'] / max(1, rec['exact']):.4f} ({rec['grouped']}/{rec['exact']} of {rec['planted']})"
+        )
+    return [
+        f"{n:,}",
+        what,
+        round(secs, 1),
+        round(secs / (n / 1e6), 1),
+        round(peaks.worker / 2**20),
+        round(peaks.driver / 2**20),
+        recall_text,
+    ]
+
+
+def _print(rows: list[list]) -> None:
+    headers = ["rows", "step", "wall s", "s per M rows", "largest task MiB", "driver MiB", "planted-copy recall", "vs"]
+    print_table(headers, [r + [""] * (len(headers) - len(r)) for r in rows])
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
