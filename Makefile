@@ -83,6 +83,7 @@ bench: $(STAMP)  ## run the benchmarks (prints figures; slow: a few hours on 2 c
 	$(BIN)/python bench/dedup_quality.py
 	$(BIN)/python bench/embed_throughput.py
 	$(BIN)/python bench/dedup_scale.py
+	$(BIN)/python bench/scale_curation.py
 	$(BIN)/python bench/retrieval_quality.py --out $(OUT) --demo $(DEMO)
 	$(BIN)/python bench/kmeans.py
 	$(BIN)/python bench/ingest_memory.py

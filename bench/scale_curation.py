@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep each size's OUT (about 2.2 GB per million rows)")
     ap.add_argument("--num-cpus", type=int, default=None)
     ap.add_argument("--skip-single", action="store_true")
-    ap.add_argument("--only-copy", action="store_true", help="dedup_copy only (to compare settings)")
+    ap.add_argument("--only-copy", action="store_true", help="dedup_copy only, both paths (to compare settings)")
     args = ap.parse_args(argv)
     import ray
 
@@ -298,8 +298,6 @@ def main(argv: list[str] | None = None) -> int:
         rec = recall(out, 64)
         rows.append(_row(n, "dedup_copy partitioned", secs, peaks, record, rec))
         _print(rows[-1:])
-        if args.only_copy:
-            continue
         k1 = max(2, n // 500)
         levels = [k1, max(2, k1 // 10), max(2, k1 // 100)]
         cluster_cfg = [
@@ -309,16 +307,19 @@ def main(argv: list[str] | None = None) -> int:
             f"cluster.partition_rows={args.cluster_partition_rows}",
             f"cluster.target_size={n // 10}",
         ]
-        secs, peaks, record = run_stage(out, "cluster", cluster_cfg)
-        rows.append(_row(n, f"cluster partitioned (k1={k1:,})", secs, peaks, record, None))
-        _print(rows[-1:])
-        secs, peaks, found = sample_retrieval(out, 1000, 4)
-        rows.append(_row(n, "sample retrieval k-NN (1000 seeds, k=4)", secs, peaks, {"stats": {"found": found}}, None))
+        if not args.only_copy:
+            secs, peaks, record = run_stage(out, "cluster", cluster_cfg)
+            rows.append(_row(n, f"cluster partitioned (k1={k1:,})", secs, peaks, record, None))
+            _print(rows[-1:])
+            secs, peaks, found = sample_retrieval(out, 1000, 4)
+            found_stats = {"stats": {"found": found}}
+            rows.append(_row(n, "sample retrieval k-NN (1000 seeds, k=4)", secs, peaks, found_stats, None))
         if n <= args.single_max and not args.skip_single:
             secs_single, peaks_single, record = run_stage(out, "dedup_copy", ["dedup_copy.path=single"])
             rec_single = recall(out, 64)
             rows.append(_row(n, "dedup_copy single task", secs_single, peaks_single, record, rec_single))
-            rows[-1].append(f"{secs_single / rows[-4][2] if rows[-4][2] else 0:.2f}x time")
+            partitioned = next(r for r in rows if r[0] == f"{n:,}" and r[1] == "dedup_copy partitioned")
+            rows[-1].append(f"{secs_single / partitioned[2]:.2f}x time")
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)
         _print(rows)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -15,7 +19,7 @@ from lvdkit.core.settings import load_config
 from lvdkit.pipeline.config import CurateConfig
 from lvdkit.pipeline.runner import run
 
-from ..conftest import TINY_EMBED
+from ..conftest import TINY_EMBED, kill_tree
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 UPSTREAM = ("ingest", "dedup_exact", "dedup_phash", "embed")
@@ -77,3 +81,33 @@ def test_partitioned_with_union_find_grouping_is_refused_by_name(
         _copy_dedup(
             embedded, small_demo, tmp_path / "x", "dedup_copy.path=partitioned", "dedup_copy.grouping=components"
         )
+
+
+def test_a_run_killed_while_solving_partitions_resumes_and_keeps_the_solved_ones(
+    embedded: Path, small_demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cells = ["dedup_copy.path=partitioned", "dedup_copy.cell_rows=20", "dedup_copy.partition_rows=30"]
+    reference = _copy_dedup(embedded, small_demo, tmp_path / "reference", *cells)
+    out = tmp_path / "killed"
+    shutil.copytree(embedded, out)
+    args = [f"out={out}", f"ingest.inputs=[{small_demo / 'raw'}]", "progress=false", *TINY_EMBED, *cells]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lvdkit.cli", "run", "dedup_copy", "ray.num_cpus=1", *args],
+        env={**os.environ, "LVDKIT_TEST_STAGE_DELAY": "dedup_copy:30"},
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    solved = out / "dedup_copy" / "_scratch" / "solve"
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None and not part_files(solved):
+        time.sleep(0.1)
+    kill_tree(proc)
+    kept = {p.name: p.stat().st_mtime_ns for p in part_files(solved)}
+    assert kept and not (out / "dedup_copy" / "_SUCCESS").exists()
+    capsys.readouterr()
+    run(_cfg(out, small_demo, *cells), ("dedup_copy",))
+    log = capsys.readouterr().err
+    assert f"dedup_copy: {len(kept)} of " in log and "partitions already solved" in log
+    rows = pa.concat_tables([pq.read_table(p) for p in part_files(out / "dedup_copy")]).to_pylist()
+    assert {r[schema.IMAGE_ID]: (r[schema.KEEP], r[schema.DUP_OF]) for r in rows} == reference

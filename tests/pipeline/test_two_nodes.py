@@ -46,7 +46,7 @@ def _args(out: Path, demo: Path) -> list[str]:
         *TINY_EMBED,
         "ingest.files_per_part=20",
         "embed.num_actors=2",
-        "embed.images_per_part=16",
+        "embed.images_per_part=10",  # more embed parts than ingest parts: part i of one is not part i of the other
         "dedup_exact.path=partitioned",
         "dedup_exact.partition_rows=20",
         "dedup_phash.path=partitioned",

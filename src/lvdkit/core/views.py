@@ -49,9 +49,12 @@ def alive_in_part(inputs: StageInputs, index: int, after: tuple[str, ...], colum
 
 
 def alive_embedded(inputs: StageInputs, index: int, after: tuple[str, ...], columns: list[str]) -> pa.Table:
-    """The rows of embed part ``index`` (``image_id`` and ``columns``) that no dedup stage in ``after`` removed."""
+    """The rows of embed part ``index`` (``image_id`` and ``columns``) that no dedup stage in ``after`` removed.
+
+    embed only embedded what exact and PHash dedup kept, so only the later dedups (whose partitioned parts follow
+    embed's) are applied."""
     table = pq.read_table(inputs.parts(EMBED)[index], columns=list(dict.fromkeys([schema.IMAGE_ID, *columns])))
-    return _drop_removed(inputs, table, index, after)
+    return _drop_removed(inputs, table, index, tuple(s for s in after if s not in dedups_before("dedup_copy")))
 
 
 def _drop_removed(inputs: StageInputs, table: pa.Table, index: int, after: tuple[str, ...]) -> pa.Table:

@@ -67,12 +67,16 @@ class DedupCopyConfig:
     # where it runs: one task over the pool ("single"), or partitioned over the cluster by k-means cells
     # ("partitioned", lvdkit.curation.copy_partitioned); "auto": partitioned from partition_min_rows images on
     path: Literal["auto", "single", "partitioned"] = "auto"
-    partition_min_rows: int = setting(100_000, ge=0)
+    # measured (bench/scale_curation.py, 256 dims, 2 cores): single task 0.72x the partitioned time at 250k, 1.00x at
+    # 500k, 1.42x at 1M (and 3 / 6 GiB in one task at 500k / 1M, against about 1 GiB per partitioned task)
+    partition_min_rows: int = setting(500_000, ge=0)
     # cells each descriptor joins: neighbours across a cell border meet in another. Measured (bench/scale_curation.py,
     # 250k x 256, partitions of 50k): planted-copy recall against exact k-NN 0.978 with 2, 0.995 with 3 (+22% time)
     cell_copies: int = setting(3, ge=1)
-    cell_rows: int = setting(25_000, ge=1)  # k-means cells: about pool rows x cell_copies / cell_rows of them
-    partition_rows: int = setting(100_000, ge=2)  # rows per partition task (its exact k-NN): the memory bound
+    cell_rows: int = setting(12_500, ge=1)  # k-means cells: about pool rows x cell_copies / cell_rows of them
+    # rows per partition task (its exact k-NN): the memory bound, and the cost per row (exact k-NN grows with it).
+    # 50k: about 1 GiB per task at 256 dims; measured in bench/scale_curation.py with cell_rows 12.5k
+    partition_rows: int = setting(50_000, ge=2)
     calibration_queries: int = setting(20_000, ge=2)  # images whose exact neighbours calibrate the threshold
     task_cpus: float = setting(1.0, gt=0)  # CPUs per partitioned task (Faiss threads match them)
     task_memory_mb: int | None = setting(None, ge=64)  # memory Ray reserves per task; null: from partition_rows

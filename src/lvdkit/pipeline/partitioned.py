@@ -104,6 +104,11 @@ class _Steps:
         partitions, figures = self.work.plan(total)
         figures_ref = ray.put(figures)
         solved = [scratch / "solve" / part_name(j) for j in range(len(partitions))]
+        kept = sum(_trusted(p) for p in solved)
+        if kept:
+            print(
+                f"[lvdkit] {self.name}: {kept} of {len(solved)} partitions already solved", file=sys.stderr, flush=True
+            )
         refs = [
             self.task(_solve).remote(
                 self.work, state, figures_ref, partitions[j], scattered, str(p), threads, self.hooks, j
