@@ -16,30 +16,16 @@ from lvdkit.core.settings import load_config
 from lvdkit.pipeline.config import CurateConfig
 from lvdkit.pipeline.runner import run
 
-from ..conftest import TINY_EMBED
-
-UPSTREAM = ("ingest", "dedup_exact", "dedup_phash", "embed", "dedup_copy", "dedup_relative")
+from ..partitioned_run import base_args, copy_of_base
 
 
 def _cfg(out: Path, demo: Path, *extra: str) -> CurateConfig:
-    overrides = [
-        f"out={out}",
-        f"ingest.inputs=[{demo / 'raw'}]",
-        "progress=false",
-        *TINY_EMBED,
-        "embed.images_per_part=16",
-        "cluster.hierarchy.levels=[8, 2]",
-        "cluster.target_size=30",
-        *extra,
-    ]
-    return load_config(CurateConfig, None, overrides)
+    return load_config(CurateConfig, None, [*base_args(out, demo), *extra])
 
 
 @pytest.fixture(scope="module")
 def deduped(small_demo: Path, tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> Path:
-    out = tmp_path_factory.mktemp("cluster_paths") / "out"
-    run(_cfg(out, small_demo), UPSTREAM)
-    return out
+    return copy_of_base(small_demo, tmp_path_factory, tmp_path_factory.mktemp("base") / "out")
 
 
 def _cluster(deduped: Path, demo: Path, where: Path, *extra: str) -> dict[str, tuple[list[int], float, bool]]:
@@ -51,7 +37,7 @@ def _cluster(deduped: Path, demo: Path, where: Path, *extra: str) -> dict[str, t
 
 def test_one_partition_clusters_and_samples_as_the_single_task(deduped: Path, small_demo: Path, tmp_path: Path) -> None:
     single = _cluster(deduped, small_demo, tmp_path / "single", "cluster.path=single")
-    one = _cluster(deduped, small_demo, tmp_path / "one", "cluster.path=partitioned")
+    one = _cluster(deduped, small_demo, tmp_path / "one", "cluster.path=partitioned", "cluster.partition_rows=100000")
     assert one.keys() == single.keys()
     for image, (levels, distance, balanced) in single.items():
         assert one[image][0] == levels and one[image][2] == balanced
@@ -71,10 +57,10 @@ def test_many_partitions_keep_the_tree_and_the_sample_whole(deduped: Path, small
     assert len(parts) > 1  # one output part per partition
     level1 = np.array([levels[0] for levels, _, _ in found.values()])
     level2 = np.array([levels[1] for levels, _, _ in found.values()])
-    assert set(level1) == set(range(8)) and set(level2) <= {0, 1}
-    for cluster in range(8):  # a level-1 cluster has one parent
+    assert set(level1) == set(range(6)) and set(level2) <= {0, 1}
+    for cluster in range(6):  # a level-1 cluster has one parent
         assert len(set(level2[level1 == cluster])) == 1
     assert sum(balanced for _, _, balanced in found.values()) == 30
     assert all(d >= 0 for _, d, _ in found.values())
     centroids = np.load(tmp_path / "many" / "cluster" / schema.centroids_file(1))
-    assert centroids.shape[0] == 8
+    assert centroids.shape[0] == 6

@@ -19,22 +19,19 @@ from lvdkit.core.settings import load_config
 from lvdkit.pipeline.config import CurateConfig
 from lvdkit.pipeline.runner import run
 
-from ..conftest import TINY_EMBED, kill_tree
+from ..conftest import kill_tree
+from ..partitioned_run import base_args, copy_of_base
 
 pytestmark = pytest.mark.usefixtures("ray_local")
-UPSTREAM = ("ingest", "dedup_exact", "dedup_phash", "embed")
 
 
 @pytest.fixture(scope="module")
 def embedded(small_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("copy_paths") / "out"
-    run(_cfg(out, small_demo), UPSTREAM)
-    return out
+    return copy_of_base(small_demo, tmp_path_factory, tmp_path_factory.mktemp("base") / "out")
 
 
 def _cfg(out: Path, demo: Path, *extra: str) -> CurateConfig:
-    overrides = [f"out={out}", f"ingest.inputs=[{demo / 'raw'}]", "progress=false", *TINY_EMBED, *extra]
-    return load_config(CurateConfig, None, overrides)
+    return load_config(CurateConfig, None, [*base_args(out, demo), *extra])
 
 
 def _copy_dedup(embedded: Path, demo: Path, where: Path, *extra: str) -> dict[str, tuple[bool, str | None]]:
@@ -90,7 +87,7 @@ def test_a_run_killed_while_solving_partitions_resumes_and_keeps_the_solved_ones
     reference = _copy_dedup(embedded, small_demo, tmp_path / "reference", *cells)
     out = tmp_path / "killed"
     shutil.copytree(embedded, out)
-    args = [f"out={out}", f"ingest.inputs=[{small_demo / 'raw'}]", "progress=false", *TINY_EMBED, *cells]
+    args = [*base_args(out, small_demo), *cells]
     proc = subprocess.Popen(
         [sys.executable, "-m", "lvdkit.cli", "run", "dedup_copy", "ray.num_cpus=1", *args],
         env={**os.environ, "LVDKIT_TEST_STAGE_DELAY": "dedup_copy:30"},

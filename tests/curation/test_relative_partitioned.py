@@ -17,9 +17,7 @@ from lvdkit.curation.relative_partitioned import BINS, histogram_quantile
 from lvdkit.pipeline.config import CurateConfig
 from lvdkit.pipeline.runner import run
 
-from ..conftest import TINY_EMBED
-
-UPSTREAM = ("ingest", "dedup_exact", "dedup_phash", "embed", "dedup_copy")
+from ..partitioned_run import base_args, copy_of_base
 
 
 def test_the_histogram_quantile_removes_what_the_exact_one_removes_but_within_a_bin() -> None:
@@ -33,23 +31,12 @@ def test_the_histogram_quantile_removes_what_the_exact_one_removes_but_within_a_
 
 
 def _cfg(out: Path, demo: Path, *extra: str) -> CurateConfig:
-    overrides = [
-        f"out={out}",
-        f"ingest.inputs=[{demo / 'raw'}]",
-        "progress=false",
-        *TINY_EMBED,
-        "embed.images_per_part=16",
-        f"dedup_relative.protected=[{demo / 'heldout'}]",
-        *extra,
-    ]
-    return load_config(CurateConfig, None, overrides)
+    return load_config(CurateConfig, None, [*base_args(out, demo), *extra])
 
 
 @pytest.fixture(scope="module")
 def copied(small_demo: Path, tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> Path:
-    out = tmp_path_factory.mktemp("relative_paths") / "out"
-    run(_cfg(out, small_demo), UPSTREAM)
-    return out
+    return copy_of_base(small_demo, tmp_path_factory, tmp_path_factory.mktemp("base") / "out")
 
 
 def _relative(copied: Path, demo: Path, where: Path, *extra: str) -> dict[str, tuple[bool, str | None]]:

@@ -16,36 +16,16 @@ from lvdkit.core.settings import load_config
 from lvdkit.pipeline.config import CurateConfig
 from lvdkit.pipeline.runner import run
 
-from ..conftest import TINY_EMBED
-
-UPSTREAM = ("ingest", "dedup_exact", "dedup_phash", "embed", "dedup_copy", "dedup_relative", "cluster")
+from ..partitioned_run import base_args, copy_of_base
 
 
 def _cfg(out: Path, demo: Path, *extra: str) -> CurateConfig:
-    seeds = demo / "seeds"
-    overrides = [
-        f"out={out}",
-        f"ingest.inputs=[{demo / 'raw'}]",
-        "progress=false",
-        *TINY_EMBED,
-        "embed.images_per_part=16",
-        "cluster.hierarchy.levels=[6, 2]",
-        "cluster.path=partitioned",
-        "cluster.partition_rows=30",  # clusters spread over several parts
-        f"retrieve.seed_sets={{two: {{inputs: [{seeds / 'digit_2'}], mode: sample, k: 3}}, "
-        f"five: {{inputs: [{seeds / 'digit_5'}], mode: cluster}}}}",
-        "retrieve.min_seeds_per_cluster=0",
-        "retrieve.per_cluster=4",
-        *extra,
-    ]
-    return load_config(CurateConfig, None, overrides)
+    return load_config(CurateConfig, None, [*base_args(out, demo), *extra])
 
 
 @pytest.fixture(scope="module")
 def clustered(small_demo: Path, tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> Path:
-    out = tmp_path_factory.mktemp("retrieve_paths") / "out"
-    run(_cfg(out, small_demo), UPSTREAM)
-    return out
+    return copy_of_base(small_demo, tmp_path_factory, tmp_path_factory.mktemp("base") / "out")
 
 
 def _hits(clustered: Path, demo: Path, where: Path, path: str) -> dict[tuple[str, str], tuple[str | None, str, float]]:

@@ -54,14 +54,20 @@ def test_a_balanced_sample_of_zero_selects_nothing_and_the_report_says_so(small_
     assert "curated" in page and "Traceback" not in page
 
 
-def test_a_pool_with_no_usable_image_runs_every_stage_to_empty_outputs(tmp_path: Path) -> None:
+PARTITIONED = tuple(
+    f"{stage}.path=partitioned" for stage in ("dedup_exact", "dedup_phash", "dedup_copy", "dedup_relative", "cluster")
+)
+
+
+@pytest.mark.parametrize("paths", [(), PARTITIONED], ids=["auto", "partitioned"])
+def test_a_pool_with_no_usable_image_runs_every_stage_to_empty_outputs(tmp_path: Path, paths: tuple[str, ...]) -> None:
     pool = tmp_path / "pool"
     pool.mkdir()
     for k in range(4):
         (pool / f"notes_{k}.txt").write_text(f"not an image {k}")
     (pool / "empty.jpg").write_bytes(b"")
     out = tmp_path / "out"
-    summary = _curate(pool, out)
+    summary = _curate(pool, out, *paths)
     assert summary["images_in"] == summary["quarantined"] == 5
     assert summary["kept"] == summary["duplicates"] == summary["curated"] == 0
     assert "not_an_image" in build_report(out)

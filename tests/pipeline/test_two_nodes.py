@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -108,10 +109,16 @@ def _status(out: Path) -> dict[str, tuple[str, str | None, str | None]]:
     return {r[schema.IMAGE_ID]: (r[schema.STATUS_COL], r[schema.REASON], r[schema.DUP_OF]) for r in rows}
 
 
-def _rows(out: Path, stage: str) -> list[tuple[object, ...]]:
+def _rows(out: Path, stage: str) -> tuple[list[tuple[object, ...]], list[float]]:
+    """A stage's rows by image: the decisions (every non-float value) exactly, and the floats apart.
+
+    The embed actors run with other thread counts on two nodes (4 CPUs over 2 actors) than on one (2 over 2), so the
+    embeddings differ by about 3e-8; k-means can carry that into a centroid (a one-member cluster's point is its
+    centroid exactly in one run, 0.003 from it in the other) without changing any assignment or pick."""
     rows = pa.concat_tables([pq.read_table(p) for p in part_files(out / stage)]).to_pylist()
-    # floats to 5 decimals: a distance of 1e-7 on one node is 0.0 on another (threads sum in another order)
-    return sorted(tuple(str(round(v, 5) if isinstance(v, float) else v) for v in r.values()) for r in rows)
+    rows.sort(key=lambda r: tuple(str(v) for v in r.values() if not isinstance(v, float)))
+    decisions = [tuple(str(v) for v in r.values() if not isinstance(v, float)) for r in rows]
+    return decisions, [v for r in rows for v in r.values() if isinstance(v, float)]
 
 
 def _curated(out: Path) -> list[str]:
@@ -132,7 +139,9 @@ def test_curate_on_two_nodes_uses_both_and_decides_as_one_node(runs: dict[str, P
     assert _status(two) == _status(one)
     assert _curated(two) == _curated(one)
     for stage in ("cluster", "retrieve"):
-        assert _rows(two, stage) == _rows(one, stage), stage
+        (decided_two, floats_two), (decided_one, floats_one) = _rows(two, stage), _rows(one, stage)
+        assert decided_two == decided_one, stage
+        assert np.allclose(floats_two, floats_one, atol=0.01), stage
     assert any(status == schema.FINAL_DUPLICATE for status, _, _ in _status(two).values())
 
 

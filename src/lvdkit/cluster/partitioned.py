@@ -53,6 +53,9 @@ class ClusterPartitions(PartitionedWork):
     dims: int
     write_per_partition = True
 
+    def empty_output(self) -> pa.Table:
+        return schema.CLUSTER.empty_table()
+
     @classmethod
     def create(cls, cfg: ClusterConfig, inputs: StageInputs) -> ClusterPartitions:
         parts = inputs.parts(EMBED)

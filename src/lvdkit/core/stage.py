@@ -177,6 +177,11 @@ class PartitionedWork:
     def write(self, state: Any, figures: Any, decisions: pa.Table, index: int, scratch: Scratch) -> pa.Table:
         raise NotImplementedError
 
+    def empty_output(self) -> pa.Table:
+        """The stage's table with no rows: written as its one part when it has nothing to write (an empty pool),
+        as the single-task path does, so readers find the stage's schema."""
+        raise NotImplementedError
+
     def final_stats(self, stats: dict[str, Any], parts: list[Path]) -> dict[str, Any]:
         """The stage's stats once its output ``parts`` are written (for figures only they can give)."""
         return stats

@@ -77,6 +77,9 @@ class CopyPartitions(PartitionedWork):
     part_rows: list[int]  # rows of each embed part (from the Parquet footers)
     dims: int  # descriptor dimension
 
+    def empty_output(self) -> pa.Table:
+        return schema.DEDUP.empty_table()
+
     @classmethod
     def create(cls, cfg: DedupCopyConfig, inputs: StageInputs) -> CopyPartitions:
         parts = inputs.parts(EMBED)

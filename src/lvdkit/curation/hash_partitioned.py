@@ -47,6 +47,9 @@ class _HashWork(PartitionedWork):
     partition_rows: int
     buckets: int
 
+    def empty_output(self) -> pa.Table:
+        return schema.DEDUP.empty_table()
+
     @classmethod
     def _sized(cls, inputs: StageInputs, stage: str, partition_rows: int, copies: int, **kw: Any) -> Any:
         rows = int(inputs.record(INGEST).get("rows") or 0) * copies
@@ -111,10 +114,10 @@ class ExactPartitions(_HashWork):
         return table.filter(pc.invert(table[schema.KEEP]))  # every copy of its bytes is in this partition
 
     def reduce(self, state: None, figures: dict[str, Any], solved: list[Path]) -> StageOutput:
-        decisions = pa.concat_tables([pq.read_table(p, schema=schema.DEDUP) for p in solved], promote_options="none")
+        tables = [pq.read_table(p, schema=schema.DEDUP) for p in solved]
+        decisions = pa.concat_tables(tables) if tables else schema.DEDUP.empty_table()
         n = figures["rows"]
-        stats = {"in": n, "kept": n - decisions.num_rows, "duplicates": decisions.num_rows}
-        return StageOutput(decisions if solved else schema.DEDUP.empty_table(), stats)
+        return StageOutput(decisions, {"in": n, "kept": n - decisions.num_rows, "duplicates": decisions.num_rows})
 
 
 @dataclass

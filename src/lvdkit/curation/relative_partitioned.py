@@ -47,6 +47,9 @@ class RelativePartitions(PartitionedWork):
     reader: SideSetReader
     inputs: StageInputs
 
+    def empty_output(self) -> pa.Table:
+        return schema.DEDUP.empty_table()
+
     @classmethod
     def create(cls, cfg: DedupRelativeConfig, reader: SideSetReader, inputs: StageInputs) -> RelativePartitions:
         work = cls(cfg, reader, inputs)

@@ -60,6 +60,9 @@ class RetrievePartitions(PartitionedWork):
     cluster_parts: int
     write_per_partition = True
 
+    def empty_output(self) -> pa.Table:
+        return RETRIEVED.empty_table()
+
     @classmethod
     def create(cls, cfg: RetrieveConfig, reader: SideSetReader, inputs: StageInputs) -> RetrievePartitions:
         work = cls(cfg, reader, inputs, len(inputs.parts(EMBED)), len(inputs.parts("cluster")))

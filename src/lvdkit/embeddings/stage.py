@@ -48,6 +48,9 @@ class EmbedConfig:
     num_actors: int = setting(1, ge=1)  # model replicas (one per GPU on a GPU cluster): the pool's largest size
     min_actors: int | None = setting(None, ge=1)  # the pool's smallest size (Ray Data scales between); null: fixed
     actor_cpus: float = setting(1.0, gt=0)  # CPUs Ray reserves per actor (the rest decode)
+    # GPUs Ray reserves per actor; null: 1 when the Ray cluster has a GPU and device allows cuda (decided from the
+    # cluster's resources, never from the driver's own CUDA: a CPU head still gives its GPU workers' actors a GPU)
+    actor_gpus: float | None = setting(None, ge=0)
     # CPUs per decode task (differs from actor_cpus so Ray keeps decode out of the actor)
     decode_cpus: float = setting(0.5, gt=0)
     # intra-op threads of each model; default: the node's CPUs / num_actors

@@ -66,6 +66,8 @@ def run_partitioned(
 
 
 class _Steps:
+    """One run of a partitioned stage's steps; remembers the nodes its tasks ran on."""
+
     def __init__(
         self,
         name: str,
@@ -75,14 +77,10 @@ class _Steps:
         opts: dict[str, Any],
         progress: bool,
     ) -> None:
-        self.name, self.sides, self.work, self.hooks, self.opts, self.progress = (
-            name,
-            sides,
-            work,
-            hooks,
-            opts,
-            progress,
-        )
+        self.name, self.sides, self.hooks, self.opts, self.progress = name, sides, hooks, opts, progress
+        self.work = work
+        self.work_ref = ray.put(work)  # shipped once, not with every task
+        self.threads = max(1, int(work.resources.cpus))
         self.nodes: set[str] = set()
 
     def task(self, fn: Any, returns: int = 1) -> Any:
@@ -90,52 +88,61 @@ class _Steps:
 
     def all(self, stage_dir: Path) -> tuple[int, dict[str, Any], set[str]]:
         scratch = stage_dir / SCRATCH
-        threads = max(1, int(self.work.resources.cpus))
-        state, node = self.task(_prepare, 2).remote(self.work, threads)
+        state, node = self.task(_prepare, 2).remote(self.work_ref, self.threads)
         self.nodes.add(ray.get(node))
         scattered = [scratch / "scatter" / part_name(i) for i in range(self.work.n_inputs)]
-        total = None
+        partitions, figures = self.scatter(state, scattered)
+        solved = [scratch / "solve" / part_name(j) for j in range(len(partitions))]
+        self.solve(state, figures, partitions, scattered, solved)
+        decisions, stats_ref = self.task(_reduce, 2).remote(
+            self.work_ref, state, figures, solved, str(stage_dir), self.sides, self.threads
+        )
+        stats, node = ray.get(stats_ref)
+        self.nodes.add(node)
+        outputs = len(partitions) if self.work.write_per_partition else self.work.n_inputs
+        targets = [stage_dir / part_name(i) for i in range(outputs)]
+        scratch_of = Scratch(scattered, solved)
         refs = [
-            self.task(_scatter).remote(self.work, state, i, str(p), threads, self.hooks)
+            self.task(_write).remote(self.work_ref, state, figures, decisions, i, scratch_of, str(t), self.hooks)
+            for i, t in enumerate(targets)
+            if not _trusted(t)
+        ]
+        list(self.gather(refs, "write"))
+        if not targets:  # nothing to write (an empty pool): one empty part, as the single task writes
+            targets = [stage_dir / part_name(0)]
+            commit_part(self.work.empty_output(), targets[0], self.hooks)
+        stats, node = ray.get(self.task(_final).remote(self.work_ref, stats, targets))
+        self.nodes.add(node)
+        shutil.rmtree(scratch, ignore_errors=True)
+        return sum(pq.ParquetFile(p).metadata.num_rows for p in part_files(stage_dir)), stats, self.nodes
+
+    def scatter(self, state: Any, scattered: list[Path]) -> tuple[list[Any], Any]:
+        """Scatter every input part (always: cheap, and the same again), merge the summaries, plan; the figures
+        stay in the object store for the later steps."""
+        refs = [
+            self.task(_scatter).remote(self.work_ref, state, i, str(p), self.threads, self.hooks)
             for i, p in enumerate(scattered)
         ]
+        total = None
         for summary in self.gather(refs, "scatter"):
             total = self.work.merge(total, summary)
         partitions, figures = self.work.plan(total)
-        figures_ref = ray.put(figures)
-        solved = [scratch / "solve" / part_name(j) for j in range(len(partitions))]
+        return partitions, ray.put(figures)
+
+    def solve(self, state: Any, figures: Any, partitions: list[Any], scattered: list[Path], solved: list[Path]) -> None:
+        """Solve every partition not already solved by an interrupted run."""
         kept = sum(_trusted(p) for p in solved)
         if kept:
-            print(
-                f"[lvdkit] {self.name}: {kept} of {len(solved)} partitions already solved", file=sys.stderr, flush=True
-            )
+            note = f"[lvdkit] {self.name}: {kept} of {len(solved)} partitions already solved"
+            print(note, file=sys.stderr, flush=True)
         refs = [
             self.task(_solve).remote(
-                self.work, state, figures_ref, partitions[j], scattered, str(p), threads, self.hooks, j
+                self.work_ref, state, figures, partitions[j], scattered, str(p), self.threads, self.hooks, j
             )
             for j, p in enumerate(solved)
             if not _trusted(p)
         ]
         list(self.gather(refs, f"solve ({len(partitions)} partitions)"))
-        decisions, stats_ref = self.task(_reduce, 2).remote(
-            self.work, state, figures_ref, solved, str(stage_dir), self.sides, threads
-        )
-        stats, node = ray.get(stats_ref)
-        self.nodes.add(node)
-        outputs = len(partitions) if self.work.write_per_partition else self.work.n_inputs
-        scratch_of = Scratch(scattered, solved)
-        targets = [stage_dir / part_name(i) for i in range(outputs)]
-        refs = [
-            self.task(_write).remote(self.work, state, figures_ref, decisions, i, scratch_of, str(t), self.hooks)
-            for i, t in enumerate(targets)
-            if not _trusted(t)
-        ]
-        list(self.gather(refs, "write"))
-        stats, node = ray.get(self.task(_final).remote(self.work, stats, targets))
-        self.nodes.add(node)
-        shutil.rmtree(scratch, ignore_errors=True)
-        rows = sum(pq.ParquetFile(p).metadata.num_rows for p in part_files(stage_dir))
-        return rows, stats, self.nodes
 
     def gather(self, refs: list[Any], step: str) -> Iterator[Any]:
         """Results as they finish (each fetched once, then dropped); the nodes that ran them are noted."""

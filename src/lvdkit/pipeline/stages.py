@@ -50,7 +50,9 @@ def _protected_files(cfg: CurateConfig) -> str:
 
 def _embed_actors(cfg: CurateConfig) -> Actors:
     e = cfg.embed
-    gpus = 1.0 if e.device in ("auto", "cuda") and ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    gpus = e.actor_gpus
+    if gpus is None:
+        gpus = 1.0 if e.device in ("auto", "cuda") and ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
     smallest = min(e.min_actors, e.num_actors) if e.min_actors is not None else None
     return Actors(e.num_actors, e.actor_cpus, gpus, e.threads_per_actor, smallest)
 
