@@ -7,6 +7,7 @@ distillation. Sizes are the smallest that still exercise every part (2-block ViT
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import math
@@ -275,14 +276,21 @@ def _small_disk(folder: Path, mb: int) -> Iterator[Path]:
 
 
 def _fill(disk: Path, leave: int) -> Path:
-    """Write a file that leaves ``leave`` bytes free on ``disk``, as another job filling the disk would."""
+    """Write a file that leaves ``leave`` bytes free on ``disk``, as another job filling the disk would.
+
+    The training run keeps writing meanwhile (a checkpoint may land between the ``statvfs`` and the last write): when
+    the disk fills first, the filler gives ``leave`` bytes back."""
     st = os.statvfs(disk)
     filler = disk / "filler.bin"
-    with filler.open("wb") as fh:
-        fh.truncate(0)
+    with filler.open("wb", buffering=0) as fh:
         remaining = st.f_bavail * st.f_frsize - leave
-        while remaining > 0:
-            remaining -= fh.write(b"\0" * min(remaining, 2**22))
+        try:
+            while remaining > 0:
+                remaining -= fh.write(b"\0" * min(remaining, 2**22)) or 0
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            fh.truncate(max(0, fh.tell() - leave))
     return filler
 
 
