@@ -128,6 +128,13 @@ def recall_rule(
     sources) stay above it, raised where needed so that at most ``max_removed`` of ``best`` [N] (each pool image's
     best similarity to the protected set) exceeds it. Returns (threshold, its parts and the estimated recall)."""
     for_budget = float(np.quantile(best, 1.0 - max_removed)) if len(best) else -1.0
+    return recall_within_budget(positives, for_budget, target_recall)
+
+
+def recall_within_budget(
+    positives: np.ndarray | None, for_budget: float, target_recall: float
+) -> tuple[float, dict[str, object]]:
+    """:func:`recall_rule` once the budget's threshold is known (the partitioned path reads it from a histogram)."""
     if positives is None or len(positives) == 0:
         return for_budget, {"rule": "recall", "threshold_for_budget": for_budget, "estimated_recall": None}
     for_recall = float(np.quantile(positives, 1.0 - target_recall))

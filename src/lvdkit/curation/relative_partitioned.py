@@ -25,7 +25,7 @@ from lvdkit.core.partitions import top_against
 from lvdkit.core.stage import PartitionedWork, Resources, Scratch, StageInputs, StageOutput
 from lvdkit.core.views import EMBED, alive_embedded
 from lvdkit.core.whitening import Whitener
-from lvdkit.curation.dedup_relative import DedupRelativeConfig, copy_threshold, dedup_relative
+from lvdkit.curation.dedup_relative import DedupRelativeConfig, copy_threshold, dedup_relative, recall_within_budget
 from lvdkit.curation.side_sets import SideSetReader
 
 BINS = 65_536  # histogram of best similarities over [-1, 1]
@@ -115,7 +115,7 @@ class RelativePartitions(PartitionedWork):
             else:
                 positives = np.concatenate(total["positives"]) if total is not None else np.empty(0)
                 budget = histogram_quantile(hist, 1.0 - self.cfg.max_removed)
-                threshold, rule_stats = _with_budget(positives, budget, self.cfg)
+                threshold, rule_stats = recall_within_budget(positives, budget, self.cfg.target_recall)
         return [], {"threshold": threshold, "n": n, "rule": rule_stats}
 
     def solve(self, state: Protected, figures: Any, partition: Any, scratch: list[Path]) -> pa.Table:
@@ -146,19 +146,6 @@ def histogram_quantile(hist: np.ndarray, q: float) -> float:
     below = int(np.floor(q * (n - 1)))  # numpy's linear quantile lies between this order statistic and the next
     b = int(np.searchsorted(np.cumsum(hist), below, side="right"))
     return float(-1.0 + 2.0 * (b + 1) / len(hist))
-
-
-def _with_budget(positives: np.ndarray, budget: float, cfg: DedupRelativeConfig) -> tuple[float, dict[str, object]]:
-    if not len(positives):
-        return budget, {"rule": "recall", "threshold_for_budget": budget, "estimated_recall": None}
-    for_recall = float(np.quantile(positives, 1.0 - cfg.target_recall))
-    threshold = max(for_recall, budget)
-    return threshold, {
-        "rule": "recall",
-        "threshold_for_recall": for_recall,
-        "threshold_for_budget": budget,
-        "estimated_recall": float(np.mean(positives > threshold)),
-    }
 
 
 def _whitened(whitener: Whitener, column: pa.ChunkedArray | pa.Array) -> np.ndarray:
