@@ -199,6 +199,44 @@ class PeakMemory:
             self._stop.wait(self.interval_s)
 
 
+class RayPeaks:
+    """Peak RSS of this (driver) process and of the largest Ray worker process, and the most worker processes seen
+    at once running a task whose name contains ``counting`` (Ray titles a busy worker ``ray::<task name>``),
+    sampled in a thread. A reused worker keeps what earlier tasks left, so the worker peak bounds a task's from above.
+    """
+
+    def __init__(self, counting: str | None = None, interval_s: float = 0.2) -> None:
+        import psutil
+
+        self.psutil, self.me, self.interval_s, self.counting = psutil, psutil.Process(), interval_s, counting
+        self.driver = self.worker = self.most_at_once = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> RayPeaks:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.driver = max(self.driver, self.me.memory_info().rss)
+            busy = 0
+            for proc in self.psutil.process_iter(["cmdline"]):
+                try:
+                    title = (proc.info["cmdline"] or [""])[0]
+                    if title.startswith("ray::") and proc.pid != self.me.pid:
+                        self.worker = max(self.worker, proc.memory_info().rss)
+                        busy += bool(self.counting and self.counting in title)
+                except (self.psutil.Error, IndexError):
+                    continue
+            self.most_at_once = max(self.most_at_once, busy)
+            self._stop.wait(self.interval_s)
+
+
 @contextmanager
 def stopwatch() -> Iterator[list[float]]:
     """``with stopwatch() as t: ...`` then ``t[0]`` is the elapsed wall-clock seconds."""

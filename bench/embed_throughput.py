@@ -1,30 +1,44 @@
-"""Images/second of the ``embed`` stage vs a bare loop calling the same model on pre-decoded tensors, one run.
+"""The ``embed`` stage's data plane: throughput against a bare model loop, decode tasks in parallel, driver memory.
 
-The bare loop is the ceiling: every image already decoded and preprocessed into a uint8 array in memory, the model
-called batch after batch with all cores. The stage does everything for real: Ray Data decode tasks read and decode
-the files, an actor holds the model, the driver writes Parquet parts. The ratio says what the pipeline costs.
+1. Throughput: images/s of the ``embed`` stage vs a bare loop calling the same model on pre-decoded tensors (the
+   ceiling: every image already decoded into a uint8 array in memory, the model called batch after batch with all
+   cores). The stage does everything for real: Ray Data decode tasks (one per part) read, decode and preprocess the
+   files, a model actor embeds them and writes the Parquet parts. Run with the default resources (``actor_cpus``
+   null: the node's CPUs less one decode task's, the model's threads to match) and with ``embed.actor_cpus=1`` (two
+   half-CPU decode tasks at once beside a one-thread model), so both the ratio and the decode parallelism show.
+2. Driver memory: the driver's peak RSS while the stage embeds ``--rss-sizes`` images (a cheap model, so decoding
+   dominates): it holds the list of pending parts and one small row per finished part, nothing per image. Each size
+   runs in a fresh process (nothing left over from the others).
 
-Usage: python bench/embed_throughput.py [--model timm:vit_small_patch14_dinov2] [--n 1000] [--batch-size 32]
+Decode tasks in parallel: the most Ray worker processes seen at once running ``_decode_parts`` (Ray titles a busy
+worker ``ray::<task>``), sampled every 0.2 s.
+
+Usage: python bench/embed_throughput.py [--model timm:vit_small_patch14_dinov2] [--n 1000] [--rss-sizes 20000,100000]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import ensure_demo, ensure_pool, machine_line, pool_files, print_table
+from _common import RayPeaks, ensure_demo, ensure_pool, machine_line, pool_files, print_table
 from lvdkit.core.image import decode, to_rgb
 from lvdkit.core.settings import load_config
 from lvdkit.embeddings import create_embedder
 from lvdkit.pipeline.config import CurateConfig
 from lvdkit.pipeline.runner import run
+
+DECODE_TASK = "_decode_parts"
+CHEAP_MODEL = "timm:vit_tiny_patch16_224"  # at 32 px: 4 patches, so decoding is the work
 
 
 def bare_loop(model_name: str, files: list[str], batch_size: int, threads: int) -> tuple[float, float]:
@@ -40,8 +54,11 @@ def bare_loop(model_name: str, files: list[str], batch_size: int, threads: int) 
     return len(pixels) / (time.perf_counter() - start), decode_s
 
 
-def stage(model_name: str, pool: Path, out: Path, batch_size: int) -> tuple[float, float]:
-    """(images/s of the embed stage end to end, seconds of the stage)."""
+def stage(
+    model: str, options: str, pool: Path, out: Path, batch_size: int, per_part: int, extra: list[str]
+) -> dict[str, float]:
+    """The embed stage over ``pool`` (ingested first, not timed): images/s, seconds, driver peak MiB, decode tasks
+    seen at once."""
     cfg: CurateConfig = load_config(
         CurateConfig,
         None,
@@ -49,52 +66,84 @@ def stage(model_name: str, pool: Path, out: Path, batch_size: int) -> tuple[floa
             f"out={out}",
             f"ingest.inputs=[{pool}]",
             "progress=false",
-            f"embed.models={{copy: '{model_name}'}}",
-            "embed.model_options={}",
+            f"embed.models={{copy: '{model}'}}",
+            f"embed.model_options={{copy: {options}}}",
             f"embed.batch_size={batch_size}",
             "embed.calibration_copies=0",
             "dedup_exact.enabled=false",
             "dedup_phash.enabled=false",
-            "embed.images_per_part=250",
+            f"embed.images_per_part={per_part}",
+            *extra,
         ],
     )
     run(cfg, stages=("ingest", "dedup_exact", "dedup_phash"))
-    run(cfg, stages=("embed",), force=True)
+    with RayPeaks(counting=DECODE_TASK) as peaks:
+        run(cfg, stages=("embed",), force=True)
     record = json.loads((out / "embed" / "_SUCCESS").read_text())
-    return record["rows"] / record["seconds"], record["seconds"]
+    return {
+        "ips": record["rows"] / record["seconds"],
+        "seconds": record["seconds"],
+        "driver_mib": peaks.driver / 2**20,
+        "decode_at_once": peaks.most_at_once,
+        "rows": record["rows"],
+    }
+
+
+def _in_fresh_process(*args: object) -> dict[str, float]:
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return dict(pool.submit(stage, *args).result())
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="timm:vit_small_patch14_dinov2")
-    parser.add_argument("--n", type=int, default=1000, help="images")
+    parser.add_argument("--n", type=int, default=1000, help="images for the throughput runs")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--rss-sizes", default="20000,100000", help="images for the driver-memory runs ('' skips)")
     parser.add_argument("--out", type=Path, default=Path("out/bench"))
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    print(machine_line())
-    pool = ensure_pool(ensure_demo(args.out / "demo-data"), args.out / f"pool-{args.n}", args.n)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    print(machine_line(), flush=True)
+    demo = ensure_demo(args.out / "demo-data")
+    pool = ensure_pool(demo, args.out / f"pool-{args.n}", args.n)
     files = [str(pool / f) for f in pool_files(pool)][: args.n]
     threads = os.cpu_count() or 1
     bare_ips, decode_s = bare_loop(args.model, files, args.batch_size, threads)
-    stage_ips, stage_s = stage(args.model, pool, args.out / f"embed-throughput-{args.n}", args.batch_size)
+    rows = [["bare model loop on pre-decoded uint8 batches", f"{bare_ips:.1f}", f"{len(files) / bare_ips:.1f}", "", ""]]
+    for label, extra in (
+        ("embed stage, default resources", []),
+        ("embed stage, embed.actor_cpus=1", ["embed.actor_cpus=1"]),
+    ):
+        out = args.out / f"embed-throughput-{args.n}"
+        got = _in_fresh_process(args.model, "{}", pool, out, args.batch_size, 250, extra)
+        rows.append(
+            [label, f"{got['ips']:.1f}", f"{got['seconds']:.1f}", f"{got['ips'] / bare_ips:.2f}", got["decode_at_once"]]
+        )
     print(f"\n{args.model} (random init), {len(files)} images, batch {args.batch_size}, {threads} CPUs")
-    print_table(
-        ["run", "images/s", "seconds", "ratio to bare"],
-        [
-            ["bare model loop on pre-decoded uint8 batches", f"{bare_ips:.1f}", f"{len(files) / bare_ips:.1f}", "1.00"],
-            [
-                "embed stage (Ray Data decode tasks + model actor + Parquet)",
-                f"{stage_ips:.1f}",
-                f"{stage_s:.1f}",
-                f"{stage_ips / bare_ips:.2f}",
-            ],
-        ],
-    )
+    print_table(["run", "images/s", "seconds", "ratio to bare", "decode tasks at once"], rows)
     print(
         f"(the bare loop also spent {decode_s:.1f}s decoding and preprocessing beforehand, not counted above; "
-        "the stage's seconds include Ray start of the actor and the model load in it)"
+        "the stage's seconds include the start of its actor and the model load in it)",
+        flush=True,
     )
+    sizes = [int(float(s)) for s in args.rss_sizes.split(",") if s]
+    if not sizes:
+        return
+    rss_rows = []
+    for n in sizes:
+        big = ensure_pool(demo, args.out / f"pool-{n}", n)
+        got = _in_fresh_process(CHEAP_MODEL, "{img_size: 32}", big, args.out / f"embed-rss-{n}", 64, 1000, [])
+        rss_rows.append(
+            [f"{n:,}", got["rows"], f"{got['seconds']:.0f}", f"{got['ips']:.0f}", f"{got['driver_mib']:.0f}"]
+        )
+        rss_rows[-1].append(f"{got['driver_mib'] / float(rss_rows[0][4]):.2f}")
+        rss_rows[-1].append(got["decode_at_once"])
+        print_table(
+            ["images", "embedded", "seconds", "images/s", "driver peak MiB", "vs first", "decode tasks at once"],
+            rss_rows,
+        )
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":

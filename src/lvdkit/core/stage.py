@@ -95,6 +95,8 @@ class PartWork:
     """
 
     may_quarantine: bool = True  # False: a part that keeps failing fails the stage with the work's own error
+    # True: ``decode`` does the part's CPU-side reading apart from the workers holding models, in tasks of its own
+    decodes: bool = False
 
     def setup(self, threads: int = 1) -> None:
         """Prepare a worker (``threads``: intra-op threads it may use)."""
@@ -103,7 +105,12 @@ class PartWork:
     def load(self, index: int) -> pa.Table:
         raise NotImplementedError
 
-    def process(self, rows: pa.Table) -> pa.Table | dict[str, pa.Table]:
+    def decode(self, rows: pa.Table) -> Any:
+        """The part's inputs made ready for ``process`` (images decoded, say), on a CPU task of its own; picklable."""
+        return None
+
+    def process(self, rows: pa.Table, decoded: Any = None) -> pa.Table | dict[str, pa.Table]:
+        """The part's output (``decoded``: what ``decode`` made of these rows, or None: process reads them itself)."""
         raise NotImplementedError
 
     def uris(self, rows: pa.Table) -> list[str]:

@@ -204,7 +204,7 @@ class CuratedWork(PartWork):
     def load(self, index: int) -> pa.Table:
         return pq.ParquetFile(self.listing).read_row_group(index)
 
-    def process(self, rows: pa.Table) -> pa.Table:
+    def process(self, rows: pa.Table, decoded: Any = None) -> pa.Table:
         dim = rows.schema.field(schema.EMBEDDING).type.list_size if schema.EMBEDDING in rows.column_names else None
         try:
             table = fetch_images(rows, self.cfg, dim)

@@ -174,7 +174,7 @@ class IngestWork(PartWork):
     def load(self, index: int) -> pa.Table:
         return pq.ParquetFile(self.listing).read_row_group(index)
 
-    def process(self, rows: pa.Table) -> pa.Table:
+    def process(self, rows: pa.Table, decoded: Any = None) -> pa.Table:
         outside = rows[schema.OUTSIDE].to_pylist() if schema.OUTSIDE in rows.column_names else None
         return ingest_files(self.uris(rows), self.cfg, outside)
 

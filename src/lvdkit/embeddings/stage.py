@@ -10,6 +10,8 @@ Besides one embedding per image and model, a deterministic sample of images is a
 from __future__ import annotations
 
 import hashlib
+import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -47,14 +49,14 @@ class EmbedConfig:
     batch_size: int = setting(32, ge=1)  # images per model forward
     num_actors: int = setting(1, ge=1)  # model replicas (one per GPU on a GPU cluster): the pool's largest size
     min_actors: int | None = setting(None, ge=1)  # the pool's smallest size (Ray Data scales between); null: fixed
-    actor_cpus: float = setting(1.0, gt=0)  # CPUs Ray reserves per actor (the rest decode)
+    # CPUs Ray reserves per actor, its model's threads too (rounded up); null: 1 on a GPU; without one, a node's
+    # CPUs shared among the actors on it, less one decode task's (decode keeps up: the model is the slow part)
+    actor_cpus: float | None = setting(None, gt=0)
     # GPUs Ray reserves per actor; null: 1 when the Ray cluster has a GPU and device allows cuda (decided from the
     # cluster's resources, never from the driver's own CUDA: a CPU head still gives its GPU workers' actors a GPU)
     actor_gpus: float | None = setting(None, ge=0)
-    # CPUs per decode task (differs from actor_cpus so Ray keeps decode out of the actor)
-    decode_cpus: float = setting(0.5, gt=0)
-    # intra-op threads of each model; default: the node's CPUs / num_actors
-    threads_per_actor: int | None = setting(None, ge=1)
+    decode_cpus: float = setting(0.5, gt=0)  # CPUs per decode task (one per part: read, decode, preprocess)
+    threads_per_actor: int | None = setting(None, ge=1)  # intra-op threads of each model; null: from actor_cpus
     device: str = "auto"  # auto: cuda when available
     calibration_copies: int = setting(1000, ge=0)  # synthetic copies embedded for dedup_copy's threshold calibration
     max_pixels: int = setting(100_000_000, ge=1)
@@ -156,6 +158,7 @@ class EmbedWork(PartWork):
     preprocess: dict[str, Preprocess]
     models: dict[str, Any] = field(default_factory=dict, repr=False)
     may_quarantine = False  # every surviving image needs its embedding
+    decodes = True
 
     @classmethod
     def create(cls, cfg: EmbedConfig, listing: Path) -> EmbedWork:
@@ -178,15 +181,21 @@ class EmbedWork(PartWork):
     def load(self, index: int) -> pa.Table:
         return pq.ParquetFile(self.listing).read_row_group(index)
 
-    def process(self, rows: pa.Table) -> dict[str, pa.Table]:
-        if not self.models:
-            self.setup()
+    def decode(self, rows: pa.Table) -> dict[str, np.ndarray] | None:
+        """Every image of the part (and the synthetic copies of sampled ones) decoded and preprocessed, as
+        :func:`decode_batch` returns them: what a decode task hands the model actor."""
+        if rows.num_rows == 0:
+            return None
         ids, uris = rows[schema.IMAGE_ID].to_pylist(), rows[schema.URI].to_pylist()
         keys = rows[schema.CONTENT_HASH].to_pylist() if schema.CONTENT_HASH in rows.column_names else ids
+        return decode_batch(ids, uris, self.preprocess, self.rate, self.cfg, keys)
+
+    def process(self, rows: pa.Table, decoded: dict[str, np.ndarray] | None = None) -> dict[str, pa.Table]:
+        if not self.models:
+            self.setup()
+        batches = self._batches(rows) if decoded is None else _slices(decoded, self.cfg.batch_size)
         pieces = []
-        for start in range(0, len(ids), self.cfg.batch_size):
-            end = start + self.cfg.batch_size
-            cols = decode_batch(ids[start:end], uris[start:end], self.preprocess, self.rate, self.cfg, keys[start:end])
+        for cols in batches:
             emb = {k: m.embed(cols[PIXELS_PREFIX + k]) for k, m in self.models.items()}  # [B', D] float32 each
             pieces.append(_rows(cols[schema.IMAGE_ID], cols[schema.EDIT], emb))
         table = pa.concat_tables(pieces) if pieces else _rows(np.empty(0, object), np.empty(0, str), self._empty())
@@ -199,8 +208,25 @@ class EmbedWork(PartWork):
             .sort_by([(schema.IMAGE_ID, "ascending"), (schema.EDIT, "ascending")]),
         }
 
+    def _batches(self, rows: pa.Table) -> Iterator[dict[str, np.ndarray]]:
+        """Decode batch by batch in this process (no decode task ran, or the part is being retried)."""
+        ids, uris = rows[schema.IMAGE_ID].to_pylist(), rows[schema.URI].to_pylist()
+        keys = rows[schema.CONTENT_HASH].to_pylist() if schema.CONTENT_HASH in rows.column_names else ids
+        for start in range(0, len(ids), self.cfg.batch_size):
+            end = start + self.cfg.batch_size
+            yield decode_batch(ids[start:end], uris[start:end], self.preprocess, self.rate, self.cfg, keys[start:end])
+
     def _empty(self) -> dict[str, np.ndarray]:
         return {k: np.empty((0, d), np.float32) for k, d in self.dims.items()}
+
+
+def _slices(decoded: dict[str, np.ndarray], size: int) -> Iterator[dict[str, np.ndarray]]:
+    """The batches :meth:`EmbedWork._batches` would decode: ``size`` images each, with their synthetic copies (the
+    same batches give the same embeddings, bit for bit, whichever process decoded them)."""
+    originals = np.flatnonzero(decoded[schema.EDIT] == "")
+    bounds = [*originals[::size].tolist(), len(decoded[schema.IMAGE_ID])]
+    for start, end in itertools.pairwise(bounds):
+        yield {name: col[start:end] for name, col in decoded.items()}
 
 
 def _rows(ids: np.ndarray, edits: np.ndarray, emb: dict[str, np.ndarray]) -> pa.Table:

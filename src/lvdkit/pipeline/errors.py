@@ -23,6 +23,22 @@ _OWN_ERROR_LINE = re.compile(
 )
 
 
+def own_text(exc: BaseException) -> str:
+    """``Name: message`` of one of lvdkit's own errors (a worker hands it to the driver as data, since an exception
+    escaping a Ray Data actor stalls a pipeline with a task stage before it); "" for any other error."""
+    return f"{type(exc).__name__}: {exc}" if isinstance(exc, _OWN_ERRORS) else ""
+
+
+def raise_own_text(text: str) -> None:
+    """Raise the error :func:`own_text` described."""
+    name, _, message = text.partition(": ")
+    raise next(c for c in _OWN_ERRORS if c.__name__ == name)(message)
+
+
+def is_own(exc: BaseException) -> bool:
+    return isinstance(exc, _OWN_ERRORS)
+
+
 def raise_own(exc: BaseException) -> None:
     """Re-raise the lvdkit error (disk full, a stage's own message) that Ray wrapped into ``exc``, if any, without
     Ray's wrapping (its remote traceback is noise next to a message written for the user)."""

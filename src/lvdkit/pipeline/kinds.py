@@ -52,8 +52,9 @@ class Actors:
     replicas: int
     num_cpus: float
     num_gpus: float
-    threads: int | None  # intra-op threads per replica; None: the cluster's CPUs / replicas
+    threads: int | None  # intra-op threads per replica; None: its CPUs, rounded up
     min_replicas: int | None = None  # an autoscaling pool between min_replicas and replicas; None: fixed
+    decode_cpus: float = 0.5  # CPUs per decode task, for works that decode apart from the actors (PartWork.decodes)
 
 
 @dataclass(frozen=True, kw_only=True)

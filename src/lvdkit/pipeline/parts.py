@@ -8,6 +8,8 @@ sub-folder, then the part itself, whose existence marks the part done. A worker 
 
 from __future__ import annotations
 
+import math
+import pickle
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +26,17 @@ from lvdkit.core.io import DiskFullError, is_disk_full, part_name
 from lvdkit.core.stage import PartWork
 from lvdkit.pipeline import faults
 from lvdkit.pipeline.commits import commit_part
-from lvdkit.pipeline.errors import INFLIGHT, StageError, crash_message, describe, failed_parts_message, raise_own
+from lvdkit.pipeline.errors import (
+    INFLIGHT,
+    StageError,
+    crash_message,
+    describe,
+    failed_parts_message,
+    is_own,
+    own_text,
+    raise_own,
+    raise_own_text,
+)
 from lvdkit.pipeline.kinds import Actors
 
 
@@ -44,7 +56,15 @@ class PartRun:
 def map_parts(run: PartRun, pending: list[int], actors: Actors | None, progress: bool) -> set[str]:
     """Process and write every pending part; raise :class:`StageError` naming the parts that failed. Returns the
     Ray nodes the parts ran on."""
-    ds = ray.data.from_items([{"part": i} for i in pending], override_num_blocks=len(pending))
+    ds: ray.data.Dataset = ray.data.from_items([{"part": i} for i in pending], override_num_blocks=len(pending))
+    if actors is not None and run.work.decodes:
+        ds = ds.map_batches(
+            _decode_parts,  # type: ignore[arg-type]
+            fn_kwargs={"run": run},
+            batch_size=1,
+            num_cpus=actors.decode_cpus,
+            max_retries=run.retries,
+        )
     if actors is None:
         results = ds.map_batches(
             _write_parts,  # type: ignore[arg-type]
@@ -73,14 +93,16 @@ def map_parts(run: PartRun, pending: list[int], actors: Actors | None, progress:
             for row in results.iter_rows():
                 if row["disk_full"]:
                     raise DiskFullError(str(row["disk_full"]))
+                if row["raised"]:
+                    raise_own_text(str(row["raised"]))
                 if row["error"]:
                     failures.append(str(row["error"]))
-                nodes.add(str(row["node"]))
+                nodes.update(str(n) for n in (row["node"], row["decode_node"]) if n)
                 bar.update(1)
                 bar.set_postfix(rows=int(row["rows"]), refresh=False)
-    except (DiskFullError, StageError):
-        raise
     except Exception as exc:
+        if is_own(exc):
+            raise
         raise_own(exc)
         raise StageError(crash_message(run.stage, Path(run.stage_dir), run.work, run.retries, exc)) from exc
     if failures:
@@ -89,10 +111,21 @@ def map_parts(run: PartRun, pending: list[int], actors: Actors | None, progress:
 
 
 def actor_threads(actors: Actors) -> int:
-    """Intra-op threads per replica: configured, or the cluster's CPUs shared among the replicas."""
+    """Intra-op threads per replica: configured, or its own CPU reservation (rounded up: a model on 1.5 CPUs
+    uses two threads while a half-CPU decode task shares the node)."""
     if actors.threads:
         return actors.threads
-    return max(1, int(ray.cluster_resources().get("CPU", 1)) // max(1, actors.replicas))
+    return max(1, math.ceil(actors.num_cpus))
+
+
+def cpu_actor_share(actors: int, decode_cpus: float) -> float:
+    """CPUs per model actor on CPU nodes: the smallest node's CPUs, less one decode task's, shared among the
+    actors it holds when the actors are spread evenly over the nodes (at least one CPU)."""
+    cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0.0) > 0]
+    if not cpus:
+        return 1.0
+    per_node = math.ceil(actors / len(cpus))
+    return max(1.0, (min(cpus) - decode_cpus) / per_node)
 
 
 class _PartActor:
@@ -108,39 +141,72 @@ class _PartActor:
         return _write_parts(batch, self.run)
 
 
+DECODED = "decoded"  # a decode task's output per part: its rows and what PartWork.decode made of them, pickled
+
+
+def _decode_parts(batch: dict[str, np.ndarray], run: PartRun) -> dict[str, np.ndarray]:
+    """Ray Data UDF, a CPU task: load and decode each part in the batch, so the actors holding models only run them.
+
+    A part that fails here goes on undecoded: the actor redoes it with the retries, row isolation and error reports
+    every part gets, instead of this task failing the whole dataset.
+    """
+    payloads = []
+    for index in map(int, batch["part"]):
+        try:
+            rows = run.work.load(index)
+            payloads.append(pickle.dumps((rows, run.work.decode(rows)), protocol=5))
+        except Exception:
+            payloads.append(b"")
+    node = ray.get_runtime_context().get_node_id()
+    return {"part": batch["part"], DECODED: np.asarray(payloads, dtype=object), "decode_node": _same(node, payloads)}
+
+
+def _same(value: str, like: list[Any]) -> np.ndarray:
+    return np.asarray([value] * len(like), dtype=object)
+
+
 def _write_parts(batch: dict[str, np.ndarray], run: PartRun) -> dict[str, np.ndarray]:
     """Ray Data UDF: process each part index in the batch and write its files atomically (idempotent).
 
     Returns per part its rows, and an error message instead when it failed (``on_error=fail``) or the disk is full.
     """
-    rows, errors, disk = [], [], []
-    for index in map(int, batch["part"]):
-        n, error, full = 0, "", ""
+    rows, errors, disk, raised = [], [], [], []
+    decoded = batch.get(DECODED)
+    for k, index in enumerate(map(int, batch["part"])):
+        n, error, full, own = 0, "", "", ""
         target = Path(run.stage_dir) / part_name(index)
         marker = target.parent / f".{target.name}{INFLIGHT}"
         try:
             marker.touch()
             run.hooks.before_part()
-            n, error = _write_part(run, index, target)
+            n, error = _write_part(run, index, target, bytes(decoded[k]) if decoded is not None else b"")
         except DiskFullError as exc:
             full = str(exc)
+        except Exception as exc:
+            own = own_text(exc)
+            if not own:
+                raise
         finally:
             marker.unlink(missing_ok=True)
         rows.append(n)
         errors.append(error)
         disk.append(full)
+        raised.append(own)
     return {
         "part": batch["part"],
         "rows": np.asarray(rows, dtype=np.int64),
         "error": np.asarray(errors, dtype=object),
         "disk_full": np.asarray(disk, dtype=object),
-        "node": np.asarray([ray.get_runtime_context().get_node_id()] * len(rows), dtype=object),
+        "raised": np.asarray(raised, dtype=object),
+        "node": _same(ray.get_runtime_context().get_node_id(), rows),
+        "decode_node": batch["decode_node"] if "decode_node" in batch else _same("", rows),
     }
 
 
-def _write_part(run: PartRun, index: int, target: Path) -> tuple[int, str]:
-    """Process part ``index`` and write its files, sub-folders first; (rows, error message)."""
-    outputs, left_out, error = _process_part(run, index)
+def _write_part(run: PartRun, index: int, target: Path, decoded: bytes) -> tuple[int, str]:
+    """Process part ``index`` (``decoded``: a decode task's payload, or empty) and write its files, sub-folders
+    first; (rows, error message)."""
+    outputs, left_out, error = _process_part(run, index, decoded)
     if outputs is None:
         return 0, error
     if left_out is not None:  # before the part: the part's committed existence marks the part done
@@ -160,19 +226,20 @@ def _as_outputs(result: pa.Table | dict[str, pa.Table]) -> Outputs:
     return result if isinstance(result, dict) else {"": result}
 
 
-def _process_part(run: PartRun, index: int) -> tuple[Outputs | None, pa.Table | None, str]:
+def _process_part(run: PartRun, index: int, payload: bytes) -> tuple[Outputs | None, pa.Table | None, str]:
     """(outputs, rows left out, error): the whole part, retried; then, if it keeps failing, row by row to find
     the rows that fail on their own, which fail the part or are quarantined."""
-    work, last, rows = run.work, None, None
+    work, last = run.work, None
+    rows, decoded = pickle.loads(payload) if payload else (None, None)  # written by our own decode task
     for _ in range(run.retries + 1):
         try:
             rows = work.load(index) if rows is None else rows
             run.hooks.check(index, work.uris(rows))
-            return _as_outputs(work.process(rows)), None, ""
+            return _as_outputs(work.process(rows, decoded)), None, ""
         except Exception as exc:
             if is_disk_full(exc):
                 raise DiskFullError.writing(getattr(exc, "filename", None) or f"part {index}", exc) from exc
-            last = exc
+            last, decoded = exc, None  # a retry reads the part again, here
     if rows is None:
         return None, None, f"part {index}: cannot read its work list: {describe(last)}"
     if not work.may_quarantine and last is not None:

@@ -34,6 +34,7 @@ from lvdkit.embeddings.stage import EmbedWork, embed_stats, plan_embed
 from lvdkit.pipeline.config import CurateConfig
 from lvdkit.pipeline.kinds import Actors, PartitionedStage, PartStage, Stage
 from lvdkit.pipeline.names import CURATE_ORDER
+from lvdkit.pipeline.parts import cpu_actor_share
 
 
 def _side_sets(cfg: CurateConfig) -> SideSetReader:
@@ -49,12 +50,16 @@ def _protected_files(cfg: CurateConfig) -> str:
 
 
 def _embed_actors(cfg: CurateConfig) -> Actors:
+    """The model actors' resources, from config or from the cluster's (never from the driver's own CUDA)."""
     e = cfg.embed
     gpus = e.actor_gpus
     if gpus is None:
         gpus = 1.0 if e.device in ("auto", "cuda") and ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    cpus = e.actor_cpus
+    if cpus is None:
+        cpus = 1.0 if gpus > 0 else cpu_actor_share(e.num_actors, e.decode_cpus)
     smallest = min(e.min_actors, e.num_actors) if e.min_actors is not None else None
-    return Actors(e.num_actors, e.actor_cpus, gpus, e.threads_per_actor, smallest)
+    return Actors(e.num_actors, cpus, gpus, e.threads_per_actor, smallest, e.decode_cpus)
 
 
 _INGESTED = ("ingest", "dedup_exact", "dedup_phash")
