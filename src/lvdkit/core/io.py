@@ -16,7 +16,7 @@ import json
 import os
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -89,6 +89,24 @@ def write_parquet_atomic(table: pa.Table, path: Path, row_group_rows: int = ROW_
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             pq.write_table(table, tmp, row_group_size=row_group_rows, compression="zstd")
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(path.parent)
+
+
+def write_parquet_stream_atomic(tables: Iterable[pa.Table], schema: pa.Schema, path: Path) -> None:
+    """Write ``tables`` one after another into one Parquet file, as :func:`write_parquet_atomic` does, holding one
+    of them in memory at a time."""
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    with disk_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+                for table in tables:
+                    writer.write_table(table.cast(schema), row_group_size=ROW_GROUP_ROWS)
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
             os.replace(tmp, path)

@@ -76,45 +76,89 @@ def _drop_removed(inputs: StageInputs, table: pa.Table, index: int, after: tuple
 def final_status(inputs: StageInputs, dedup_stages: tuple[str, ...]) -> pa.Table:
     """One row per ingested file: kept, duplicate (naming the finally kept image) or quarantined (with reason).
 
-    Columnar throughout (positions found with ``index_in``, no per-image Python objects beyond the output columns).
+    The whole table at once; the runner builds it part by part (:func:`removed`, then :func:`status_of` per ingest
+    part), which gives the same rows.
     """
-    ing = ingested(inputs, [schema.IMAGE_ID, schema.URI, schema.STATUS_COL, schema.ERROR])
-    ids = ing[schema.IMAGE_ID]
-    ok = ing[schema.STATUS_COL].to_numpy(zero_copy_only=False) == schema.STATUS_OK
-    status = np.where(ok, schema.FINAL_KEPT, schema.STATUS_QUARANTINED).astype(object)
-    reason = ing[schema.ERROR].to_numpy(zero_copy_only=False).astype(object)
-    dup_of = np.full(len(ids), None, dtype=object)
+    dups = removed(inputs, dedup_stages)
+    parts = [status_of(pq.read_table(p, columns=STATUS_INPUT), dups) for p in inputs.parts("ingest")]
+    status = pa.concat_tables(parts) if parts else schema.STATUS.empty_table()
+    st = status.filter(pc.equal(status[schema.STATUS_COL], schema.FINAL_DUPLICATE))
+    check_removed_found(inputs, removed_per_stage(dups), removed_per_stage(st))
+    return status
+
+
+STATUS_INPUT = [schema.IMAGE_ID, schema.URI, schema.STATUS_COL, schema.ERROR]  # ingest columns status_of reads
+
+
+def removed(inputs: StageInputs, dedup_stages: tuple[str, ...]) -> pa.Table:
+    """Every duplicate of the dedup stages (``image_id``, ``reason``: the stage, ``dup_of``: the image finally
+    kept), read part by part: it grows with the duplicates, not with the pool.
+
+    A later stage may remove the image an earlier duplicate pointed at: the chain is followed to the survivor (an
+    image no stage removed, or a protected image, which is not in the pool).
+    """
+    pieces = []
     for stage in dedup_stages:
-        dedup = inputs.table(stage, columns=[schema.IMAGE_ID, schema.DUP_OF], schema=schema.DEDUP)
-        dups = dedup.filter(pc.is_valid(dedup[schema.DUP_OF]))
-        at = pc.index_in(dups[schema.IMAGE_ID], value_set=ids).to_numpy(zero_copy_only=False)
-        if np.isnan(at.astype(np.float64)).any():
-            raise RuntimeError(f"{inputs.folder(stage)} names images that ingest does not have: rerun the stage")
-        at = at.astype(np.int64)
-        status[at], reason[at] = schema.FINAL_DUPLICATE, stage
-        dup_of[at] = dups[schema.DUP_OF].to_numpy(zero_copy_only=False)
-    # A later stage may remove the image an earlier duplicate pointed at: follow the chain to the survivor.
-    chained = np.flatnonzero(status == schema.FINAL_DUPLICATE)
+        for part in inputs.parts(stage):
+            t = pq.read_table(part, columns=[schema.IMAGE_ID, schema.DUP_OF])
+            t = t.filter(pc.is_valid(t[schema.DUP_OF]))
+            pieces.append(t.append_column(schema.REASON, pa.array([stage] * t.num_rows, pa.string())))
+    if not pieces:
+        return pa.table({schema.IMAGE_ID: [], schema.DUP_OF: [], schema.REASON: []}, schema=_REMOVED)
+    dups = pa.concat_tables(pieces).select([schema.IMAGE_ID, schema.DUP_OF, schema.REASON]).cast(_REMOVED)
+    ids = dups[schema.IMAGE_ID].to_numpy(zero_copy_only=False)
+    # an image removed by two stages: the later stage's decision stands
+    last = len(ids) - 1 - np.unique(ids[::-1], return_index=True)[1]
+    dups = dups.take(np.sort(last))
+    ids, dup_of = dups[schema.IMAGE_ID], dups[schema.DUP_OF].to_numpy(zero_copy_only=False).astype(object)
     for _ in range(len(dedup_stages)):
-        if not len(chained):
+        onward = pc.index_in(pa.array(dup_of, pa.string()), value_set=ids).to_numpy(zero_copy_only=False)
+        valid = ~np.isnan(onward.astype(np.float64))  # the target was removed too: follow it
+        if not valid.any():
             break
-        target = pc.index_in(pa.array(dup_of[chained], pa.string()), value_set=ids).to_numpy(zero_copy_only=False)
-        found = ~np.isnan(target.astype(np.float64))  # not a pool image (a protected image): final
-        nxt = np.zeros(len(chained), np.int64)
-        nxt[found] = target[found].astype(np.int64)
-        onward = found & (status[nxt] == schema.FINAL_DUPLICATE)  # the target was removed too: follow it
-        dup_of[chained[onward]] = dup_of[nxt[onward]]
-        chained = chained[onward]
+        dup_of[valid] = dup_of[onward[valid].astype(np.int64)]
+    return dups.set_column(1, schema.DUP_OF, pa.array(dup_of, pa.string()))
+
+
+_REMOVED = pa.schema([(schema.IMAGE_ID, pa.string()), (schema.DUP_OF, pa.string()), (schema.REASON, pa.string())])
+
+
+def status_of(ingest_part: pa.Table, dups: pa.Table) -> pa.Table:
+    """The final status rows of one ingest part's files, given :func:`removed`'s duplicates."""
+    ids = ingest_part[schema.IMAGE_ID]
+    ok = ingest_part[schema.STATUS_COL].to_numpy(zero_copy_only=False) == schema.STATUS_OK
+    status = np.where(ok, schema.FINAL_KEPT, schema.STATUS_QUARANTINED).astype(object)
+    reason = ingest_part[schema.ERROR].to_numpy(zero_copy_only=False).astype(object)
+    dup_of = np.full(len(ids), None, dtype=object)
+    at = pc.index_in(ids, value_set=dups[schema.IMAGE_ID]).to_numpy(zero_copy_only=False)
+    hit = ~np.isnan(at.astype(np.float64))
+    src = at[hit].astype(np.int64)
+    status[hit] = schema.FINAL_DUPLICATE
+    reason[hit] = dups[schema.REASON].to_numpy(zero_copy_only=False)[src]
+    dup_of[hit] = dups[schema.DUP_OF].to_numpy(zero_copy_only=False)[src]
     return pa.table(
         {
             schema.IMAGE_ID: ids,
-            schema.URI: ing[schema.URI],
+            schema.URI: ingest_part[schema.URI],
             schema.STATUS_COL: pa.array(status, pa.string()),
             schema.REASON: pa.array(reason, pa.string()),
             schema.DUP_OF: pa.array(dup_of, pa.string()),
         },
         schema=schema.STATUS,
     )
+
+
+def removed_per_stage(dups: pa.Table) -> dict[str, int]:
+    """How many duplicates each stage named (in :func:`removed`'s table)."""
+    return {str(r["values"]): int(r["counts"]) for r in pc.value_counts(dups[schema.REASON]).to_pylist()}
+
+
+def check_removed_found(inputs: StageInputs, named: dict[str, int], found: dict[str, int]) -> None:
+    """Every duplicate a dedup stage names (``named``, per stage) must be an ingested image (``found``: the
+    duplicates per stage the status rows hold)."""
+    for stage, n in named.items():
+        if found.get(stage, 0) != n:
+            raise RuntimeError(f"{inputs.folder(stage)} names images that ingest does not have: rerun the stage")
 
 
 def aligned(ids: pa.Array | pa.ChunkedArray, table: pa.Table) -> pa.Table:

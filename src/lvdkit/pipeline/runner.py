@@ -36,9 +36,12 @@ from lvdkit.pipeline.stages import STAGES, declared_sides
 from lvdkit.pipeline.summary import (
     STATUS_FILE,
     SUMMARY_FILE,
+    join_status_parts,
+    n_status_parts,
+    removed_in,
     summary_fingerprint,
     write_funnel,
-    write_status,
+    write_status_part,
     write_summary,
 )
 
@@ -242,20 +245,30 @@ def _run_locked(cfg: CurateConfig, out: Path, stages: tuple[str, ...], force: bo
         if previous is not None and current and not any(ran) and (out / STATUS_FILE).exists():
             return previous  # nothing changed: the status table and summary on disk are current
         hooks = faults.Hooks.for_stage("summary")
-        if lazy.started_here:  # the status table holds every image: build it in a worker, not in the driver
-            task = ray.remote(num_cpus=1, max_retries=cfg.ray.max_task_retries)(_summarise)
+        if lazy.started_here:
             try:
-                return ray.get(task.remote(out, hooks))  # type: ignore[no-any-return]
+                return _summarise(out, hooks, cfg.ray.max_task_retries)
             except Exception as exc:
                 raise_own(exc)
                 raise
-    return _summarise(out, hooks)
+    summary = write_summary(out)  # no stage ran: no Ray started for it (one part in memory at a time all the same)
+    hooks.pause()
+    return summary
 
 
-def _summarise(out: Path, hooks: faults.Hooks) -> dict[str, Any]:
-    status = write_status(out)
+def _summarise(out: Path, hooks: faults.Hooks, retries: int) -> dict[str, Any]:
+    """The status table part by part in Ray tasks (one per ingest part, spread over the nodes), sharing the
+    duplicates resolved once in a task; joined into ``status.parquet`` by one streaming task. The driver holds the
+    parts' counts only."""
+    options: dict[str, Any] = {"num_cpus": 1, "max_retries": retries}
+    refs: Any = ray.remote(num_returns=2, **options)(removed_in).remote(out)  # (duplicates, how many per stage)
+    dups, named = refs
+    n_parts = n_status_parts(out)
+    part = ray.remote(scheduling_strategy="SPREAD", **options)(write_status_part)
+    counts = ray.get([part.remote(out, dups, i) for i in range(n_parts)])
+    ray.get(ray.remote(**options)(join_status_parts).remote(out, n_parts))
     hooks.pause()  # LVDKIT_TEST_STAGE_DELAY=summary:S: a test kills the run with the status written, the funnel not
-    return write_funnel(out, status)
+    return write_funnel(out, counts, dict(ray.get(named)))
 
 
 def check_embedding_keys(cfg: CurateConfig, stages: tuple[str, ...]) -> None:
