@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pyarrow.compute as pc
@@ -13,8 +14,12 @@ import pytest
 from lvdkit.core import schema
 from lvdkit.core.io import part_files
 from lvdkit.core.settings import load_config
+from lvdkit.core.stage import StageInputs
+from lvdkit.core.views import DEDUP_STAGES, final_status
 from lvdkit.pipeline.config import CurateConfig
-from lvdkit.pipeline.runner import run
+from lvdkit.pipeline.names import CURATE_ORDER
+from lvdkit.pipeline.runner import run, write_summary
+from lvdkit.pipeline.summary import STATUS_PARTS
 from lvdkit.truth import load_truth, score_status
 
 from ..conftest import TINY_EMBED
@@ -61,6 +66,26 @@ def test_every_input_file_ends_in_exactly_one_state(curated: tuple[Path, dict], 
             "quarantined": summary["quarantined"],
         }.items()
         if v
+    }
+
+
+def test_the_status_table_built_part_by_part_equals_the_whole_table_and_a_rebuild(
+    curated: tuple[Path, dict], tmp_path: Path
+) -> None:
+    out, summary = curated
+    finished = tuple(s for s in CURATE_ORDER if (out / s / "_SUCCESS").exists())
+    whole = final_status(StageInputs(str(out), finished), tuple(s for s in DEDUP_STAGES if s in finished))
+    status = pq.read_table(out / "status.parquet")
+    assert status.equals(whole)
+    assert status.num_rows > 0 and pc.sum(pc.equal(status["status"], "duplicate")).as_py() > 0
+    assert not (out / STATUS_PARTS).exists()  # the per-part tables are gone once joined
+
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("status.parquet", "summary.json"))
+    rebuilt = write_summary(copy)  # no Ray: the same steps, in this process
+    assert pq.read_table(copy / "status.parquet").equals(status)
+    assert {k: v for k, v in rebuilt.items() if k not in ("outputs", "fingerprint")} == {
+        k: v for k, v in summary.items() if k not in ("outputs", "fingerprint")
     }
 
 
