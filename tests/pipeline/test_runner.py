@@ -7,6 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
@@ -15,7 +16,7 @@ from lvdkit.core import schema
 from lvdkit.core.io import part_files
 from lvdkit.core.settings import load_config
 from lvdkit.core.stage import StageInputs
-from lvdkit.core.views import DEDUP_STAGES, final_status
+from lvdkit.core.views import DEDUP_STAGES, alive, alive_by_part, dedups_before, final_status
 from lvdkit.pipeline.config import CurateConfig
 from lvdkit.pipeline.names import CURATE_ORDER
 from lvdkit.pipeline.runner import run, write_summary
@@ -87,6 +88,22 @@ def test_the_status_table_built_part_by_part_equals_the_whole_table_and_a_rebuil
     assert {k: v for k, v in rebuilt.items() if k not in ("outputs", "fingerprint")} == {
         k: v for k, v in summary.items() if k not in ("outputs", "fingerprint")
     }
+
+
+def test_alive_images_part_by_part_and_the_embed_work_list_match_the_whole_table(curated: tuple[Path, dict]) -> None:
+    out, _ = curated
+    inputs = StageInputs(str(out), tuple(s for s in CURATE_ORDER if (out / s / "_SUCCESS").exists()))
+    columns = [schema.URI, schema.CONTENT_HASH]
+    for after in ((), dedups_before("dedup_copy"), DEDUP_STAGES):
+        whole = alive(inputs, after, columns)
+        assert pa.concat_tables(alive_by_part(inputs, after, columns)).equals(whole), after
+    listing = pq.ParquetFile(out / "embed" / schema.LISTING)
+    sizes = [listing.metadata.row_group(i).num_rows for i in range(listing.num_row_groups)]
+    per_part = int(next(a.split("=")[1] for a in TINY_EMBED if a.startswith("embed.images_per_part")))
+    assert len(sizes) > 1 and set(sizes[:-1]) == {per_part} and 0 < sizes[-1] <= per_part  # a row group per part
+    table = listing.read()
+    assert table[schema.IMAGE_ID].equals(alive(inputs, dedups_before("dedup_copy"), [])[schema.IMAGE_ID])
+    assert table[schema.PART].to_pylist() == [i // per_part for i in range(table.num_rows)]
 
 
 def test_broken_files_are_quarantined_with_a_reason(curated: tuple[Path, dict], small_demo: Path) -> None:

@@ -6,6 +6,8 @@ later stages, the summary and the report use to ask "what survived?" and "what i
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -38,6 +40,27 @@ def alive(inputs: StageInputs, after: tuple[str, ...], columns: list[str]) -> pa
         kept_ids = dedup.filter(dedup[schema.KEEP])[schema.IMAGE_ID]
         table = table.filter(pc.is_in(table[schema.IMAGE_ID], value_set=kept_ids))
     return table.select(list(dict.fromkeys([schema.IMAGE_ID, *columns])))
+
+
+def alive_by_part(inputs: StageInputs, after: tuple[str, ...], columns: list[str]) -> Iterator[pa.Table]:
+    """:func:`alive`, one ingest part at a time (same rows, same order): memory holds one part and the images the
+    stages in ``after`` removed (which grow with the duplicates, not with the pool)."""
+    removed = [_removed_ids(inputs, stage) for stage in after]
+    wanted = list(dict.fromkeys([schema.IMAGE_ID, schema.STATUS_COL, *columns]))
+    for part in inputs.parts(INGEST):
+        table = pq.read_table(part, columns=wanted)
+        table = table.filter(pc.equal(table[schema.STATUS_COL], schema.STATUS_OK))
+        for ids in removed:
+            table = table.filter(pc.invert(pc.is_in(table[schema.IMAGE_ID], value_set=ids)))
+        yield table.select(list(dict.fromkeys([schema.IMAGE_ID, *columns])))
+
+
+def _removed_ids(inputs: StageInputs, stage: str) -> pa.Array:
+    pieces = []
+    for part in inputs.parts(stage):
+        dedup = pq.read_table(part, columns=[schema.IMAGE_ID, schema.KEEP])
+        pieces.append(dedup.filter(pc.invert(dedup[schema.KEEP]))[schema.IMAGE_ID].combine_chunks())
+    return pa.concat_arrays(pieces) if pieces else pa.array([], pa.string())
 
 
 def alive_in_part(inputs: StageInputs, index: int, after: tuple[str, ...], columns: list[str]) -> pa.Table:

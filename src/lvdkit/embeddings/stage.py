@@ -26,7 +26,7 @@ from lvdkit.core.files import MAX_FILE_BYTES, read_bytes
 from lvdkit.core.image import decode_rgb
 from lvdkit.core.settings import setting
 from lvdkit.core.stage import PartPlan, PartWork, StageInputs
-from lvdkit.core.views import alive, dedups_before
+from lvdkit.core.views import alive_by_part, dedups_before
 from lvdkit.curation.augment import synthetic_copy
 
 if TYPE_CHECKING:
@@ -132,15 +132,37 @@ def _seed_of(key: str, seed: int) -> int:
 
 
 def plan_embed(cfg: EmbedConfig, inputs: StageInputs, fingerprint: str, listing: Path) -> PartPlan:
-    """The work list: surviving images with their part number (row group = part)."""
+    """The work list: surviving images with their part number (row group = part), written as the ingest parts are
+    read, one at a time (memory holds a part, not the pool)."""
     # between phash and copy; size and content hash rank the images for keeping in dedup_copy's partitioned path
-    images = alive(inputs, dedups_before("dedup_copy"), [schema.URI, schema.CONTENT_HASH, schema.WIDTH, schema.HEIGHT])
+    columns = [schema.URI, schema.CONTENT_HASH, schema.WIDTH, schema.HEIGHT]
     per_part = cfg.images_per_part
     if per_part < 1:
         raise ValueError(f"embed.images_per_part must be >= 1, got {per_part}")
-    part = np.arange(images.num_rows, dtype=np.int64) // per_part
-    pq.write_table(images.append_column(schema.PART, pa.array(part)), listing, row_group_size=per_part)
-    return PartPlan(fingerprint, int(part[-1]) + 1 if len(part) else 0)
+    written, pending = 0, []
+    with pq.ParquetWriter(listing, _listing_schema(inputs, columns)) as writer:
+        for table in alive_by_part(inputs, dedups_before("dedup_copy"), columns):
+            pending.append(table)
+            while sum(t.num_rows for t in pending) >= per_part:  # whole parts only: a row group is a part
+                written = _write_part_rows(writer, pending, per_part, written)
+        while pending and sum(t.num_rows for t in pending):
+            written = _write_part_rows(writer, pending, per_part, written)
+    return PartPlan(fingerprint, -(-written // per_part))
+
+
+def _listing_schema(inputs: StageInputs, columns: list[str]) -> pa.Schema:
+    ingest = schema.INGEST
+    return pa.schema([ingest.field(c) for c in [schema.IMAGE_ID, *columns]] + [pa.field(schema.PART, pa.int64())])
+
+
+def _write_part_rows(writer: pq.ParquetWriter, pending: list[pa.Table], per_part: int, written: int) -> int:
+    """Write the next part (up to ``per_part`` rows) from ``pending`` (consumed in place) as one row group."""
+    rows = pa.concat_tables(pending).combine_chunks()
+    part, rest = rows.slice(0, per_part), rows.slice(per_part)
+    pending[:] = [rest] if rest.num_rows else []
+    index = np.full(part.num_rows, written // per_part, dtype=np.int64)
+    writer.write_table(part.append_column(schema.PART, pa.array(index)).cast(writer.schema), row_group_size=per_part)
+    return written + part.num_rows
 
 
 @dataclass
