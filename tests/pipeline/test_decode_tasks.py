@@ -21,7 +21,7 @@ from lvdkit.core.stage import PartWork
 from lvdkit.embeddings.stage import EmbedConfig, EmbedWork
 from lvdkit.pipeline import faults
 from lvdkit.pipeline.kinds import Actors
-from lvdkit.pipeline.parts import PartRun, actor_threads, map_parts
+from lvdkit.pipeline.parts import PartRun, actor_threads, check_decode_room, cpu_actor_share, map_parts
 
 BROKEN_DECODE = 2  # this part's decode raises: the actor must do it itself
 
@@ -103,3 +103,13 @@ def test_embed_gives_the_same_embeddings_from_a_decode_task_as_decoding_itself(
     assert itself[schema.CALIBRATION].num_rows > 0
     for key in ("", schema.CALIBRATION):
         assert handed[key].equals(itself[key]), key  # bit for bit: the same batches reach the model
+
+
+def test_cpu_actors_leave_room_for_a_decode_task_and_a_config_that_cannot_is_refused_by_name(
+    ray_local: None,
+) -> None:
+    assert cpu_actor_share(1, 0.5) == 1.5  # the local Ray of the tests: one node, 2 CPUs
+    assert cpu_actor_share(2, 0.5) == 0.75
+    check_decode_room(Actors(1, 1.5, 0.0, None, decode_cpus=0.5))  # fits exactly
+    with pytest.raises(ValueError, match=r"embed.actor_cpus=2 .*embed.decode_cpus=0.5 need 2.5 CPUs"):
+        check_decode_room(Actors(1, 2.0, 0.0, None, decode_cpus=0.5))

@@ -58,6 +58,7 @@ def map_parts(run: PartRun, pending: list[int], actors: Actors | None, progress:
     Ray nodes the parts ran on."""
     ds: ray.data.Dataset = ray.data.from_items([{"part": i} for i in pending], override_num_blocks=len(pending))
     if actors is not None and run.work.decodes:
+        check_decode_room(actors)
         ds = ds.map_batches(
             _decode_parts,  # type: ignore[arg-type]
             fn_kwargs={"run": run},
@@ -120,12 +121,29 @@ def actor_threads(actors: Actors) -> int:
 
 def cpu_actor_share(actors: int, decode_cpus: float) -> float:
     """CPUs per model actor on CPU nodes: the smallest node's CPUs, less one decode task's, shared among the
-    actors it holds when the actors are spread evenly over the nodes (at least one CPU)."""
-    cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0.0) > 0]
+    actors it holds when the actors are spread evenly over the nodes (a one-CPU node: half for each)."""
+    cpus = _node_cpus()
     if not cpus:
         return 1.0
     per_node = math.ceil(actors / len(cpus))
-    return max(1.0, (min(cpus) - decode_cpus) / per_node)
+    return max(min(cpus) / (per_node + 1), (min(cpus) - decode_cpus) / per_node)
+
+
+def check_decode_room(actors: Actors) -> None:
+    """Fail at once, naming the keys, where the cluster cannot hold the model actors and a decode task at the same
+    time (Ray would wait for the CPUs forever)."""
+    total = sum(_node_cpus())
+    need = (actors.min_replicas or actors.replicas) * actors.num_cpus + actors.decode_cpus
+    if total and need > total:
+        raise ValueError(
+            f"embed: {actors.min_replicas or actors.replicas} model actor(s) of embed.actor_cpus={actors.num_cpus:g} "
+            f"and a decode task of embed.decode_cpus={actors.decode_cpus:g} need {need:g} CPUs; the Ray cluster has "
+            f"{total:g}. Lower them, or leave embed.actor_cpus null (sized from the nodes)"
+        )
+
+
+def _node_cpus() -> list[float]:
+    return [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0.0) > 0]
 
 
 class _PartActor:
