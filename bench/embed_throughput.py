@@ -26,6 +26,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -89,7 +90,7 @@ def stage(
     }
 
 
-def _in_fresh_process(*args: object) -> dict[str, float]:
+def _in_fresh_process(*args: Any) -> dict[str, float]:
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return dict(pool.submit(stage, *args).result())
 
@@ -101,16 +102,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rss-sizes", default="20000,100000", help="images for the driver-memory runs ('' skips)")
     parser.add_argument("--out", type=Path, default=Path("out/bench"))
+    parser.add_argument("--skip-throughput", action="store_true", help="only the driver-memory runs")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     print(machine_line(), flush=True)
     demo = ensure_demo(args.out / "demo-data")
+    if not args.skip_throughput:
+        throughput(args, demo)
+    driver_memory(args, demo)
+
+
+def throughput(args: argparse.Namespace, demo: Path) -> None:
     pool = ensure_pool(demo, args.out / f"pool-{args.n}", args.n)
     files = [str(pool / f) for f in pool_files(pool)][: args.n]
     threads = os.cpu_count() or 1
     bare_ips, decode_s = bare_loop(args.model, files, args.batch_size, threads)
-    rows = [["bare model loop on pre-decoded uint8 batches", f"{bare_ips:.1f}", f"{len(files) / bare_ips:.1f}", "", ""]]
+    bare: list[object] = [
+        "bare model loop on pre-decoded uint8 batches",
+        f"{bare_ips:.1f}",
+        f"{len(files) / bare_ips:.1f}",
+        "",
+        "",
+    ]
+    rows: list[list[object]] = [bare]
     for label, extra in (
         ("embed stage, default resources", []),
         ("embed stage, embed.actor_cpus=1", ["embed.actor_cpus=1"]),
@@ -127,17 +142,18 @@ def main(argv: list[str] | None = None) -> None:
         "the stage's seconds include the start of its actor and the model load in it)",
         flush=True,
     )
+
+
+def driver_memory(args: argparse.Namespace, demo: Path) -> None:
     sizes = [int(float(s)) for s in args.rss_sizes.split(",") if s]
-    if not sizes:
-        return
-    rss_rows = []
+    rss_rows: list[list[object]] = []
     for n in sizes:
         big = ensure_pool(demo, args.out / f"pool-{n}", n)
         got = _in_fresh_process(CHEAP_MODEL, "{img_size: 32}", big, args.out / f"embed-rss-{n}", 64, 1000, [])
         rss_rows.append(
             [f"{n:,}", got["rows"], f"{got['seconds']:.0f}", f"{got['ips']:.0f}", f"{got['driver_mib']:.0f}"]
         )
-        rss_rows[-1].append(f"{got['driver_mib'] / float(rss_rows[0][4]):.2f}")
+        rss_rows[-1].append(f"{got['driver_mib'] / float(str(rss_rows[0][4])):.2f}")
         rss_rows[-1].append(got["decode_at_once"])
         print_table(
             ["images", "embedded", "seconds", "images/s", "driver peak MiB", "vs first", "decode tasks at once"],
