@@ -251,9 +251,8 @@ def _run_locked(cfg: CurateConfig, out: Path, stages: tuple[str, ...], force: bo
             except Exception as exc:
                 raise_own(exc)
                 raise
-    summary = write_summary(out)  # no stage ran: no Ray started for it (one part in memory at a time all the same)
-    hooks.pause()
-    return summary
+    # no stage ran: no Ray started for it (one part in memory at a time all the same)
+    return write_summary(out, after_status=hooks.pause)
 
 
 def _summarise(out: Path, hooks: faults.Hooks, retries: int) -> dict[str, Any]:

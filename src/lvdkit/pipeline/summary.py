@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +24,15 @@ STATUS_FILE, SUMMARY_FILE = "status.parquet", "summary.json"
 STATUS_PARTS = "_status_parts"  # OUT/_status_parts/part-*.parquet: the status table per ingest part, while it is built
 
 
-def write_summary(out: Path) -> dict[str, Any]:
+def write_summary(out: Path, after_status: Callable[[], None] | None = None) -> dict[str, Any]:
     """Write ``status.parquet`` and ``summary.json`` from the finished stages, here, part after part; returns the
     summary. (The runner does the same steps as Ray tasks: :func:`removed_in`, :func:`write_status_part` per ingest
     part, :func:`join_status_parts`, :func:`write_funnel`.)"""
     dups, named = removed_in(out)
     counts = [write_status_part(out, dups, i) for i in range(n_status_parts(out))]
     join_status_parts(out, len(counts))
+    if after_status is not None:
+        after_status()  # the test fault hook: a kill between status.parquet and summary.json
     return write_funnel(out, counts, named)
 
 
