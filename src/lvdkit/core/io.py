@@ -84,29 +84,26 @@ def part_name(index: int) -> str:
 def write_parquet_atomic(table: pa.Table, path: Path, row_group_rows: int = ROW_GROUP_ROWS) -> None:
     """Write ``table`` to ``path`` via a temporary file, ``fsync`` and an atomic rename (:class:`DiskFullError` when
     the disk is full; the temporary file is removed on any error)."""
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    with disk_errors(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            pq.write_table(table, tmp, row_group_size=row_group_rows, compression="zstd")
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        _fsync_dir(path.parent)
+    with _atomic_file(path) as tmp:
+        pq.write_table(table, tmp, row_group_size=row_group_rows, compression="zstd")
 
 
 def write_parquet_stream_atomic(tables: Iterable[pa.Table], schema: pa.Schema, path: Path) -> None:
     """Write ``tables`` one after another into one Parquet file, as :func:`write_parquet_atomic` does, holding one
     of them in memory at a time."""
+    with _atomic_file(path) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        for table in tables:
+            writer.write_table(table.cast(schema), row_group_size=ROW_GROUP_ROWS)
+
+
+@contextmanager
+def _atomic_file(path: Path) -> Iterator[Path]:
+    """A temporary path to write ``path``'s content to; on success it is fsynced and renamed onto ``path``."""
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     with disk_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-                for table in tables:
-                    writer.write_table(table.cast(schema), row_group_size=ROW_GROUP_ROWS)
+            yield tmp
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
