@@ -200,9 +200,11 @@ class PeakMemory:
 
 
 class RayPeaks:
-    """Peak RSS of this (driver) process and of the largest Ray worker process, and the most worker processes seen
-    at once running a task whose name contains ``counting`` (Ray titles a busy worker ``ray::<task name>``),
-    sampled in a thread. A reused worker keeps what earlier tasks left, so the worker peak bounds a task's from above.
+    """Peak RSS of this (driver) process and of the largest Ray worker process, per task name too, and the most
+    worker processes seen at once running a task whose name contains ``counting`` (Ray titles a busy worker
+    ``ray::<task name>``), sampled in a thread. Only this process's own Ray is counted (the workers descend from the
+    raylet it started), so another Ray on the machine (a test suite, another bench) does not leak into the figures.
+    A reused worker keeps what earlier tasks left, so the worker peak bounds a task's from above.
     """
 
     def __init__(self, counting: str | None = None, interval_s: float = 0.2) -> None:
@@ -210,6 +212,7 @@ class RayPeaks:
 
         self.psutil, self.me, self.interval_s, self.counting = psutil, psutil.Process(), interval_s, counting
         self.driver = self.worker = self.most_at_once = 0
+        self.by_task: dict[str, int] = {}  # task name -> largest RSS of a worker seen running it
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -221,20 +224,37 @@ class RayPeaks:
         self._stop.set()
         self._thread.join()
 
+    def largest_task(self) -> str:
+        """The task name whose worker peaked highest, with its peak in MiB."""
+        if not self.by_task:
+            return ""
+        name = max(self.by_task, key=self.by_task.__getitem__)
+        return f"{name} {self.by_task[name] / 2**20:,.0f}"
+
     def _loop(self) -> None:
         while not self._stop.is_set():
             self.driver = max(self.driver, self.me.memory_info().rss)
             busy = 0
-            for proc in self.psutil.process_iter(["cmdline"]):
+            for proc in self._own_workers():
                 try:
-                    title = (proc.info["cmdline"] or [""])[0]
-                    if title.startswith("ray::") and proc.pid != self.me.pid:
-                        self.worker = max(self.worker, proc.memory_info().rss)
-                        busy += bool(self.counting and self.counting in title)
+                    title = (proc.cmdline() or [""])[0]
+                    if not title.startswith("ray::"):
+                        continue
+                    rss = proc.memory_info().rss
+                    self.worker = max(self.worker, rss)
+                    name = title.removeprefix("ray::").split()[0] if len(title) > 5 else "idle"
+                    self.by_task[name] = max(self.by_task.get(name, 0), rss)
+                    busy += bool(self.counting and self.counting in title)
                 except (self.psutil.Error, IndexError):
                     continue
             self.most_at_once = max(self.most_at_once, busy)
             self._stop.wait(self.interval_s)
+
+    def _own_workers(self) -> list:
+        try:
+            return self.me.children(recursive=True)
+        except self.psutil.Error:
+            return []
 
 
 @contextmanager

@@ -15,8 +15,10 @@ part (a subprocess, so the driver below never held them). Then, on a local Ray:
   threshold, k = 64): recall = planted pairs the partitioned run grouped / planted pairs exact k-NN finds;
 - where the pool fits (``--single-max``), ``dedup_copy``'s single task runs on the same OUT, side by side.
 
-Peak memory: the largest resident set of any Ray worker process (each task's process; a reused worker keeps what
-earlier tasks left, so this is an upper bound per task) and of this driver process, sampled every 0.2 s.
+Peak memory: the largest resident set of any Ray worker process of this bench's own Ray (each task's process; a
+reused worker keeps what earlier tasks left, so this is an upper bound per task), the task it was running, and of
+this driver process, sampled every 0.2 s. Run one size per process (``--sizes 4000000``) for a driver figure that
+holds nothing from an earlier size.
 
 Usage: python bench/scale_curation.py [--sizes 1000000,4000000,10000000] [--work /tmp/lvdk-scale] [--keep]
 """
@@ -314,11 +316,22 @@ def _row(n: int, what: str, secs: float, peaks: RayPeaks, record: dict[str, Any]
         round(peaks.worker / 2**20),
         round(peaks.driver / 2**20),
         recall_text,
+        peaks.largest_task(),
     ]
 
 
 def _print(rows: list[list]) -> None:
-    headers = ["rows", "step", "wall s", "s per M rows", "largest task MiB", "driver MiB", "planted-copy recall", "vs"]
+    headers = [
+        "rows",
+        "step",
+        "wall s",
+        "s per M rows",
+        "largest task MiB",
+        "driver MiB",
+        "planted-copy recall",
+        "largest task",
+        "vs",
+    ]
     print_table(headers, [r + [""] * (len(headers) - len(r)) for r in rows])
     sys.stdout.flush()
 
