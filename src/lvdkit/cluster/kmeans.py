@@ -19,9 +19,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Literal
 
-import faiss
 import numpy as np
 
+from lvdkit.core.faiss_lib import faiss
 from lvdkit.core.knn import gpu_available, l2_normalize
 
 InitMethod = Literal["kmeans++", "random"]

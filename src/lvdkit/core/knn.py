@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-import faiss
 import numpy as np
+
+from lvdkit.core.faiss_lib import faiss
 
 IndexKind = Literal["auto", "flat", "ivf", "ivfpq"]
 

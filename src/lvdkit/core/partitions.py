@@ -11,9 +11,9 @@ Everything here is plain numpy and Faiss on arrays; which process runs it is the
 
 from __future__ import annotations
 
-import faiss
 import numpy as np
 
+from lvdkit.core.faiss_lib import faiss
 from lvdkit.core.knn import gpu_available, knn, pairs_above
 
 ROW_KEY_SHIFT = 32  # a pool row's global key: (input part << 32) | row within the part

@@ -13,12 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from lvdkit.core import schema
+from lvdkit.core.faiss_lib import faiss
 from lvdkit.core.settings import setting
 from lvdkit.core.stage import StageInputs, StageOutput
 from lvdkit.core.views import alive, dedups_before
