@@ -16,10 +16,14 @@ CONFIG_HELP = (
 )
 
 
+PRINT_CONFIG_HELP = "print the resolved config (every key checked) as YAML and exit without running anything"
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", type=Path, help="YAML file of config overrides (see configs/)")
     p.add_argument("--address", help="Ray cluster address (else RAY_ADDRESS, else a local Ray is started)")
     p.add_argument("--force", action="store_true", help="redo stages even if their outputs are up to date")
+    p.add_argument("--print-config", action="store_true", help=PRINT_CONFIG_HELP)
     p.add_argument("overrides", nargs="*", metavar="key=value", help=CONFIG_HELP)
 
 
@@ -44,6 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
     demo.add_argument("--n-per-digit", type=int, default=500, help="MNIST images used per digit (max 500)")
     demo.add_argument("--overwrite", action="store_true", help="replace an existing demo in DIR")
+    demo.add_argument(
+        "--tars",
+        type=int,
+        metavar="N",
+        help="also write raw/ as WebDataset tars of N images each in DIR/raw_tars (ingest.inputs=[DIR/raw_tars])",
+    )
+    demo.add_argument(
+        "--table", action="store_true", help="also write raw/ as a Parquet table of image bytes, DIR/raw_table.parquet"
+    )
 
     curate = sub.add_parser(
         "curate",
@@ -107,6 +120,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         kinds = truth.group_by(schema.TRUTH_KIND).aggregate([(schema.TRUTH_PATH, "count")]).to_pylist()
         counts = (f"{k[schema.TRUTH_PATH + '_count']} {k[schema.TRUTH_KIND]}" for k in kinds)
         print(f"demo data in {args.dir}: " + ", ".join(counts))
+        if args.tars is not None or args.table:
+            from lvdkit.demo_containers import write_image_table, write_webdataset
+
+            if args.tars is not None:
+                if args.tars < 1:
+                    raise ValueError(f"--tars {args.tars}: images per tar must be at least 1")
+                shards = write_webdataset(args.dir / "raw", args.dir / "raw_tars", args.tars)
+                print(f"raw/ as {len(shards)} WebDataset tars in {args.dir / 'raw_tars'}")
+            if args.table:
+                print(f"raw/ as a Parquet table: {write_image_table(args.dir / 'raw', args.dir / 'raw_table.parquet')}")
         return 0
     if args.command == "summary":
         from lvdkit.pipeline.runner import write_summary
@@ -136,7 +159,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from lvdkit.core.settings import load_config
+    from lvdkit.core.settings import config_yaml, load_config
     from lvdkit.pipeline.config import CurateConfig
     from lvdkit.pipeline.names import CURATE_ORDER, stage_names
     from lvdkit.pipeline.runner import run
@@ -150,6 +173,9 @@ def _run(args: argparse.Namespace) -> int:
         stages: tuple[str, ...] = (args.stage,)
     else:
         stages = CURATE_ORDER
+    if args.print_config:
+        print(config_yaml(cfg), end="")
+        return 0
     summary = run(cfg, stages, force=args.force)
     out = Path(cfg.out)
     print(

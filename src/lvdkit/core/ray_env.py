@@ -55,7 +55,8 @@ class LazyRay:
     def ensure(self) -> None:
         if ray.is_initialized():
             return
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        # Ray's authentication is Ray's business: a local Ray makes its own token (~/.ray/auth_token) unless the
+        # user sets RAY_AUTH_MODE=disabled; a cluster with token auth needs that token here (RAY_AUTH_TOKEN).
         address = self.address or os.environ.get("RAY_ADDRESS") or None
         try:
             self._init(address)

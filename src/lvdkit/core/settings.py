@@ -176,9 +176,14 @@ def config_hash(section: Any) -> str:
     return hashlib.blake2b(blob, digest_size=8).hexdigest()
 
 
+def config_yaml(cfg: Any) -> str:
+    """The resolved config as YAML (what ``config.yaml`` holds and ``--print-config`` prints)."""
+    return str(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
 def save_config(cfg: Any, path: Path) -> None:
     """Write the resolved config as YAML (loadable again with ``--config``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.write_text(config_yaml(cfg))
     tmp.replace(path)

@@ -43,6 +43,9 @@ def add_subcommands(sub: Any) -> None:
     )
     pretrain.add_argument("--config", "-c", type=Path, help="YAML file of config overrides")
     pretrain.add_argument("--address", help="Ray cluster address (else RAY_ADDRESS, else a local Ray)")
+    pretrain.add_argument(
+        "--print-config", action="store_true", help="print the resolved config (every key checked) as YAML and exit"
+    )
     pretrain.add_argument("overrides", nargs="*", metavar="key=value", help=_OVERRIDES_HELP)
 
     export = sub.add_parser(
@@ -118,13 +121,16 @@ def dispatch(args: argparse.Namespace) -> int:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from lvdkit.core.settings import load_config
+    from lvdkit.core.settings import config_yaml, load_config
     from lvdkit.pretrain.config import PretrainConfig
     from lvdkit.pretrain.run import pretrain
 
     cfg = load_config(PretrainConfig, args.config, args.overrides)
     if args.address:
         cfg.ray.address = args.address
+    if args.print_config:
+        print(config_yaml(cfg), end="")
+        return 0
     record = pretrain(cfg)
     m = record.get("metrics", {})
     print(f"finished step {record['step']}/{record['total_steps']}; last loss {m.get('loss', float('nan')):.4f}")
