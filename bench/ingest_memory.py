@@ -11,10 +11,13 @@ samples, every ``--interval`` seconds, the RSS of
   single worker and the largest sum over all workers at one instant),
 * Ray's own services (raylet, GCS, dashboard agents), for context,
 
-and prints the peaks, per stage and overall, with rows/s. RSS counts shared pages (Ray's object store is shared
-memory) in every process that touches them, so worker sums overstate; the driver's figure is what this bench is for.
+and prints the peaks, per stage and overall, with rows/s. ``--tars N`` packs each size's images into WebDataset tars
+of N images (cached) and ingests those instead: the driver then lists one file per tar, each task reads a tar.
+RSS counts shared pages (Ray's object store is shared memory) in every process that touches them, so worker sums
+overstate; the driver's figure is what this bench is for.
 
     .venv/bin/python bench/ingest_memory.py --sizes 50000 100000 200000
+    .venv/bin/python bench/ingest_memory.py --sizes 20000 100000 --tars 1000
 """
 
 from __future__ import annotations
@@ -211,10 +214,29 @@ def worker_main(spec_json: str) -> None:
     Path(spec["result"]).write_text(json.dumps(result, indent=2))
 
 
+def ensure_tars(folder: Path, out: Path, per_shard: int) -> Path:
+    """``folder``'s images as WebDataset tars of ``per_shard`` images in ``out`` (made once, then reused)."""
+    from lvdkit.demo_containers import write_webdataset
+
+    marker = out.with_name(out.name + ".json")
+    want = {"source": str(folder), "per_shard": per_shard, "version": POOL_VERSION}
+    if marker.exists() and json.loads(marker.read_text()) == want:
+        return out
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    start = time.perf_counter()
+    shards = write_webdataset(folder, out, per_shard)
+    marker.write_text(json.dumps(want))
+    print(f"packed {folder} into {len(shards)} tars in {time.perf_counter() - start:.0f}s", flush=True)
+    return out
+
+
 def bench_size(n: int, args: argparse.Namespace, pool: Path) -> Result | None:
     work = Path(args.out) / "ingest_memory"
+    inputs = size_folder(pool, args.sizes, n)
+    if args.tars:
+        inputs = ensure_tars(inputs, work / "tars" / f"n{n:07d}", args.tars)
     spec = {
-        "inputs": str(size_folder(pool, args.sizes, n)),
+        "inputs": str(inputs),
         "out": str(work / f"run-{n}"),
         "cpus": args.cpus,
         "interval": args.interval,
@@ -227,11 +249,14 @@ def bench_size(n: int, args: argparse.Namespace, pool: Path) -> Result | None:
         print(f"N={n:,}: {'timed out' if code is None else f'failed ({code})'}; see {work / f'run-{n}.log'}")
         return None
     result: Result = json.loads(Path(spec["result"]).read_text())
+    result["tars"] = args.tars
     return result
 
 
 def report(results: list[Result], cpus: int) -> None:
     print(f"\n=== ingest + dedup_exact + dedup_phash, local Ray with {cpus} CPUs: peak RSS (MB) ===")
+    if results and results[0].get("tars"):
+        print(f"(inputs: WebDataset tars of {results[0]['tars']} images each)")
     rows = []
     for r in results:
         p = r["peaks"]["all"]
@@ -272,6 +297,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpus", type=int, default=2, help="CPUs for Ray and for making the pool")
     p.add_argument("--interval", type=float, default=0.2, help="seconds between memory samples")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed to each size")
+    p.add_argument("--tars", type=int, default=0, help="ingest WebDataset tars of this many images (0: loose files)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 

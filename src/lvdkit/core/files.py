@@ -15,6 +15,8 @@ from collections.abc import Iterator, Sequence
 
 import pyarrow.fs as pafs
 
+from lvdkit.core.containers import read_member, split_member
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff")
 MAX_FILE_BYTES = 2**32  # a re-read after ingest: ingest already refused larger files; this guards a file grown since
 
@@ -196,8 +198,12 @@ def _list_uri(uri: str) -> Iterator[str]:
 
 
 def read_bytes(uri: str, max_bytes: int) -> bytes:
-    """Read a local path (as listed: see :func:`as_uri`) or filesystem URI; files larger than ``max_bytes`` are
-    refused before they are read."""
+    """Read a local path (as listed: see :func:`as_uri`), a filesystem URI, or a member of a container
+    (``CONTAINER#MEMBER``: see :mod:`lvdkit.core.containers`); files larger than ``max_bytes`` are refused before
+    they are read."""
+    member = split_member(uri) if "#" in uri else None
+    if member is not None and ("://" in uri or not os.path.lexists(local_path(uri))):
+        return read_member(*member, max_bytes)
     if "://" in uri:
         fs, path = pafs.FileSystem.from_uri(uri)
         size = fs.get_file_info(path).size

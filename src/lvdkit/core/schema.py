@@ -26,6 +26,7 @@ DISTANCE = "distance"  # dedup: to the kept image; cluster: 1 - cosine to the le
 SIZE_BYTES = "size_bytes"  # ingest: the file's size in bytes
 MODE = "mode"  # ingest: Pillow mode of the stored image (RGB, L, CMYK, P, I;16, ...)
 N_FRAMES = "n_frames"  # ingest: number of frames (>1 for animated images; the first frame is used)
+METADATA = "metadata"  # ingest: JSON of a container record's other members / columns (captions, json, url, ...)
 
 # Status values of the final per-image decision (``status.parquet``).
 STATUS_OK = "ok"
@@ -47,6 +48,8 @@ REASON_DECODE_TIMEOUT = "decode_timeout"  # decoding took longer than ingest.dec
 REASON_SYMLINK_OUTSIDE = "symlink_outside_inputs"  # a link in an input folder pointing outside every input
 REASON_FORMAT = "format_not_allowed"  # a format outside ingest.formats, known by its signature (never parsed)
 REASON_PROCESSING = "processing_error"  # on_part_error=quarantine: processing the file raised on every attempt
+REASON_CONTAINER = "container_error"  # a tar or table that cannot be read at all (or has no image column)
+REASON_NO_IMAGE = "no_image_in_sample"  # a WebDataset sample without an image member (its metadata is kept)
 REASONS = (
     REASON_EMPTY,
     REASON_UNREADABLE,
@@ -61,6 +64,8 @@ REASONS = (
     REASON_SYMLINK_OUTSIDE,
     REASON_FORMAT,
     REASON_PROCESSING,
+    REASON_CONTAINER,
+    REASON_NO_IMAGE,
 )
 
 # --- ingest: OUT/ingest/part-*.parquet --------------------------------------------------------------------------
@@ -80,6 +85,7 @@ INGEST = pa.schema(
         pa.field(ERROR, pa.string()),  # quarantine reason (one of REASONS) for quarantined rows
         pa.field(ERROR_DETAIL, pa.string()),  # the exception text, for humans
         pa.field(IMAGE_BYTES, pa.binary()),  # only with ingest.keep_bytes=true
+        pa.field(METADATA, pa.string()),  # container records: JSON of the sample's other members / row's columns
     ]
 )
 

@@ -21,6 +21,16 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from lvdkit.core import schema
+from lvdkit.core.containers import (
+    TABLE,
+    TABLE_SUFFIXES,
+    TAR,
+    TAR_SUFFIXES,
+    ContainerError,
+    container_kind,
+    iter_members,
+    member_uri,
+)
 from lvdkit.core.files import (
     as_uri,
     content_hash,
@@ -61,7 +71,13 @@ class IngestConfig:
     follow_symlinks_outside: bool = False  # read links found in input folders/globs that point outside every input
     # slower decodes are quarantined (decode_timeout); see lvdkit.core.image
     formats: list[str] = field(default_factory=lambda: list(ALLOWED_FORMATS))  # others: format_not_allowed
+    # inputs read as containers of images (each one part): WebDataset tars, Parquet/Arrow tables of image bytes
+    containers: list[str] = field(default_factory=lambda: [TAR, TABLE])
+    image_column: str | None = None  # tables: the image-bytes column; null: image, jpg, png, ... or the only one
     decode_timeout_s: float | None = setting(30.0, gt=0)
+
+
+CONTAINER_SUFFIXES = {TAR: TAR_SUFFIXES, TABLE: TABLE_SUFFIXES}
 
 
 @functools.cache
@@ -99,6 +115,11 @@ def inspect_file(uri: str, cfg: IngestConfig, outside: str | None = None) -> dic
     except OSError as exc:
         err = read_error(exc)
         return {**row, schema.ERROR: err.reason, schema.ERROR_DETAIL: err.detail}
+    return inspect_bytes(row, data, cfg)
+
+
+def inspect_bytes(row: dict[str, object], data: bytes, cfg: IngestConfig) -> dict[str, object]:
+    """Complete ``row`` (id, uri, quarantined status) from the bytes of a file or container member."""
     row.update({schema.SIZE_BYTES: len(data), schema.CONTENT_HASH: content_hash(data)})
     if cfg.keep_bytes:
         row[schema.IMAGE_BYTES] = data
@@ -120,16 +141,55 @@ def inspect_file(uri: str, cfg: IngestConfig, outside: str | None = None) -> dic
     return row
 
 
+def inspect_container(uri: str, cfg: IngestConfig, outside: str | None = None) -> list[dict[str, object]]:
+    """One ingest row per record of a WebDataset tar or image table (see :mod:`lvdkit.core.containers`), each
+    inspected as a file is; a container that cannot be read at all is one quarantined row under its own uri."""
+    uri = as_uri(uri)
+    whole: dict[str, object] = {schema.IMAGE_ID: image_id(uri), schema.URI: uri}
+    whole[schema.STATUS_COL] = schema.STATUS_QUARANTINED
+    if outside is not None and not cfg.follow_symlinks_outside:
+        return [inspect_file(uri, cfg, outside)]
+    rows = []
+    try:
+        for m in iter_members(uri, cfg.image_column, int(cfg.max_file_mb * 2**20)):
+            member = member_uri(uri, m.name)
+            row: dict[str, object] = {schema.IMAGE_ID: image_id(member), schema.URI: member}
+            row.update({schema.STATUS_COL: schema.STATUS_QUARANTINED, schema.METADATA: m.metadata_json()})
+            if m.error is not None:
+                rows.append({**row, schema.ERROR: m.error[0], schema.ERROR_DETAIL: m.error[1]})
+            else:
+                assert m.data is not None
+                rows.append(inspect_bytes(row, m.data, cfg))
+    except ContainerError as exc:
+        rows.append({**whole, schema.ERROR: schema.REASON_CONTAINER, schema.ERROR_DETAIL: str(exc)})
+    except OSError as exc:  # unreadable, vanished, ...
+        err = read_error(exc)
+        rows.append({**whole, schema.ERROR: err.reason, schema.ERROR_DETAIL: err.detail})
+    if not rows:  # an empty tar or table still ends accounted for
+        rows.append({**whole, schema.ERROR: schema.REASON_CONTAINER, schema.ERROR_DETAIL: "holds no records"})
+    return rows
+
+
 def ingest_files(uris: Sequence[str], cfg: IngestConfig, outside: Sequence[str | None] | None = None) -> pa.Table:
-    """Inspect each file; one row per URI, in order (``outside``: per URI, see :func:`inspect_file`)."""
+    """Inspect each file, in order: one row per file, one per record of a container (``outside``: per URI, see
+    :func:`inspect_file`)."""
     links = outside if outside is not None else [None] * len(uris)
-    return pa.Table.from_pylist([inspect_file(u, cfg, o) for u, o in zip(uris, links, strict=True)], schema.INGEST)
+    rows: list[dict[str, object]] = []
+    for uri, link in zip(uris, links, strict=True):
+        if container_kind(uri, cfg.containers):
+            rows.extend(inspect_container(uri, cfg, link))
+        else:
+            rows.append(inspect_file(uri, cfg, link))
+    return pa.Table.from_pylist(rows, schema.INGEST)
 
 
 def list_for_ingest(inputs: Sequence[str], cfg: IngestConfig) -> Iterator[tuple[str, str | None]]:
     """The files of ``inputs`` to ingest, each with :func:`link_outside`'s verdict (``None``: read it)."""
     roots = input_roots(inputs)
-    for uri, how in list_entries(inputs, cfg.extensions):
+    extensions = cfg.extensions
+    if extensions is not None and cfg.containers:
+        extensions = [*extensions, *(s for k in cfg.containers for s in CONTAINER_SUFFIXES[k])]
+    for uri, how in list_entries(inputs, extensions):
         yield uri, None if cfg.follow_symlinks_outside else link_outside(uri, how, roots)
 
 
@@ -144,20 +204,38 @@ def plan_ingest(cfg: IngestConfig, listing: Path) -> PartPlan:
     per_part = cfg.files_per_part
     if per_part < 1:
         raise ValueError(f"ingest.files_per_part must be >= 1, got {per_part}")
+    unknown = sorted(set(cfg.containers) - set(CONTAINER_SUFFIXES))
+    if unknown:
+        raise ValueError(f"ingest.containers: unknown kind(s) {unknown}; valid: {sorted(CONTAINER_SUFFIXES)}")
     h = hashlib.blake2b(digest_size=8)
-    n_files, uris, links = 0, [], []
+    n_files, n_parts = 0, 0
+    uris: list[str] = []
+    links: list[str | None] = []
     with disk_errors(listing), pq.ParquetWriter(listing, schema.INGEST_LISTING) as writer:
+
+        def flush(batch: list[str], batch_links: list[str | None]) -> None:
+            nonlocal n_parts
+            if batch:
+                writer.write_table(_listing(batch, batch_links), row_group_size=per_part)
+                n_parts += 1
+
         for uri, outside in list_for_ingest(cfg.inputs, cfg):
             h.update(file_identity(uri).encode("utf-8", "surrogateescape"))
+            n_files += 1
+            if container_kind(uri, cfg.containers):  # a part of its own: its records are listed by its task
+                flush(uris, links)
+                flush([uri], [outside])
+                uris.clear()
+                links.clear()
+                continue
             uris.append(uri)
             links.append(outside)
             if len(uris) == per_part:
-                writer.write_table(_listing(uris, links), row_group_size=per_part)
-                n_files, uris, links = n_files + len(uris), [], []
-        if uris:
-            writer.write_table(_listing(uris, links), row_group_size=per_part)
-            n_files += len(uris)
-    return PartPlan(fingerprint=f"{h.hexdigest()}-{n_files}", n_parts=-(-n_files // per_part))
+                flush(uris, links)
+                uris.clear()
+                links.clear()
+        flush(uris, links)
+    return PartPlan(fingerprint=f"{h.hexdigest()}-{n_files}", n_parts=n_parts)
 
 
 def _listing(uris: list[str], links: list[str | None]) -> pa.Table:
