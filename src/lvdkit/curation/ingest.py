@@ -186,10 +186,7 @@ def ingest_files(uris: Sequence[str], cfg: IngestConfig, outside: Sequence[str |
 def list_for_ingest(inputs: Sequence[str], cfg: IngestConfig) -> Iterator[tuple[str, str | None]]:
     """The files of ``inputs`` to ingest, each with :func:`link_outside`'s verdict (``None``: read it)."""
     roots = input_roots(inputs)
-    extensions = cfg.extensions
-    if extensions is not None and cfg.containers:
-        extensions = [*extensions, *(s for k in cfg.containers for s in CONTAINER_SUFFIXES[k])]
-    for uri, how in list_entries(inputs, extensions):
+    for uri, how in list_entries(inputs, cfg.extensions):
         yield uri, None if cfg.follow_symlinks_outside else link_outside(uri, how, roots)
 
 
