@@ -52,7 +52,7 @@ def test_webdataset_samples_become_records_with_their_metadata(shard: Path) -> N
     assert len(table) == 6  # 4 images, 1 broken image, 1 sample without an image: every record accounted for
     first = by_uri[f"{shard}#s000.jpg"]
     assert first[schema.STATUS_COL] == schema.STATUS_OK and first[schema.IMAGE_ID] == image_id(f"{shard}#s000.jpg")
-    assert json.loads(first[schema.METADATA]) == {"txt": "caption 0", "json": '{"n": 0}'}
+    assert json.loads(first[schema.METADATA]) == {"txt": "caption 0", "json": {"n": 0}}  # json members parsed
     assert by_uri[f"{shard}#broken.jpg"][schema.STATUS_COL] == schema.STATUS_QUARANTINED
     assert by_uri[f"{shard}#broken.jpg"][schema.ERROR] in (schema.REASON_TRUNCATED, schema.REASON_DECODE)
     assert by_uri[f"{shard}#lonely"][schema.ERROR] == schema.REASON_NO_IMAGE

@@ -47,7 +47,7 @@ def _name(row: dict, name_of: dict[str, str] | None) -> str:
         meta = json.loads(row[schema.METADATA])
         if "path" in meta:
             return str(meta["path"])
-        return json.loads(meta["json"])["path"] if "json" in meta else uri
+        return str(meta["json"]["path"]) if "json" in meta else uri
     return name_of[uri] if name_of else uri
 
 

@@ -156,7 +156,7 @@ def _sample_records(sample: list[tuple[tarfile.TarInfo, Any]]) -> Iterator[Membe
     if not sample:
         return
     images = [(i, d) for i, d in sample if sample_key(i.name)[1].rsplit(".", 1)[-1] in IMAGE_SUFFIXES]
-    metadata = {sample_key(i.name)[1]: _text(d) for i, d in sample if (i, d) not in images and isinstance(d, bytes)}
+    metadata = {sample_key(i.name)[1]: _value(sample_key(i.name)[1], d) for i, d in sample if (i, d) not in images}
     if not images:
         key = sample_key(sample[0][0].name)[0]
         names = ", ".join(i.name for i, _ in sample)
@@ -167,6 +167,18 @@ def _sample_records(sample: list[tuple[tarfile.TarInfo, Any]]) -> Iterator[Membe
             yield Member(info.name, error=data, metadata=metadata)
         else:
             yield Member(info.name, data=data, metadata=metadata)
+
+
+def _value(ext: str, data: Any) -> Any:
+    """A metadata member's value: ``json`` members parsed (when they parse), others as text."""
+    if not isinstance(data, bytes):  # too large to read: (reason, detail)
+        return f"<not read: {data[1]}>"
+    if ext == "json":
+        try:
+            return json.loads(data)
+        except ValueError:
+            pass
+    return _text(data)
 
 
 def _text(data: bytes) -> str:
