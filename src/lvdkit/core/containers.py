@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from lvdkit.core import schema
+from lvdkit.core.storage import filesystem
 
 TAR, TABLE = "tar", "parquet"  # ingest.containers values
 TAR_SUFFIXES = (".tar",)
@@ -97,7 +97,7 @@ def iter_members(container: str, image_column: str | None = None, max_bytes: int
 
 def _open(uri: str, seekable: bool = False) -> IO[bytes]:
     if "://" in uri:
-        fs, path = pafs.FileSystem.from_uri(uri)
+        fs, path = filesystem(uri)
         return fs.open_input_file(path) if seekable else fs.open_input_stream(path)  # type: ignore[no-any-return]
     from lvdkit.core.files import local_path  # files imports this module: import here
 
@@ -285,7 +285,7 @@ def _stamp(uri: str) -> tuple[int | None, int | None]:
     """Size and mtime of a container: the per-process caches below are keyed by them, so a rewritten container is
     read again (and a changed member then shows as changed, as for a file)."""
     if "://" in uri:
-        fs, path = pafs.FileSystem.from_uri(uri)
+        fs, path = filesystem(uri)
         info = fs.get_file_info(path)
         return info.size, info.mtime_ns
     from lvdkit.core.files import local_path

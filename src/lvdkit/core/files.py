@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 import pyarrow.fs as pafs
 
 from lvdkit.core.containers import read_member, split_member
+from lvdkit.core.storage import filesystem
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff")
 MAX_FILE_BYTES = 2**32  # a re-read after ingest: ingest already refused larger files; this guards a file grown since
@@ -184,7 +185,7 @@ def _walk(root: str) -> Iterator[str]:
 
 
 def _list_uri(uri: str) -> Iterator[str]:
-    fs, path = pafs.FileSystem.from_uri(uri)
+    fs, path = filesystem(uri)
     scheme = uri.split("://", 1)[0]
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:
@@ -205,7 +206,7 @@ def read_bytes(uri: str, max_bytes: int) -> bytes:
     if member is not None and ("://" in uri or not os.path.lexists(local_path(uri))):
         return read_member(*member, max_bytes)
     if "://" in uri:
-        fs, path = pafs.FileSystem.from_uri(uri)
+        fs, path = filesystem(uri)
         size = fs.get_file_info(path).size
         if size is not None and size > max_bytes:
             raise FileTooLarge(f"file is {size} bytes, more than {max_bytes}")
@@ -236,8 +237,12 @@ class FileTooLarge(OSError):
 def file_identity(uri: str) -> str:
     """Name, size and mtime (of a symlink and of its target): enough to notice an added, removed or rewritten file
     without reading it."""
-    if "://" in uri:
-        return uri + "\n"
+    if "://" in uri:  # an object: its size and last-modified time (one metadata request)
+        fs, path = filesystem(uri)
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            return f"{uri}|missing\n"
+        return f"{uri}|{info.size}|{info.mtime_ns}\n"
     path = local_path(uri)
     try:
         st = os.lstat(path)
