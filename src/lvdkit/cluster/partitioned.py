@@ -66,6 +66,7 @@ class ClusterPartitions(PartitionedWork):
         per_row = 4 * max(dims, 1) * 3 + 64
         memory = cfg.task_memory_mb or int(2 * cfg.partition_rows * per_row / 2**20) + 512
         work.resources = Resources(cpus=cfg.task_cpus, memory_mb=memory)
+        work.scratch_row_group_rows = min(8192, max(256, cfg.partition_rows // max(1, len(parts))))
         return work
 
     def _rows(self, index: int) -> pa.Table:

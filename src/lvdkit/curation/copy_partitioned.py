@@ -89,6 +89,8 @@ class CopyPartitions(PartitionedWork):
         work = cls(cfg=cfg, inputs=inputs, part_rows=rows, dims=dims)
         work.n_inputs = len(parts)
         work.resources = Resources(cpus=cfg.task_cpus, memory_mb=cfg.task_memory_mb or work.memory_estimate_mb())
+        # a partition's share of one scatter table: its rows in every table, spread over the tables
+        work.scratch_row_group_rows = min(8192, max(256, cfg.partition_rows // max(1, len(parts))))
         return work
 
     def memory_estimate_mb(self) -> int:

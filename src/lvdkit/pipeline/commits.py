@@ -15,7 +15,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from lvdkit.core.io import read_json, write_json_atomic
+from lvdkit.core.io import ROW_GROUP_ROWS, read_json, write_json_atomic
 from lvdkit.pipeline import faults
 
 COMMITS = "_commits"
@@ -35,9 +35,9 @@ def record_of(part: Path) -> Path:
     return part.parent / COMMITS / f"{part.name}.json"
 
 
-def commit_part(table: pa.Table, path: Path, hooks: faults.Hooks | None) -> None:
+def commit_part(table: pa.Table, path: Path, hooks: faults.Hooks | None, row_group_rows: int = ROW_GROUP_ROWS) -> None:
     """Write a part atomically, then its commit record (the part counts as done only once both exist)."""
-    faults.write_part(table, path, hooks)
+    faults.write_part(table, path, hooks, row_group_rows)
     write_json_atomic(record_of(path), {"bytes": path.stat().st_size, "blake2b": checksum(path)})
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from lvdkit.core.io import DiskFullError, write_parquet_atomic
+from lvdkit.core.io import ROW_GROUP_ROWS, DiskFullError, write_parquet_atomic
 
 SHARD_DELAY = "LVDKIT_TEST_SHARD_DELAY_S"
 STAGE_DELAY = "LVDKIT_TEST_STAGE_DELAY"
@@ -127,11 +127,11 @@ class Hooks:
         return index >= self.enospc_after
 
 
-def write_part(table: pa.Table, path: Path, hooks: Hooks | None) -> None:
+def write_part(table: pa.Table, path: Path, hooks: Hooks | None, row_group_rows: int = ROW_GROUP_ROWS) -> None:
     """Write a part atomically, failing as a full disk would where ``LVDKIT_TEST_ENOSPC_AFTER`` says so."""
     if hooks is not None and hooks.disk_full(path):
         raise DiskFullError.writing(path, enospc(path))
-    write_parquet_atomic(table, path)
+    write_parquet_atomic(table, path, row_group_rows)
 
 
 def enospc(path: Path) -> OSError:

@@ -168,7 +168,7 @@ def _prepare(work: PartitionedWork, threads: int) -> tuple[Any, str]:
 def _scatter(work: PartitionedWork, state: Any, index: int, path: str, threads: int, hooks: faults.Hooks) -> Any:
     set_threads(threads)
     table, summary = work.scatter(state, index)
-    commit_part(table, Path(path), hooks)
+    commit_part(table, Path(path), hooks, work.scratch_row_group_rows)
     return summary, node_id()
 
 
