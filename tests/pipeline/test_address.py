@@ -27,12 +27,11 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture
-def ray_head() -> Iterator[str]:
-    port = _free_port()
+def start_head(port: int, *options: str) -> subprocess.Popen[bytes]:
+    """``ray start --head --block`` on loopback (2 CPUs, auth off, its own temp folder) with extra ``options``."""
     ray_bin = str(Path(sys.executable).with_name("ray"))
     tmp = tempfile.mkdtemp(prefix="lvdk-head-", dir="/tmp")
-    head = subprocess.Popen(
+    return subprocess.Popen(
         [
             ray_bin,
             "start",
@@ -42,14 +41,34 @@ def ray_head() -> Iterator[str]:
             f"--port={port}",
             "--num-cpus=2",
             f"--temp-dir={tmp}",
-            "--include-dashboard=false",
             "--disable-usage-stats",
+            *options,
         ],
         start_new_session=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env={**os.environ, "RAY_AUTH_MODE": "disabled"},
     )
+
+
+def stop_head(head: subprocess.Popen[bytes]) -> None:
+    """Stop the head and everything it started (``ray start --block`` may already have exited: a flake seen once)."""
+    try:
+        procs = [psutil.Process(head.pid), *psutil.Process(head.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        procs = []
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(head.pid, signal.SIGTERM)
+    _, alive = psutil.wait_procs(procs, timeout=30)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+
+
+@pytest.fixture
+def ray_head() -> Iterator[str]:
+    port = _free_port()
+    head = start_head(port, "--include-dashboard=false")
     address = f"127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -61,16 +80,7 @@ def ray_head() -> Iterator[str]:
     try:
         yield address
     finally:
-        try:  # `ray start --block` may already have exited by itself (a flake seen once): nothing left to stop
-            procs = [psutil.Process(head.pid), *psutil.Process(head.pid).children(recursive=True)]
-        except psutil.NoSuchProcess:
-            procs = []
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(head.pid, signal.SIGTERM)
-        _, alive = psutil.wait_procs(procs, timeout=30)
-        for p in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.kill()
+        stop_head(head)
 
 
 def test_stage_runs_on_a_separately_started_head(ray_head: str, small_demo: Path, tmp_path: Path) -> None:

@@ -6,21 +6,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 
 from lvdkit.core.io import part_files
 
-from .test_address import _free_port
+from .test_address import _free_port, start_head, stop_head
 
 BIN = Path(sys.executable).parent
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -30,27 +27,12 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 def head_with_jobs() -> Iterator[str]:
     """``ray start --head`` on loopback with the dashboard; yields the Jobs API address (http://...)."""
     port, dashboard, agent = _free_port(), _free_port(), _free_port()
-    tmp = tempfile.mkdtemp(prefix="lvdk-jobs-", dir="/tmp")
-    head = subprocess.Popen(
-        [
-            str(BIN / "ray"),
-            "start",
-            "--head",
-            "--block",
-            "--node-ip-address=127.0.0.1",
-            f"--port={port}",
-            "--num-cpus=2",
-            f"--temp-dir={tmp}",
-            "--include-dashboard=true",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard}",
-            f"--dashboard-agent-listen-port={agent}",  # its default (52365) may be taken by another Ray here
-            "--disable-usage-stats",
-        ],
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+    head = start_head(
+        port,
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard}",
+        f"--dashboard-agent-listen-port={agent}",  # its default (52365) may be taken by another Ray here
     )
     url = f"http://127.0.0.1:{dashboard}"
     deadline = time.time() + 180
@@ -63,16 +45,7 @@ def head_with_jobs() -> Iterator[str]:
     try:
         yield url
     finally:
-        try:
-            procs = [psutil.Process(head.pid), *psutil.Process(head.pid).children(recursive=True)]
-        except psutil.NoSuchProcess:
-            procs = []
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(head.pid, signal.SIGTERM)
-        _, alive = psutil.wait_procs(procs, timeout=30)
-        for p in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.kill()
+        stop_head(head)
 
 
 def test_ray_job_submit_runs_a_stage_on_the_head(head_with_jobs: str, small_demo: Path, tmp_path: Path) -> None:
