@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from lvdkit.cluster.partitioned import at_most_k_ranges, split_k
 from lvdkit.core import schema
 from lvdkit.core.io import part_files, read_json
 from lvdkit.core.settings import load_config
@@ -64,3 +65,14 @@ def test_many_partitions_keep_the_tree_and_the_sample_whole(deduped: Path, small
     assert all(d >= 0 for _, d, _ in found.values())
     centroids = np.load(tmp_path / "many" / "cluster" / schema.centroids_file(1))
     assert centroids.shape[0] == 6
+
+
+def test_more_partitions_than_level1_clusters_merge_so_level1_keeps_exactly_k() -> None:
+    ranges, rows = [(0, 2), (2, 3), (3, 5), (5, 6), (6, 9)], np.array([5, 0, 3, 4, 9])
+    assert at_most_k_ranges(ranges, rows, 4)[0] == ranges  # one cluster fits each partition with rows: unchanged
+    for k in (1, 2, 3):
+        merged, n = at_most_k_ranges(ranges, rows, k)
+        assert len(merged) == k and n.sum() == rows.sum() and split_k(k, n).sum() == k
+        assert merged[0][0] == 0 and merged[-1][1] == 9
+        assert all(a[1] <= b[0] for a, b in zip(merged, merged[1:]))  # consecutive, disjoint
+    assert at_most_k_ranges(ranges, rows, 2)[0] == [(0, 6), (6, 9)]  # lightest neighbours first: 3+4, then 5+7

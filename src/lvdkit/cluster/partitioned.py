@@ -114,6 +114,7 @@ class ClusterPartitions(PartitionedWork):
         levels, steps, sizes = self.cfg.hierarchy.resolve(n, max_leaf=None)
         ranges = plan_ranges(total, self.cfg.partition_rows)
         rows = np.array([int(total[a:b].sum()) for a, b in ranges])
+        ranges, rows = at_most_k_ranges(ranges, rows, levels[0])
         ks = split_k(levels[0], rows)
         partitions = [(a, b, int(k)) for (a, b), k in zip(ranges, ks, strict=True) if k > 0]
         return partitions, {"n": n, "levels": levels, "steps": steps, "sizes": sizes}
@@ -201,6 +202,23 @@ class ClusterPartitions(PartitionedWork):
             },
             schema=schema.CLUSTER,
         )
+
+
+def at_most_k_ranges(
+    ranges: list[tuple[int, int]], rows: np.ndarray, k: int
+) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """Merge neighbouring cell ranges (the lightest pair first) until at most ``k`` hold rows: every partition with
+    rows fits at least one level-1 cluster, so level 1 has exactly ``k`` clusters however the cells fell. Only a
+    pool whose level-1 clusters outgrow ``partition_rows`` needs it. rows: [R] images per range."""
+    kept = [(r, int(n)) for r, n in zip(ranges, rows, strict=True) if n > 0]
+    while len(kept) > max(1, k):
+        j = int(np.argmin([kept[i][1] + kept[i + 1][1] for i in range(len(kept) - 1)]))
+        (a, _), n1 = kept[j]
+        (_, b), n2 = kept[j + 1]
+        kept[j : j + 2] = [((a, b), n1 + n2)]
+    if len(kept) == sum(1 for n in rows if n > 0):
+        return ranges, np.asarray(rows)
+    return [r for r, _ in kept], np.array([n for _, n in kept], np.int64)
 
 
 def split_k(k: int, rows: np.ndarray) -> np.ndarray:
