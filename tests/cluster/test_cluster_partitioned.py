@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import shutil
 from pathlib import Path
 
@@ -74,5 +75,5 @@ def test_more_partitions_than_level1_clusters_merge_so_level1_keeps_exactly_k() 
         merged, n = at_most_k_ranges(ranges, rows, k)
         assert len(merged) == k and n.sum() == rows.sum() and split_k(k, n).sum() == k
         assert merged[0][0] == 0 and merged[-1][1] == 9
-        assert all(a[1] <= b[0] for a, b in zip(merged, merged[1:]))  # consecutive, disjoint
+        assert all(a[1] <= b[0] for a, b in itertools.pairwise(merged))  # consecutive, disjoint
     assert at_most_k_ranges(ranges, rows, 2)[0] == [(0, 6), (6, 9)]  # lightest neighbours first: 3+4, then 5+7
