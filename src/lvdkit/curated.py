@@ -13,6 +13,7 @@ from PIL import Image
 
 from lvdkit.core import schema
 from lvdkit.core.image import decode_rgb
+from lvdkit.core.storage import Location, fs_paths, location
 
 CURATED_DIR = "curated"
 
@@ -20,11 +21,16 @@ CURATED_DIR = "curated"
 def load_curated(
     out: str | Path, as_: Literal["dataset", "pandas"] = "dataset", columns: list[str] | None = None
 ) -> Any:
-    """The curated shards under ``OUT/curated`` as a pyarrow Dataset (lazy, streams row groups) or a pandas frame."""
-    folder = Path(out) / CURATED_DIR
-    if not any(folder.glob("part-*.parquet")):
+    """The curated shards under ``OUT/curated`` as a pyarrow Dataset (lazy, streams row groups) or a pandas frame.
+
+    ``out``: a local folder or a URI (``s3://bucket/run``; other S3-compatible services through
+    ``AWS_ENDPOINT_URL``, see :mod:`lvdkit.core.storage`)."""
+    folder = location(out) / CURATED_DIR
+    parts: list[Location] = sorted(folder.glob("part-*.parquet"), key=str)
+    if not parts:
         raise FileNotFoundError(f"no curated shards in {folder}: run `lvdkit curate` (or `lvdkit run shard`)")
-    dataset = ds.dataset(sorted(str(p) for p in folder.glob("part-*.parquet")), format="parquet")
+    fs, paths = fs_paths(parts)
+    dataset = ds.dataset(paths, format="parquet", filesystem=fs)
     if as_ == "dataset":
         return dataset
     if as_ == "pandas":

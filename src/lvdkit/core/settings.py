@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from lvdkit.core.storage import Location, ObjectPath
+
 T = TypeVar("T")
 
 
@@ -181,8 +183,11 @@ def config_yaml(cfg: Any) -> str:
     return str(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def save_config(cfg: Any, path: Path) -> None:
-    """Write the resolved config as YAML (loadable again with ``--config``)."""
+def save_config(cfg: Any, path: Location) -> None:
+    """Write the resolved config as YAML (loadable again with ``--config``), locally or as one object."""
+    if isinstance(path, ObjectPath):
+        path.write_text(config_yaml(cfg))
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".yaml.tmp")
     tmp.write_text(config_yaml(cfg))

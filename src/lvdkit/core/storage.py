@@ -2,15 +2,24 @@
 through :func:`filesystem`, so that one place knows how to reach it.
 
 S3-compatible services that are not AWS (MinIO, Ceph, a local test server) are named by the standard
-``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` variable (``http://host:port``): pyarrow's own S3 client does not read
-them, so lvdkit passes them on as ``endpoint_override`` (credentials and region come from the usual AWS variables
-and files). Filesystems are cached per process and endpoint.
+``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` variable (``http://host:port``), passed to pyarrow as its
+``endpoint_override`` (recent pyarrow releases read ``AWS_ENDPOINT_URL`` too; passing it keeps the scheme and the
+``_S3`` variant under lvdkit's control). Credentials and region come from the usual AWS variables and files.
+Filesystems are cached per process and endpoint.
+
+:class:`ObjectPath` gives run-folder code the few ``pathlib`` operations it needs on object storage, so the same code
+handles a local ``OUT`` and ``s3://bucket/run`` (:func:`location`).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import functools
+import io
 import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
 from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
@@ -41,3 +50,130 @@ def _s3(endpoint: str) -> pafs.S3FileSystem:
     parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     return pafs.S3FileSystem(endpoint_override=parts.netloc, scheme=parts.scheme, region=region)
+
+
+def is_uri(target: str | os.PathLike[str]) -> bool:
+    """True for ``scheme://...`` locations other than ``file://`` (those are local paths)."""
+    text = str(target)
+    return "://" in text and not text.startswith("file://")
+
+
+class ObjectPath:
+    """A location on an object store (or any pyarrow filesystem) with the few ``pathlib.Path`` operations lvdkit's
+    run folders use, so code written for a local ``Path`` also works on ``s3://`` (see :func:`location`).
+
+    Objects are written whole in one request (an object store's only atomic write); there are no folders, so
+    ``mkdir`` does nothing and a "folder" is any prefix with objects under it.
+    """
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri.rstrip("/")
+        self.fs, self.path = filesystem(self.uri)
+
+    def __repr__(self) -> str:
+        return f"ObjectPath({self.uri!r})"
+
+    def __str__(self) -> str:
+        return self.uri
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ObjectPath) and other.uri == self.uri
+
+    def __hash__(self) -> int:
+        return hash(self.uri)
+
+    def __truediv__(self, name: str) -> ObjectPath:
+        return ObjectPath(f"{self.uri}/{name}")
+
+    @property
+    def name(self) -> str:
+        return self.uri.rsplit("/", 1)[-1]
+
+    @property
+    def parent(self) -> ObjectPath:
+        return ObjectPath(self.uri.rsplit("/", 1)[0])
+
+    def expanduser(self) -> ObjectPath:
+        return self
+
+    def resolve(self) -> ObjectPath:
+        return self
+
+    def _info(self) -> pafs.FileInfo:
+        return self.fs.get_file_info(self.path)
+
+    def is_file(self) -> bool:
+        return self._info().type == pafs.FileType.File
+
+    def is_dir(self) -> bool:
+        return self._info().type == pafs.FileType.Directory
+
+    def exists(self) -> bool:
+        return self._info().type != pafs.FileType.NotFound
+
+    def size(self) -> int:
+        return int(self._info().size or 0)
+
+    def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
+        pass
+
+    def read_bytes(self) -> bytes:
+        if not self.is_file():  # pyarrow raises a bare OSError for a missing object
+            raise FileNotFoundError(f"no such object: {self.uri}")
+        with self.fs.open_input_file(self.path) as f:
+            return bytes(f.read())
+
+    def read_text(self) -> str:
+        return self.read_bytes().decode()
+
+    def write_bytes(self, data: bytes) -> None:
+        with self.fs.open_output_stream(self.path) as f:
+            f.write(data)
+
+    def write_text(self, text: str) -> None:
+        self.write_bytes(text.encode())
+
+    def open(self, mode: str = "r") -> IO[Any]:
+        if mode not in ("r", "rb"):
+            raise ValueError(f"{self.uri}: objects open for reading only (write them whole), got mode {mode!r}")
+        data = io.BytesIO(self.read_bytes())
+        return data if mode == "rb" else io.TextIOWrapper(data)
+
+    def iterdir(self) -> Iterator[ObjectPath]:
+        found = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
+        for info in sorted(found, key=lambda i: i.path):
+            yield self / info.base_name
+
+    def glob(self, pattern: str) -> Iterator[ObjectPath]:
+        """Children whose names match ``pattern`` (one level, no ``**``)."""
+        return (p for p in self.iterdir() if fnmatch.fnmatchcase(p.name, pattern))
+
+    def rglob(self, pattern: str) -> Iterator[ObjectPath]:
+        """Objects anywhere below whose names match ``pattern``, in key order."""
+        found = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=True, allow_not_found=True))
+        base = self.path.rstrip("/")
+        for info in sorted(found, key=lambda i: i.path):
+            if info.type == pafs.FileType.File and fnmatch.fnmatchcase(info.base_name, pattern):
+                yield ObjectPath(f"{self.uri}/{info.path[len(base) + 1 :]}")
+
+
+Location = Path | ObjectPath  # what run-folder code takes: the same operations on disk and on object storage
+
+
+def location(target: str | os.PathLike[str]) -> Location:
+    """A run folder or file as a local ``Path`` or, for a URI, an :class:`ObjectPath` with the same operations."""
+    text = str(target)
+    if is_uri(text):
+        return ObjectPath(text)
+    return Path(text.removeprefix("file://")).expanduser()
+
+
+def fs_paths(targets: list[Location]) -> tuple[pafs.FileSystem | None, list[str]]:
+    """(filesystem, paths within it) for readers that take both (pyarrow datasets, Ray Data); local: (None, paths).
+    All targets must live on one filesystem (the S3 endpoint of the environment names it)."""
+    remote = [t for t in targets if isinstance(t, ObjectPath)]
+    if not remote:
+        return None, [str(t) for t in targets]
+    if len(remote) != len(targets) or len({t.uri.split("://")[0] for t in remote}) > 1:
+        raise ValueError("these files are on more than one filesystem: " + ", ".join(map(str, targets[:3])))
+    return remote[0].fs, [t.path for t in remote]

@@ -54,10 +54,10 @@ def add_subcommands(sub: Any) -> None:
         description="Export the backbone of RUN's latest checkpoint: DINOv2's and DINO's EMA teacher by default, "
         "or the student; SimCLR and distillation export their student.",
     )
-    export.add_argument("run", type=Path, help="the pretraining run folder (its out=)")
-    export.add_argument("--out", required=True, type=Path, help="FILE.safetensors (a FILE.json sidecar is written)")
+    export.add_argument("run", help="the pretraining run folder (its out=; a local path or s3://...)")
+    export.add_argument("--out", required=True, help="FILE.safetensors, local or s3://... (a FILE.json sidecar too)")
     export.add_argument("--which", choices=("teacher", "student"), help="which network (default: by method)")
-    export.add_argument("--checkpoint", type=Path, help="a specific checkpoint folder instead of the latest")
+    export.add_argument("--checkpoint", help="a specific checkpoint folder instead of the latest")
 
     embed = sub.add_parser(
         "embed",
@@ -98,7 +98,7 @@ def dispatch(args: argparse.Namespace) -> int:
         from lvdkit.pretrain.export import export
 
         path = export(args.run, args.out, args.which, args.checkpoint)
-        print(f"exported {path} (+ {path.with_suffix('.json').name})")
+        print(f"exported {path} (+ {Path(str(path)).with_suffix('.json').name})")
         return 0
     if args.command == "embed":
         from lvdkit.pretrain.evaluate import embed_folder, skip_summary

@@ -11,27 +11,30 @@ and ``create_embedder("x.safetensors")`` (so ``lvdkit embed``/``eval``, curation
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
+from lvdkit.core.storage import Location, ObjectPath, is_uri, location
 from lvdkit.embeddings.backbones import create_torch_model
-from lvdkit.embeddings.model_file import save_lvdkit_model
+from lvdkit.embeddings.model_file import save_lvdkit_model, sidecar_path
 from lvdkit.embeddings.weights import load_into
+from lvdkit.pretrain.config import DEFAULT_WHICH
 from lvdkit.pretrain.run import latest_checkpoint
 from lvdkit.pretrain.train import read_checkpoint
 
-# DINO and DINOv2 evaluate and release the EMA teacher; SimCLR and distillation have a student only.
-DEFAULT_WHICH = {"dinov2": "teacher", "dino": "teacher", "simclr": "student", "distillation": "student"}
 STUDENT_ONLY = ("simclr", "distillation")
 
 
-def export(run: str | Path, out: str | Path, which: str | None = None, checkpoint: str | Path | None = None) -> Path:
+def export(
+    run: str | Path, out: str | Path, which: str | None = None, checkpoint: str | Path | None = None
+) -> Location:
     """Write the backbone of ``run``'s latest (or the given) checkpoint to ``out`` (``.safetensors`` + ``.json``).
 
     ``which``: ``teacher`` (DINOv2's and DINO's EMA teacher, their default) or ``student`` (SimCLR's and
-    distillation's only choice).
+    distillation's only choice). ``run``, ``checkpoint`` and ``out`` may be on object storage (``s3://...``).
     """
-    folder = Path(checkpoint) if checkpoint else latest_checkpoint(run)
+    folder = location(checkpoint) if checkpoint else latest_checkpoint(run)
     state, meta = read_checkpoint(folder)
     which = which or DEFAULT_WHICH[meta["method"]]
     if meta["method"] in STUDENT_ONLY and which != "student":
@@ -47,7 +50,16 @@ def export(run: str | Path, out: str | Path, which: str | None = None, checkpoin
     module, _ = create_torch_model(meta["model"], img_size=img_size, pretrained=False, **identity)
     load_into(module, weights, str(folder))
     kwargs = {**identity, **({"img_size": img_size} if img_size is not None else {})}
-    path = save_lvdkit_model(module, meta["model"], kwargs, out)
-    provenance = {"run": str(Path(run).resolve()), "checkpoint": folder.name, "step": meta["step"], "which": which}
-    Path(out).with_suffix(".provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
-    return path
+    where = str(run) if is_uri(run) else str(Path(run).resolve())
+    provenance = {"run": where, "checkpoint": folder.name, "step": meta["step"], "which": which}
+    if not is_uri(out):
+        path = save_lvdkit_model(module, meta["model"], kwargs, out)
+        Path(out).with_suffix(".provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+        return path
+    with tempfile.TemporaryDirectory(prefix="lvdkit-export-") as tmp:  # written and checked locally, then uploaded
+        local = save_lvdkit_model(module, meta["model"], kwargs, Path(tmp) / Path(str(out)).name)
+        local.with_suffix(".provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+        target = ObjectPath(str(out))
+        for name in (local.name, sidecar_path(local).name, local.with_suffix(".provenance.json").name):
+            (target.parent / name).write_bytes((local.parent / name).read_bytes())
+    return target
