@@ -47,16 +47,18 @@ ingest dedup_exact dedup_phash embed dedup_copy dedup_relative cluster retrieve 
 	$(LVDKIT) run $@ --config $(CONFIG) out=$(OUT)
 
 pretrain: curate  ## DINOv2 on the demo's curated set, distil it into a CNN, k-NN vs random init (CPU, minutes)
-	$(LVDKIT) pretrain --config configs/pretrain_demo.yaml data=$(OUT)/curated out=$(PRETRAIN)/dinov2 resume=true
+	$(LVDKIT) pretrain --config configs/pretrain_demo.yaml data=$(OUT)/curated out=$(PRETRAIN)/dinov2 resume=true \
+		eval.data=$(DEMO)/heldout
 	$(LVDKIT) export $(PRETRAIN)/dinov2 --out $(PRETRAIN)/dinov2.safetensors
 	$(LVDKIT) pretrain --config configs/distill_demo.yaml data=$(OUT)/curated out=$(PRETRAIN)/distill \
-		distill.teacher=$(PRETRAIN)/dinov2.safetensors resume=true
+		distill.teacher=$(PRETRAIN)/dinov2.safetensors resume=true eval.data=$(DEMO)/heldout
 	$(LVDKIT) export $(PRETRAIN)/distill --out $(PRETRAIN)/distill.safetensors
 	@echo "k-NN (k=20, T=0.07) and linear probe on the demo's held-out digits (200 train / 200 test):"
 	$(LVDKIT) eval knn --model $(PRETRAIN)/dinov2.safetensors --train $(DEMO)/heldout --baseline \
 		--json $(PRETRAIN)/eval_dinov2.json
 	$(LVDKIT) eval knn --model $(PRETRAIN)/distill.safetensors --train $(DEMO)/heldout --baseline \
 		--json $(PRETRAIN)/eval_distill.json
+	$(BIN)/python bench/learning_curve.py $(PRETRAIN)/dinov2 $(PRETRAIN)/distill
 
 summary: $(STAMP)  ## print $(OUT)/summary.json
 	$(LVDKIT) summary $(OUT)

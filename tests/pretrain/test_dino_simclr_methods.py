@@ -87,7 +87,8 @@ def test_dino_loss_uses_the_centre_of_the_step_and_moves_teacher_and_centre_once
         LOCAL_KEY: _crops(3, 2, 3, 16, 16),
     }
     loss, terms = method.loss(batch, SCHED, np.random.default_rng(0))
-    assert set(terms) == {"dino", "teacher_entropy"} and 0 < terms["teacher_entropy"] <= np.log(64) + 1e-4
+    assert set(terms) == {"dino", "teacher_entropy", "centre_norm"}
+    assert 0 < terms["teacher_entropy"] <= np.log(64) + 1e-4 and terms["centre_norm"] == 0.0  # the centre starts at 0
     assert float(method.center.center.abs().sum()) == 0.0  # not before the optimizer step
     # By hand: the teacher's 2 global crops, softmax at the teacher temperature (centre 0), against every student crop.
     with torch.no_grad():

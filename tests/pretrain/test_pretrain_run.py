@@ -33,6 +33,7 @@ from lvdkit.pretrain.run import checkpoints
 from lvdkit.pretrain.train import read_checkpoint
 
 from ..conftest import kill_tree, run_cli
+from .test_monitor import labeled_colours
 
 N_IMAGES, BATCH, EPOCHS = 48, 8, 2
 TOTAL_STEPS = N_IMAGES // BATCH * EPOCHS
@@ -223,12 +224,16 @@ def test_export_loads_in_timm_and_teaches_a_cnn(
         "progress=false",
         "ray.num_cpus=2",
         "torch_threads=1",
+        f"eval.data={labeled_colours(tmp_path / 'labeled')}",  # the learning curve, every 4 steps and at the end
+        "eval.every=4",
         timeout=600,
     )
     assert distilled.returncode == 0, distilled.stderr[-3000:]
     rows = _rows(student_out)
     assert [int(r["step"]) for r in rows] == list(range(1, N_IMAGES // BATCH + 1))
     assert all(np.isfinite(r["distill"]) and r["distill"] >= -1e-6 for r in rows)  # a KL divergence
+    assert [int(r["step"]) for r in rows if "knn_top1" in r] == [4, N_IMAGES // BATCH]
+    assert all(r["knn_top1"] == 1.0 and r["embedding_std"] > 0 for r in rows if "knn_top1" in r)
     cnn_file = tmp_path / "cnn.safetensors"
     assert run_cli("export", str(student_out), "--out", str(cnn_file)).returncode == 0
     cnn = timm.create_model("resnet10t", num_classes=0, checkpoint_path=str(cnn_file))
@@ -294,6 +299,7 @@ def _fill(disk: Path, leave: int) -> Path:
     return filler
 
 
+@pytest.mark.slow  # two trainings on a small tmpfs, about 160 s: `make test-all` (keeps `make test` under 20 minutes)
 def test_disk_full_while_a_checkpoint_is_written_fails_naming_it_then_resume_works(parts: Path, tmp_path: Path) -> None:
     """The disk fills after the first checkpoint, leaving room for the metrics log but not for a checkpoint: the
     run fails as ``lvdkit: error:`` naming the checkpoint, the earlier checkpoint stays usable, and once space is

@@ -137,6 +137,31 @@ class OptimConfig:
 
 
 @dataclasses.dataclass
+class EvalConfig:
+    """The learning curve: k-NN (and optionally a linear probe) on a labeled set every few steps, by rank 0, logged to
+    ``metrics.jsonl`` and TensorBoard with collapse signs (see :mod:`lvdkit.pretrain.monitor`)."""
+
+    data: str | None = None  # class-per-folder directory or Parquet with `label` (as `lvdkit eval knn --train`)
+    every: int = 0  # steps between evaluations; 0: at every checkpoint (and always at the end)
+    test_fraction: float = 0.5  # stratified split, the one `lvdkit eval knn` makes with the same seed
+    seed: int = 0
+    k: int = 20
+    temperature: float = 0.07
+    linear: bool = False  # also the linear probe (L-BFGS, slower)
+    max_images: int = 2000  # per split, drawn per class in proportion (pixels are held in memory)
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ConfigError(f"eval.every must be >= 0 (0: at every checkpoint), got {self.every}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ConfigError(f"eval.test_fraction must be in (0, 1), got {self.test_fraction}")
+
+
+# DINO and DINOv2 evaluate and release the EMA teacher; SimCLR and distillation have a student only.
+DEFAULT_WHICH = {"dinov2": "teacher", "dino": "teacher", "simclr": "student", "distillation": "student"}
+
+
+@dataclasses.dataclass
 class PretrainConfig:
     """A pretraining run: data, method, model, optimisation and where it runs."""
 
@@ -172,3 +197,4 @@ class PretrainConfig:
     simclr: SimCLRConfig = dataclasses.field(default_factory=SimCLRConfig)
     distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)

@@ -28,7 +28,7 @@ from lvdkit.pretrain.config import PretrainConfig
 from lvdkit.pretrain.dino_loss import dino_loss
 from lvdkit.pretrain.ema import ema_update
 from lvdkit.pretrain.heads import DINOHead
-from lvdkit.pretrain.method import Method, StudentFn, mean_std
+from lvdkit.pretrain.method import Method, StudentFn, entropy, mean_std
 from lvdkit.pretrain.models import build_backbone, feature_dim
 
 
@@ -62,6 +62,7 @@ class DINOMethod(Method):
             cfg.model, size, dict(cfg.model_kwargs), train_kwargs, cfg.init
         )
         self.cfg = cfg
+        self.preprocess = preprocess
         self.mean, self.std = mean_std(preprocess)
         self.student: DINOStudent = DINOStudent(backbone, feature_dim(backbone, size), cfg)
         self.teacher: DINOStudent = copy.deepcopy(self.student).eval().requires_grad_(False)
@@ -89,8 +90,8 @@ class DINOMethod(Method):
         if "local" in s:
             student_logits.append(s["local"].view(-1, n_images, k))
         loss = dino_loss(torch.cat(student_logits), t_probs.view(2, n_images, k), d.student_temp)
-        entropy = -(t_probs * t_probs.clamp_min(1e-12).log()).sum(-1).mean()  # collapse watch: log K is uniform
-        return loss, {"dino": loss.item(), "teacher_entropy": entropy.item()}
+        terms = {"dino": loss.item(), "teacher_entropy": entropy(t_probs)}  # collapse watch: log K is uniform
+        return loss, {**terms, "centre_norm": float(self.center.center.norm())}
 
     @torch.no_grad()
     def after_step(self, sched: dict[str, float]) -> None:

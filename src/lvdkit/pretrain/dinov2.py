@@ -24,7 +24,7 @@ from lvdkit.pretrain.heads import DINOHead
 from lvdkit.pretrain.ibot_loss import ibot_loss_masked
 from lvdkit.pretrain.koleo_loss import koleo_loss
 from lvdkit.pretrain.masking import BlockMaskGenerator, make_masks
-from lvdkit.pretrain.method import Method, StudentFn, mean_std
+from lvdkit.pretrain.method import Method, StudentFn, entropy, mean_std
 from lvdkit.pretrain.models import build_backbone, is_timm_vit, vit_tokens
 
 
@@ -77,6 +77,7 @@ class DINOv2Method(Method):
         if not is_timm_vit(backbone):
             raise ValueError(f"dinov2 needs a timm ViT with a class token; {cfg.model} is {type(backbone).__name__}")
         self.cfg = cfg
+        self.preprocess = preprocess
         self.mean, self.std = mean_std(preprocess)
         embed_dim: Any = backbone.embed_dim
         self.student: Student = Student(backbone, int(embed_dim), cfg)
@@ -122,6 +123,9 @@ class DINOv2Method(Method):
         koleo = sum((koleo_loss(c) for c in s["cls"].float().chunk(2)), torch.zeros((), device=device))
         total = d.dino_weight * dino + d.ibot_weight * ibot + d.koleo_weight * koleo
         terms = {"dino": dino.item(), "ibot": ibot.item(), "koleo": koleo.item(), "masked": masks.float().mean().item()}
+        terms["teacher_entropy"] = entropy(t_dino)  # collapse watch: log K is uniform, 0 one prototype for all
+        if self.center is not None:
+            terms["centre_norm"] = float(self.center.center.norm())
         return total, terms
 
     @torch.no_grad()

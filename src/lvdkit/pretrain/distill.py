@@ -80,6 +80,7 @@ class DistillMethod(Method):
         backbone, sp, self.identity = build_backbone(cfg.model, size, dict(cfg.model_kwargs), init=cfg.init)
         t_dim = feature_dim(teacher, size)
         self.cfg, self.teacher_norm, self.student_norm = cfg, mean_std(tp), mean_std(sp)
+        self.preprocess = sp
         self._pending: list[Tensor] = []  # this optimizer step's teacher embeddings, enqueued in after_step
         self.teacher = teacher
         self.student: DistillStudent = DistillStudent(backbone, feature_dim(backbone, size), t_dim)

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lvdkit.embeddings.preprocess import Preprocess
+
 StudentFn = Callable[..., dict[str, Tensor]]
 
 
@@ -17,6 +19,7 @@ class Method(nn.Module):
 
     student: nn.Module
     identity: dict[str, Any]  # the student backbone's constructor kwargs (what an export rebuilds it from)
+    preprocess: Preprocess  # how an export of the backbone prepares images (the learning curve's evaluation too)
     frozen_prefixes: tuple[str, ...] = ()  # state-dict keys never trained: left out of checkpoints
 
     def train(self, mode: bool = True) -> Method:
@@ -53,3 +56,8 @@ def mean_std(preprocess: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
     mean = getattr(preprocess, "mean", None) or (0.485, 0.456, 0.406)
     std = getattr(preprocess, "std", None) or (0.229, 0.224, 0.225)
     return tuple(mean), tuple(std)
+
+
+def entropy(probs: Tensor) -> float:
+    """Mean Shannon entropy (nats) of probability rows (..., K): log K when uniform, 0 when one-hot."""
+    return float(-(probs * probs.clamp_min(1e-12).log()).sum(-1).mean())

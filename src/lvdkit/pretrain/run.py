@@ -23,27 +23,27 @@ import pyarrow.parquet as pq
 
 from lvdkit.core.io import DiskFullError, is_disk_full
 from lvdkit.core.settings import save_config, to_dict
+from lvdkit.core.storage import Location, ObjectPath, fs_paths, is_uri, location
 from lvdkit.pretrain.augment import AugmentBatch
 from lvdkit.pretrain.config import PretrainConfig
 from lvdkit.pretrain.init_weights import init_path, is_hub
-from lvdkit.pretrain.train import META_FILE, METRICS_FILE, STATE_FILE, train_loop_per_worker
+from lvdkit.pretrain.train import META_FILE, METRICS_FILE, STATE_FILE, local_run_folder, train_loop_per_worker
 
 FINAL_FILE = "final.json"
 
 
-def parquet_files(data: str | Path, image_column: str) -> list[Path]:
-    """The Parquet files of ``data`` (a file, or a folder's ``part-*.parquet`` / ``*.parquet``), checked for the
-    image-bytes column."""
-    path = Path(data)
-    if path.is_file():
-        files = [path]
-    elif path.is_dir():
-        files = sorted(path.glob("part-*.parquet")) or sorted(path.rglob("*.parquet"))
-    else:
+def parquet_files(data: str | Path, image_column: str) -> list[Location]:
+    """The Parquet files of ``data`` (a file, or a folder's ``part-*.parquet`` / ``*.parquet``; local or a URI),
+    checked for the image-bytes column."""
+    path = location(data)
+    files: list[Location] = [path] if path.is_file() else sorted(path.glob("part-*.parquet"), key=str)
+    files = files or sorted(path.rglob("*.parquet"), key=str)
+    if not files and not path.exists():
         raise FileNotFoundError(f"pretraining data not found: {path} (run `make curate`, or point data= at Parquet)")
     if not files:
         raise FileNotFoundError(f"no Parquet files in {path}")
-    names = pq.read_schema(files[0]).names
+    fs, paths = fs_paths(files[:1])
+    names = pq.read_schema(paths[0], filesystem=fs).names
     if image_column not in names:
         raise ValueError(f"{files[0]} has no {image_column!r} column (columns: {names}); set image_column=")
     return files
@@ -52,7 +52,7 @@ def parquet_files(data: str | Path, image_column: str) -> list[Path]:
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it has registered
 
 
-def checkpoints(out: Path) -> list[Path]:
+def checkpoints(out: Location) -> list[Location]:
     """The run's checkpoints that Ray Train registered (what it resumes from), oldest step first.
 
     A folder Ray uploaded but had not registered when the run was killed is left out: Ray would not resume from it,
@@ -69,8 +69,8 @@ def checkpoints(out: Path) -> list[Path]:
     return sorted(found, key=lambda p: (json.loads((p / META_FILE).read_text())["step"], p.name))
 
 
-def latest_checkpoint(out: str | Path) -> Path:
-    found = checkpoints(Path(out))
+def latest_checkpoint(out: str | Location) -> Location:
+    found = checkpoints(location(str(out)))
     if not found:
         raise FileNotFoundError(f"no checkpoint in {out} (a finished or interrupted `lvdkit pretrain` run folder)")
     return found[-1]
@@ -94,8 +94,8 @@ def plan(cfg: PretrainConfig, n_images: int) -> tuple[int, int]:
 def absolute_paths(cfg: PretrainConfig) -> PretrainConfig:
     """A copy of ``cfg`` with its local paths made absolute: Ray Train workers run in their own working folders."""
     cfg = copy.deepcopy(cfg)
-    cfg.out = str(Path(cfg.out).expanduser().resolve())
-    cfg.data = str(Path(cfg.data).expanduser().resolve()) if "://" not in cfg.data else cfg.data
+    cfg.out = cfg.out if is_uri(cfg.out) else str(Path(cfg.out).expanduser().resolve())
+    cfg.data = cfg.data if is_uri(cfg.data) else str(Path(cfg.data).expanduser().resolve())
     teacher = cfg.distill.teacher
     local = teacher.removeprefix("lvdkit:")
     if local.endswith(".safetensors") and "://" not in local:
@@ -107,22 +107,22 @@ def absolute_paths(cfg: PretrainConfig) -> PretrainConfig:
     return cfg
 
 
-def epoch_files(files: list[Path], start_epoch: int, epochs: int, seed: int) -> list[list[str]]:
+def epoch_files(files: list[str], start_epoch: int, epochs: int, seed: int) -> list[list[str]]:
     """The files of each remaining epoch, each epoch in its own seeded order (one stream for the whole run)."""
     order = []
     for epoch in range(start_epoch, max(epochs, start_epoch + 1)):
         perm = np.random.default_rng([seed, epoch]).permutation(len(files))
-        order.append([str(files[i]) for i in perm])
+        order.append([files[i] for i in perm])
     return order
 
 
-def _resume_epoch(cfg: PretrainConfig, out: Path, steps_per_epoch: int) -> int:
+def _resume_epoch(cfg: PretrainConfig, out: Location, steps_per_epoch: int) -> int:
     """The epoch the latest checkpoint is in (0 for a fresh run): where the data stream starts."""
     found = checkpoints(out) if cfg.resume else []
     return json.loads((found[-1] / META_FILE).read_text())["step"] // steps_per_epoch if found else 0
 
 
-def _check_out(cfg: PretrainConfig, out: Path) -> dict[str, Any] | None:
+def _check_out(cfg: PretrainConfig, out: Location) -> dict[str, Any] | None:
     """The finished record if this exact run is done; raises if OUT holds another run and resume is off."""
     final = out / FINAL_FILE
     if final.is_file():
@@ -142,7 +142,7 @@ def _check_out(cfg: PretrainConfig, out: Path) -> dict[str, Any] | None:
 def _identity(cfg: PretrainConfig) -> str:
     """A hash of what defines a run's result (not where or how fast it runs)."""
     data = to_dict(cfg)
-    for key in ("resume", "progress", "ray", "max_failures", "cpus_per_worker", "tensorboard", "torch_threads"):
+    for key in ("resume", "progress", "ray", "max_failures", "cpus_per_worker", "tensorboard", "torch_threads", "eval"):
         data.pop(key)
     return hashlib.blake2b(json.dumps(data, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
 
@@ -157,7 +157,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     from lvdkit.core.ray_env import ray_session
 
     cfg = absolute_paths(cfg)
-    out = Path(cfg.out)
+    out = location(cfg.out)
     done = _check_out(cfg, out)
     if done is not None:
         print(f"pretraining in {out} already finished at step {done['step']} (same config): skipped")
@@ -165,19 +165,21 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     files = parquet_files(cfg.data, cfg.image_column)
     if cfg.init and not is_hub(cfg.init):
         init_path(cfg.init)  # a missing init file fails here, not inside a Ray Train worker
-    n_images = sum(pq.read_metadata(f).num_rows for f in files)
+    fs, paths = fs_paths(files)
+    n_images = sum(pq.read_metadata(f, filesystem=fs).num_rows for f in paths)
     steps_per_epoch, total_steps = plan(cfg, n_images)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    with ray_session(out, cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory_mb) as lazy:
+    local = local_run_folder(cfg.out)  # Ray's temporary files stay on local disk when OUT is on object storage
+    with ray_session(local, cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory_mb) as lazy:
         lazy.ensure()
         use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
         cpus = cfg.cpus_per_worker or (1.0 if use_gpu else 0.5)  # fractional: Ray Data needs CPU to decode
         start_epoch = _resume_epoch(cfg, out, steps_per_epoch)
         # Ray Data reads a path listed twice once, hence one read per epoch, unioned into one stream.
         epochs = [
-            ray.data.read_parquet(paths, columns=[cfg.image_column])
-            for paths in epoch_files(files, start_epoch, cfg.optim.epochs, cfg.seed)
+            ray.data.read_parquet(order, columns=[cfg.image_column], filesystem=fs)
+            for order in epoch_files(paths, start_epoch, cfg.optim.epochs, cfg.seed)
         ]
         dataset = epochs[0].union(*epochs[1:]) if len(epochs) > 1 else epochs[0]
         dataset = dataset.map_batches(AugmentBatch(cfg.method, cfg.crops, cfg.image_column), batch_size=32)
@@ -195,12 +197,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
                 use_gpu=use_gpu,
                 resources_per_worker={"CPU": cpus, **({"GPU": 1} if use_gpu else {})},
             ),
-            run_config=ray.train.RunConfig(
-                name=out.name,
-                storage_path=str(out.parent),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-                failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-            ),
+            run_config=_run_config(cfg, out),
             datasets={"train": dataset},
         )
         accumulate = f", {cfg.optim.accumulate_steps} micro-batches a step" if cfg.optim.accumulate_steps > 1 else ""
@@ -210,7 +207,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
             f"{'GPU' if use_gpu else 'CPU'}; run folder {out}",
             flush=True,
         )
-        with _Progress(out / METRICS_FILE, total_steps, cfg.progress), _disk_full_names_the_file(out):
+        progress = _Progress(local_run_folder(cfg.out) / METRICS_FILE, total_steps, cfg.progress)
+        with progress, _disk_full_names_the_file(out):
             result = trainer.fit()
     last = latest_checkpoint(out)
     meta = json.loads((last / META_FILE).read_text())
@@ -227,8 +225,22 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     return record
 
 
+def _run_config(cfg: PretrainConfig, out: Location) -> Any:
+    """Ray Train's run folder is ``out`` (its parent as the storage path, its name as the run name), on local or
+    shared disk or on object storage (then through lvdkit's filesystem for the bucket, endpoint included)."""
+    import ray.train
+
+    return ray.train.RunConfig(
+        name=out.name,
+        storage_path=out.parent.path if isinstance(out, ObjectPath) else str(out.parent),
+        storage_filesystem=out.fs if isinstance(out, ObjectPath) else None,
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+        failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+    )
+
+
 @contextlib.contextmanager
-def _disk_full_names_the_file(out: Path) -> Iterator[None]:
+def _disk_full_names_the_file(out: Location) -> Iterator[None]:
     """A worker that ran out of disk fails the run with Ray Train's wrapper around its error: say which file could
     not be written and which checkpoint a resume starts from, as ``lvdkit: error:``."""
     try:
@@ -246,7 +258,7 @@ def _disk_full_names_the_file(out: Path) -> Iterator[None]:
         ) from None
 
 
-def _step_of(checkpoint: Path) -> int:
+def _step_of(checkpoint: Location) -> int:
     return int(json.loads((checkpoint / META_FILE).read_text())["step"])
 
 

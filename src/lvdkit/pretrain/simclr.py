@@ -52,6 +52,7 @@ class SimCLRMethod(Method):
         s, size = cfg.simclr, cfg.crops.global_size
         backbone, preprocess, self.identity = build_backbone(cfg.model, size, dict(cfg.model_kwargs), init=cfg.init)
         self.cfg = cfg
+        self.preprocess = preprocess
         self.mean, self.std = mean_std(preprocess)
         self.student: SimCLRStudent = SimCLRStudent(
             backbone, feature_dim(backbone, size), s.proj_hidden_dim, s.proj_out_dim

@@ -16,9 +16,11 @@ Checkpoint folder: ``state.pt`` (model, teacher/EMA, queue or centre, optimizer:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -30,9 +32,11 @@ from torch import nn
 
 from lvdkit.core.io import disk_errors
 from lvdkit.core.settings import from_dict
-from lvdkit.pretrain.config import METHODS, PretrainConfig
+from lvdkit.core.storage import Location, ObjectPath, is_uri
+from lvdkit.pretrain.config import DEFAULT_WHICH, METHODS, PretrainConfig
 from lvdkit.pretrain.heads import cancel_last_layer_gradients
 from lvdkit.pretrain.method import Method, StudentFn
+from lvdkit.pretrain.monitor import KnnProbe
 from lvdkit.pretrain.param_groups import apply_schedules, param_groups
 from lvdkit.pretrain.schedules import Schedules, sqrt_scaled_lr
 
@@ -111,28 +115,65 @@ def write_checkpoint(folder: Path, method: Method, optimizer: torch.optim.Optimi
     (folder / META_FILE).write_text(json.dumps(meta, indent=2))
 
 
-def read_checkpoint(folder: Path, device: torch.device | str = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
-    """(state, meta) of a checkpoint folder; the state is loaded with ``weights_only=True`` (no pickled code)."""
+def read_checkpoint(folder: Location, device: torch.device | str = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
+    """(state, meta) of a checkpoint folder (local or on object storage); the state is loaded with
+    ``weights_only=True`` (no pickled code)."""
     try:
-        state = torch.load(folder / STATE_FILE, map_location=device, weights_only=True)
+        with (folder / STATE_FILE).open("rb") as f:
+            state = torch.load(f, map_location=device, weights_only=True)
     except Exception as exc:
         raise ValueError(f"{folder / STATE_FILE}: refused or unreadable as a weights-only checkpoint: {exc}") from None
     return state, json.loads((folder / META_FILE).read_text())
 
 
-class _Metrics:
-    """Rank 0's JSONL log (and TensorBoard when installed) in the run folder."""
+def local_run_folder(out: str) -> Path:
+    """The run's local folder: the run folder itself, or, for a run on object storage, a local staging folder. Rank 0
+    writes ``metrics.jsonl`` and TensorBoard there as they grow (an object cannot be appended to; they are copied to
+    the run at every checkpoint) and the driver keeps Ray's temporary files there."""
+    if not is_uri(out):
+        return Path(out)
+    key = hashlib.blake2b(out.encode(), digest_size=8).hexdigest()
+    return Path(tempfile.gettempdir()) / "lvdkit-pretrain" / key
 
-    def __init__(self, out: Path, tensorboard: bool) -> None:
-        self.file = (out / METRICS_FILE).open("a")
+
+class _Metrics:
+    """Rank 0's JSONL log (and TensorBoard when installed) in the run folder (see :func:`local_run_folder`), with the
+    learning curve's evaluation every ``eval.every`` steps when ``eval.data`` is set."""
+
+    def __init__(self, cfg: PretrainConfig, method: Method, total_steps: int) -> None:
+        out, tensorboard = cfg.out, cfg.tensorboard
+        self.probe = KnnProbe(cfg.eval, method.preprocess) if cfg.eval.data else None
+        self.evaluated = method.export_module(DEFAULT_WHICH[cfg.method])[0]
+        self.every, self.total = cfg.eval.every or cfg.checkpoint_every, total_steps
+        self.folder = local_run_folder(out)
+        self.remote = ObjectPath(out) if is_uri(out) else None
+        if self.remote is not None:  # start from the run's own log (a resumed run appends to it), not a stale copy
+            self.folder.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(self.folder / "tensorboard", ignore_errors=True)
+            earlier = self.remote / METRICS_FILE
+            (self.folder / METRICS_FILE).write_bytes(earlier.read_bytes() if earlier.is_file() else b"")
+        self.file = (self.folder / METRICS_FILE).open("a")
         self.writer = None
         if tensorboard:
             with contextlib.suppress(ImportError):
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(out / "tensorboard"))
+                self.writer = SummaryWriter(str(self.folder / "tensorboard"))
+
+    def publish(self) -> None:
+        """Copy the staged log to a run on object storage (each object written whole)."""
+        if self.remote is None:
+            return
+        self.file.flush()
+        if self.writer is not None:
+            self.writer.flush()
+        for path in sorted(p for p in self.folder.rglob("*") if p.is_file()):
+            (self.remote / path.relative_to(self.folder).as_posix()).write_bytes(path.read_bytes())
 
     def log(self, row: dict[str, Any]) -> None:
+        step = row["step"]
+        if self.probe is not None and (step % self.every == 0 or step == self.total):
+            row.update(self.probe(self.evaluated))
         with disk_errors(self.file.name):
             self.file.write(json.dumps(row) + "\n")
             self.file.flush()
@@ -142,9 +183,10 @@ class _Metrics:
                     self.writer.add_scalar(key, value, row["step"])
 
     def close(self) -> None:
-        self.file.close()
         if self.writer is not None:
             self.writer.close()
+        self.publish()
+        self.file.close()
 
 
 def _seed_step(cfg: PretrainConfig, rank: int, step: int, micro: int = 0) -> np.random.Generator:
@@ -180,7 +222,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    out = Path(cfg.out).resolve()
 
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
@@ -197,7 +238,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     schedules = build_schedules(cfg, total_steps, steps_per_epoch, world)
     step = _resume(method, optimizer, device)
     bf16 = device.type == "cuda" and cfg.precision in ("auto", "bf16")
-    metrics = _Metrics(out, cfg.tensorboard) if rank == 0 else None
+    metrics = _Metrics(cfg, method, total_steps) if rank == 0 else None
     # One stream over every remaining epoch (the driver lists the files once per epoch): no pipeline restart and no
     # empty queue at epoch boundaries. Batch i of the stream is step first_step + i; a worker restarted from a
     # checkpoint inside this run skips the batches before it.
@@ -236,6 +277,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if metrics is not None:
                 metrics.log(row)
             if step % cfg.checkpoint_every == 0 or step == total_steps:
+                if metrics is not None:  # before the checkpoint: a resume never finds a log shorter than its step
+                    metrics.publish()
                 _report(row, method, optimizer, step, steps_per_epoch, cfg, rank)
                 last_report = step
             if _STEP_DELAY_S:

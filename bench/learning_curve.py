@@ -1,0 +1,83 @@
+"""The learning curves of pretraining runs beside the raw-pixel baseline.
+
+A run started with ``eval.data=FOLDER`` logs ``knn_top1`` (DINO's weighted k-NN, k=20, T=0.07, on the stratified
+split of FOLDER that ``lvdkit eval knn --train FOLDER`` makes) and ``embedding_std`` (1: spread, 0: collapsed) every
+``eval.every`` steps into its ``metrics.jsonl``. This prints them step by step for each run, with the wall minutes
+since the run's first step, next to raw pixels on the same split (grayscale 28x28, flattened, L2-normalised, same
+k-NN): where each run is heading and how far it is from the simplest baseline.
+
+Usage: python bench/learning_curve.py RUN [RUN ...]   (e.g. out/pretrain/dinov2 out/pretrain/distill after
+       `make pretrain`; runs may be local folders or s3://... URIs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import machine_line, print_table
+from lvdkit.core.settings import load_config
+from lvdkit.core.storage import location
+from lvdkit.pretrain.config import PretrainConfig
+from lvdkit.pretrain.evaluate import knn_accuracy, load_labeled, split
+from pretrain_methods import raw_pixels
+
+
+def curve(run: str) -> tuple[PretrainConfig, list[dict[str, float]]]:
+    """The run's resolved config and its logged rows that carry an evaluation (the last row per step)."""
+    folder = location(run)
+    with tempfile.TemporaryDirectory() as tmp:  # the run may be on object storage; load_config reads a local file
+        saved = Path(tmp) / "config.yaml"
+        saved.write_text((folder / "config.yaml").read_text())
+        cfg = load_config(PretrainConfig, saved)
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    if not rows:
+        raise SystemExit(f"{run}: metrics.jsonl is empty")
+    start = rows[0]["time"]
+    evaluated = {int(r["step"]): {**r, "minutes": (r["time"] - start) / 60} for r in rows if "knn_top1" in r}
+    if not evaluated:
+        raise SystemExit(f"{run}: no k-NN in its metrics.jsonl (start the run with eval.data=FOLDER)")
+    return cfg, [evaluated[s] for s in sorted(evaluated)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="pretraining run folders (their out=)")
+    args = parser.parse_args()
+    print(machine_line())
+    print(" ".join(sys.argv), flush=True)
+    curves = {run: curve(run) for run in args.runs}
+    first_cfg = next(iter(curves.values()))[0]
+    assert first_cfg.eval.data is not None
+    data = load_labeled(first_cfg.eval.data)
+    train, test = split(data, first_cfg.eval.test_fraction, first_cfg.eval.seed)
+    pixels = knn_accuracy(raw_pixels(train), train.labels, raw_pixels(test), test.labels, 20, 0.07)
+    print(f"\nheld-out {first_cfg.eval.data}: {len(train.labels)} train / {len(test.labels)} test")
+    print(f"raw pixels (28x28 grayscale): k-NN top-1 {pixels:.3f}\n")
+    rows: list[list[object]] = []
+    for run, (cfg, points) in curves.items():
+        if cfg.eval.data != first_cfg.eval.data:
+            print(f"note: {run} evaluated on {cfg.eval.data}, not {first_cfg.eval.data}")
+        for p in points:
+            gap = p["knn_top1"] - pixels
+            rows.append(
+                [
+                    Path(run).name,
+                    cfg.method,
+                    int(p["step"]),
+                    f"{p['minutes']:.1f}",
+                    f"{p['knn_top1']:.3f}",
+                    f"{gap:+.3f}",
+                    f"{p['embedding_std']:.2f}",
+                    f"{p.get('linear_top1', float('nan')):.3f}",
+                ]
+            )
+    print_table(["run", "method", "step", "minutes", "k-NN top-1", "vs raw pixels", "embedding std", "linear"], rows)
+
+
+if __name__ == "__main__":
+    main()
