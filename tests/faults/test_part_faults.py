@@ -237,6 +237,7 @@ def _pool(folder: Path, n: int = 24) -> list[Path]:
     return paths
 
 
+@pytest.mark.slow  # two curations, about 40 s: `make test-all` (keeps `make test` under 20 minutes)
 @pytest.mark.usefixtures("ray_local")
 def test_a_file_changed_after_ingest_fails_embed_or_curated_naming_it_and_a_rerun_recovers(tmp_path: Path) -> None:
     paths = _pool(tmp_path / "pool")
@@ -351,6 +352,8 @@ def test_a_finished_stage_whose_part_changed_is_resumed_not_skipped(
 # --- an embed actor dying ----------------------------------------------------------------------------------------
 
 
+# An embed actor killed with its whole tree stays in `make test` (test_resume.py[embed]).
+@pytest.mark.slow  # about 50 s: `make test-all` (keeps `make test` under 20 minutes)
 @pytest.mark.usefixtures("ray_local")
 def test_an_embed_actor_that_dies_mid_stage_is_replaced_and_the_embeddings_are_unchanged(
     small_demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

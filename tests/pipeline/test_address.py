@@ -59,7 +59,7 @@ def stop_head(head: subprocess.Popen[bytes]) -> None:
         procs = []
     with contextlib.suppress(ProcessLookupError):
         os.killpg(head.pid, signal.SIGTERM)
-    _, alive = psutil.wait_procs(procs, timeout=30)
+    _, alive = psutil.wait_procs(procs, timeout=5)  # some of Ray's processes outlive SIGTERM: killed below
     for p in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()

@@ -97,10 +97,11 @@ KILL_POINTS = (
 assert {k.stage for k in KILL_POINTS} == {*CURATE_ORDER, SUMMARY}, "a stage without a kill point"
 # The whole-dataset stages share one code path (one task writes the parts, then _SUCCESS): dedup_copy's kill point
 # (the one with the most side files) runs in `make test`, the others in `make test-all` (about 20 s each).
+# Ingest's Ray Data part tasks share their kill-and-resume path with the curated set's (about 70 s): also test-all.
 SAME_PATH_AS_DEDUP_COPY = {"dedup_exact", "dedup_phash", "dedup_relative", "cluster", "retrieve"}
+SLOW_KILLS = SAME_PATH_AS_DEDUP_COPY | {"ingest"}
 KILL_PARAMS = [
-    pytest.param(k, id=k.stage, marks=[pytest.mark.slow] if k.stage in SAME_PATH_AS_DEDUP_COPY else [])
-    for k in KILL_POINTS
+    pytest.param(k, id=k.stage, marks=[pytest.mark.slow] if k.stage in SLOW_KILLS else []) for k in KILL_POINTS
 ]
 
 
@@ -318,6 +319,7 @@ def test_an_interrupted_stage_restarts_clean_when_its_config_or_inputs_changed(
     assert not stale.exists()
 
 
+@pytest.mark.slow  # a whole curation with one CPU, about 65 s: `make test-all` (keeps `make test` under 20 minutes)
 def test_a_run_on_one_cpu_decides_exactly_as_the_two_cpu_reference(
     reference: Path, small_demo: Path, tmp_path: Path
 ) -> None:

@@ -26,6 +26,10 @@ from lvdkit.pipeline.names import CURATE_ORDER
 
 from ..conftest import TINY_EMBED, run_cli
 
+# Two Ray nodes on loopback and three curations (about 4 min on 2 cores): `make test-all`, as `make test` must stay
+# under 20 minutes.
+pytestmark = pytest.mark.slow
+
 PARTITIONED = CURATE_ORDER  # every stage's work is split over the cluster
 LATER = CURATE_ORDER[CURATE_ORDER.index("dedup_copy") :]  # redone after the node loss
 

@@ -61,6 +61,7 @@ def _knn(model_file: Path, labeled: Path) -> float:
     return float(result["knn_top1"])
 
 
+@pytest.mark.slow  # two trainings and two exports, about 80 s: `make test-all` (keeps `make test` under 20 minutes)
 @pytest.mark.usefixtures("ray_local")
 def test_dino_with_accumulation_and_simclr_from_its_export(parts: Path, labeled: Path, tmp_path: Path) -> None:  # noqa: F811
     dino_file, rows = _train_and_export(
