@@ -17,10 +17,12 @@ def test_relative_paths_become_absolute_for_the_workers(tmp_path: Path, monkeypa
     cfg = PretrainConfig(out="out/run", data="out/demo/curated")
     cfg.distill.teacher = "models/vit.safetensors"
     cfg.distill.teacher_checkpoint = "weights.pth"
+    cfg.eval.data = "out/demo-data/heldout"
     fixed = absolute_paths(cfg)
     assert fixed.out == str(tmp_path / "out/run") and fixed.data == str(tmp_path / "out/demo/curated")
     assert fixed.distill.teacher == str(tmp_path / "models/vit.safetensors")
     assert fixed.distill.teacher_checkpoint == str(tmp_path / "weights.pth")
+    assert fixed.eval.data == str(tmp_path / "out/demo-data/heldout")  # the learning curve's labeled set
     assert cfg.out == "out/run"  # the caller's config is untouched
     hub = PretrainConfig()
     assert absolute_paths(hub).distill.teacher == "timm:vit_base_patch14_dinov2"  # names stay names

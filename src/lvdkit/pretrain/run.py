@@ -102,6 +102,8 @@ def absolute_paths(cfg: PretrainConfig) -> PretrainConfig:
         cfg.distill.teacher = str(Path(local).expanduser().resolve())
     if cfg.distill.teacher_checkpoint:
         cfg.distill.teacher_checkpoint = str(Path(cfg.distill.teacher_checkpoint).expanduser().resolve())
+    if cfg.eval.data and not is_uri(cfg.eval.data):
+        cfg.eval.data = str(Path(cfg.eval.data).expanduser().resolve())
     if cfg.init and not is_hub(cfg.init) and "://" not in cfg.init:
         cfg.init = str(Path(cfg.init.removeprefix("lvdkit:")).expanduser().resolve())
     return cfg
@@ -165,6 +167,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     files = parquet_files(cfg.data, cfg.image_column)
     if cfg.init and not is_hub(cfg.init):
         init_path(cfg.init)  # a missing init file fails here, not inside a Ray Train worker
+    if cfg.eval.data and not Path(cfg.eval.data).exists():
+        raise FileNotFoundError(f"eval.data not found: {cfg.eval.data} (a labeled folder or Parquet, as eval knn)")
     fs, paths = fs_paths(files)
     n_images = sum(pq.read_metadata(f, filesystem=fs).num_rows for f in paths)
     steps_per_epoch, total_steps = plan(cfg, n_images)
