@@ -73,7 +73,7 @@ def main() -> None:
                     f"{p['knn_top1']:.3f}",
                     f"{gap:+.3f}",
                     f"{p['embedding_std']:.2f}",
-                    f"{p.get('linear_top1', float('nan')):.3f}",
+                    f"{p['linear_top1']:.3f}" if "linear_top1" in p else "-",
                 ]
             )
     print_table(["run", "method", "step", "minutes", "k-NN top-1", "vs raw pixels", "embedding std", "linear"], rows)

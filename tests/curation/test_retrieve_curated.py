@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -115,11 +116,15 @@ def test_fetch_images_stores_bytes_as_is_or_downsized(tmp_path: Path) -> None:
             "score": pa.array([1.0, 0.5], pa.float32()),
             schema.CLUSTER_IDS: pa.array([[1, 0], [2, 0]], pa.list_(pa.int32())),
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(np.ones(8, np.float32)), 4),
+            schema.METADATA: [json.dumps({"txt": "a caption"}), None],  # a WebDataset sample's caption; a loose file
         }
     )
     as_is = fetch_images(rows, CuratedConfig(), 4)
     assert as_is.schema.equals(schema.curated_schema(4))
     assert as_is["image"].to_pylist()[0] == paths[0].read_bytes()
+    assert as_is[schema.METADATA].to_pylist() == [json.dumps({"txt": "a caption"}), None]  # carried to the shards
+    older = fetch_images(rows.drop_columns([schema.METADATA]), CuratedConfig(), 4)  # a work list without the column
+    assert older.schema.equals(schema.curated_schema(4)) and older[schema.METADATA].null_count == 2
     small = fetch_images(rows, CuratedConfig(max_side=100), 4).to_pylist()
     assert small[0]["image"] == paths[0].read_bytes()  # already small: untouched
     big = small[1]

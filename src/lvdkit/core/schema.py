@@ -157,6 +157,7 @@ def curated_schema(dim: int | None) -> pa.Schema:
         pa.field(SEED_SET, pa.string()),
         pa.field(SCORE, pa.float32()),  # similarity to the seed or centroid that selected it
         pa.field(CLUSTER_IDS, pa.list_(pa.int32())),  # null for seed images
+        pa.field(METADATA, pa.string()),  # from ingest: a container record's other members / columns as JSON
     ]
     if dim is not None:
         fields.append(pa.field(EMBEDDING, embedding_type(dim)))

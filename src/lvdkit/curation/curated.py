@@ -87,6 +87,7 @@ def fetch_images(rows: pa.Table, cfg: CuratedConfig, dim: int | None) -> pa.Tabl
         formats.append(fmt)
     sch = schema.curated_schema(dim)
     cols = {name: rows[name] for name in sch.names if name in rows.column_names}
+    cols.setdefault(schema.METADATA, pa.nulls(rows.num_rows, pa.string()))  # a work list from before the column
     cols.update(
         {
             schema.IMAGE: pa.array(images, pa.binary()),
@@ -127,12 +128,13 @@ def plan_curated(
     chosen = chosen.sort_by(schema.IMAGE_ID)
     ids = chosen[schema.IMAGE_ID]
     meta_cols = [schema.IMAGE_ID, schema.URI, schema.FORMAT, schema.WIDTH, schema.HEIGHT, schema.CONTENT_HASH]
-    pool_meta = aligned(ids, ingested(inputs, meta_cols))
+    pool_meta = aligned(ids, ingested(inputs, [*meta_cols, schema.METADATA]))
     seed_meta = aligned(ids, seeds.select(meta_cols)) if seeds is not None else None
     listing_table = chosen
     for col in meta_cols[1:]:
         values = pool_meta[col] if seed_meta is None else pc.coalesce(pool_meta[col], seed_meta[col])
         listing_table = listing_table.append_column(col, values)
+    listing_table = listing_table.append_column(schema.METADATA, pool_meta[schema.METADATA])  # seeds have none
     listing_table = listing_table.append_column(schema.CLUSTER_IDS, aligned(ids, clusters)[schema.CLUSTER_IDS])
     if cfg.embedding is not None and listing_table.num_rows:  # no rows, no parts: nothing to give a width
         listing_table = listing_table.append_column(schema.EMBEDDING, _embeddings(inputs, cfg.embedding, ids, seeds))
