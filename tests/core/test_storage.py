@@ -59,3 +59,25 @@ def test_a_webdataset_tar_in_a_bucket_is_ingested_member_by_member(
         extracted = tar.extractfile(member.split("#")[1])
         assert extracted is not None
         assert read_bytes(member, 2**24) == extracted.read()  # a later stage re-reads the member from the bucket
+
+
+def test_object_paths_offer_the_run_folder_operations_on_a_bucket(s3: dict[str, str]) -> None:
+    from lvdkit.core.storage import ObjectPath, location
+
+    run = location("s3://pool/run")
+    assert isinstance(run, ObjectPath) and not run.exists()
+    (run / "config.yaml").write_text("a: 1\n")
+    (run / "checkpoint_1" / "meta.json").write_bytes(b"{}")
+    (run / "checkpoint_2" / "meta.json").write_bytes(b"{}")
+    assert run.is_dir() and (run / "config.yaml").is_file() and (run / "config.yaml").read_text() == "a: 1\n"
+    assert [p.name for p in run.glob("checkpoint_*")] == ["checkpoint_1", "checkpoint_2"]
+    assert [str(p) for p in run.rglob("*.json")] == [f"{run}/checkpoint_1/meta.json", f"{run}/checkpoint_2/meta.json"]
+    child = run / "checkpoint_2" / "meta.json"
+    assert child.fs is run.fs and child.parent.parent == run  # children share the bucket's filesystem
+    with child.open("rb") as f:
+        assert f.read() == b"{}"
+    with pytest.raises(FileNotFoundError, match="s3://pool/run/none"):
+        (run / "none").read_bytes()
+    with pytest.raises(ValueError, match="reading only"):
+        child.open("w")
+    assert location("file:///tmp/x") == Path("/tmp/x") and location("out/run") == Path("out/run")

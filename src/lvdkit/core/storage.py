@@ -66,9 +66,13 @@ class ObjectPath:
     ``mkdir`` does nothing and a "folder" is any prefix with objects under it.
     """
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, fs: pafs.FileSystem | None = None) -> None:
         self.uri = uri.rstrip("/")
-        self.fs, self.path = filesystem(self.uri)
+        scheme, _, rest = self.uri.partition("://")
+        if fs is not None and scheme in ("s3", "gs", "gcs"):  # bucket/key: a child shares its parent's filesystem
+            self.fs, self.path = fs, rest  # (resolving an AWS URI anew may cost a request for the bucket's region)
+        else:
+            self.fs, self.path = filesystem(self.uri)
 
     def __repr__(self) -> str:
         return f"ObjectPath({self.uri!r})"
@@ -83,7 +87,7 @@ class ObjectPath:
         return hash(self.uri)
 
     def __truediv__(self, name: str) -> ObjectPath:
-        return ObjectPath(f"{self.uri}/{name}")
+        return ObjectPath(f"{self.uri}/{name}", self.fs)
 
     @property
     def name(self) -> str:
@@ -91,7 +95,7 @@ class ObjectPath:
 
     @property
     def parent(self) -> ObjectPath:
-        return ObjectPath(self.uri.rsplit("/", 1)[0])
+        return ObjectPath(self.uri.rsplit("/", 1)[0], self.fs)
 
     def expanduser(self) -> ObjectPath:
         return self
@@ -154,7 +158,7 @@ class ObjectPath:
         base = self.path.rstrip("/")
         for info in sorted(found, key=lambda i: i.path):
             if info.type == pafs.FileType.File and fnmatch.fnmatchcase(info.base_name, pattern):
-                yield ObjectPath(f"{self.uri}/{info.path[len(base) + 1 :]}")
+                yield ObjectPath(f"{self.uri}/{info.path[len(base) + 1 :]}", self.fs)
 
 
 Location = Path | ObjectPath  # what run-folder code takes: the same operations on disk and on object storage
