@@ -125,6 +125,7 @@ def _rank_main(rank: int, port: int, conn) -> None:  # type: ignore[no-untyped-d
         center = SoftmaxCenter(3, momentum=0.5)
         center.update(mine)
         conn.send((probs.numpy(), center.center.numpy()))  # numpy: torch tensors would travel by shared memory
+        dist.barrier()  # no rank tears gloo down while the other still talks to it (a crash at exit once)
     finally:
         dist.destroy_process_group()
         conn.close()

@@ -73,6 +73,7 @@ def _rank_main(rank: int, port: int, conn) -> None:  # type: ignore[no-untyped-d
         loss.backward()
         assert a.grad is not None and b.grad is not None
         conn.send((float(loss), a.grad.numpy(), b.grad.numpy()))
+        dist.barrier()  # no rank tears gloo down while the other still talks to it (a crash at exit once)
     finally:
         dist.destroy_process_group()
         conn.close()
