@@ -52,14 +52,13 @@ def export(
     kwargs = {**identity, **({"img_size": img_size} if img_size is not None else {})}
     where = str(run) if is_uri(run) else str(Path(run).resolve())
     provenance = {"run": where, "checkpoint": folder.name, "step": meta["step"], "which": which}
-    if not is_uri(out):
-        path = save_lvdkit_model(module, meta["model"], kwargs, out)
-        Path(out).with_suffix(".provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
-        return path
-    with tempfile.TemporaryDirectory(prefix="lvdkit-export-") as tmp:  # written and checked locally, then uploaded
-        local = save_lvdkit_model(module, meta["model"], kwargs, Path(tmp) / Path(str(out)).name)
-        local.with_suffix(".provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    with tempfile.TemporaryDirectory(prefix="lvdkit-export-") as tmp:  # a URI: written and checked here, uploaded
+        local = Path(tmp) / Path(str(out)).name if is_uri(out) else Path(out)
+        path = save_lvdkit_model(module, meta["model"], kwargs, local)
+        path.with_suffix(".provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+        if not is_uri(out):
+            return path
         target = ObjectPath(str(out))
-        for name in (local.name, sidecar_path(local).name, local.with_suffix(".provenance.json").name):
-            (target.parent / name).write_bytes((local.parent / name).read_bytes())
+        for name in (path.name, sidecar_path(path).name, path.with_suffix(".provenance.json").name):
+            (target.parent / name).write_bytes((path.parent / name).read_bytes())
     return target

@@ -211,7 +211,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
             f"{'GPU' if use_gpu else 'CPU'}; run folder {out}",
             flush=True,
         )
-        progress = _Progress(local_run_folder(cfg.out) / METRICS_FILE, total_steps, cfg.progress)
+        progress = _Progress(local / METRICS_FILE, total_steps, cfg.progress)
         with progress, _disk_full_names_the_file(out):
             result = trainer.fit()
     last = latest_checkpoint(out)
