@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(run)
 
     summary = sub.add_parser("summary", help="print (and rewrite) OUT/summary.json from finished stages")
-    summary.add_argument("out", type=Path)
+    summary.add_argument("out", help="the OUT of a curation run: a folder or an s3://... prefix")
 
     report = sub.add_parser(
         "report",
@@ -82,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
         "of each dedup stage and the top retrievals per seed set. Stages that have not run are named as missing. "
         "Reads only the images it shows.",
     )
-    report.add_argument("out", type=Path, help="the OUT folder of a curation run")
-    report.add_argument("--output", "-o", type=Path, help="where to write the page (default: OUT/report.html)")
+    report.add_argument("out", help="the OUT of a curation run: a folder or an s3://... prefix")
+    report.add_argument("--output", "-o", help="where to write the page (default: OUT/report.html)")
     report.add_argument("--thumb-px", type=int, default=80, help="thumbnail size in pixels (default: 80)")
 
     from lvdkit.pretrain.cli import add_subcommands
@@ -132,9 +132,10 @@ def _dispatch(args: argparse.Namespace) -> int:
                 print(f"raw/ as a Parquet table: {write_image_table(args.dir / 'raw', args.dir / 'raw_table.parquet')}")
         return 0
     if args.command == "summary":
+        from lvdkit.core.storage import location
         from lvdkit.pipeline.runner import write_summary
 
-        print(json.dumps(write_summary(args.out), indent=2))
+        print(json.dumps(write_summary(location(args.out)), indent=2))
         return 0
     if args.command == "report":
         return _report(args)
@@ -160,6 +161,7 @@ def _report(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from lvdkit.core.settings import config_yaml, load_config
+    from lvdkit.core.storage import location
     from lvdkit.pipeline.config import CurateConfig
     from lvdkit.pipeline.names import CURATE_ORDER, stage_names
     from lvdkit.pipeline.runner import run
@@ -177,7 +179,7 @@ def _run(args: argparse.Namespace) -> int:
         print(config_yaml(cfg), end="")
         return 0
     summary = run(cfg, stages, force=args.force)
-    out = Path(cfg.out)
+    out = location(cfg.out)
     print(
         f"images in: {summary['images_in']}  kept: {summary['kept']}  duplicates: {summary['duplicates']}  "
         f"quarantined: {summary['quarantined']} {summary['quarantined_by_reason'] or ''}".rstrip()

@@ -13,7 +13,8 @@ from PIL import Image
 
 from lvdkit.core import schema
 from lvdkit.core.image import decode_rgb
-from lvdkit.core.storage import Location, fs_paths, location
+from lvdkit.core.stage import StageInputs
+from lvdkit.core.storage import fs_paths, location
 
 CURATED_DIR = "curated"
 
@@ -26,7 +27,7 @@ def load_curated(
     ``out``: a local folder or a URI (``s3://bucket/run``; other S3-compatible services through
     ``AWS_ENDPOINT_URL``, see :mod:`lvdkit.core.storage`)."""
     folder = location(out) / CURATED_DIR
-    parts: list[Location] = sorted(folder.glob("part-*.parquet"), key=str)
+    parts = StageInputs(str(out), (CURATED_DIR,)).parts(CURATED_DIR)  # those its _SUCCESS lists, once finished
     if not parts:
         raise FileNotFoundError(f"no curated shards in {folder}: run `lvdkit curate` (or `lvdkit run shard`)")
     fs, paths = fs_paths(parts)

@@ -81,3 +81,71 @@ def test_object_paths_offer_the_run_folder_operations_on_a_bucket(s3: dict[str, 
     with pytest.raises(ValueError, match="reading only"):
         child.open("w")
     assert location("file:///tmp/x") == Path("/tmp/x") and location("out/run") == Path("out/run")
+
+
+def test_object_paths_move_remove_and_stat_objects_as_run_folders_need(s3: dict[str, str], tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from lvdkit.core.storage import ObjectPath, location, publish, remove_tree, replace
+
+    run = location("s3://pool/moves")
+    assert isinstance(run, ObjectPath)
+    (run / "a.txt").write_text("a")
+    stat = (run / "a.txt").stat()
+    assert stat.st_size == 1 and stat.st_mtime > 0
+    replace(run / "a.txt", run / "sub" / "b.txt")  # a server-side copy and a delete
+    assert not (run / "a.txt").exists() and (run / "sub" / "b.txt").read_text() == "a"
+    assert (run / "sub" / "b.txt").relative_to(run).as_posix() == "sub/b.txt"
+    local = tmp_path / "big.bin"
+    local.write_bytes(b"x" * 3_000_000)
+    publish(local, run / "big.bin")  # uploaded whole, then the local file is gone
+    assert (run / "big.bin").stat().st_size == 3_000_000 and not local.exists()
+    (run / "marker").touch()
+    with pytest.raises(FileExistsError):
+        (run / "marker").touch(exist_ok=False)
+    (run / "marker").unlink()
+    (run / "marker").unlink(missing_ok=True)
+    with pytest.raises(FileNotFoundError):
+        (run / "marker").stat()
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"x": [1, 2]}), run / "t.parquet")  # pyarrow takes the object's URI as its path
+    assert pq.read_table(run / "t.parquet").num_rows == 2
+    remove_tree(run)
+    assert not run.exists() and list(run.iterdir()) == []
+    with pytest.raises(ValueError, match="one filesystem"):
+        replace(run / "x", tmp_path / "x")
+
+
+def test_a_part_committed_to_a_bucket_is_trusted_until_replaced(s3: dict[str, str]) -> None:
+    import time
+
+    import pyarrow as pa
+
+    from lvdkit.core.io import write_parquet_atomic
+    from lvdkit.core.storage import location
+    from lvdkit.pipeline.commits import commit_part, committed_sizes, record_of, untrusted
+
+    stage = location("s3://pool/stage")
+    part = stage / "part-000000.parquet"
+    commit_part(pa.table({"x": [1, 2, 3]}), part, None)
+    assert untrusted(part) is None
+    assert committed_sizes(stage) == {"part-000000.parquet": part.stat().st_size}
+    time.sleep(1.1)  # object times have one-second resolution
+    write_parquet_atomic(pa.table({"x": [4, 5, 6]}), part)  # same size, written by someone else
+    assert untrusted(part) == "replaced since it was committed"
+    record_of(part).unlink()
+    assert untrusted(part) == "no commit record"
+
+
+def test_a_prefix_is_listed_level_by_level_in_key_order_with_identities_from_the_listing(s3: dict[str, str]) -> None:
+    from lvdkit.core.files import file_identity, list_identified
+
+    fs = client(s3)
+    keys = sorted(f"pool/nest/{k}" for k in ("a.jpg", "a/b.jpg", "a0.jpg", "b/c/d.jpg", "b/c.jpg", "b.jpg", "z.jpg"))
+    for key in keys:
+        with fs.open_output_stream(key) as out:
+            out.write(key.encode())
+    listed = list(list_identified(["s3://pool/nest"]))
+    assert [uri for uri, _, _ in listed] == [f"s3://{k}" for k in keys]  # as one flat listing orders them
+    assert all(identity == file_identity(uri) for uri, _, identity in listed)  # no request per object needed

@@ -98,8 +98,9 @@ assert {k.stage for k in KILL_POINTS} == {*CURATE_ORDER, SUMMARY}, "a stage with
 # The whole-dataset stages share one code path (one task writes the parts, then _SUCCESS): dedup_copy's kill point
 # (the one with the most side files) runs in `make test`, the others in `make test-all` (about 20 s each).
 # Ingest's Ray Data part tasks share their kill-and-resume path with the curated set's (about 70 s): also test-all.
+# The curated set's kill point also runs in `make test` on object storage (tests/pipeline/test_object_storage.py).
 SAME_PATH_AS_DEDUP_COPY = {"dedup_exact", "dedup_phash", "dedup_relative", "cluster", "retrieve"}
-SLOW_KILLS = SAME_PATH_AS_DEDUP_COPY | {"ingest"}
+SLOW_KILLS = SAME_PATH_AS_DEDUP_COPY | {"ingest", "curated"}
 KILL_PARAMS = [
     pytest.param(k, id=k.stage, marks=[pytest.mark.slow] if k.stage in SLOW_KILLS else []) for k in KILL_POINTS
 ]

@@ -19,7 +19,6 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,6 +34,7 @@ from lvdkit.cluster.stage import ClusterConfig, pick_keys
 from lvdkit.core import schema
 from lvdkit.core.partitions import plan_ranges
 from lvdkit.core.stage import PartitionedWork, Resources, Scratch, StageInputs, StageOutput
+from lvdkit.core.storage import Location
 from lvdkit.core.views import DEDUP_STAGES, EMBED, alive_embedded
 
 CELL, X, LOCAL, PARTITION, SIZE, CENTROID = "cell", "x", "local", "partition", "size", "centroid"
@@ -119,7 +119,7 @@ class ClusterPartitions(PartitionedWork):
         partitions = [(a, b, int(k)) for (a, b), k in zip(ranges, ks, strict=True) if k > 0]
         return partitions, {"n": n, "levels": levels, "steps": steps, "sizes": sizes}
 
-    def solve(self, state: ClusterState, figures: dict[str, Any], partition: Any, scratch: list[Path]) -> pa.Table:
+    def solve(self, state: ClusterState, figures: dict[str, Any], partition: Any, scratch: list[Location]) -> pa.Table:
         start, stop, k = partition
         data = pads.dataset([str(p) for p in scratch], format="parquet")
         rows = data.to_table(filter=(pc.field(CELL) >= start) & (pc.field(CELL) < stop))
@@ -158,7 +158,7 @@ class ClusterPartitions(PartitionedWork):
         )
         return pa.concat_tables([images, tops])
 
-    def reduce(self, state: ClusterState, figures: dict[str, Any], solved: list[Path]) -> StageOutput:
+    def reduce(self, state: ClusterState, figures: dict[str, Any], solved: list[Location]) -> StageOutput:
         if not solved:
             return StageOutput(_leaves(np.zeros((0, 1), np.int32), np.zeros(0, np.int64), []), _stats([], None, 0), {})
         tops = [_centroid_rows(p) for p in solved]
@@ -245,7 +245,7 @@ def _with_hashes(inputs: StageInputs, index: int, rows: pa.Table) -> pa.Table:
     return rows.append_column(schema.CONTENT_HASH, listing[schema.CONTENT_HASH].take(at))
 
 
-def _centroid_rows(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _centroid_rows(path: Location) -> tuple[np.ndarray, np.ndarray]:
     table = pq.read_table(path, columns=[schema.IMAGE_ID, LOCAL, CENTROID, SIZE])
     tops = table.filter(pc.is_null(table[schema.IMAGE_ID])).sort_by(LOCAL)
     c = tops[CENTROID].combine_chunks()

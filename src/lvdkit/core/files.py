@@ -12,6 +12,7 @@ import os
 import re
 import stat
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import pyarrow.fs as pafs
 
@@ -84,6 +85,15 @@ WALKED, GLOBBED, NAMED = "walked", "globbed", "named"  # how list_entries found 
 def list_entries(inputs: Sequence[str], extensions: Sequence[str] | None = None) -> Iterator[tuple[str, str]]:
     """:func:`list_inputs` with how each file was found: ``walked`` (in an input folder), ``globbed`` (matched a
     glob) or ``named`` (a single-file input, a line of a file list, a URI)."""
+    for uri, how, _ in list_identified(inputs, extensions):
+        yield uri, how
+
+
+def list_identified(
+    inputs: Sequence[str], extensions: Sequence[str] | None = None
+) -> Iterator[tuple[str, str, str | None]]:
+    """:func:`list_entries` with each file's :func:`file_identity` where the listing already gave it (an object's
+    size and last-modified time come with its listing: no request per object), else None."""
     if not inputs:
         raise ValueError("no inputs: set ingest.inputs to folders, globs, file lists or URIs")
     exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions) if extensions else None
@@ -92,7 +102,7 @@ def list_entries(inputs: Sequence[str], extensions: Sequence[str] | None = None)
     seen: set[bytes] = set()
     remember = len(inputs) > 1
     for entry in inputs:
-        for path, how in _expand(entry):
+        for path, how, identity in _expand(entry):
             uri = as_uri(path)
             if exts is not None and not uri.lower().endswith(exts):
                 continue
@@ -101,14 +111,20 @@ def list_entries(inputs: Sequence[str], extensions: Sequence[str] | None = None)
                 if key in seen:
                     continue
                 seen.add(key)
-            yield uri, how
+            yield uri, how, identity
 
 
-def _expand(entry: str) -> Iterator[tuple[str, str]]:
+def _expand(entry: str) -> Iterator[tuple[str, str, str | None]]:
     if "://" in entry:
-        for uri in _list_uri(entry):
-            yield uri, NAMED
-    elif _is_glob(entry):
+        for uri, identity in _list_uri(entry):
+            yield uri, NAMED, identity
+    else:
+        for path, how in _expand_local(entry):
+            yield path, how, None
+
+
+def _expand_local(entry: str) -> Iterator[tuple[str, str]]:
+    if _is_glob(entry):
         previous = None
         for p in sorted(os.path.abspath(p) for p in glob.glob(entry, recursive=True) if not os.path.isdir(p)):
             if p != previous:  # several ``**`` can match one file more than once
@@ -184,18 +200,64 @@ def _walk(root: str) -> Iterator[str]:
             yield os.path.join(dirpath, name)
 
 
-def _list_uri(uri: str) -> Iterator[str]:
+LIST_AHEAD = 8  # sub-prefixes listed ahead, per level: a listing is bound by round trips, not bandwidth
+_LISTERS = 16  # threads listing at once
+
+
+def _list_uri(uri: str) -> Iterator[tuple[str, str | None]]:
+    """(uri, identity or None) of every object under ``uri``, in key order.
+
+    A flat listing of a prefix is one request per 1000 keys, one after another. Here each "folder" level is one
+    listing, and the sub-prefixes of a level are listed ahead in a pool of threads while the objects before them are
+    yielded, so a pool laid out in folders lists in parallel; memory holds the levels in flight, not the pool.
+    """
     fs, path = filesystem(uri)
     scheme = uri.split("://", 1)[0]
     info = fs.get_file_info(path)
-    if info.type == pafs.FileType.File:
-        yield uri
-        return
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"input {uri!r} does not exist")
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    for item in sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path):
-        yield item.path if scheme == "file" else f"{scheme}://{item.path}"
+    if info.type == pafs.FileType.File:
+        yield uri, _object_identity(uri, info)
+        return
+    with ThreadPoolExecutor(_LISTERS, thread_name_prefix="lvdkit-list") as pool:
+        for item in _walk_level(fs, pool, pool.submit(_level, fs, path)):
+            if scheme == "file":  # a local file: its identity also follows symlinks (file_identity)
+                yield item.path, None
+            else:
+                name = f"{scheme}://{item.path}"
+                yield name, _object_identity(name, item)
+
+
+def _level(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
+    """One level under ``path``, in the order a flat listing gives keys ("a.jpg" before "a/b.jpg")."""
+    found = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(found, key=lambda i: i.path + ("/" if i.type == pafs.FileType.Directory else ""))
+
+
+def _walk_level(
+    fs: pafs.FileSystem, pool: ThreadPoolExecutor, level: Future[list[pafs.FileInfo]]
+) -> Iterator[pafs.FileInfo]:
+    children = level.result()
+    below = iter(c.path for c in children if c.type == pafs.FileType.Directory)
+    ahead: dict[str, Future[list[pafs.FileInfo]]] = {}
+
+    def fill() -> None:
+        while len(ahead) < LIST_AHEAD and (nxt := next(below, None)) is not None:
+            ahead[nxt] = pool.submit(_level, fs, nxt)
+
+    fill()
+    for child in children:
+        if child.type == pafs.FileType.File:
+            yield child
+        elif child.type == pafs.FileType.Directory:
+            sub = ahead.pop(child.path)
+            fill()
+            yield from _walk_level(fs, pool, sub)
+
+
+def _object_identity(uri: str, info: pafs.FileInfo) -> str:
+    """What :func:`file_identity` says of an object, from its listing."""
+    return f"{uri}|{info.size}|{info.mtime_ns}\n"
 
 
 def read_bytes(uri: str, max_bytes: int) -> bytes:
@@ -242,7 +304,7 @@ def file_identity(uri: str) -> str:
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.NotFound:
             return f"{uri}|missing\n"
-        return f"{uri}|{info.size}|{info.mtime_ns}\n"
+        return _object_identity(uri, info)
     path = local_path(uri)
     try:
         st = os.lstat(path)

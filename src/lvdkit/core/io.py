@@ -1,8 +1,10 @@
 """Stage output files: ``part-*.parquet`` written atomically, read back as one table.
 
 A part file is written under a hidden temporary name, flushed to disk and renamed into place, so a reader (or a
-resumed run) never sees a half-written part: it is either complete or absent. A full disk raises
-:class:`DiskFullError` naming the file; the temporary file is removed.
+resumed run) never sees a half-written part: it is either complete or absent. On object storage (an OUT such as
+``s3://bucket/run``, see :mod:`lvdkit.core.storage`) every file is one whole object instead: built in memory (or a
+local temporary file, uploaded), so it too is complete or absent. A full disk raises :class:`DiskFullError` naming
+the file; the temporary file is removed.
 
 Every path lvdkit writes is ``OUT`` joined with its own names (stage folders, ``part-NNNNNN.parquet`` from a part
 number, fixed side-file names): no name read from data, a manifest or a file list ever becomes part of an output path.
@@ -12,17 +14,21 @@ number, fixed side-file names): no name read from data, a manifest or a file lis
 from __future__ import annotations
 
 import errno
+import hashlib
+import io
 import json
 import os
 import re
-import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from lvdkit.core.storage import Location, ObjectPath, publish, scratch_file
 
 PART_GLOB = "part-*.parquet"
 _OWN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
@@ -34,7 +40,7 @@ class DiskFullError(RuntimeError):
     """Writing an output failed because its disk (or quota) is full; the message says which file and what to do."""
 
     @classmethod
-    def writing(cls, path: Path | str, cause: BaseException | None = None) -> DiskFullError:
+    def writing(cls, path: Location | str, cause: BaseException | None = None) -> DiskFullError:
         why = f" ({cause})" if cause is not None else ""
         return cls(
             f"disk full: no space left on device while writing {path}{why}. Free space there (or set out= to a disk "
@@ -52,7 +58,7 @@ def is_disk_full(exc: BaseException) -> bool:
 
 
 @contextmanager
-def disk_errors(path: Path | str) -> Iterator[None]:
+def disk_errors(path: Location | str) -> Iterator[None]:
     """Turn a full-disk ``OSError`` raised while writing ``path`` into :class:`DiskFullError` naming it."""
     try:
         yield
@@ -81,35 +87,59 @@ def part_name(index: int) -> str:
     return f"part-{index:06d}.parquet"
 
 
-def write_parquet_atomic(table: pa.Table, path: Path, row_group_rows: int = ROW_GROUP_ROWS) -> None:
-    """Write ``table`` to ``path`` via a temporary file, ``fsync`` and an atomic rename (:class:`DiskFullError` when
-    the disk is full; the temporary file is removed on any error)."""
+def write_parquet_atomic(table: pa.Table, path: Location, row_group_rows: int = ROW_GROUP_ROWS) -> str:
+    """Write ``table`` to ``path`` atomically: via a temporary file, ``fsync`` and a rename on disk, as one whole
+    object on object storage (:class:`DiskFullError` when the disk is full; the temporary file is removed on any
+    error). Returns the bytes' BLAKE2b (16 bytes), for the part's commit record."""
+    if isinstance(path, ObjectPath):
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, row_group_size=row_group_rows, compression="zstd")
+        data = sink.getvalue().to_pybytes()
+        path.write_bytes(data)
+        return blake2b(data)
     with _atomic_file(path) as tmp:
         pq.write_table(table, tmp, row_group_size=row_group_rows, compression="zstd")
+        digest = file_blake2b(tmp)
+    return digest
 
 
-def write_parquet_stream_atomic(tables: Iterable[pa.Table], schema: pa.Schema, path: Path) -> None:
+def write_parquet_stream_atomic(tables: Iterable[pa.Table], schema: pa.Schema, path: Location) -> None:
     """Write ``tables`` one after another into one Parquet file, as :func:`write_parquet_atomic` does, holding one
-    of them in memory at a time."""
+    of them in memory at a time (on object storage: built in a local temporary file, then uploaded)."""
     with _atomic_file(path) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
         for table in tables:
             writer.write_table(table.cast(schema), row_group_size=ROW_GROUP_ROWS)
 
 
+def blake2b(data: bytes) -> str:
+    """BLAKE2b (16 bytes) of ``data``, hex."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def file_blake2b(path: Location) -> str:
+    """BLAKE2b (16 bytes) of a file's bytes, read in 1 MiB chunks (about 1 GB/s: small beside writing the part)."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") if isinstance(path, Path) else path.open("rb") as fh:
+        while chunk := fh.read(2**20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 @contextmanager
-def _atomic_file(path: Path) -> Iterator[Path]:
-    """A temporary path to write ``path``'s content to; on success it is fsynced and renamed onto ``path``."""
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+def _atomic_file(path: Location) -> Iterator[Path]:
+    """A local temporary path to write ``path``'s content to; on success it is fsynced and moved onto ``path``
+    (renamed on disk, uploaded to object storage)."""
+    tmp = scratch_file(path)
     with disk_errors(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
         try:
             yield tmp
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
-            os.replace(tmp, path)
+            publish(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
-        _fsync_dir(path.parent)
+        if isinstance(path, Path):
+            _fsync_dir(path.parent)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -126,18 +156,18 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def remove_temporaries(stage_dir: Path) -> None:
+def remove_temporaries(stage_dir: Location) -> None:
     """Delete temporary files left by a killed run (they were never renamed, so nothing refers to them)."""
     for tmp in stage_dir.glob(".*.tmp-*"):
         tmp.unlink(missing_ok=True)
 
 
-def part_files(stage_dir: Path) -> list[Path]:
+def part_files(stage_dir: Location) -> list[Location]:
     """The finished part files of a stage, in part order."""
-    return sorted(stage_dir.glob(PART_GLOB))
+    return sorted(stage_dir.glob(PART_GLOB), key=str)
 
 
-def read_parts(stage_dir: Path, columns: list[str] | None = None, schema: pa.Schema | None = None) -> pa.Table:
+def read_parts(stage_dir: Location, columns: list[str] | None = None, schema: pa.Schema | None = None) -> pa.Table:
     """All parts of a stage as one table (an empty table with ``schema`` when there are none)."""
     files = part_files(stage_dir)
     if not files:
@@ -148,7 +178,7 @@ def read_parts(stage_dir: Path, columns: list[str] | None = None, schema: pa.Sch
     return pa.concat_tables([pq.read_table(f, columns=columns, schema=schema) for f in files])
 
 
-def read_json(path: Path) -> dict[str, Any] | None:
+def read_json(path: Location) -> dict[str, Any] | None:
     """The JSON object at ``path``, or None if absent or unreadable (a torn write counts as absent)."""
     try:
         data = json.loads(path.read_text())
@@ -157,24 +187,20 @@ def read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON through a temporary file and a rename (:class:`~lvdkit.core.io.DiskFullError` when the disk
-    is full)."""
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    with disk_errors(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+def write_json_atomic(path: Location, data: dict[str, Any]) -> None:
+    """Write JSON atomically (a rename on disk, one whole object on object storage; :class:`DiskFullError` when
+    the disk is full)."""
+    write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=False, default=str) + "\n").encode())
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file, ``fsync`` and an atomic rename."""
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+def write_bytes_atomic(path: Location, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: via a temporary file, ``fsync`` and a rename on disk; as one whole
+    object on object storage."""
+    if isinstance(path, ObjectPath):
+        path.write_bytes(data)
+        return
+    tmp = scratch_file(path)
     with disk_errors(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
         try:
             with open(tmp, "wb") as fh:
                 fh.write(data)
@@ -184,3 +210,10 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         finally:
             tmp.unlink(missing_ok=True)
         _fsync_dir(path.parent)
+
+
+def load_npy(path: Location) -> Any:
+    """A ``.npy`` array from disk or object storage."""
+    if isinstance(path, Path):
+        return np.load(path)
+    return np.load(io.BytesIO(path.read_bytes()))

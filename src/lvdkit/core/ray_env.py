@@ -13,16 +13,19 @@ from pathlib import Path
 import ray
 import ray.data
 
+from lvdkit.core.storage import ObjectPath
+
 # Unix socket paths (under the temp dir) are limited to 107 bytes; Ray appends ~70 characters of its own.
 _MAX_TEMP_DIR_LEN = 36
 
 
-def ray_temp_dir(out: Path) -> str:
-    """``RAY_TMPDIR`` if set, else ``OUT/_ray`` when short enough for Ray's sockets, else a per-OUT /tmp folder."""
+def ray_temp_dir(out: Path | ObjectPath) -> str:
+    """``RAY_TMPDIR`` if set, else ``OUT/_ray`` when short enough for Ray's sockets, else a per-OUT /tmp folder
+    (always for an OUT on object storage: Ray's sockets and logs are local files)."""
     if os.environ.get("RAY_TMPDIR"):
         return os.environ["RAY_TMPDIR"]
     candidate = str((out / "_ray").resolve())
-    if len(candidate) <= _MAX_TEMP_DIR_LEN:
+    if isinstance(out, Path) and len(candidate) <= _MAX_TEMP_DIR_LEN:
         return candidate
     tag = hashlib.blake2b(str(out.resolve()).encode(), digest_size=4).hexdigest()
     return os.path.join(tempfile.gettempdir(), f"lvdkit-ray-{tag}")
@@ -48,7 +51,9 @@ def _start_hint(address: str | None, exc: BaseException) -> str:
 class LazyRay:
     """Starts (or joins) Ray on first use, so a run whose stages are all up to date never pays Ray's start-up."""
 
-    def __init__(self, out: Path, address: str | None, num_cpus: int | None, object_store_mb: int | None) -> None:
+    def __init__(
+        self, out: Path | ObjectPath, address: str | None, num_cpus: int | None, object_store_mb: int | None
+    ) -> None:
         self.out, self.address, self.num_cpus, self.object_store_mb = out, address, num_cpus, object_store_mb
         self.started_here = False
 
@@ -96,7 +101,9 @@ def _quiet_ray_data() -> None:
 
 
 @contextmanager
-def ray_session(out: Path, address: str | None, num_cpus: int | None, object_store_mb: int | None) -> Iterator[LazyRay]:
+def ray_session(
+    out: Path | ObjectPath, address: str | None, num_cpus: int | None, object_store_mb: int | None
+) -> Iterator[LazyRay]:
     """A :class:`LazyRay` for the duration of a run; shut down at the end if this run started it."""
     lazy = LazyRay(out, address, num_cpus, object_store_mb)
     try:

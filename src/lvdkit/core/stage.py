@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeAlias
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from lvdkit.core import schema
-from lvdkit.core.io import part_files, read_json, read_parts
+from lvdkit.core.io import part_files, read_json
+from lvdkit.core.storage import Location, location
 
 SUCCESS = "_SUCCESS"  # a finished stage's record (JSON): config hash, input fingerprint, rows, stats, parts
 SideFile: TypeAlias = pa.Table | dict[str, Any] | bytes  # written as Parquet, JSON or raw bytes
@@ -40,24 +41,35 @@ class StageInputs:
     reads: tuple[str, ...]
     sides: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
-    def folder(self, stage: str, sub: str = "") -> Path:
+    def folder(self, stage: str, sub: str = "") -> Location:
         """The folder of ``stage``'s parts (``sub``: one of its declared part sub-folders)."""
         if stage not in self.reads:
             raise KeyError(f"this stage does not declare {stage!r} among the outputs it reads ({self.reads})")
-        base = Path(self.out) / stage
+        base = location(self.out) / stage
         return base / sub if sub else base
 
     def table(
         self, stage: str, columns: list[str] | None = None, schema: pa.Schema | None = None, sub: str = ""
     ) -> pa.Table:
         """All parts of ``stage`` as one table (empty with ``schema`` when it wrote none)."""
-        return read_parts(self.folder(stage, sub), columns=columns, schema=schema)
+        parts = self.parts(stage, sub)
+        if not parts:
+            if schema is None:
+                raise FileNotFoundError(f"no parts in {self.folder(stage, sub)}")
+            return schema.empty_table().select(columns) if columns else schema.empty_table()
+        return pa.concat_tables([pq.read_table(p, columns=columns, schema=schema) for p in parts])
 
-    def parts(self, stage: str, sub: str = "") -> list[Path]:
-        """The part files of ``stage``, in part order."""
-        return part_files(self.folder(stage, sub))
+    def parts(self, stage: str, sub: str = "") -> list[Location]:
+        """The part files of ``stage``, in part order: those its ``_SUCCESS`` lists once it has finished (the commit
+        point: a reader trusts no other file), else those in its folder (a stage reading its own parts)."""
+        listed = self.record(stage).get("part_bytes")
+        if listed is None:
+            return part_files(self.folder(stage, sub))
+        base = self.folder(stage)
+        names = sorted(rel for rel in listed if rel.rpartition("/")[0] == sub and fnmatch.fnmatchcase(rel, "*part-*"))
+        return [base / rel for rel in names]
 
-    def side(self, stage: str, name: str) -> Path:
+    def side(self, stage: str, name: str) -> Location:
         """The path of side file ``name`` that ``stage`` declared (it may not exist when the stage wrote none)."""
         if not any(fnmatch.fnmatchcase(name, pattern) for pattern in self.sides.get(stage, ())):
             raise KeyError(f"{stage!r} declares no side output {name!r} (it declares {self.sides.get(stage, ())})")
@@ -134,8 +146,8 @@ class Resources:
 class Scratch:
     """A partitioned stage's intermediate tables: one per input part (scatter), one per partition (solve)."""
 
-    scattered: list[Path]
-    solved: list[Path]
+    scattered: list[Location]
+    solved: list[Location]
 
 
 class PartitionedWork:
@@ -179,10 +191,10 @@ class PartitionedWork:
         """(partitions, figures handed to solve/reduce/write)."""
         raise NotImplementedError
 
-    def solve(self, state: Any, figures: Any, partition: Any, scratch: list[Path]) -> pa.Table:
+    def solve(self, state: Any, figures: Any, partition: Any, scratch: list[Location]) -> pa.Table:
         raise NotImplementedError
 
-    def reduce(self, state: Any, figures: Any, solved: list[Path]) -> StageOutput:
+    def reduce(self, state: Any, figures: Any, solved: list[Location]) -> StageOutput:
         raise NotImplementedError
 
     def write(self, state: Any, figures: Any, decisions: pa.Table, index: int, scratch: Scratch) -> pa.Table:
@@ -193,6 +205,6 @@ class PartitionedWork:
         as the single-task path does, so readers find the stage's schema."""
         raise NotImplementedError
 
-    def final_stats(self, stats: dict[str, Any], parts: list[Path]) -> dict[str, Any]:
+    def final_stats(self, stats: dict[str, Any], parts: list[Location]) -> dict[str, Any]:
         """The stage's stats once its output ``parts`` are written (for figures only they can give)."""
         return stats

@@ -13,12 +13,17 @@ handles a local ``OUT`` and ``s3://bucket/run`` (:func:`location`).
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import functools
 import io
 import os
+import shutil
+import tempfile
+import uuid
 from collections.abc import Iterator
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 from typing import IO, Any
 from urllib.parse import urlsplit
 
@@ -80,6 +85,12 @@ class ObjectPath:
     def __str__(self) -> str:
         return self.uri
 
+    def __fspath__(self) -> str:
+        # pyarrow's readers and writers take a URI where they take a path and resolve its filesystem from the same
+        # environment variables (endpoint, credentials) as :func:`filesystem`, so Parquet code works unchanged;
+        # ``open()`` on it fails with FileNotFoundError, as for any missing file
+        return self.uri
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ObjectPath) and other.uri == self.uri
 
@@ -117,6 +128,34 @@ class ObjectPath:
 
     def size(self) -> int:
         return int(self._info().size or 0)
+
+    def stat(self) -> ObjectStat:
+        """Size and last-modified time (``FileNotFoundError`` when absent), as ``Path.stat`` gives them."""
+        info = self._info()
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"no such object: {self.uri}")
+        return ObjectStat(int(info.size or 0), info.mtime.timestamp() if info.mtime is not None else 0.0)
+
+    def relative_to(self, other: str | os.PathLike[str]) -> PurePosixPath:
+        base = os.fspath(other).rstrip("/")
+        if not self.uri.startswith(base + "/"):
+            raise ValueError(f"{self.uri} is not under {base}")
+        return PurePosixPath(self.uri[len(base) + 1 :])
+
+    def with_name(self, name: str) -> ObjectPath:
+        return self.parent / name
+
+    def touch(self, exist_ok: bool = True) -> None:
+        if not exist_ok and self.exists():
+            raise FileExistsError(self.uri)
+        self.write_bytes(b"")
+
+    def unlink(self, missing_ok: bool = False) -> None:
+        try:
+            self.fs.delete_file(self.path)
+        except (FileNotFoundError, OSError):
+            if not (missing_ok and not self.exists()):
+                raise
 
     def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
         pass
@@ -161,7 +200,56 @@ class ObjectPath:
                 yield ObjectPath(f"{self.uri}/{info.path[len(base) + 1 :]}", self.fs)
 
 
+@dataclass(frozen=True)
+class ObjectStat:
+    """What :meth:`ObjectPath.stat` gives: the ``os.stat_result`` fields lvdkit reads."""
+
+    st_size: int
+    st_mtime: float
+
+
 Location = Path | ObjectPath  # what run-folder code takes: the same operations on disk and on object storage
+
+
+def replace(source: Location, target: Location) -> None:
+    """Move ``source`` onto ``target`` (both on one filesystem): an atomic rename on disk; on object storage a
+    server-side copy and a delete (the target appears whole, in one step)."""
+    if isinstance(source, Path) and isinstance(target, Path):
+        os.replace(source, target)
+    elif isinstance(source, ObjectPath) and isinstance(target, ObjectPath):
+        source.fs.move(source.path, target.path)
+    else:
+        raise ValueError(f"cannot move {source} onto {target}: not on one filesystem")
+
+
+def publish(local: Path, target: Location) -> None:
+    """Move the finished local file ``local`` to ``target``: a rename on disk, an upload (then the local file is
+    removed) on object storage, where a multipart upload becomes visible only once complete."""
+    if isinstance(target, Path):
+        os.replace(local, target)
+        return
+    pafs.copy_files(str(local), target.path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=target.fs)
+    local.unlink()
+
+
+def remove_tree(folder: Location) -> None:
+    """Remove ``folder`` and everything under it (nothing when it is absent)."""
+    if isinstance(folder, Path):
+        shutil.rmtree(folder, ignore_errors=True)
+    elif folder.exists():
+        folder.fs.delete_dir_contents(folder.path, missing_dir_ok=True)
+        with contextlib.suppress(OSError):  # a bucket's "folder" vanishes with its last object
+            folder.fs.delete_dir(folder.path)
+
+
+def scratch_file(target: Location) -> Path:
+    """A local file to build ``target`` in before :func:`publish`: beside it on disk (so the move is a rename), in
+    the temp folder for object storage."""
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    if isinstance(target, Path):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return target.parent / f".{target.name}.tmp-{tag}"
+    return Path(tempfile.gettempdir()) / f"lvdkit-{target.name}.tmp-{tag}"
 
 
 def location(target: str | os.PathLike[str]) -> Location:

@@ -47,7 +47,13 @@ class Whitener:
 
     @classmethod
     def load(cls, path: str) -> Whitener:
-        data = np.load(path)
+        with open(path, "rb") as fh:
+            return cls.from_bytes(fh.read())
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> Whitener:
+        """The whitener :meth:`to_bytes` wrote."""
+        data = np.load(io.BytesIO(raw))
         matrix = data["matrix"]
         return cls(mean=data["mean"], matrix=matrix if matrix.size else None)
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,6 +31,7 @@ import pyarrow.parquet as pq
 from lvdkit.core import schema
 from lvdkit.core.partitions import assign_cells, fit_cells, merge_top, pairs_within, plan_ranges, row_keys, top_against
 from lvdkit.core.stage import PartitionedWork, Resources, Scratch, StageInputs, StageOutput
+from lvdkit.core.storage import Location
 from lvdkit.core.views import EMBED
 from lvdkit.core.whitening import Whitener, fit_whitener
 from lvdkit.curation.components import NODE_COLUMNS, dedup_rows, found_pairs, group_found
@@ -187,7 +187,7 @@ class CopyPartitions(PartitionedWork):
 
     # --- 4. solve --------------------------------------------------------------------------------------------------
 
-    def solve(self, state: CopyState, figures: CopyFigures, partition: Any, scratch: list[Path]) -> pa.Table:
+    def solve(self, state: CopyState, figures: CopyFigures, partition: Any, scratch: list[Location]) -> pa.Table:
         start, stop = partition
         data = pads.dataset([str(p) for p in scratch], format="parquet")
         rows = data.to_table(filter=(pc.field(CELL) >= start) & (pc.field(CELL) < stop))
@@ -200,7 +200,7 @@ class CopyPartitions(PartitionedWork):
 
     # --- 5. reduce -------------------------------------------------------------------------------------------------
 
-    def reduce(self, state: CopyState, figures: CopyFigures, solved: list[Path]) -> StageOutput:
+    def reduce(self, state: CopyState, figures: CopyFigures, solved: list[Location]) -> StageOutput:
         found = pa.concat_tables([pq.read_table(p) for p in solved]) if solved else None
         decisions, stats = group_found(found, state.rows)
         stats.update(

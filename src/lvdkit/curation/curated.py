@@ -23,6 +23,7 @@ from lvdkit.core.files import MAX_FILE_BYTES, content_hash, read_bytes
 from lvdkit.core.image import decode, to_rgb
 from lvdkit.core.settings import setting
 from lvdkit.core.stage import PartPlan, PartWork, StageInputs
+from lvdkit.core.storage import Location
 from lvdkit.core.views import aligned, embeddings_of, ingested
 
 REASON_ORDER = (
@@ -200,7 +201,7 @@ class ChangedSinceIngest(RuntimeError):
 class CuratedWork(PartWork):
     """Curated part ``i``: fetch the bytes of row group ``i`` of the listing, checking each file is unchanged."""
 
-    listing: Path
+    listing: Location
     cfg: CuratedConfig
 
     def load(self, index: int) -> pa.Table:

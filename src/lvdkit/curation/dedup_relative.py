@@ -82,7 +82,7 @@ def run_dedup_relative(cfg: DedupRelativeConfig, reader: SideSetReader, inputs: 
     """The stage: whitened pool descriptors against the protected images, ingested and embedded here; the
     protected images' ingest rows are a side file."""
     images = alive(inputs, dedups_before("dedup_relative"), [])
-    whitener = Whitener.load(str(inputs.side("dedup_copy", schema.WHITENING_FILE)))
+    whitener = Whitener.from_bytes(inputs.side("dedup_copy", schema.WHITENING_FILE).read_bytes())
     pool_x = whitener(embeddings_of(inputs, cfg.embedding, images[schema.IMAGE_ID]))
     ok_ids: list[str] = []
     prot_x = np.empty((0, pool_x.shape[1]), np.float32)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,6 +28,7 @@ import pyarrow.parquet as pq
 from lvdkit.core import schema
 from lvdkit.core.partitions import plan_ranges, row_keys
 from lvdkit.core.stage import PartitionedWork, Resources, Scratch, StageInputs, StageOutput
+from lvdkit.core.storage import Location
 from lvdkit.core.views import INGEST, alive_in_part, dedups_before
 from lvdkit.curation.components import NODE_COLUMNS, dedup_rows, found_pairs, group_found
 from lvdkit.curation.dedup_exact import DedupExactConfig, dedup_exact
@@ -78,7 +78,7 @@ class _HashWork(PartitionedWork):
         figures = {"rows": int(total["rows"]), "unhashed": int(total["unhashed"])}
         return list(plan_ranges(total["counts"], self.partition_rows)), figures
 
-    def rows_of(self, scratch: list[Path], partition: tuple[int, int]) -> pa.Table:
+    def rows_of(self, scratch: list[Location], partition: tuple[int, int]) -> pa.Table:
         start, stop = partition
         data = pads.dataset([str(p) for p in scratch], format="parquet")
         return data.to_table(filter=(pc.field(BUCKET) >= start) & (pc.field(BUCKET) < stop))
@@ -108,12 +108,12 @@ class ExactPartitions(_HashWork):
         table = rows.append_column(BUCKET, pa.array(bucket)).sort_by(BUCKET)
         return table, self.summary(np.bincount(bucket, minlength=self.buckets), rows.num_rows)
 
-    def solve(self, state: None, figures: Any, partition: Any, scratch: list[Path]) -> pa.Table:
+    def solve(self, state: None, figures: Any, partition: Any, scratch: list[Location]) -> pa.Table:
         rows = self.rows_of(scratch, partition).drop_columns([BUCKET])
         table = dedup_exact(rows, self.cfg)
         return table.filter(pc.invert(table[schema.KEEP]))  # every copy of its bytes is in this partition
 
-    def reduce(self, state: None, figures: dict[str, Any], solved: list[Path]) -> StageOutput:
+    def reduce(self, state: None, figures: dict[str, Any], solved: list[Location]) -> StageOutput:
         tables = [pq.read_table(p, schema=schema.DEDUP) for p in solved]
         decisions = pa.concat_tables(tables) if tables else schema.DEDUP.empty_table()
         n = figures["rows"]
@@ -143,7 +143,7 @@ class PhashPartitions(_HashWork):
         counts = np.bincount(buckets.ravel(), minlength=self.buckets)
         return table, self.summary(counts, len(keys), int((~hashed).sum()))
 
-    def solve(self, state: None, figures: Any, partition: Any, scratch: list[Path]) -> pa.Table:
+    def solve(self, state: None, figures: Any, partition: Any, scratch: list[Location]) -> pa.Table:
         rows = self.rows_of(scratch, partition)
         _, first = np.unique(rows[KEY].to_numpy(), return_index=True)  # an image in two of this range's buckets
         rows = rows.take(pa.array(np.sort(first)))
@@ -152,7 +152,7 @@ class PhashPartitions(_HashWork):
         a, b = rows.take(pa.array(pairs[:, 0])), rows.take(pa.array(pairs[:, 1]))
         return found_pairs(a, b, a[KEY], b[KEY], dist.astype(np.float32))
 
-    def reduce(self, state: None, figures: dict[str, Any], solved: list[Path]) -> StageOutput:
+    def reduce(self, state: None, figures: dict[str, Any], solved: list[Location]) -> StageOutput:
         found = pa.concat_tables([pq.read_table(p) for p in solved]) if solved else None
         decisions, stats = group_found(found, figures["rows"])
         return StageOutput(decisions, {**stats, "without_phash": figures["unhashed"]} if figures["unhashed"] else stats)

@@ -38,13 +38,14 @@ from lvdkit.core.files import (
     image_id,
     input_roots,
     link_outside,
-    list_entries,
+    list_identified,
     read_bytes,
 )
 from lvdkit.core.image import ALLOWED_FORMATS, DecodeError, decode, read_error, to_rgb
 from lvdkit.core.io import disk_errors
 from lvdkit.core.settings import setting
 from lvdkit.core.stage import PartPlan, PartWork, StageInputs
+from lvdkit.core.storage import Location
 
 
 @dataclass
@@ -185,9 +186,16 @@ def ingest_files(uris: Sequence[str], cfg: IngestConfig, outside: Sequence[str |
 
 def list_for_ingest(inputs: Sequence[str], cfg: IngestConfig) -> Iterator[tuple[str, str | None]]:
     """The files of ``inputs`` to ingest, each with :func:`link_outside`'s verdict (``None``: read it)."""
+    for uri, outside, _ in _listed(inputs, cfg):
+        yield uri, outside
+
+
+def _listed(inputs: Sequence[str], cfg: IngestConfig) -> Iterator[tuple[str, str | None, str]]:
+    """:func:`list_for_ingest` with each file's identity (from the listing where it has it)."""
     roots = input_roots(inputs)
-    for uri, how in list_entries(inputs, cfg.extensions):
-        yield uri, None if cfg.follow_symlinks_outside else link_outside(uri, how, roots)
+    for uri, how, identity in list_identified(inputs, cfg.extensions):
+        outside = None if cfg.follow_symlinks_outside else link_outside(uri, how, roots)
+        yield uri, outside, identity or file_identity(uri)
 
 
 # --- the stage: a work list of files, one part per files_per_part ------------------------------------------------
@@ -216,8 +224,8 @@ def plan_ingest(cfg: IngestConfig, listing: Path) -> PartPlan:
                 writer.write_table(_listing(batch, batch_links), row_group_size=per_part)
                 n_parts += 1
 
-        for uri, outside in list_for_ingest(cfg.inputs, cfg):
-            h.update(file_identity(uri).encode("utf-8", "surrogateescape"))
+        for uri, outside, identity in _listed(cfg.inputs, cfg):
+            h.update(identity.encode("utf-8", "surrogateescape"))
             n_files += 1
             if container_kind(uri, cfg.containers):  # a part of its own: its records are listed by its task
                 flush(uris, links)
@@ -243,7 +251,7 @@ def _listing(uris: list[str], links: list[str | None]) -> pa.Table:
 class IngestWork(PartWork):
     """Ingest part ``i``: the files of row group ``i`` of the listing."""
 
-    listing: Path
+    listing: Location
     cfg: IngestConfig
 
     def load(self, index: int) -> pa.Table:

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +22,7 @@ import pyarrow.parquet as pq
 from lvdkit.core import schema
 from lvdkit.core.partitions import top_against
 from lvdkit.core.stage import PartitionedWork, Resources, Scratch, StageInputs, StageOutput
+from lvdkit.core.storage import Location
 from lvdkit.core.views import EMBED, alive_embedded
 from lvdkit.core.whitening import Whitener
 from lvdkit.curation.dedup_relative import DedupRelativeConfig, copy_threshold, dedup_relative, recall_within_budget
@@ -58,7 +58,7 @@ class RelativePartitions(PartitionedWork):
         return work
 
     def prepare(self) -> Protected:
-        whitener = Whitener.load(str(self.inputs.side("dedup_copy", schema.WHITENING_FILE)))
+        whitener = Whitener.from_bytes(self.inputs.side("dedup_copy", schema.WHITENING_FILE).read_bytes())
         if not self.cfg.protected:
             return Protected(whitener, [], np.zeros((0, 1), np.float32), None, 0)
         protected = self.reader.read(self.cfg.embedding, self.cfg.protected)
@@ -118,10 +118,10 @@ class RelativePartitions(PartitionedWork):
                 threshold, rule_stats = recall_within_budget(positives, budget, self.cfg.target_recall)
         return [], {"threshold": threshold, "n": n, "rule": rule_stats}
 
-    def solve(self, state: Protected, figures: Any, partition: Any, scratch: list[Path]) -> pa.Table:
+    def solve(self, state: Protected, figures: Any, partition: Any, scratch: list[Location]) -> pa.Table:
         raise NotImplementedError("dedup_relative has no partitions: every image is compared in its own part")
 
-    def reduce(self, state: Protected, figures: dict[str, Any], solved: list[Path]) -> StageOutput:
+    def reduce(self, state: Protected, figures: dict[str, Any], solved: list[Location]) -> StageOutput:
         sides = {schema.PROTECTED_FILE: state.rows} if state.rows is not None else {}
         stats = {"protected": len(state.ids), "protected_unusable": state.unusable, "threshold": figures["threshold"]}
         return StageOutput(schema.DEDUP.empty_table(), {**stats, **figures["rule"]}, dict(sides))
@@ -130,7 +130,7 @@ class RelativePartitions(PartitionedWork):
         ids, col = self._pool(index)
         return dedup_relative(ids, _whitened(state.whitener, col), state.ids, state.x, figures["threshold"])
 
-    def final_stats(self, stats: dict[str, Any], parts: list[Path]) -> dict[str, Any]:
+    def final_stats(self, stats: dict[str, Any], parts: list[Location]) -> dict[str, Any]:
         removed = sum(_removed(p) for p in parts)
         n = sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
         return {"in": n, "kept": n - removed, "duplicates": removed, **stats}
@@ -155,6 +155,6 @@ def _whitened(whitener: Whitener, column: pa.ChunkedArray | pa.Array) -> np.ndar
     return whitener(c.flatten().to_numpy().reshape(len(c), -1))
 
 
-def _removed(part: Path) -> int:
+def _removed(part: Location) -> int:
     keep = pq.read_table(part, columns=[schema.KEEP])[schema.KEEP]
     return int(pc.sum(pc.invert(keep)).as_py() or 0)

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from lvdkit.core import schema
+from lvdkit.core.io import load_npy
 from lvdkit.core.knn import build_index, knn
 from lvdkit.core.settings import setting
 from lvdkit.core.stage import StageInputs, StageOutput
@@ -166,7 +167,7 @@ class _Pool:
             clusters = aligned(pa.array(self.ids, pa.string()), self.inputs.table("cluster", schema=schema.CLUSTER))
             level1 = np.asarray([c[0] for c in clusters[schema.CLUSTER_IDS].to_pylist()], dtype=np.int64)
             distance = clusters[schema.DISTANCE].to_numpy(zero_copy_only=False)
-            centroids = np.load(self.inputs.side("cluster", schema.centroids_file(1)))
+            centroids = load_npy(self.inputs.side("cluster", schema.centroids_file(1)))
             self._clusters = (level1, distance, centroids)
         return self._clusters
 

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,8 +23,10 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from lvdkit.core import schema
+from lvdkit.core.io import load_npy
 from lvdkit.core.partitions import ROW_KEY_SHIFT, row_keys, top_against
 from lvdkit.core.stage import PartitionedWork, Resources, Scratch, StageInputs, StageOutput
+from lvdkit.core.storage import Location
 from lvdkit.core.views import DEDUP_STAGES, EMBED, alive_embedded
 from lvdkit.curation.retrieve import CLUSTER, RETRIEVED, SAMPLE, RetrieveConfig, hits_table, resolve_mode, seed_rows
 from lvdkit.curation.side_sets import SideSetReader
@@ -82,7 +83,7 @@ class RetrievePartitions(PartitionedWork):
             entry["k"] = seed_set.k
             if mode == CLUSTER:
                 if centroids is None:
-                    centroids = np.load(self.inputs.side("cluster", schema.centroids_file(1)))
+                    centroids = load_npy(self.inputs.side("cluster", schema.centroids_file(1)))
                 nearest = np.argmax(seeds.x @ centroids.T, axis=1) if len(seeds.x) else np.zeros(0, np.int64)
                 counts = np.bincount(nearest, minlength=len(centroids))
                 entry["chosen"] = np.flatnonzero(counts > self.cfg.min_seeds_per_cluster)
@@ -139,7 +140,7 @@ class RetrievePartitions(PartitionedWork):
     def plan(self, total: Any) -> tuple[list[Any], None]:
         return list(self.cfg.seed_sets), None
 
-    def solve(self, state: SeedState, figures: Any, partition: Any, scratch: list[Path]) -> pa.Table:
+    def solve(self, state: SeedState, figures: Any, partition: Any, scratch: list[Location]) -> pa.Table:
         name, s = partition, state.sets[partition]
         data = pads.dataset([str(p) for p in scratch], format="parquet", schema=_CANDIDATES)
         rows = data.to_table(filter=pc.field(SET) == name)
@@ -147,7 +148,7 @@ class RetrievePartitions(PartitionedWork):
             return _by_seed(rows, name, s["ids"], s["k"])
         return _by_cluster(rows, name, self.cfg)
 
-    def reduce(self, state: SeedState, figures: Any, solved: list[Path]) -> StageOutput:
+    def reduce(self, state: SeedState, figures: Any, solved: list[Location]) -> StageOutput:
         stats = {}
         for name, path in zip(self.cfg.seed_sets, solved, strict=True):
             stats[name] = {**state.stats[name], "retrieved": pq.ParquetFile(path).metadata.num_rows}

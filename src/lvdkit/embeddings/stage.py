@@ -26,6 +26,7 @@ from lvdkit.core.files import MAX_FILE_BYTES, read_bytes
 from lvdkit.core.image import decode_rgb
 from lvdkit.core.settings import setting
 from lvdkit.core.stage import PartPlan, PartWork, StageInputs
+from lvdkit.core.storage import Location
 from lvdkit.core.views import alive_by_part, dedups_before
 from lvdkit.curation.augment import synthetic_copy
 
@@ -173,7 +174,7 @@ class EmbedWork(PartWork):
     before any Ray work starts; :meth:`setup` loads the models again in each worker.
     """
 
-    listing: Path
+    listing: Location
     cfg: EmbedConfig
     rate: float  # share of images that also get a synthetic copy
     dims: dict[str, int]
@@ -183,7 +184,7 @@ class EmbedWork(PartWork):
     decodes = True
 
     @classmethod
-    def create(cls, cfg: EmbedConfig, listing: Path) -> EmbedWork:
+    def create(cls, cfg: EmbedConfig, listing: Location) -> EmbedWork:
         from lvdkit.embeddings import create_embedder
 
         total = pq.ParquetFile(listing).metadata.num_rows

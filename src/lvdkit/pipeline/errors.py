@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import ray
 
 from lvdkit.core.io import DiskFullError, is_disk_full
 from lvdkit.core.stage import PartWork
+from lvdkit.core.storage import Location
 from lvdkit.curation.curated import ChangedSinceIngest
 from lvdkit.embeddings.stage import EmbedInputError
 
@@ -67,7 +67,7 @@ def raise_own(exc: BaseException) -> None:
 INFLIGHT = ".tmp-inflight"  # .part-NNNNNN.parquet.tmp-inflight: the part is being worked on (removed after)
 
 
-def crash_message(stage: str, stage_dir: Path, work: PartWork, retries: int, exc: BaseException) -> str:
+def crash_message(stage: str, stage_dir: Location, work: PartWork, retries: int, exc: BaseException) -> str:
     """A part task that Ray gave up on (its worker died on every attempt, or an error escaped it): name the parts
     that were running, from their in-flight markers."""
     running = sorted(int(p.name.split("-")[1].split(".")[0]) for p in stage_dir.glob(f".part-*{INFLIGHT}"))

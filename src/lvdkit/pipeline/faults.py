@@ -28,6 +28,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from lvdkit.core.io import ROW_GROUP_ROWS, DiskFullError, write_parquet_atomic
+from lvdkit.core.storage import Location
 
 SHARD_DELAY = "LVDKIT_TEST_SHARD_DELAY_S"
 STAGE_DELAY = "LVDKIT_TEST_STAGE_DELAY"
@@ -116,7 +117,7 @@ class Hooks:
             if hit is not None:
                 raise InjectedFault(f"injected failure on {hit}")
 
-    def disk_full(self, path: Path) -> bool:
+    def disk_full(self, path: Location) -> bool:
         """Whether writing the part file ``path`` must fail with a full disk."""
         if self.enospc_after is None or not path.name.startswith("part-"):
             return False
@@ -127,13 +128,14 @@ class Hooks:
         return index >= self.enospc_after
 
 
-def write_part(table: pa.Table, path: Path, hooks: Hooks | None, row_group_rows: int = ROW_GROUP_ROWS) -> None:
-    """Write a part atomically, failing as a full disk would where ``LVDKIT_TEST_ENOSPC_AFTER`` says so."""
+def write_part(table: pa.Table, path: Location, hooks: Hooks | None, row_group_rows: int = ROW_GROUP_ROWS) -> str:
+    """Write a part atomically, failing as a full disk would where ``LVDKIT_TEST_ENOSPC_AFTER`` says so; its
+    checksum."""
     if hooks is not None and hooks.disk_full(path):
         raise DiskFullError.writing(path, enospc(path))
-    write_parquet_atomic(table, path, row_group_rows)
+    return write_parquet_atomic(table, path, row_group_rows)
 
 
-def enospc(path: Path) -> OSError:
+def enospc(path: Location) -> OSError:
     """The error a full disk gives."""
     return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))

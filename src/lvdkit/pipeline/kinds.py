@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lvdkit.core.stage import PartitionedWork, PartPlan, PartWork, StageInputs, StageOutput
+from lvdkit.core.storage import Location
 from lvdkit.pipeline.config import CurateConfig
 
 
@@ -33,7 +34,7 @@ class Stage:
     subparts: tuple[str, ...] = ()  # per-part sub-folders it writes (one file per part in each)
     extra_fingerprint: Callable[[CurateConfig], str] | None = None  # inputs beyond upstream outputs (files read)
 
-    def inputs(self, out: Path, sides: dict[str, tuple[str, ...]]) -> StageInputs:
+    def inputs(self, out: Location, sides: dict[str, tuple[str, ...]]) -> StageInputs:
         """Read access to its declared upstream outputs (and to its own, for its stats)."""
         return StageInputs(str(out), (*self.reads, self.name), sides)
 
@@ -62,7 +63,7 @@ class PartStage(Stage):
     """A work list split into parts, one output part each."""
 
     plan: Callable[[CurateConfig, StageInputs, str, Path], PartPlan]  # (cfg, inputs, upstream fingerprint, listing)
-    work: Callable[[CurateConfig, Path], PartWork]  # (cfg, listing) -> the part work, built on the driver
+    work: Callable[[CurateConfig, Location], PartWork]  # (cfg, listing) -> the part work, built on the driver
     stats: Callable[[StageInputs], dict[str, Any]]
     actors: Callable[[CurateConfig], Actors | None] | None = None  # None: plain tasks
     # the work list decides the stage's fingerprint (ingest: the files listed), so it is planned before the skip

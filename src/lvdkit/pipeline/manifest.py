@@ -7,15 +7,14 @@ interrupted stage keeps its finished parts only if its ``_RUNNING`` marker match
 from __future__ import annotations
 
 import hashlib
-import shutil
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from lvdkit import __version__
 from lvdkit.core.io import read_json, write_json_atomic
+from lvdkit.core.storage import Location, remove_tree
 from lvdkit.pipeline.commits import changed_since_success, committed_sizes
 
 SUCCESS = "_SUCCESS"
@@ -35,12 +34,12 @@ class RunKey:
         return record.get("config_hash") == self.config_hash and record.get("fingerprint") == self.fingerprint
 
 
-def success(stage_dir: Path) -> dict[str, Any] | None:
+def success(stage_dir: Location) -> dict[str, Any] | None:
     """The stage's ``_SUCCESS`` record, if it finished."""
     return read_json(stage_dir / SUCCESS)
 
 
-def prepare(stage_dir: Path, key: RunKey, force: bool) -> str:
+def prepare(stage_dir: Location, key: RunKey, force: bool) -> str:
     """Decide what to do with ``stage_dir``: 'skip' (done), 'resume' (same run interrupted, or finished with a part
     changed since) or 'fresh'."""
     record = success(stage_dir)
@@ -58,13 +57,13 @@ def prepare(stage_dir: Path, key: RunKey, force: bool) -> str:
         return "resume"
     if stage_dir.exists():
         _check_ours(stage_dir)
-        shutil.rmtree(stage_dir)
+        remove_tree(stage_dir)
     stage_dir.mkdir(parents=True)
     write_json_atomic(stage_dir / RUNNING, {"config_hash": key.config_hash, "fingerprint": key.fingerprint})
     return "fresh"
 
 
-def _check_ours(stage_dir: Path) -> None:
+def _check_ours(stage_dir: Location) -> None:
     """A stage folder is removed only when it holds lvdkit's records (or nothing at all)."""
     if any((stage_dir / r).is_file() for r in (SUCCESS, RUNNING)) or not any(stage_dir.iterdir()):
         return
@@ -75,7 +74,7 @@ def _check_ours(stage_dir: Path) -> None:
 
 
 def finish(
-    stage_dir: Path,
+    stage_dir: Location,
     stage: str,
     key: RunKey,
     config: dict[str, Any],
@@ -95,7 +94,7 @@ def finish(
         "lvdkit_version": __version__,
         "seconds": round(seconds, 3),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "parts": sorted(p.name for p in stage_dir.glob("part-*.parquet")),
+        "parts": sorted(p.name for p in stage_dir.glob("part-*.parquet")),  # readers trust these (and _commits)
         "part_bytes": committed_sizes(stage_dir),  # checked (a stat each) before a rerun skips the stage
         "nodes": nodes or [],  # the Ray nodes whose tasks did this run's work (resumed runs: the last attempt's)
     }

@@ -9,6 +9,10 @@ never a folder inside its own inputs.
   whose holder is gone (same host, no such process: a killed run) is taken over: renamed aside first, which only one
   contender can do, then created anew. A lock held from another host cannot be checked: the error says how to remove
   it once that run is known to be dead.
+- **On object storage** (``out=s3://...``) the marker is an object alike. The lock object is written, then read
+  back: a run that finds another run's token there stops. Object stores give no atomic create-if-absent through
+  pyarrow, so two runs started on one OUT within the same second may both go on: start one run per OUT. A lock whose
+  holder is a dead process on this host is replaced; one from another host names its holder, as on disk.
 - **Inputs.** OUT inside an input folder (or an input folder inside OUT) would ingest the run's own outputs and
   change the input fingerprint every run: refused.
 """
@@ -25,6 +29,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from lvdkit import __version__
+from lvdkit.core.storage import Location, ObjectPath, is_uri
 
 MARKER = "_LVDKIT"  # OUT was made by lvdkit
 LOCK = "_LOCK"  # a run holds OUT
@@ -35,7 +40,7 @@ class OutputFolderError(ValueError):
     """OUT cannot be used: not lvdkit's, held by another run, or inside the inputs."""
 
 
-def claim(out: Path) -> None:
+def claim(out: Location) -> None:
     """Make ``out`` lvdkit's (create it, or check it is ours); raise :class:`OutputFolderError` otherwise."""
     if (out / MARKER).is_file():
         return
@@ -51,21 +56,27 @@ def claim(out: Path) -> None:
     (out / MARKER).write_text(json.dumps(record) + "\n")
 
 
-def _legacy_run(out: Path) -> bool:
+def _legacy_run(out: Location) -> bool:
     """A run folder an lvdkit without the marker wrote: some stage folder holds an lvdkit record (JSON with a
     config hash; Spark's empty ``_SUCCESS`` files do not count)."""
     return any(_is_record(child / r) for child in out.iterdir() if child.is_dir() for r in RECORDS)
 
 
-def _is_record(path: Path) -> bool:
+def _is_record(path: Location) -> bool:
     try:
         return "config_hash" in json.loads(path.read_text())
     except (OSError, ValueError, TypeError):
         return False
 
 
-def check_not_inside_inputs(out: Path, inputs: Sequence[str], what: str = "ingest.inputs") -> None:
-    """Refuse an OUT inside a local input folder, or an input folder inside OUT."""
+def check_not_inside_inputs(out: Location, inputs: Sequence[str], what: str = "ingest.inputs") -> None:
+    """Refuse an OUT inside an input folder or prefix, or an input folder inside OUT."""
+    if isinstance(out, ObjectPath):
+        for entry in inputs:
+            prefix = entry.split("*")[0].split("?")[0].split("[")[0].rstrip("/")
+            if is_uri(entry) and (_within(out.uri, prefix, "/") or _within(prefix, out.uri, "/")):
+                _overlap(out, entry, what)
+        return
     real_out = os.path.realpath(out)
     for entry in inputs:
         if "://" in entry or any(ch in entry for ch in "*?["):
@@ -76,29 +87,76 @@ def check_not_inside_inputs(out: Path, inputs: Sequence[str], what: str = "inges
             folder = entry
         real_in = os.path.realpath(folder)
         if _within(real_out, real_in) or _within(real_in, real_out):
-            raise OutputFolderError(
-                f"out={out} and the input {entry!r} ({what}) overlap: the run would read its own outputs as inputs "
-                "(and see new inputs on every rerun). Put out= outside the input folders"
-            )
+            _overlap(out, entry, what)
 
 
-def _within(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+def _overlap(out: Location, entry: str, what: str) -> None:
+    raise OutputFolderError(
+        f"out={out} and the input {entry!r} ({what}) overlap: the run would read its own outputs as inputs "
+        "(and see new inputs on every rerun). Put out= outside the input folders"
+    )
+
+
+def _within(path: str, folder: str, sep: str = os.sep) -> bool:
+    return path == folder or path.startswith(folder.rstrip(sep) + sep)
 
 
 @contextmanager
-def locked(out: Path) -> Iterator[None]:
+def locked(out: Location) -> Iterator[None]:
     """Hold ``OUT/_LOCK`` for the duration of a run."""
-    token = _acquire(out / LOCK)
+    lock = out / LOCK
+    token = _acquire_object(lock) if isinstance(lock, ObjectPath) else _acquire(lock)
     try:
         yield
     finally:
-        _release(out / LOCK, token)
+        _release(lock, token)
+
+
+def _holder() -> dict[str, object]:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time(), "token": uuid.uuid4().hex}
+
+
+def _acquire_object(path: ObjectPath) -> str:
+    """The lock on object storage: written, then read back (see the module's note on what this cannot exclude)."""
+    holder = _holder()
+    for _ in range(3):
+        if path.exists():
+            _check_stale(path, _read_holder(path))
+            path.unlink(missing_ok=True)  # a dead run's lock
+            continue
+        path.write_text(json.dumps(holder) + "\n")
+        found = _read_holder(path)
+        if found.get("token") == holder["token"]:
+            return str(holder["token"])
+        _check_stale(path, found)
+    raise OutputFolderError(f"could not take {path}: another run keeps taking it")
+
+
+def _read_holder(path: Location) -> dict[str, object]:
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):
+        return {}  # torn: its writer died before finishing it
+    return value if isinstance(value, dict) else {}
+
+
+def _check_stale(path: Location, holder: dict[str, object]) -> None:
+    """Raise naming the holder when it may still be running (alive here, or on another host)."""
+    host, pid = holder.get("host"), holder.get("pid")
+    if holder and (host != socket.gethostname() or _alive(int(str(pid or 0)))):
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(str(holder.get("since", 0)))))
+        where = "this machine" if host == socket.gethostname() else f"host {host}"
+        raise OutputFolderError(
+            f"{path.parent} is in use by another lvdkit run (pid {pid} on {where}, since {since}). Wait for it to "
+            f"finish, or use another out=. If that run is dead (on another host lvdkit cannot check), remove {path}"
+        )
 
 
 def _acquire(path: Path) -> str:
-    token = uuid.uuid4().hex
-    holder = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time(), "token": token}
+    holder = _holder()
+    token = str(holder["token"])
     for _ in range(3):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -113,20 +171,11 @@ def _acquire(path: Path) -> str:
 
 def _take_over_if_stale(path: Path) -> None:
     """Move a dead run's lock aside; raise naming the holder when it may still be running."""
-    try:
-        holder = json.loads(path.read_text())
-    except FileNotFoundError:
+    if not path.exists():
         return  # released meanwhile: try again
-    except (OSError, ValueError):
-        holder = {}  # torn: its writer died before finishing it
-    host, pid, judged = holder.get("host"), holder.get("pid"), holder.get("token")
-    if holder and (host != socket.gethostname() or _alive(int(pid or 0))):
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder.get("since", 0))))
-        where = "this machine" if host == socket.gethostname() else f"host {host}"
-        raise OutputFolderError(
-            f"{path.parent} is in use by another lvdkit run (pid {pid} on {where}, since {since}). Wait for it to "
-            f"finish, or use another out=. If that run is dead (on another host lvdkit cannot check), remove {path}"
-        )
+    holder = _read_holder(path)
+    judged = holder.get("token")
+    _check_stale(path, holder)
     aside = path.with_name(f".{LOCK}.stale-{uuid.uuid4().hex[:8]}")
     try:
         os.replace(path, aside)
@@ -154,7 +203,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _release(path: Path, token: str) -> None:
+def _release(path: Location, token: str) -> None:
     """Remove the lock if it is still this run's."""
     try:
         if json.loads(path.read_text()).get("token") == token:

@@ -11,10 +11,8 @@ lost is rerun elsewhere (``ray.max_task_retries``), and objects it made are rebu
 
 from __future__ import annotations
 
-import shutil
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -24,6 +22,7 @@ from tqdm import tqdm
 from lvdkit.core.io import part_files, part_name
 from lvdkit.core.knn import set_threads
 from lvdkit.core.stage import PartitionedWork, Scratch, StageOutput
+from lvdkit.core.storage import Location, location, remove_tree
 from lvdkit.pipeline import faults
 from lvdkit.pipeline.commits import commit_part, untrusted
 from lvdkit.pipeline.config import CurateConfig
@@ -41,7 +40,7 @@ def node_id() -> str:
 
 
 def run_partitioned(
-    stage: PartitionedStage, cfg: CurateConfig, out: Path, progress: bool
+    stage: PartitionedStage, cfg: CurateConfig, out: Location, progress: bool
 ) -> tuple[int, dict[str, Any], set[str]]:
     """Run every step; returns (rows written, stats, the nodes whose tasks took part)."""
     work = stage.work(cfg, stage.inputs(out, declared_sides()))
@@ -86,7 +85,7 @@ class _Steps:
     def task(self, fn: Any, returns: int = 1) -> Any:
         return ray.remote(fn).options(**self.opts, num_returns=returns)
 
-    def all(self, stage_dir: Path) -> tuple[int, dict[str, Any], set[str]]:
+    def all(self, stage_dir: Location) -> tuple[int, dict[str, Any], set[str]]:
         scratch = stage_dir / SCRATCH
         state, node = self.task(_prepare, 2).remote(self.work_ref, self.threads)
         self.nodes.add(ray.get(node))
@@ -113,10 +112,10 @@ class _Steps:
             commit_part(self.work.empty_output(), targets[0], self.hooks)
         stats, node = ray.get(self.task(_final).remote(self.work_ref, stats, targets))
         self.nodes.add(node)
-        shutil.rmtree(scratch, ignore_errors=True)
+        remove_tree(scratch)
         return sum(pq.ParquetFile(p).metadata.num_rows for p in part_files(stage_dir)), stats, self.nodes
 
-    def scatter(self, state: Any, scattered: list[Path]) -> tuple[list[Any], Any]:
+    def scatter(self, state: Any, scattered: list[Location]) -> tuple[list[Any], Any]:
         """Scatter every input part (always: cheap, and the same again), merge the summaries, plan; the figures
         stay in the object store for the later steps."""
         refs = [
@@ -129,7 +128,9 @@ class _Steps:
         partitions, figures = self.work.plan(total)
         return partitions, ray.put(figures)
 
-    def solve(self, state: Any, figures: Any, partitions: list[Any], scattered: list[Path], solved: list[Path]) -> None:
+    def solve(
+        self, state: Any, figures: Any, partitions: list[Any], scattered: list[Location], solved: list[Location]
+    ) -> None:
         """Solve every partition not already solved by an interrupted run."""
         kept = sum(_trusted(p) for p in solved)
         if kept:
@@ -156,7 +157,7 @@ class _Steps:
                 yield value
 
 
-def _trusted(path: Path) -> bool:
+def _trusted(path: Location) -> bool:
     return path.exists() and untrusted(path) is None
 
 
@@ -168,7 +169,7 @@ def _prepare(work: PartitionedWork, threads: int) -> tuple[Any, str]:
 def _scatter(work: PartitionedWork, state: Any, index: int, path: str, threads: int, hooks: faults.Hooks) -> Any:
     set_threads(threads)
     table, summary = work.scatter(state, index)
-    commit_part(table, Path(path), hooks, work.scratch_row_group_rows)
+    commit_part(table, location(path), hooks, work.scratch_row_group_rows)
     return summary, node_id()
 
 
@@ -177,7 +178,7 @@ def _solve(
     state: Any,
     figures: Any,
     partition: Any,
-    scattered: list[Path],
+    scattered: list[Location],
     path: str,
     threads: int,
     hooks: faults.Hooks,
@@ -185,7 +186,7 @@ def _solve(
 ) -> tuple[None, str]:
     set_threads(threads)
     hooks.check(index, [])
-    commit_part(work.solve(state, figures, partition, [p for p in scattered if p.exists()]), Path(path), hooks)
+    commit_part(work.solve(state, figures, partition, [p for p in scattered if p.exists()]), location(path), hooks)
     hooks.pause()  # LVDKIT_TEST_STAGE_DELAY=STAGE:S: a test kills a node (or the run) while partitions are solved
     return None, node_id()
 
@@ -194,18 +195,18 @@ def _reduce(
     work: PartitionedWork,
     state: Any,
     figures: Any,
-    solved: list[Path],
+    solved: list[Location],
     stage_dir: str,
     sides: tuple[str, ...],
     threads: int,
 ) -> tuple[Any, tuple[dict[str, Any], str]]:
     set_threads(threads)
     output: StageOutput = work.reduce(state, figures, solved)
-    write_sides(Path(stage_dir).name, sides, output, Path(stage_dir))
+    write_sides(location(stage_dir).name, sides, output, location(stage_dir))
     return output.table, (output.stats, node_id())
 
 
-def _final(work: PartitionedWork, stats: dict[str, Any], parts: list[Path]) -> tuple[dict[str, Any], str]:
+def _final(work: PartitionedWork, stats: dict[str, Any], parts: list[Location]) -> tuple[dict[str, Any], str]:
     return work.final_stats(stats, parts), node_id()
 
 
@@ -219,5 +220,5 @@ def _write(
     path: str,
     hooks: faults.Hooks,
 ) -> Any:
-    commit_part(work.write(state, figures, decisions, index, scratch), Path(path), hooks)
+    commit_part(work.write(state, figures, decisions, index, scratch), location(path), hooks)
     return None, node_id()

@@ -12,7 +12,6 @@ import math
 import pickle
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +23,7 @@ from lvdkit.core import schema
 from lvdkit.core.files import image_id
 from lvdkit.core.io import DiskFullError, is_disk_full, part_name
 from lvdkit.core.stage import PartWork
+from lvdkit.core.storage import Location, location
 from lvdkit.pipeline import faults
 from lvdkit.pipeline.commits import commit_part
 from lvdkit.pipeline.errors import (
@@ -105,7 +105,7 @@ def map_parts(run: PartRun, pending: list[int], actors: Actors | None, progress:
         if is_own(exc):
             raise
         raise_own(exc)
-        raise StageError(crash_message(run.stage, Path(run.stage_dir), run.work, run.retries, exc)) from exc
+        raise StageError(crash_message(run.stage, location(run.stage_dir), run.work, run.retries, exc)) from exc
     if failures:
         raise StageError(failed_parts_message(run.stage, failures, len(pending), run.retries, run.on_error))
     return nodes
@@ -192,7 +192,7 @@ def _write_parts(batch: dict[str, np.ndarray], run: PartRun) -> dict[str, np.nda
     decoded = batch.get(DECODED)
     for k, index in enumerate(map(int, batch["part"])):
         n, error, full, own = 0, "", "", ""
-        target = Path(run.stage_dir) / part_name(index)
+        target = location(run.stage_dir) / part_name(index)
         marker = target.parent / f".{target.name}{INFLIGHT}"
         try:
             marker.touch()
@@ -221,7 +221,7 @@ def _write_parts(batch: dict[str, np.ndarray], run: PartRun) -> dict[str, np.nda
     }
 
 
-def _write_part(run: PartRun, index: int, target: Path, decoded: bytes) -> tuple[int, str]:
+def _write_part(run: PartRun, index: int, target: Location, decoded: bytes) -> tuple[int, str]:
     """Process part ``index`` (``decoded``: a decode task's payload, or empty) and write its files, sub-folders
     first; (rows, error message)."""
     outputs, left_out, error = _process_part(run, index, decoded)

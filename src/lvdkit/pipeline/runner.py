@@ -2,14 +2,15 @@
 
 The runner dispatches on the stage's kind (``lvdkit.pipeline.kinds``): per-part stages go through Ray Data, one task
 (or actor call) per part writing one part file (``lvdkit.pipeline.parts``); whole-dataset stages are one Ray task.
-It resolves every path under OUT and writes every output (parts, side files, ``_SUCCESS``) atomically. Outputs live on
-a path every Ray node can read and write.
+It resolves every path under OUT and writes every output (parts, side files, ``_SUCCESS``) atomically. OUT is a
+folder every Ray node can read and write, or a prefix on object storage (``s3://bucket/run``): there every output is
+one whole object, each part has its commit record, and a stage's ``_SUCCESS`` (listing its parts) is its commit
+point; readers of a finished stage read the parts it lists and no other.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from lvdkit.core import schema
 from lvdkit.core.io import disk_errors, part_files, part_name, read_json, remove_temporaries
 from lvdkit.core.ray_env import LazyRay, ray_session
 from lvdkit.core.settings import config_hash, save_config, to_dict
+from lvdkit.core.storage import Location, location, publish, replace, scratch_file
 from lvdkit.pipeline import faults
 from lvdkit.pipeline.commits import commit_part, untrusted
 from lvdkit.pipeline.config import CurateConfig
@@ -60,7 +62,7 @@ def run_stage(name: str, cfg: CurateConfig, ray_: LazyRay, force: bool = False) 
     if name not in STAGES:
         raise ValueError(f"unknown stage {name!r}; valid stages: {stage_names()}")
     stage = STAGES[name]
-    out = Path(cfg.out)
+    out = location(cfg.out)
     for up in stage.reads:
         if success(out / up) is None:
             raise RuntimeError(
@@ -75,7 +77,7 @@ def run_stage(name: str, cfg: CurateConfig, ray_: LazyRay, force: bool = False) 
         if action == "skip":
             listing.unlink(missing_ok=True)
         else:
-            os.replace(listing, stage_dir / schema.LISTING)
+            publish(listing, stage_dir / schema.LISTING)
     if action == "skip":
         record = success(stage_dir) or {}
         log(f"{name}: up to date ({record.get('rows')} rows), skipped")
@@ -102,7 +104,7 @@ def run_stage(name: str, cfg: CurateConfig, ray_: LazyRay, force: bool = False) 
     return {**record, "skipped": False}
 
 
-def _plan(stage: Stage, cfg: CurateConfig, out: Path) -> tuple[RunKey, int, Path | None]:
+def _plan(stage: Stage, cfg: CurateConfig, out: Location) -> tuple[RunKey, int, Path | None]:
     """The stage's run key (config hash, input fingerprint). A per-part stage whose work list decides its fingerprint
     (ingest: the files it lists) writes it here; the others plan in a Ray task once they have work
     (:func:`_plan_in_task`): their work list holds a row per image, which the driver never should."""
@@ -114,35 +116,35 @@ def _plan(stage: Stage, cfg: CurateConfig, out: Path) -> tuple[RunKey, int, Path
     section_hash = config_hash(stage.section(cfg))
     if not isinstance(stage, PartStage) or not stage.plans_fingerprint:
         return RunKey(section_hash, fingerprint), 0, None
-    listing = out / f".{stage.name}{schema.LISTING}.tmp-{os.getpid()}"
-    listing.parent.mkdir(parents=True, exist_ok=True)
+    listing = scratch_file(out / f"{stage.name}{schema.LISTING}")  # beside OUT's stage folders, or a local file
     with disk_errors(listing):
         plan = stage.plan(cfg, stage.inputs(out, declared_sides()), fingerprint, listing)
     return RunKey(section_hash, plan.fingerprint), plan.n_parts, listing
 
 
-def _plan_in_task(stage: PartStage, cfg: CurateConfig, out: Path, fingerprint: str) -> int:
-    """Write the stage's work list in a Ray task (the driver only renames it into place); its number of parts."""
+def _plan_in_task(stage: PartStage, cfg: CurateConfig, out: Location, fingerprint: str) -> int:
+    """Write the stage's work list in a Ray task, which moves it into place; its number of parts."""
     task = ray.remote(num_cpus=1, max_retries=cfg.ray.max_task_retries)(_plan_task)
     try:
-        n_parts, listing = ray.get(task.remote(stage.name, cfg, str(out), fingerprint))
+        n_parts = ray.get(task.remote(stage.name, cfg, str(out), fingerprint))
     except Exception as exc:
         raise_own(exc)
         raise
-    os.replace(listing, out / stage.name / schema.LISTING)
     return int(n_parts)
 
 
-def _plan_task(name: str, cfg: CurateConfig, out: str, fingerprint: str) -> tuple[int, str]:
+def _plan_task(name: str, cfg: CurateConfig, out: str, fingerprint: str) -> int:
     stage = STAGES[name]
     assert isinstance(stage, PartStage)
-    listing = Path(out) / name / f".{schema.LISTING}.tmp-plan-{os.getpid()}"
+    target = location(out) / name / schema.LISTING
+    listing = scratch_file(target)
     with disk_errors(listing):
-        plan = stage.plan(cfg, stage.inputs(Path(out), declared_sides()), fingerprint, listing)
-    return plan.n_parts, str(listing)
+        plan = stage.plan(cfg, stage.inputs(location(out), declared_sides()), fingerprint, listing)
+        publish(listing, target)
+    return plan.n_parts
 
 
-def _run_parts(stage: PartStage, cfg: CurateConfig, stage_dir: Path, n_parts: int) -> tuple[int, set[str]]:
+def _run_parts(stage: PartStage, cfg: CurateConfig, stage_dir: Location, n_parts: int) -> tuple[int, set[str]]:
     _set_aside_untrusted(stage, stage_dir)
     done = {p.name for p in part_files(stage_dir)}
     pending = [i for i in range(n_parts) if part_name(i) not in done]
@@ -162,7 +164,8 @@ def _run_parts(stage: PartStage, cfg: CurateConfig, stage_dir: Path, n_parts: in
         nodes = map_parts(run, pending, actors, cfg.progress)
     else:
         nodes = set()
-    missing = [i for i in range(n_parts) if not (stage_dir / part_name(i)).exists()]
+    written = {p.name for p in part_files(stage_dir)}  # one listing, not a request per part on object storage
+    missing = [i for i in range(n_parts) if part_name(i) not in written]
     if missing:
         raise StageError(f"{stage.name}: parts {missing[:10]} produced no output")
     return sum(_parquet_rows(p) for p in part_files(stage_dir)), nodes
@@ -171,7 +174,7 @@ def _run_parts(stage: PartStage, cfg: CurateConfig, stage_dir: Path, n_parts: in
 TORN = "_torn"  # parts that could not be read back (torn, or not lvdkit's), moved aside and redone
 
 
-def _set_aside_untrusted(stage: Stage, stage_dir: Path) -> None:
+def _set_aside_untrusted(stage: Stage, stage_dir: Location) -> None:
     """Move aside every part (with its part in each sub-folder) that does not match its commit record (torn,
     changed, or not lvdkit's), so the part is redone instead of wedging every later read."""
     for part in part_files(stage_dir):
@@ -183,12 +186,12 @@ def _set_aside_untrusted(stage: Stage, stage_dir: Path) -> None:
             if f.exists():
                 aside = stage_dir / TORN / f.relative_to(stage_dir).as_posix().replace("/", "__")
                 aside.parent.mkdir(exist_ok=True)
-                os.replace(f, aside)
+                replace(f, aside)
         named = ", ".join(f"{f} ({why})" for f, why in bad.items())
         log(f"{stage.name}: {named}: not as committed (torn or not lvdkit's): moved to {stage_dir / TORN}/, redone")
 
 
-def _run_whole(stage: WholeStage, cfg: CurateConfig, out: Path) -> tuple[int, dict[str, Any], str]:
+def _run_whole(stage: WholeStage, cfg: CurateConfig, out: Location) -> tuple[int, dict[str, Any], str]:
     task = ray.remote(num_cpus=1, max_retries=cfg.ray.max_task_retries)(_whole_task)
     hooks = faults.Hooks.for_stage(stage.name)
     try:
@@ -201,8 +204,8 @@ def _run_whole(stage: WholeStage, cfg: CurateConfig, out: Path) -> tuple[int, di
 def _whole_task(name: str, cfg: CurateConfig, out: str, hooks: faults.Hooks) -> tuple[int, dict[str, Any], str]:
     stage = STAGES[name]
     assert isinstance(stage, WholeStage)
-    result = stage.run(cfg, stage.inputs(Path(out), declared_sides()))
-    stage_dir = Path(out) / name
+    result = stage.run(cfg, stage.inputs(location(out), declared_sides()))
+    stage_dir = location(out) / name
     write_sides(stage.name, stage.sides, result, stage_dir)
     table = result.table
     for k, start in enumerate(range(0, max(table.num_rows, 1), WHOLE_STAGE_PART_ROWS)):
@@ -211,7 +214,7 @@ def _whole_task(name: str, cfg: CurateConfig, out: str, hooks: faults.Hooks) -> 
     return table.num_rows, result.stats, node_id()
 
 
-def _parquet_rows(path: Path) -> int:
+def _parquet_rows(path: Location) -> int:
     import pyarrow.parquet as pq
 
     return int(pq.ParquetFile(path).metadata.num_rows)
@@ -220,7 +223,7 @@ def _parquet_rows(path: Path) -> int:
 def run(cfg: CurateConfig, stages: tuple[str, ...] = CURATE_ORDER, force: bool = False) -> dict[str, Any]:
     """Run ``stages`` in order in one Ray session; write ``config.yaml``, ``status.parquet`` and ``summary.json``."""
     check_embedding_keys(cfg, stages)
-    out = Path(cfg.out)
+    out = location(cfg.out)
     _check_inputs(cfg, out)
     with disk_errors(out / "config.yaml"):
         claim(out)
@@ -229,7 +232,7 @@ def run(cfg: CurateConfig, stages: tuple[str, ...] = CURATE_ORDER, force: bool =
         return _run_locked(cfg, out, stages, force)
 
 
-def _check_inputs(cfg: CurateConfig, out: Path) -> None:
+def _check_inputs(cfg: CurateConfig, out: Location) -> None:
     """OUT may overlap no input folder (pool, protected images, seeds)."""
     check_not_inside_inputs(out, cfg.ingest.inputs)
     check_not_inside_inputs(out, cfg.dedup_relative.protected, "dedup_relative.protected")
@@ -237,7 +240,7 @@ def _check_inputs(cfg: CurateConfig, out: Path) -> None:
         check_not_inside_inputs(out, seed_set.inputs, f"retrieve.seed_sets.{name}.inputs")
 
 
-def _run_locked(cfg: CurateConfig, out: Path, stages: tuple[str, ...], force: bool) -> dict[str, Any]:
+def _run_locked(cfg: CurateConfig, out: Location, stages: tuple[str, ...], force: bool) -> dict[str, Any]:
     with ray_session(out, cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory_mb) as lazy:
         ran = [not run_stage(name, cfg, lazy, force=force)["skipped"] for name in stages]
         previous = read_json(out / SUMMARY_FILE)
@@ -255,7 +258,7 @@ def _run_locked(cfg: CurateConfig, out: Path, stages: tuple[str, ...], force: bo
     return write_summary(out, after_status=hooks.pause)
 
 
-def _summarise(out: Path, hooks: faults.Hooks, retries: int) -> dict[str, Any]:
+def _summarise(out: Location, hooks: faults.Hooks, retries: int) -> dict[str, Any]:
     """The status table part by part in Ray tasks (one per ingest part, spread over the nodes), sharing the
     duplicates resolved once in a task; joined into ``status.parquet`` by one streaming task. The driver holds the
     parts' counts only."""

@@ -8,7 +8,6 @@ they run and writes every output.
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -191,8 +190,3 @@ def _selects_nothing(c: CurateConfig) -> bool:
 def declared_sides() -> dict[str, tuple[str, ...]]:
     """Every stage's declared side files (what a :class:`~lvdkit.core.stage.StageInputs` may open)."""
     return {name: stage.sides for name, stage in STAGES.items()}
-
-
-def listing_path(out: Path, stage: str) -> Path:
-    """A per-part stage's work list, inside its folder."""
-    return out / stage / schema.LISTING

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import shutil
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -14,6 +12,7 @@ import pyarrow.parquet as pq
 from lvdkit.core import schema
 from lvdkit.core.io import part_name, write_json_atomic, write_parquet_atomic, write_parquet_stream_atomic
 from lvdkit.core.stage import StageInputs
+from lvdkit.core.storage import Location, remove_tree
 from lvdkit.core.views import DEDUP_STAGES, STATUS_INPUT, check_removed_found, removed, removed_per_stage, status_of
 from lvdkit.pipeline.manifest import fingerprint_of, success
 from lvdkit.pipeline.names import CURATE_ORDER
@@ -24,7 +23,7 @@ STATUS_FILE, SUMMARY_FILE = "status.parquet", "summary.json"
 STATUS_PARTS = "_status_parts"  # OUT/_status_parts/part-*.parquet: the status table per ingest part, while it is built
 
 
-def write_summary(out: Path, after_status: Callable[[], None] | None = None) -> dict[str, Any]:
+def write_summary(out: Location, after_status: Callable[[], None] | None = None) -> dict[str, Any]:
     """Write ``status.parquet`` and ``summary.json`` from the finished stages, here, part after part; returns the
     summary. (The runner does the same steps as Ray tasks: :func:`removed_in`, :func:`write_status_part` per ingest
     part, :func:`join_status_parts`, :func:`write_funnel`.)"""
@@ -36,7 +35,7 @@ def write_summary(out: Path, after_status: Callable[[], None] | None = None) -> 
     return write_funnel(out, counts, named)
 
 
-def _finished(out: Path) -> dict[str, dict[str, Any]]:
+def _finished(out: Location) -> dict[str, dict[str, Any]]:
     """The ``_SUCCESS`` record of every finished stage, in run order."""
     records = {s: r for s in CURATE_ORDER if (r := success(out / s)) is not None}
     if "ingest" not in records:
@@ -44,24 +43,24 @@ def _finished(out: Path) -> dict[str, dict[str, Any]]:
     return records
 
 
-def _inputs(out: Path) -> tuple[StageInputs, tuple[str, ...]]:
+def _inputs(out: Location) -> tuple[StageInputs, tuple[str, ...]]:
     finished = _finished(out)
     return StageInputs(str(out), tuple(finished)), tuple(s for s in DEDUP_STAGES if s in finished)
 
 
-def n_status_parts(out: Path) -> int:
+def n_status_parts(out: Location) -> int:
     """One status part per ingest part."""
     return len(_inputs(out)[0].parts("ingest"))
 
 
-def removed_in(out: Path) -> tuple[pa.Table, dict[str, int]]:
+def removed_in(out: Location) -> tuple[pa.Table, dict[str, int]]:
     """Every duplicate of the finished dedup stages, chains resolved (grows with the duplicates, not the pool),
     and how many each stage named."""
     dups = removed(*_inputs(out))
     return dups, removed_per_stage(dups)
 
 
-def write_status_part(out: Path, dups: pa.Table, index: int) -> dict[str, Any]:
+def write_status_part(out: Location, dups: pa.Table, index: int) -> dict[str, Any]:
     """Write the final status of ingest part ``index``'s files (``OUT/_status_parts/``); its counts."""
     inputs, _ = _inputs(out)
     part = inputs.parts("ingest")[index]
@@ -77,15 +76,15 @@ def write_status_part(out: Path, dups: pa.Table, index: int) -> dict[str, Any]:
     }
 
 
-def join_status_parts(out: Path, n_parts: int) -> None:
+def join_status_parts(out: Location, n_parts: int) -> None:
     """``status.parquet`` from the status parts, one part in memory at a time; then the parts are removed."""
     folder = out / STATUS_PARTS
     parts = [folder / part_name(i) for i in range(n_parts)]
     write_parquet_stream_atomic((pq.read_table(p) for p in parts), schema.STATUS, out / STATUS_FILE)
-    shutil.rmtree(folder, ignore_errors=True)  # ours: written just above
+    remove_tree(folder)  # ours: written just above
 
 
-def write_funnel(out: Path, counts: list[dict[str, Any]], named: dict[str, int]) -> dict[str, Any]:
+def write_funnel(out: Location, counts: list[dict[str, Any]], named: dict[str, int]) -> dict[str, Any]:
     """Write ``summary.json`` (the funnel) from the status parts' counts (``named``: the duplicates each dedup
     stage named, all of which the parts must have found); returns it."""
     inputs, dedup = _inputs(out)
@@ -112,7 +111,7 @@ def write_funnel(out: Path, counts: list[dict[str, Any]], named: dict[str, int])
     return summary
 
 
-def summary_fingerprint(out: Path) -> str:
+def summary_fingerprint(out: Location) -> str:
     """Identity of the finished stages a summary was made from."""
     records = [success(out / s) for s in CURATE_ORDER]
     return fingerprint_of(*(r for r in records if r is not None))

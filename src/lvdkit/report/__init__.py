@@ -11,11 +11,11 @@ Only the columns needed are read, and only the images shown (a few hundred at mo
 from __future__ import annotations
 
 import datetime as dt
-import os
-import uuid
 from pathlib import Path
 
 from lvdkit import __version__
+from lvdkit.core.io import write_bytes_atomic
+from lvdkit.core.storage import Location, location
 from lvdkit.report.page import esc, page, section
 from lvdkit.report.sections import (
     Context,
@@ -42,28 +42,22 @@ SECTIONS = (
 
 
 def build_report(out: str | Path, limits: ReportLimits | None = None) -> str:
-    """The report of the run in ``out`` as an HTML string."""
-    out = Path(out)
-    if not out.is_dir():
-        raise FileNotFoundError(f"{out} is not a folder: give the OUT folder of a curation run")
+    """The report of the run in ``out`` (a folder, or a prefix on object storage) as an HTML string."""
+    run = location(out)
+    if not run.is_dir():
+        raise FileNotFoundError(f"{run} is not a folder: give the OUT folder of a curation run")
     limits = limits or ReportLimits()
-    ctx = Context(out=out, limits=limits, thumbs=Thumbnailer(limits.thumb_px))
+    ctx = Context(out=run, limits=limits, thumbs=Thumbnailer(limits.thumb_px))
     body = [section(anchor, title, build(ctx)) for anchor, title, build in SECTIONS]
     stamp = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    subtitle = f"run in <code>{esc(out.resolve())}</code> &middot; lvdkit {esc(__version__)} &middot; {esc(stamp)}"
+    subtitle = f"run in <code>{esc(run.resolve())}</code> &middot; lvdkit {esc(__version__)} &middot; {esc(stamp)}"
     nav = [(anchor, title) for anchor, title, _ in SECTIONS]
     return page("lvdkit curation report", subtitle, nav, body, limits.thumb_px)
 
 
-def write_report(out: str | Path, path: str | Path | None = None, limits: ReportLimits | None = None) -> Path:
+def write_report(out: str | Path, path: str | Path | None = None, limits: ReportLimits | None = None) -> Location:
     """Write the report of ``out`` to ``path`` (default ``OUT/report.html``) atomically; returns the path."""
     html = build_report(out, limits)
-    target = Path(path) if path is not None else Path(out) / REPORT_NAME
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.write_text(html, encoding="utf-8")
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    target = location(path) if path is not None else location(out) / REPORT_NAME
+    write_bytes_atomic(target, html.encode("utf-8"))
     return target

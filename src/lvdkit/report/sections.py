@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,6 +19,7 @@ import pyarrow.parquet as pq
 from lvdkit.core import schema
 from lvdkit.core.io import part_files, read_json, read_parts
 from lvdkit.core.stage import StageInputs
+from lvdkit.core.storage import Location, fs_paths
 from lvdkit.core.views import DEDUP_STAGES, INGEST
 from lvdkit.pipeline.manifest import success
 from lvdkit.pipeline.names import CURATE_ORDER
@@ -55,7 +55,7 @@ class ReportLimits:
 class Context:
     """A finished (or partly finished) run, what to show of it, and the thumbnail maker."""
 
-    out: Path
+    out: Location
     limits: ReportLimits
     thumbs: Thumbnailer
     _uris: dict[str, str] = field(default_factory=dict)
@@ -90,13 +90,13 @@ class Context:
         return self.thumbs.figure(self._uris.get(image_id or ""), caption, kind)
 
 
-def _lookup_uris(source: Path, ids: set[str]) -> dict[str, str]:
+def _lookup_uris(source: Location, ids: set[str]) -> dict[str, str]:
     """Scan ``source`` (a stage folder of parts, or one Parquet file) for ``ids``, keeping only the matches."""
     paths = part_files(source) if source.is_dir() else [source] if source.exists() else []
-    files = [str(p) for p in paths]
-    if not files:
+    if not paths:
         return {}
-    dataset = ds.dataset(files, format="parquet")
+    fs, files = fs_paths(paths)
+    dataset = ds.dataset(files, format="parquet", filesystem=fs)
     matches = dataset.to_table(
         columns=[schema.IMAGE_ID, schema.URI], filter=ds.field(schema.IMAGE_ID).isin(sorted(ids))
     )
@@ -276,7 +276,7 @@ def retrieval_section(ctx: Context) -> str:
     return "".join(_seed_set(ctx, name, hits, seeds, stats.get(name, {})) for name in names)
 
 
-def _retrieved(folder: Path) -> pa.Table:
+def _retrieved(folder: Location) -> pa.Table:
     """The retrieve stage's hits (an empty table when no seed set gave any part)."""
     if part_files(folder):
         return read_parts(folder, columns=RETRIEVE_COLUMNS)

@@ -1,0 +1,158 @@
+"""A whole ``lvdkit curate`` with its inputs, protected set, seed set and OUT in buckets of a real S3 API server on
+loopback (moto's server mode, started by the fixture): killed with SIGKILL in the middle of a stage, rerun, and
+compared with the same run on local disk. Nothing is lost or doubled, and nothing outside OUT is touched."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from lvdkit import load_curated
+from lvdkit.core import schema
+from lvdkit.core.io import part_files, read_json
+from lvdkit.core.settings import load_config
+from lvdkit.core.storage import ObjectPath, location
+from lvdkit.pipeline.commits import untrusted
+from lvdkit.pipeline.config import CurateConfig
+from lvdkit.pipeline.names import CURATE_ORDER
+from lvdkit.pipeline.runner import run
+from lvdkit.report import write_report
+
+from ..conftest import TINY_EMBED, kill_tree, run_cli
+from ..s3_server import client, environment, s3_server, upload
+
+DEMO = ("raw", "heldout", "seeds/digit_2")
+FUNNEL = ("images_in", "kept", "duplicates", "quarantined", "duplicates_by_stage", "quarantined_by_reason", "curated")
+
+
+def _args(out: str, demo: str) -> list[str]:
+    return [
+        f"out={out}",
+        f"ingest.inputs=[{demo}/raw]",
+        "ingest.files_per_part=10",
+        "progress=false",
+        "ray.num_cpus=2",
+        *TINY_EMBED,
+        "cluster.target_size=40",
+        "curated.rows_per_part=8",
+        f"dedup_relative.protected=[{demo}/heldout]",
+        f"retrieve.seed_sets={{digit_2: {{inputs: [{demo}/seeds/digit_2], mode: sample, k: 2}}}}",
+    ]
+
+
+@pytest.fixture(scope="module")
+def bucket(small_demo: Path) -> Iterator[tuple[dict[str, str], list[str]]]:
+    """The server's environment, with the small demo's raw pool, protected set and seed set in ``s3://lvd/demo``;
+    and the keys uploaded."""
+    with s3_server() as env:
+        fs = client(env)
+        fs.create_dir("lvd")
+        keys = [k for sub in DEMO for k in upload(fs, small_demo / sub, f"lvd/demo/{sub}")]
+        yield env, keys
+
+
+def _committed(stage: ObjectPath) -> dict[str, float]:
+    return {p.name: p.stat().st_mtime for p in part_files(stage) if untrusted(p) is None}
+
+
+def test_curate_in_buckets_killed_mid_stage_resumes_with_nothing_lost_or_doubled(
+    bucket: tuple[dict[str, str], list[str]], small_demo: Path, ray_local: None, tmp_path: Path
+) -> None:
+    env, keys = bucket
+    out, demo = "s3://lvd/runs/a", "s3://lvd/demo"
+    ray_tmp = tempfile.mkdtemp(prefix="lvdk-s3-", dir="/tmp")
+    killed_env = {**os.environ, **env, "LVDKIT_TEST_STAGE_DELAY": "curated:3", "RAY_TMPDIR": ray_tmp}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lvdkit.cli", "curate", *_args(out, demo)],
+        env=killed_env,
+        cwd=tmp_path,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    with environment(env):
+        curated = location(out) / "curated"
+        assert isinstance(curated, ObjectPath)
+        deadline = time.time() + 300
+        while proc.poll() is None and time.time() < deadline and len(_committed(curated)) < 2:
+            time.sleep(0.2)
+        kill_tree(proc)
+        survivors = _committed(curated)
+        assert len(survivors) >= 2, "the run did not get into the curated stage"
+        assert (curated / "_RUNNING").is_file() and not (curated / "_SUCCESS").exists(), "not killed mid-stage"
+        assert not (location(out) / "summary.json").exists()
+
+    rerun = run_cli("curate", *_args(out, demo), env={**env, "RAY_TMPDIR": ray_tmp}, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    resumed = re.search(r"curated: (\d+) of (\d+) parts already done", rerun.stderr)
+    assert resumed is not None, rerun.stderr[-3000:]
+    assert int(resumed[1]) == len(survivors) < int(resumed[2])
+    assert all(f"{stage}: up to date" in rerun.stderr for stage in CURATE_ORDER[:-1])
+    assert not any(tmp_path.iterdir())  # the killed run wrote nothing in its working folder (no "s3:" folder)
+
+    with environment(env):
+        assert {k: v for k, v in _committed(curated).items() if k in survivors} == survivors  # not redone
+        summary = read_json(location(out) / "summary.json")
+        assert summary is not None
+        status = pq.read_table(f"{out}/status.parquet")
+        raw = sorted(f"s3://{k}" for k in keys if k.startswith("lvd/demo/raw/"))
+        assert sorted(status[schema.URI].to_pylist()) == raw  # every input once: nothing lost, nothing doubled
+        shards = load_curated(out, as_="pandas")
+        assert len(shards) == summary["curated"] and shards[schema.IMAGE_ID].is_unique
+        kept = status.filter(pc.equal(status[schema.STATUS_COL], schema.FINAL_KEPT))[schema.URI].to_pylist()
+        pool = [u for u in shards[schema.URI] if u.startswith(f"{demo}/raw/")]
+        assert set(pool) <= set(kept) and all(
+            u.startswith(f"{demo}/seeds/") for u in shards[schema.URI] if u not in pool
+        )
+        page = write_report(out, tmp_path / "report.html")  # the report reads the run from the bucket
+        assert isinstance(page, Path) and "digit_2" in page.read_text()
+        listed = sorted(info.path for info in client(env).get_file_info(_selector("lvd")) if info.is_file)
+        assert [k for k in listed if not k.startswith("lvd/runs/a/")] == sorted(keys)  # nothing else touched
+
+    local = tmp_path / "local"
+    run(load_config(CurateConfig, None, _args(str(local), str(small_demo))))
+    reference = read_json(local / "summary.json")
+    assert reference is not None
+    assert {k: summary[k] for k in FUNNEL} == {k: reference[k] for k in FUNNEL}  # the same decisions as on disk
+
+
+def _selector(bucket: str) -> object:
+    import pyarrow.fs as pafs
+
+    return pafs.FileSelector(bucket, recursive=True)
+
+
+def test_an_out_in_a_bucket_is_claimed_and_locked_like_a_folder(bucket: tuple[dict[str, str], list[str]]) -> None:
+    import json
+    import socket
+
+    from lvdkit.pipeline.ownership import LOCK, MARKER, OutputFolderError, check_not_inside_inputs, claim, locked
+
+    env, _ = bucket
+    with environment(env):
+        with pytest.raises(OutputFolderError, match="did not create"):
+            claim(location("s3://lvd/demo"))  # someone else's objects: refused, nothing written
+        assert not (location("s3://lvd/demo") / MARKER).exists()
+        with pytest.raises(OutputFolderError, match="overlap"):
+            check_not_inside_inputs(location("s3://lvd/demo/raw/out"), ["s3://lvd/demo/raw"])
+        check_not_inside_inputs(location("s3://lvd/demo-out"), ["s3://lvd/demo"])  # a sibling prefix is fine
+        out = location("s3://lvd/runs/locks")
+        claim(out)
+        assert (out / MARKER).is_file()
+        with locked(out), pytest.raises(OutputFolderError, match="in use by another lvdkit run"), locked(out):
+            pass
+        assert not (out / LOCK).exists()
+        dead = {"host": socket.gethostname(), "pid": 2**22 + 1, "since": 0, "token": "dead"}
+        (out / LOCK).write_text(json.dumps(dead))  # left by a killed run on this machine: taken over
+        with locked(out):
+            assert json.loads((out / LOCK).read_text())["pid"] == os.getpid()
