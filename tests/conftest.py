@@ -10,9 +10,12 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
+
+from .ray_head import free_port, start_head, stop_head, wait_for_head
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -57,15 +60,98 @@ def small_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """Run ``lvdkit ARGS`` in a fresh interpreter (its own Ray), capturing output."""
+def curate_args(out: str, demo: str) -> list[str]:
+    """A whole curation of the small demo with work for every stage: small ingest parts, a protected set and a seed
+    set (dedup_relative and retrieve have work and side files), and a balanced sample in several curated parts (a
+    run can be killed between them)."""
+    return [
+        f"out={out}",
+        f"ingest.inputs=[{demo}/raw]",
+        "ingest.files_per_part=5",
+        "progress=false",
+        "ray.num_cpus=2",
+        *TINY_EMBED,
+        "cluster.target_size=40",
+        "curated.rows_per_part=8",
+        f"dedup_relative.protected=[{demo}/heldout]",
+        f"retrieve.seed_sets={{digit_2: {{inputs: [{demo}/seeds/digit_2], mode: sample, k: 2}}}}",
+    ]
+
+
+@pytest.fixture(scope="session")
+def curate_reference(ray_local: None, small_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One uninterrupted :func:`curate_args` run on local disk, run once in this process (on :func:`ray_local`) and
+    compared against by the runs killed and resumed, on disk and in buckets."""
+    from lvdkit.core.settings import load_config
+    from lvdkit.pipeline.config import CurateConfig
+    from lvdkit.pipeline.runner import run
+
+    out = tmp_path_factory.mktemp("reference") / "run"
+    run(load_config(CurateConfig, None, curate_args(str(out), str(small_demo))))
+    return out
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 300, own_ray: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """Run ``lvdkit ARGS`` in a fresh interpreter, capturing output.
+
+    ``curate``, ``run`` and ``pretrain`` join the session's shared Ray head (:func:`shared_head`) through
+    ``RAY_ADDRESS``, as a user's runs join a cluster: starting and stopping a local Ray costs each run about 11 s of
+    the suite. A run gets its own local Ray with ``own_ray``, when it names its own Ray (``RAY_ADDRESS``,
+    ``RAY_TMPDIR``, ``--address``, ``ray.address=``, a CPU count other than the head's 2), or when its workers would
+    need another environment than the head's (S3 variables set by a test, say)."""
+    extra = dict(env or {})
+    if not own_ray and _may_share(args, extra) and _same_environment({**os.environ, **extra}):
+        extra.update(RAY_ADDRESS=shared_head(), RAY_AUTH_MODE="disabled")
     return subprocess.run(
         [sys.executable, "-m", "lvdkit.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, **extra},
     )
+
+
+def _may_share(args: tuple[str, ...], env: dict[str, str]) -> bool:
+    if not args or args[0] not in ("curate", "run", "pretrain") or {"RAY_ADDRESS", "RAY_TMPDIR"} & env.keys():
+        return False
+    own = ("--address", "ray.address=", "ray.object_store_memory_mb=")
+    cpus = [a for a in args if a.startswith("ray.num_cpus=")]
+    return not any(a.startswith(own) for a in args) and all(a == "ray.num_cpus=2" for a in cpus)
+
+
+_SHARED: dict[str, Any] = {}
+_DRIVER_ONLY = ("LVDKIT_TEST_", "RAY_", "PYTEST_")  # read by the driver (or pytest) only, never by a worker
+
+
+def _worker_view(env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if not k.startswith(_DRIVER_ONLY)}
+
+
+def _same_environment(env: dict[str, str]) -> bool:
+    """Whether the head's workers see what this run's would (S3 variables set by a test, say: they would not)."""
+    if "address" not in _SHARED:
+        return True  # the head starts now, with this environment
+    return bool(_worker_view(env) == _SHARED["env"])
+
+
+def shared_head() -> str:
+    """The address of a ``ray start --head`` (2 CPUs, loopback, auth off) started at first use and stopped when the
+    session ends (:func:`pytest_sessionfinish`)."""
+    if "address" not in _SHARED:
+        port = free_port()
+        head = start_head(port, "--include-dashboard=false", f"--object-store-memory={300 * 2**20}")
+        _SHARED["head"] = head
+        _SHARED["env"] = _worker_view(dict(os.environ))
+        _SHARED["address"] = wait_for_head(head, port)
+    return str(_SHARED["address"])
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if "head" in _SHARED:
+        stop_head(_SHARED.pop("head"))
+        _SHARED.clear()
 
 
 def kill_tree(proc: subprocess.Popen[bytes]) -> None:

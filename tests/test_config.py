@@ -375,3 +375,31 @@ def test_config_hash_is_deterministic_and_short() -> None:
     assert h == config_hash(CurateConfig())
     assert len(h) == 16 and int(h, 16) >= 0
     assert config_hash(IngestConfig(inputs=["a", "b"])) != config_hash(IngestConfig(inputs=["b", "a"]))
+
+
+def test_a_runs_local_paths_are_made_absolute_on_the_driver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tasks on a cluster run in other working folders: relative paths are resolved once, where the user typed them."""
+    from lvdkit.pipeline.runner import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    cfg = load_config(
+        CurateConfig,
+        None,
+        [
+            "out=runs/a",
+            "ingest.inputs=[pool, 's3://bucket/pool', 'shots/*.jpg']",
+            "dedup_relative.protected=[held]",
+            "retrieve.seed_sets={cars: {inputs: [seeds/cars]}}",
+            "embed.models={copy: sscd, mine: model.safetensors}",
+        ],
+    )
+    absolute_paths(cfg)
+    assert cfg.out == str(tmp_path / "runs" / "a")
+    assert cfg.ingest.inputs == [str(tmp_path / "pool"), "s3://bucket/pool", str(tmp_path / "shots" / "*.jpg")]
+    assert cfg.dedup_relative.protected == [str(tmp_path / "held")]
+    assert cfg.retrieve.seed_sets["cars"].inputs == [str(tmp_path / "seeds" / "cars")]
+    assert cfg.embed.models == {"copy": "sscd", "mine": str(tmp_path / "model.safetensors")}
+    bucket = load_config(CurateConfig, None, ["out=s3://bucket/run"])
+    absolute_paths(bucket)
+    assert bucket.out == "s3://bucket/run"

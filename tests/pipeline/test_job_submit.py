@@ -17,7 +17,7 @@ import pytest
 
 from lvdkit.core.io import part_files
 
-from .test_address import _free_port, start_head, stop_head
+from ..ray_head import free_port, start_head, stop_head
 
 BIN = Path(sys.executable).parent
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -26,7 +26,7 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 @pytest.fixture
 def head_with_jobs() -> Iterator[str]:
     """``ray start --head`` on loopback with the dashboard; yields the Jobs API address (http://...)."""
-    port, dashboard, agent = _free_port(), _free_port(), _free_port()
+    port, dashboard, agent = free_port(), free_port(), free_port()
     head = start_head(
         port,
         "--include-dashboard=true",

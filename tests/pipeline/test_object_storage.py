@@ -20,34 +20,16 @@ import pytest
 from lvdkit import load_curated
 from lvdkit.core import schema
 from lvdkit.core.io import part_files, read_json
-from lvdkit.core.settings import load_config
 from lvdkit.core.storage import ObjectPath, location
 from lvdkit.pipeline.commits import untrusted
-from lvdkit.pipeline.config import CurateConfig
 from lvdkit.pipeline.names import CURATE_ORDER
-from lvdkit.pipeline.runner import run
 from lvdkit.report import write_report
 
-from ..conftest import TINY_EMBED, kill_tree, run_cli
+from ..conftest import curate_args, kill_tree, run_cli
 from ..s3_server import client, environment, s3_server, upload
 
 DEMO = ("raw", "heldout", "seeds/digit_2")
 FUNNEL = ("images_in", "kept", "duplicates", "quarantined", "duplicates_by_stage", "quarantined_by_reason", "curated")
-
-
-def _args(out: str, demo: str) -> list[str]:
-    return [
-        f"out={out}",
-        f"ingest.inputs=[{demo}/raw]",
-        "ingest.files_per_part=10",
-        "progress=false",
-        "ray.num_cpus=2",
-        *TINY_EMBED,
-        "cluster.target_size=40",
-        "curated.rows_per_part=8",
-        f"dedup_relative.protected=[{demo}/heldout]",
-        f"retrieve.seed_sets={{digit_2: {{inputs: [{demo}/seeds/digit_2], mode: sample, k: 2}}}}",
-    ]
 
 
 @pytest.fixture(scope="module")
@@ -66,14 +48,14 @@ def _committed(stage: ObjectPath) -> dict[str, float]:
 
 
 def test_curate_in_buckets_killed_mid_stage_resumes_with_nothing_lost_or_doubled(
-    bucket: tuple[dict[str, str], list[str]], small_demo: Path, ray_local: None, tmp_path: Path
+    bucket: tuple[dict[str, str], list[str]], curate_reference: Path, tmp_path: Path
 ) -> None:
     env, keys = bucket
     out, demo = "s3://lvd/runs/a", "s3://lvd/demo"
     ray_tmp = tempfile.mkdtemp(prefix="lvdk-s3-", dir="/tmp")
     killed_env = {**os.environ, **env, "LVDKIT_TEST_STAGE_DELAY": "curated:3", "RAY_TMPDIR": ray_tmp}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lvdkit.cli", "curate", *_args(out, demo)],
+        [sys.executable, "-m", "lvdkit.cli", "curate", *curate_args(out, demo)],
         env=killed_env,
         cwd=tmp_path,
         start_new_session=True,
@@ -92,7 +74,7 @@ def test_curate_in_buckets_killed_mid_stage_resumes_with_nothing_lost_or_doubled
         assert (curated / "_RUNNING").is_file() and not (curated / "_SUCCESS").exists(), "not killed mid-stage"
         assert not (location(out) / "summary.json").exists()
 
-    rerun = run_cli("curate", *_args(out, demo), env={**env, "RAY_TMPDIR": ray_tmp}, timeout=600)
+    rerun = run_cli("curate", *curate_args(out, demo), env={**env, "RAY_TMPDIR": ray_tmp}, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     resumed = re.search(r"curated: (\d+) of (\d+) parts already done", rerun.stderr)
     assert resumed is not None, rerun.stderr[-3000:]
@@ -119,9 +101,7 @@ def test_curate_in_buckets_killed_mid_stage_resumes_with_nothing_lost_or_doubled
         listed = sorted(info.path for info in client(env).get_file_info(_selector("lvd")) if info.is_file)
         assert [k for k in listed if not k.startswith("lvd/runs/a/")] == sorted(keys)  # nothing else touched
 
-    local = tmp_path / "local"
-    run(load_config(CurateConfig, None, _args(str(local), str(small_demo))))
-    reference = read_json(local / "summary.json")
+    reference = read_json(curate_reference / "summary.json")
     assert reference is not None
     assert {k: summary[k] for k in FUNNEL} == {k: reference[k] for k in FUNNEL}  # the same decisions as on disk
 

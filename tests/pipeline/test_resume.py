@@ -32,26 +32,11 @@ from lvdkit.pipeline.config import CurateConfig
 from lvdkit.pipeline.names import CURATE_ORDER
 from lvdkit.pipeline.runner import run
 
-from ..conftest import TINY_EMBED, kill_tree, run_cli
-
-FILES_PER_PART = 5
-# A balanced sample gives the shard stage rows to write; small parts give it several parts to be killed between.
-CURATED = ("cluster.target_size=40", "curated.rows_per_part=8")
+from ..conftest import curate_args, kill_tree, run_cli
 
 
 def _args(out: Path, demo: Path) -> list[str]:
-    return [
-        f"out={out}",
-        f"ingest.inputs=[{demo / 'raw'}]",
-        f"ingest.files_per_part={FILES_PER_PART}",
-        "progress=false",
-        "ray.num_cpus=2",
-        *TINY_EMBED,
-        *CURATED,
-        # a protected set and a seed set, so that dedup_relative and retrieve have work and side files to lose
-        f"dedup_relative.protected=[{demo / 'heldout'}]",
-        f"retrieve.seed_sets={{digit_2: {{inputs: [{demo / 'seeds' / 'digit_2'}], mode: sample, k: 2}}}}",
-    ]
+    return curate_args(str(out), str(demo))
 
 
 SUMMARY = "summary"  # the kill point after the last stage: status.parquet written, summary.json not yet
@@ -112,12 +97,10 @@ def _curate_in_process(out: Path, demo: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(ray_local: None, small_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def reference(curate_reference: Path) -> Path:
     """One uninterrupted run, compared against by every kill point."""
-    out = tmp_path_factory.mktemp("resume") / "reference"
-    _curate_in_process(out, small_demo)
-    assert read_parts(out / "curated").num_rows > 2 * 8, "the shard stage needs several parts to be killed between"
-    return out
+    assert read_parts(curate_reference / "curated").num_rows > 2 * 8, "the curated stage needs several parts"
+    return curate_reference
 
 
 def _key(table: pa.Table) -> list[tuple[str, str]]:

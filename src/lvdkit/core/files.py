@@ -237,7 +237,7 @@ def _level(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
 def _walk_level(
     fs: pafs.FileSystem, pool: ThreadPoolExecutor, level: Future[list[pafs.FileInfo]]
 ) -> Iterator[pafs.FileInfo]:
-    children = level.result()
+    children = list({(c.path, c.type): c for c in level.result()}.values())  # a "dir/" marker repeats its folder
     below = iter(c.path for c in children if c.type == pafs.FileType.Directory)
     ahead: dict[str, Future[list[pafs.FileInfo]]] = {}
 

@@ -94,7 +94,7 @@ def write_parquet_atomic(table: pa.Table, path: Location, row_group_rows: int = 
     if isinstance(path, ObjectPath):
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, row_group_size=row_group_rows, compression="zstd")
-        data = sink.getvalue().to_pybytes()
+        data = memoryview(sink.getvalue())  # not copied to bytes: a part is held once
         path.write_bytes(data)
         return blake2b(data)
     with _atomic_file(path) as tmp:
@@ -111,7 +111,7 @@ def write_parquet_stream_atomic(tables: Iterable[pa.Table], schema: pa.Schema, p
             writer.write_table(table.cast(schema), row_group_size=ROW_GROUP_ROWS)
 
 
-def blake2b(data: bytes) -> str:
+def blake2b(data: bytes | memoryview) -> str:
     """BLAKE2b (16 bytes) of ``data``, hex."""
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
@@ -129,8 +129,8 @@ def file_blake2b(path: Location) -> str:
 def _atomic_file(path: Location) -> Iterator[Path]:
     """A local temporary path to write ``path``'s content to; on success it is fsynced and moved onto ``path``
     (renamed on disk, uploaded to object storage)."""
-    tmp = scratch_file(path)
     with disk_errors(path):
+        tmp = scratch_file(path)
         try:
             yield tmp
             with open(tmp, "rb") as fh:
@@ -199,8 +199,8 @@ def write_bytes_atomic(path: Location, data: bytes) -> None:
     if isinstance(path, ObjectPath):
         path.write_bytes(data)
         return
-    tmp = scratch_file(path)
     with disk_errors(path):
+        tmp = scratch_file(path)
         try:
             with open(tmp, "wb") as fh:
                 fh.write(data)

@@ -40,6 +40,7 @@ class StageInputs:
     out: str
     reads: tuple[str, ...]
     sides: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    _listed: dict[str, dict[str, int]] = field(default_factory=dict, compare=False, repr=False)
 
     def folder(self, stage: str, sub: str = "") -> Location:
         """The folder of ``stage``'s parts (``sub``: one of its declared part sub-folders)."""
@@ -62,9 +63,12 @@ class StageInputs:
     def parts(self, stage: str, sub: str = "") -> list[Location]:
         """The part files of ``stage``, in part order: those its ``_SUCCESS`` lists once it has finished (the commit
         point: a reader trusts no other file), else those in its folder (a stage reading its own parts)."""
-        listed = self.record(stage).get("part_bytes")
+        listed = self._listed.get(stage)
         if listed is None:
-            return part_files(self.folder(stage, sub))
+            listed = self.record(stage).get("part_bytes")
+            if listed is None:
+                return part_files(self.folder(stage, sub))
+            self._listed[stage] = listed  # a finished stage's record does not change: read it once
         base = self.folder(stage)
         names = sorted(rel for rel in listed if rel.rpartition("/")[0] == sub and fnmatch.fnmatchcase(rel, "*part-*"))
         return [base / rel for rel in names]

@@ -146,8 +146,10 @@ class ObjectPath:
         return self.parent / name
 
     def touch(self, exist_ok: bool = True) -> None:
-        if not exist_ok and self.exists():
-            raise FileExistsError(self.uri)
+        if self.exists():  # an object's time cannot be bumped without rewriting it: leave its bytes alone
+            if not exist_ok:
+                raise FileExistsError(self.uri)
+            return
         self.write_bytes(b"")
 
     def unlink(self, missing_ok: bool = False) -> None:
@@ -169,7 +171,7 @@ class ObjectPath:
     def read_text(self) -> str:
         return self.read_bytes().decode()
 
-    def write_bytes(self, data: bytes) -> None:
+    def write_bytes(self, data: bytes | memoryview) -> None:
         with self.fs.open_output_stream(self.path) as f:
             f.write(data)
 
@@ -232,14 +234,30 @@ def publish(local: Path, target: Location) -> None:
     local.unlink()
 
 
-def remove_tree(folder: Location) -> None:
-    """Remove ``folder`` and everything under it (nothing when it is absent)."""
+def remove_tree(folder: Location, strict: bool = True) -> None:
+    """Remove ``folder`` and everything under it (nothing when it is absent). ``strict``: an error removing any of
+    it is raised (a stage folder left half-removed must not pass for a clean one); else it is ignored."""
     if isinstance(folder, Path):
-        shutil.rmtree(folder, ignore_errors=True)
+        if folder.exists() or not strict:
+            shutil.rmtree(folder, ignore_errors=not strict)
     elif folder.exists():
         folder.fs.delete_dir_contents(folder.path, missing_dir_ok=True)
         with contextlib.suppress(OSError):  # a bucket's "folder" vanishes with its last object
             folder.fs.delete_dir(folder.path)
+
+
+def file_sizes(folder: Location) -> dict[str, int]:
+    """Every file under ``folder`` (by path relative to it, ``/``-separated): its size. One listing on object
+    storage, not a request per file."""
+    if isinstance(folder, Path):
+        return (
+            {f.relative_to(folder).as_posix(): f.stat().st_size for f in folder.rglob("*") if f.is_file()}
+            if folder.is_dir()
+            else {}
+        )
+    found = folder.fs.get_file_info(pafs.FileSelector(folder.path, recursive=True, allow_not_found=True))
+    base = folder.path.rstrip("/")
+    return {i.path[len(base) + 1 :]: int(i.size or 0) for i in found if i.type == pafs.FileType.File}
 
 
 def scratch_file(target: Location) -> Path:

@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 
 from lvdkit.core.io import ROW_GROUP_ROWS, file_blake2b, read_json, write_json_atomic
-from lvdkit.core.storage import Location, ObjectPath
+from lvdkit.core.storage import Location, ObjectPath, file_sizes
 from lvdkit.pipeline import faults
 
 COMMITS = "_commits"
@@ -55,25 +55,22 @@ def untrusted(part: Location) -> str | None:
 
 
 def committed_sizes(stage_dir: Location) -> dict[str, int]:
-    """Every committed part of a stage (sub-folders included) by path relative to the stage: its size in bytes."""
-    files = {f.relative_to(stage_dir).as_posix() for f in stage_dir.rglob("*")}  # one listing on object storage
+    """Every committed part of a stage (sub-folders included: a part with its commit record) by path relative to
+    the stage: its size in bytes. One listing, no file read (a part just committed or checked matches its record)."""
+    files = file_sizes(stage_dir)
     sizes = {}
     for rel in sorted(files):
         folder, _, name = rel.rpartition("/")
         if folder.rpartition("/")[2] != COMMITS or not name.endswith(".json"):
             continue
         part = "/".join(p for p in (folder.rpartition("/")[0], name.removesuffix(".json")) if p)
-        value = read_json(stage_dir / rel)
-        if part in files and value is not None:
-            sizes[part] = int(value["bytes"])
+        if part in files:
+            sizes[part] = files[part]
     return sizes
 
 
 def changed_since_success(stage_dir: Location, record: dict[str, Any]) -> list[str]:
-    """Parts a finished stage's ``_SUCCESS`` lists whose size is no longer the committed one (or that are gone)."""
-    changed = []
-    for rel, size in (record.get("part_bytes") or {}).items():
-        part = stage_dir / rel
-        if not part.is_file() or part.stat().st_size != size:
-            changed.append(rel)
-    return changed
+    """Parts a finished stage's ``_SUCCESS`` lists whose size is no longer the committed one (or that are gone);
+    one listing."""
+    files = file_sizes(stage_dir)
+    return [rel for rel, size in (record.get("part_bytes") or {}).items() if files.get(rel) != size]

@@ -120,25 +120,29 @@ def _acquire_object(path: ObjectPath) -> str:
     """The lock on object storage: written, then read back (see the module's note on what this cannot exclude)."""
     holder = _holder()
     for _ in range(3):
-        if path.exists():
-            _check_stale(path, _read_holder(path))
+        found = _read_holder(path)
+        if found is not None:
+            _check_stale(path, found)
             path.unlink(missing_ok=True)  # a dead run's lock
             continue
         path.write_text(json.dumps(holder) + "\n")
+        time.sleep(0.5)  # a contender that wrote just after us is seen on the second read (not one a second later)
         found = _read_holder(path)
-        if found.get("token") == holder["token"]:
+        if found is not None and found.get("token") == holder["token"]:
             return str(holder["token"])
-        _check_stale(path, found)
+        _check_stale(path, found or {})
     raise OutputFolderError(f"could not take {path}: another run keeps taking it")
 
 
-def _read_holder(path: Location) -> dict[str, object]:
+def _read_holder(path: Location) -> dict[str, object] | None:
+    """The lock's holder; None when there is no lock; ``{}`` when it is unreadable JSON (torn: its writer died
+    while writing it). Other errors (permissions, the network) are raised: they say nothing about the holder."""
     try:
         value = json.loads(path.read_text())
     except FileNotFoundError:
+        return None
+    except ValueError:
         return {}
-    except (OSError, ValueError):
-        return {}  # torn: its writer died before finishing it
     return value if isinstance(value, dict) else {}
 
 
@@ -171,9 +175,9 @@ def _acquire(path: Path) -> str:
 
 def _take_over_if_stale(path: Path) -> None:
     """Move a dead run's lock aside; raise naming the holder when it may still be running."""
-    if not path.exists():
-        return  # released meanwhile: try again
     holder = _read_holder(path)
+    if holder is None:
+        return  # released meanwhile: try again
     judged = holder.get("token")
     _check_stale(path, holder)
     aside = path.with_name(f".{LOCK}.stale-{uuid.uuid4().hex[:8]}")

@@ -11,6 +11,7 @@ point; readers of a finished stage read the parts it lists and no other.
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from lvdkit.core import schema
 from lvdkit.core.io import disk_errors, part_files, part_name, read_json, remove_temporaries
 from lvdkit.core.ray_env import LazyRay, ray_session
 from lvdkit.core.settings import config_hash, save_config, to_dict
-from lvdkit.core.storage import Location, location, publish, replace, scratch_file
+from lvdkit.core.storage import Location, is_uri, location, publish, replace, scratch_file
 from lvdkit.pipeline import faults
 from lvdkit.pipeline.commits import commit_part, untrusted
 from lvdkit.pipeline.config import CurateConfig
@@ -223,6 +224,7 @@ def _parquet_rows(path: Location) -> int:
 def run(cfg: CurateConfig, stages: tuple[str, ...] = CURATE_ORDER, force: bool = False) -> dict[str, Any]:
     """Run ``stages`` in order in one Ray session; write ``config.yaml``, ``status.parquet`` and ``summary.json``."""
     check_embedding_keys(cfg, stages)
+    absolute_paths(cfg)
     out = location(cfg.out)
     _check_inputs(cfg, out)
     with disk_errors(out / "config.yaml"):
@@ -230,6 +232,22 @@ def run(cfg: CurateConfig, stages: tuple[str, ...] = CURATE_ORDER, force: bool =
     with locked(out):
         save_config(cfg, out / "config.yaml")
         return _run_locked(cfg, out, stages, force)
+
+
+def absolute_paths(cfg: CurateConfig) -> None:
+    """Make the local paths of ``cfg`` (OUT, inputs, protected and seed sets, model files) absolute, here on the
+    driver: tasks on a cluster run in other working folders, where a relative path names something else."""
+
+    def local(entries: list[str]) -> list[str]:
+        return [e if "://" in e else os.path.abspath(os.path.expanduser(e)) for e in entries]
+
+    if not is_uri(cfg.out):
+        cfg.out = os.path.abspath(os.path.expanduser(str(cfg.out).removeprefix("file://")))
+    cfg.ingest.inputs = local(cfg.ingest.inputs)
+    cfg.dedup_relative.protected = local(cfg.dedup_relative.protected)
+    for seed_set in cfg.retrieve.seed_sets.values():
+        seed_set.inputs = local(seed_set.inputs)
+    cfg.embed.models = {k: os.path.abspath(v) if os.path.isfile(v) else v for k, v in cfg.embed.models.items()}
 
 
 def _check_inputs(cfg: CurateConfig, out: Location) -> None:

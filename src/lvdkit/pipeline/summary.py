@@ -81,7 +81,7 @@ def join_status_parts(out: Location, n_parts: int) -> None:
     folder = out / STATUS_PARTS
     parts = [folder / part_name(i) for i in range(n_parts)]
     write_parquet_stream_atomic((pq.read_table(p) for p in parts), schema.STATUS, out / STATUS_FILE)
-    remove_tree(folder)  # ours: written just above
+    remove_tree(folder, strict=False)  # ours: written just above
 
 
 def write_funnel(out: Location, counts: list[dict[str, Any]], named: dict[str, int]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from lvdkit.core import schema
-from lvdkit.core.io import part_files, read_json, read_parts
+from lvdkit.core.io import read_json
 from lvdkit.core.stage import StageInputs
 from lvdkit.core.storage import Location, fs_paths
 from lvdkit.core.views import DEDUP_STAGES, INGEST
@@ -76,7 +76,8 @@ class Context:
     def uris(self, ids: Iterable[str]) -> dict[str, str]:
         """``image_id -> uri`` for ``ids``: pool images from ingest, protected images and seeds from their tables."""
         wanted = {i for i in ids if i and i not in self._uris}
-        sources = [self.outputs.folder(INGEST), *(self.outputs.side(stage, name) for stage, name in SIDE_TABLES)]
+        sides = [self.outputs.side(stage, name) for stage, name in SIDE_TABLES]
+        sources = [self.outputs.parts(INGEST), *([side] for side in sides if side.exists())]
         for source in sources:
             if not wanted:
                 break
@@ -90,9 +91,8 @@ class Context:
         return self.thumbs.figure(self._uris.get(image_id or ""), caption, kind)
 
 
-def _lookup_uris(source: Location, ids: set[str]) -> dict[str, str]:
-    """Scan ``source`` (a stage folder of parts, or one Parquet file) for ``ids``, keeping only the matches."""
-    paths = part_files(source) if source.is_dir() else [source] if source.exists() else []
+def _lookup_uris(paths: list[Location], ids: set[str]) -> dict[str, str]:
+    """Scan the Parquet files ``paths`` (a stage's parts, or one side table) for ``ids``, keeping only the matches."""
     if not paths:
         return {}
     fs, files = fs_paths(paths)
@@ -262,7 +262,7 @@ def retrieval_section(ctx: Context) -> str:
     record = ctx.finished("retrieve")
     if record is None:
         return missing("retrieve has not run: no retrievals")
-    hits = _retrieved(ctx.outputs.folder("retrieve"))
+    hits = _retrieved(ctx.outputs, "retrieve")
     seeds_path = ctx.outputs.side("retrieve", schema.SEEDS_FILE)
     seeds = (
         pq.read_table(seeds_path, columns=[schema.IMAGE_ID, schema.URI, schema.SEED_SET])
@@ -276,10 +276,10 @@ def retrieval_section(ctx: Context) -> str:
     return "".join(_seed_set(ctx, name, hits, seeds, stats.get(name, {})) for name in names)
 
 
-def _retrieved(folder: Location) -> pa.Table:
+def _retrieved(outputs: StageInputs, stage: str) -> pa.Table:
     """The retrieve stage's hits (an empty table when no seed set gave any part)."""
-    if part_files(folder):
-        return read_parts(folder, columns=RETRIEVE_COLUMNS)
+    if outputs.parts(stage):
+        return outputs.table(stage, columns=RETRIEVE_COLUMNS)
     return pa.table({c: pa.array([], pa.float32() if c == schema.SCORE else pa.string()) for c in RETRIEVE_COLUMNS})
 
 
