@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from .ray_head import free_port
+
 CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "lvdkit-test",
     "AWS_SECRET_ACCESS_KEY": "lvdkit-test",
@@ -24,9 +26,7 @@ CREDENTIALS = {
 @contextlib.contextmanager
 def s3_server() -> Iterator[dict[str, str]]:
     """Start ``moto_server`` on a free loopback port; yield the environment that points lvdkit (and pyarrow) at it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
+    port = free_port()
     server = subprocess.Popen(
         [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,

@@ -33,7 +33,7 @@ from lvdkit.cluster.sampling import pick_by_share, shares
 from lvdkit.cluster.stage import ClusterConfig, pick_keys
 from lvdkit.core import schema
 from lvdkit.core.partitions import plan_ranges
-from lvdkit.core.stage import PartitionedWork, Resources, Scratch, StageInputs, StageOutput
+from lvdkit.core.stage import PartitionedWork, Resources, Scratch, StageInputs, StageOutput, scratch_row_group_rows
 from lvdkit.core.storage import Location
 from lvdkit.core.views import DEDUP_STAGES, EMBED, alive_embedded
 
@@ -66,7 +66,7 @@ class ClusterPartitions(PartitionedWork):
         per_row = 4 * max(dims, 1) * 3 + 64
         memory = cfg.task_memory_mb or int(2 * cfg.partition_rows * per_row / 2**20) + 512
         work.resources = Resources(cpus=cfg.task_cpus, memory_mb=memory)
-        work.scratch_row_group_rows = min(8192, max(256, cfg.partition_rows // max(1, len(parts))))
+        work.scratch_row_group_rows = scratch_row_group_rows(cfg.partition_rows, len(parts))
         return work
 
     def _rows(self, index: int) -> pa.Table:

@@ -154,6 +154,11 @@ class Scratch:
     solved: list[Location]
 
 
+def scratch_row_group_rows(partition_rows: int, n_tables: int) -> int:
+    """Rows per scatter row group: about one partition's share of each of ``n_tables`` tables (within 256..8192)."""
+    return min(8192, max(256, partition_rows // max(1, n_tables)))
+
+
 class PartitionedWork:
     """A stage whose work is split by content (k-means cells of the descriptors), not by the parts it reads.
 

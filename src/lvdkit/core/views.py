@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 
 from lvdkit.core import schema
 from lvdkit.core.stage import StageInputs
+from lvdkit.core.storage import Location
 
 INGEST, EMBED = "ingest", "embed"  # the stages whose outputs every later stage reads
 DEDUP_STAGES = ("dedup_exact", "dedup_phash", "dedup_copy", "dedup_relative")
@@ -56,8 +57,13 @@ def alive_by_part(inputs: StageInputs, after: tuple[str, ...], columns: list[str
 
 
 def _removed_ids(inputs: StageInputs, stage: str) -> pa.Array:
+    return _removed_in(inputs.parts(stage))
+
+
+def _removed_in(parts: list[Location]) -> pa.Array:
+    """The ids a dedup stage's ``parts`` mark as not kept (one part in memory at a time)."""
     pieces = []
-    for part in inputs.parts(stage):
+    for part in parts:
         dedup = pq.read_table(part, columns=[schema.IMAGE_ID, schema.KEEP])
         pieces.append(dedup.filter(pc.invert(dedup[schema.KEEP]))[schema.IMAGE_ID].combine_chunks())
     return pa.concat_arrays(pieces) if pieces else pa.array([], pa.string())
@@ -88,11 +94,8 @@ def _drop_removed(inputs: StageInputs, table: pa.Table, index: int, after: tuple
         aligned_part = inputs.record(stage).get("stats", {}).get("path") == "partitioned"
         parts = inputs.parts(stage)
         parts = [parts[index]] if aligned_part else parts
-        if not parts:
-            continue
-        dedup = pa.concat_tables([pq.read_table(p, columns=[schema.IMAGE_ID, schema.KEEP]) for p in parts])
-        removed = dedup.filter(pc.invert(dedup[schema.KEEP]))[schema.IMAGE_ID]
-        table = table.filter(pc.invert(pc.is_in(table[schema.IMAGE_ID], value_set=removed)))
+        if parts:
+            table = table.filter(pc.invert(pc.is_in(table[schema.IMAGE_ID], value_set=_removed_in(parts))))
     return table
 
 

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from lvdkit.core import schema
 from lvdkit.core.partitions import assign_cells, fit_cells, merge_top, pairs_within, plan_ranges, row_keys, top_against
-from lvdkit.core.stage import PartitionedWork, Resources, Scratch, StageInputs, StageOutput
+from lvdkit.core.stage import PartitionedWork, Resources, Scratch, StageInputs, StageOutput, scratch_row_group_rows
 from lvdkit.core.storage import Location
 from lvdkit.core.views import EMBED
 from lvdkit.core.whitening import Whitener, fit_whitener
@@ -90,7 +90,7 @@ class CopyPartitions(PartitionedWork):
         work.n_inputs = len(parts)
         work.resources = Resources(cpus=cfg.task_cpus, memory_mb=cfg.task_memory_mb or work.memory_estimate_mb())
         # a partition's share of one scatter table: its rows in every table, spread over the tables
-        work.scratch_row_group_rows = min(8192, max(256, cfg.partition_rows // max(1, len(parts))))
+        work.scratch_row_group_rows = scratch_row_group_rows(cfg.partition_rows, len(parts))
         return work
 
     def memory_estimate_mb(self) -> int:
