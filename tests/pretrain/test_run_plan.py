@@ -64,3 +64,25 @@ def test_only_checkpoints_ray_registered_count(tmp_path: Path) -> None:
     }
     (tmp_path / RAY_SNAPSHOT).write_text(json.dumps(snapshot))
     assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint_a", "checkpoint_b"]
+
+
+def test_a_finished_curated_folder_is_read_as_its_success_record_lists_it(tmp_path: Path) -> None:
+    """Pretraining reads the parts the curated stage committed, not a stray part left by a killed run."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lvdkit.pretrain.run import parquet_files
+
+    curated = tmp_path / "run" / "curated"
+    (curated / "quarantined").mkdir(parents=True)
+    table = pa.table({"image_id": ["a"], "image": [b"png"]})
+    for name in ("part-000000.parquet", "part-000001.parquet", "quarantined/part-000000.parquet"):
+        pq.write_table(table, curated / name)
+    size = (curated / "part-000000.parquet").stat().st_size
+    record = {"stage": "curated", "part_bytes": {"part-000000.parquet": size, "quarantined/part-000000.parquet": 1}}
+    (curated / "_SUCCESS").write_text(json.dumps(record))
+    assert parquet_files(curated, "image") == [curated / "part-000000.parquet"]
+    (curated / "_SUCCESS").unlink()  # any other folder of Parquet files: its part-*.parquet
+    assert parquet_files(curated, "image") == [curated / "part-000000.parquet", curated / "part-000001.parquet"]

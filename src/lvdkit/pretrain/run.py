@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from lvdkit.core.io import DiskFullError, is_disk_full
 from lvdkit.core.settings import save_config, to_dict
+from lvdkit.core.stage import SUCCESS, StageInputs
 from lvdkit.core.storage import Location, ObjectPath, fs_paths, is_uri, location
 from lvdkit.pretrain.augment import AugmentBatch
 from lvdkit.pretrain.config import PretrainConfig
@@ -36,8 +37,8 @@ def parquet_files(data: str | Path, image_column: str) -> list[Location]:
     """The Parquet files of ``data`` (a file, or a folder's ``part-*.parquet`` / ``*.parquet``; local or a URI),
     checked for the image-bytes column."""
     path = location(data)
-    files: list[Location] = [path] if path.is_file() else sorted(path.glob("part-*.parquet"), key=str)
-    files = files or sorted(path.rglob("*.parquet"), key=str)
+    files: list[Location] = [path] if path.is_file() else _committed_parts(path)
+    files = files or sorted(path.glob("part-*.parquet"), key=str) or sorted(path.rglob("*.parquet"), key=str)
     if not files and not path.exists():
         raise FileNotFoundError(f"pretraining data not found: {path} (run `make curate`, or point data= at Parquet)")
     if not files:
@@ -47,6 +48,14 @@ def parquet_files(data: str | Path, image_column: str) -> list[Location]:
     if image_column not in names:
         raise ValueError(f"{files[0]} has no {image_column!r} column (columns: {names}); set image_column=")
     return files
+
+
+def _committed_parts(folder: Location) -> list[Location]:
+    """A finished lvdkit stage folder's parts as its ``_SUCCESS`` lists them (no part left by a killed run, none
+    of its sub-folders' tables); [] for any other folder."""
+    if not (folder / SUCCESS).is_file():
+        return []
+    return StageInputs(str(folder.parent), (folder.name,)).parts(folder.name)
 
 
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it has registered
