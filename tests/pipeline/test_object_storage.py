@@ -138,3 +138,25 @@ def test_an_out_in_a_bucket_is_claimed_and_locked_like_a_folder(bucket: tuple[di
         (out / LOCK).write_text(json.dumps(dead))  # left by a killed run on this machine: taken over
         with locked(out):
             assert json.loads((out / LOCK).read_text())["pid"] == os.getpid()
+
+
+def test_a_part_in_a_bucket_without_its_commit_record_is_moved_aside_and_redone(
+    bucket: tuple[dict[str, str], list[str]],
+) -> None:
+    """Killed between a part's PUT and its record's: on resume the part is not trusted but moved to ``_torn/``."""
+    import pyarrow as pa
+
+    from lvdkit.core.io import write_parquet_atomic
+    from lvdkit.pipeline.commits import commit_part
+    from lvdkit.pipeline.runner import TORN, _set_aside_untrusted
+    from lvdkit.pipeline.stages import STAGES
+
+    env, _ = bucket
+    table = pa.table({"x": [1, 2, 3]})
+    with environment(env):
+        stage_dir = location("s3://lvd/runs/torn/curated")
+        commit_part(table, stage_dir / "part-000000.parquet", None)
+        write_parquet_atomic(table, stage_dir / "part-000001.parquet")  # its record never written
+        _set_aside_untrusted(STAGES["curated"], stage_dir)
+        assert [p.name for p in part_files(stage_dir)] == ["part-000000.parquet"]
+        assert (stage_dir / TORN / "part-000001.parquet").is_file()
