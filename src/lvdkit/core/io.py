@@ -119,7 +119,7 @@ def blake2b(data: bytes | memoryview) -> str:
 def file_blake2b(path: Location) -> str:
     """BLAKE2b (16 bytes) of a file's bytes, read in 1 MiB chunks (about 1 GB/s: small beside writing the part)."""
     h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") if isinstance(path, Path) else path.open("rb") as fh:
+    with path.open("rb") as fh:
         while chunk := fh.read(2**20):
             h.update(chunk)
     return h.hexdigest()
@@ -169,10 +169,17 @@ def part_files(stage_dir: Location) -> list[Location]:
 
 def read_parts(stage_dir: Location, columns: list[str] | None = None, schema: pa.Schema | None = None) -> pa.Table:
     """All parts of a stage as one table (an empty table with ``schema`` when there are none)."""
-    files = part_files(stage_dir)
+    return read_tables(part_files(stage_dir), stage_dir, columns, schema)
+
+
+def read_tables(
+    files: list[Location], where: Location, columns: list[str] | None = None, schema: pa.Schema | None = None
+) -> pa.Table:
+    """``files`` (a stage's parts, found in ``where``) as one table (an empty table with ``schema`` when there are
+    none)."""
     if not files:
         if schema is None:
-            raise FileNotFoundError(f"no {PART_GLOB} in {stage_dir}")
+            raise FileNotFoundError(f"no {PART_GLOB} in {where}")
         empty = schema.empty_table()
         return empty.select(columns) if columns else empty
     return pa.concat_tables([pq.read_table(f, columns=columns, schema=schema) for f in files])

@@ -19,10 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from lvdkit.core import schema
-from lvdkit.core.io import part_files, read_json
+from lvdkit.core.io import part_files, read_json, read_tables
 from lvdkit.core.storage import Location, location
 
 SUCCESS = "_SUCCESS"  # a finished stage's record (JSON): config hash, input fingerprint, rows, stats, parts
@@ -53,12 +52,7 @@ class StageInputs:
         self, stage: str, columns: list[str] | None = None, schema: pa.Schema | None = None, sub: str = ""
     ) -> pa.Table:
         """All parts of ``stage`` as one table (empty with ``schema`` when it wrote none)."""
-        parts = self.parts(stage, sub)
-        if not parts:
-            if schema is None:
-                raise FileNotFoundError(f"no parts in {self.folder(stage, sub)}")
-            return schema.empty_table().select(columns) if columns else schema.empty_table()
-        return pa.concat_tables([pq.read_table(p, columns=columns, schema=schema) for p in parts])
+        return read_tables(self.parts(stage, sub), self.folder(stage, sub), columns, schema)
 
     def parts(self, stage: str, sub: str = "") -> list[Location]:
         """The part files of ``stage``, in part order: those its ``_SUCCESS`` lists once it has finished (the commit

@@ -142,9 +142,6 @@ class ObjectPath:
             raise ValueError(f"{self.uri} is not under {base}")
         return PurePosixPath(self.uri[len(base) + 1 :])
 
-    def with_name(self, name: str) -> ObjectPath:
-        return self.parent / name
-
     def touch(self, exist_ok: bool = True) -> None:
         if self.exists():  # an object's time cannot be bumped without rewriting it: leave its bytes alone
             if not exist_ok:

@@ -11,6 +11,7 @@ a rerun checks the sizes (a ``stat`` or one listing) before skipping the stage, 
 
 from __future__ import annotations
 
+from pathlib import PurePosixPath
 from typing import Any
 
 import pyarrow as pa
@@ -60,11 +61,9 @@ def committed_sizes(stage_dir: Location) -> dict[str, int]:
     files = file_sizes(stage_dir)
     sizes = {}
     for rel in sorted(files):
-        folder, _, name = rel.rpartition("/")
-        if folder.rpartition("/")[2] != COMMITS or not name.endswith(".json"):
-            continue
-        part = "/".join(p for p in (folder.rpartition("/")[0], name.removesuffix(".json")) if p)
-        if part in files:
+        record = PurePosixPath(rel)  # STAGE/[SUB/]_commits/part-NNNNNN.parquet.json
+        part = (record.parent.parent / record.stem).as_posix()
+        if record.parent.name == COMMITS and record.suffix == ".json" and part in files:
             sizes[part] = files[part]
     return sizes
 
