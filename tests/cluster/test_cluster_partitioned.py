@@ -77,3 +77,16 @@ def test_more_partitions_than_level1_clusters_merge_so_level1_keeps_exactly_k() 
         assert merged[0][0] == 0 and merged[-1][1] == 9
         assert all(a[1] <= b[0] for a, b in itertools.pairwise(merged))  # consecutive, disjoint
     assert at_most_k_ranges(ranges, rows, 2)[0] == [(0, 6), (6, 9)]  # lightest neighbours first: 3+4, then 5+7
+
+
+def test_split_k_gives_exactly_k_when_small_partitions_each_need_one() -> None:
+    # one large partition and five tiny ones: each tiny one needs a cluster, which the large one gives back
+    assert split_k(6, np.array([100, 1, 1, 1, 1, 1])).tolist() == [1, 1, 1, 1, 1, 1]
+    assert split_k(8, np.array([100, 1, 1, 1])).tolist() == [5, 1, 1, 1]
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        rows = rng.integers(0, 50, rng.integers(1, 9)) * (rng.random() < 0.5) + rng.integers(0, 3)
+        k = int(rng.integers(max(1, int((rows > 0).sum())), 40))
+        ks = split_k(k, rows)
+        assert (ks <= rows).all() and ((ks >= 1) | (rows == 0)).all()
+        assert ks.sum() == min(k, rows.sum())

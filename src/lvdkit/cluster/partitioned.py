@@ -223,7 +223,7 @@ def at_most_k_ranges(
 
 def split_k(k: int, rows: np.ndarray) -> np.ndarray:
     """``k`` clusters split over partitions in proportion to their ``rows`` (largest remainders; each at most its
-    rows, at least one where it has rows)."""
+    rows, at least one where it has rows; never more than ``k`` in all when at most ``k`` partitions have rows)."""
     rows = np.asarray(rows, dtype=np.int64)
     exact = k * rows / max(1, rows.sum())
     ks = np.minimum(np.maximum(np.floor(exact).astype(np.int64), (rows > 0).astype(np.int64)), rows)
@@ -232,6 +232,9 @@ def split_k(k: int, rows: np.ndarray) -> np.ndarray:
             break
         if ks[j] < rows[j]:
             ks[j] += 1
+    while ks.sum() > k:  # the ones given to small partitions overshot: take back from the most over-served
+        j = int(np.argmax(np.where(ks > 1, ks - exact, -np.inf)))
+        ks[j] -= 1
     return ks
 
 
