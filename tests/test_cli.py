@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from lvdkit.cli import main
 from lvdkit.pipeline.names import CURATE_ORDER
 
-from .conftest import TINY_EMBED, run_cli
+from .conftest import curate_args, run_cli
 
 
 @pytest.mark.parametrize(
@@ -49,14 +50,16 @@ def test_missing_input_names_it(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert result.returncode == 2 and str(tmp_path / "nope") in result.stderr
 
 
-def test_curate_prints_the_funnel_and_summary_matches(small_demo: Path, tmp_path: Path) -> None:
+def test_curate_prints_the_funnel_and_summary_matches(curate_reference: Path, small_demo: Path, tmp_path: Path) -> None:
+    # a finished run moved elsewhere (a run folder is relocatable): the rerun skips every stage and prints the funnel
     out = tmp_path / "out"
-    result = run_cli("curate", f"out={out}", f"ingest.inputs=[{small_demo / 'raw'}]", "progress=false", *TINY_EMBED)
+    shutil.copytree(curate_reference, out)
+    result = run_cli("curate", *curate_args(str(out), str(small_demo)))
     assert result.returncode == 0, result.stderr
+    assert result.stderr.count("skipped") == len(CURATE_ORDER), result.stderr
     summary = json.loads((out / "summary.json").read_text())
-    assert f"images in: {summary['images_in']}" in result.stdout and str(out) in result.stdout
-    again = run_cli("curate", f"out={out}", f"ingest.inputs=[{small_demo / 'raw'}]", "progress=false", *TINY_EMBED)
-    assert again.returncode == 0 and again.stderr.count("skipped") == len(CURATE_ORDER)
+    funnel = f"images in: {summary['images_in']}  kept: {summary['kept']}  duplicates: {summary['duplicates']}"
+    assert funnel in result.stdout and str(out) in result.stdout
 
 
 def test_a_stage_reading_an_embedding_nobody_computes_fails_before_any_work(

@@ -61,6 +61,7 @@ def _registered_step(run: str) -> int:
         return 0
 
 
+@pytest.mark.slow  # a training with its own Ray (S3 settings), ~90 s: `make test-all` (make test: load_curated above)
 def test_a_run_in_a_bucket_reads_s3_shards_checkpoints_there_skips_when_done_and_exports_there(
     s3: dict[str, str], tmp_path: Path
 ) -> None:
