@@ -68,15 +68,26 @@ def pairs_from(dups: dict[str, list], uris: list[str]) -> np.ndarray:
 
 
 def imagededup_phash(flat: Path, uris: list[str], distance: int) -> tuple[DedupScore, float]:
+    dups, seconds = phash_duplicates(flat, distance)
+    return _score_flat(flat, uris, dups), seconds
+
+
+def phash_duplicates(flat: Path, distance: int) -> tuple[dict[str, list], float]:
+    """imagededup's PHash over the folder ``flat``: its {file: [duplicates]} and the seconds it took."""
     from imagededup.methods import PHash
 
     start = time.perf_counter()
     dups = PHash(verbose=False).find_duplicates(image_dir=str(flat), max_distance_threshold=distance)
-    seconds = time.perf_counter() - start
-    return _score_flat(flat, uris, dups), seconds
+    return dups, time.perf_counter() - start
 
 
 def imagededup_cnn(flat: Path, uris: list[str], threshold: float) -> tuple[DedupScore, float]:
+    dups, seconds = cnn_duplicates(flat, threshold)
+    return _score_flat(flat, uris, dups), seconds
+
+
+def cnn_duplicates(flat: Path, threshold: float) -> tuple[dict[str, list], float]:
+    """imagededup's CNN with a random-init MobileNetV3-Small (its default downloads weights): duplicates, seconds."""
     import torch
     import torchvision
     from imagededup.methods import CNN
@@ -97,8 +108,7 @@ def imagededup_cnn(flat: Path, uris: list[str], threshold: float) -> tuple[Dedup
     )
     start = time.perf_counter()
     dups = cnn.find_duplicates(image_dir=str(flat), min_similarity_threshold=threshold, num_sim_workers=1)
-    seconds = time.perf_counter() - start
-    return _score_flat(flat, uris, dups), seconds
+    return dups, time.perf_counter() - start
 
 
 def _score_flat(flat: Path, uris: list[str], dups: dict[str, list]) -> DedupScore:

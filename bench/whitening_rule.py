@@ -27,7 +27,7 @@ from _common import machine_line, print_table
 from lvdkit.core import schema
 from lvdkit.core.settings import load_config
 from lvdkit.core.stage import StageInputs
-from lvdkit.core.views import alive, dedups_before, embeddings_of
+from lvdkit.core.views import alive, calibration_copies, dedups_before, embeddings_of
 from lvdkit.curation.dedup_copy import dedup_copy
 from lvdkit.pipeline.config import CurateConfig
 from lvdkit.truth import families, load_truth, score_groups
@@ -42,8 +42,7 @@ def pool_and_copies(run: Path) -> tuple:
     columns = [schema.URI, schema.WIDTH, schema.HEIGHT, schema.CONTENT_HASH]
     images = alive(inputs, dedups_before("dedup_copy"), columns)
     emb = embeddings_of(inputs, cfg.dedup_copy.embedding, images[schema.IMAGE_ID])
-    calib = inputs.table("embed", columns=[schema.IMAGE_ID], sub=schema.CALIBRATION)
-    calib_emb = embeddings_of(inputs, cfg.dedup_copy.embedding, calib[schema.IMAGE_ID], calibration=True)
+    calib, calib_emb = calibration_copies(inputs, cfg.dedup_copy.embedding)  # in order: an image may have several
     return cfg.dedup_copy, images, emb, calib[schema.IMAGE_ID], calib_emb
 
 

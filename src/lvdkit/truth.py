@@ -105,6 +105,11 @@ def score_status(truth: pa.Table, status: pa.Table) -> DedupScore:
 
     Images removed by ``dedup_relative`` (copies of protected images) are left out: see :func:`score_relative`.
     """
+    return score_groups(truth, *status_groups(status))
+
+
+def status_groups(status: pa.Table) -> tuple[list[str], list[str]]:
+    """(uris, kept uri of each one's group) from ``status.parquet``, quarantined and relative-dedup rows left out."""
     uri_of_id = dict(zip(status[schema.IMAGE_ID].to_pylist(), status[schema.URI].to_pylist(), strict=True))
     live = status.filter(
         pa.compute.and_(
@@ -118,7 +123,25 @@ def score_status(truth: pa.Table, status: pa.Table) -> DedupScore:
         for u, d in zip(live[schema.URI].to_pylist(), live[schema.DUP_OF].to_pylist(), strict=True)
         if d is None or d in uri_of_id
     ]
-    return score_groups(truth, [u for u, _ in pairs], [uri_of_id[d] if d else u for u, d in pairs])
+    return [u for u, _ in pairs], [uri_of_id[d] if d else u for u, d in pairs]
+
+
+def near_found_by_transform(truth: pa.Table, uris: list[str], rep_uris: list[str]) -> dict[str, tuple[int, int]]:
+    """Per edit (``transform``) of the planted near duplicates: (grouped with their original, planted)."""
+    rep = dict(zip(uris, rep_uris, strict=True))
+    rows = truth.select(
+        [schema.URI, schema.TRUTH_PATH, schema.TRUTH_KIND, schema.TRUTH_COPY_OF, schema.TRUTH_TRANSFORM]
+    )
+    uri_of_path = dict(zip(rows[schema.TRUTH_PATH].to_pylist(), rows[schema.URI].to_pylist(), strict=True))
+    counts: dict[str, tuple[int, int]] = {}
+    for r in rows.to_pylist():
+        if r[schema.TRUTH_KIND] != schema.TRUTH_NEAR:
+            continue
+        u, o = r[schema.URI], uri_of_path[r[schema.TRUTH_COPY_OF]]
+        hit = u in rep and o in rep and rep[u] == rep[o]
+        found, total = counts.get(r[schema.TRUTH_TRANSFORM], (0, 0))
+        counts[r[schema.TRUTH_TRANSFORM]] = (found + hit, total + 1)
+    return counts
 
 
 @dataclass

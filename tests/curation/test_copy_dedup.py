@@ -99,6 +99,22 @@ def test_calibrate_estimates_prevalence_and_meets_precision_on_a_known_mixture()
     assert stricter.threshold >= cal.threshold and stricter.recall <= cal.recall
 
 
+def test_a_raised_threshold_reports_the_estimates_it_gives_and_recall_per_edit_family() -> None:
+    rng = np.random.default_rng(4)
+    best = np.concatenate([rng.normal(0.8, 0.05, 500), rng.normal(0.3, 0.05, 9500)])
+    pos = np.concatenate([rng.normal(0.85, 0.03, 1000), rng.normal(0.55, 0.03, 1000)])  # an easy and a hard family
+    edits = np.array(["jpeg"] * 1000 + ["rotate"] * 1000, dtype=object)
+    neg = rng.normal(0.28, 0.05, 10000)
+    free = calibrate(pos, neg, best, 0.95, edits=edits)
+    raised = calibrate(pos, neg, best, 0.95, min_threshold=0.7, edits=edits)
+    assert free.threshold < 0.55 and free.calibrated == free.threshold
+    assert raised.threshold == 0.7 and raised.calibrated == free.threshold  # the floor applies, both recorded
+    assert abs(raised.recall - float(np.mean(pos > 0.7))) < 1e-9  # the estimate at the threshold actually used
+    assert raised.recall < 0.55 < free.recall
+    assert raised.recall_by_edit == {"jpeg": float(np.mean(pos[:1000] > 0.7)), "rotate": 0.0}
+    assert free.recall_by_edit["rotate"] > 0.9
+
+
 def _table(n: int, pixels: np.ndarray | None = None) -> pa.Table:
     side = pixels if pixels is not None else np.full(n, 10)
     return pa.table({schema.IMAGE_ID: [f"{i:05d}" for i in range(n)], "width": side, "height": side})

@@ -192,25 +192,39 @@ def aligned(ids: pa.Array | pa.ChunkedArray, table: pa.Table) -> pa.Table:
     return table.take(pc.index_in(ids, value_set=table[schema.IMAGE_ID]))
 
 
+def calibration_copies(inputs: StageInputs, key: str) -> tuple[pa.Table, np.ndarray]:
+    """embed's synthetic copies as stored: ``image_id`` (the source) and ``edit`` of each [C], and model ``key``'s
+    embeddings [C, D]. An image may have several copies (one per edit family), so they are read in order, not by id.
+    """
+    col = schema.embedding_column(key)
+    parts = inputs.parts(EMBED, schema.CALIBRATION)
+    ids = pa.schema([(schema.IMAGE_ID, pa.string()), (schema.EDIT, pa.string())])
+    if not parts:  # calibration_copies=0, or nothing reached embed
+        return ids.empty_table(), np.zeros((0, 0), np.float32)
+    if col not in pq.read_schema(parts[0]).names:
+        raise ValueError(f"no embeddings for model {key!r} in {inputs.folder(EMBED)}: set it in embed.models")
+    table = inputs.table(EMBED, columns=[schema.IMAGE_ID, schema.EDIT, col], sub=schema.CALIBRATION)
+    x = table[col].combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1).astype(np.float32, copy=False)
+    return table.select([schema.IMAGE_ID, schema.EDIT]), x
+
+
 def embeddings_of(
     inputs: StageInputs,
     key: str,
     ids: pa.Array | pa.ChunkedArray,
-    calibration: bool = False,
     allow_missing: bool = False,
 ) -> np.ndarray:
     """Embeddings of model ``key`` for ``ids`` (in that order), as a [N, D] float32 array (zeros where missing and
-    ``allow_missing``); ``calibration``: of the synthetic copies."""
+    ``allow_missing``). The synthetic copies: :func:`calibration_copies`."""
     col = schema.embedding_column(key)
-    sub = schema.CALIBRATION if calibration else ""
-    parts = inputs.parts(EMBED, sub)
+    parts = inputs.parts(EMBED)
     if not parts:  # embed had no image to embed (everything quarantined or removed before it)
         if len(ids) and not allow_missing:
             raise RuntimeError(f"{inputs.folder(EMBED)} holds no embeddings: rerun embed")
         return np.zeros((len(ids), 0), np.float32)
     if col not in pq.read_schema(parts[0]).names:
         raise ValueError(f"no embeddings for model {key!r} in {inputs.folder(EMBED)}: set it in embed.models")
-    table = inputs.table(EMBED, columns=[schema.IMAGE_ID, col], sub=sub)
+    table = inputs.table(EMBED, columns=[schema.IMAGE_ID, col])
     pos = pc.index_in(ids, value_set=table[schema.IMAGE_ID])
     missing = pc.is_null(pos).to_numpy(zero_copy_only=False)
     if missing.any() and not allow_missing:

@@ -35,7 +35,13 @@ from lvdkit.core.storage import Location
 from lvdkit.core.views import EMBED
 from lvdkit.core.whitening import Whitener, fit_whitener
 from lvdkit.curation.components import NODE_COLUMNS, dedup_rows, found_pairs, group_found
-from lvdkit.curation.dedup_copy import Calibration, DedupCopyConfig, calibrate, whitening_mode
+from lvdkit.curation.dedup_copy import (
+    Calibration,
+    DedupCopyConfig,
+    calibrate,
+    calibration_warnings,
+    whitening_mode,
+)
 
 CELL, KEY, X = "cell", "key", "x"  # scratch columns: a row's cell, its global key, its whitened descriptor
 
@@ -60,6 +66,7 @@ class CopyTotals:
     counts: np.ndarray  # [C] rows per cell
     top: tuple[np.ndarray, np.ndarray]  # queries' nearest rows: sims, keys [Q, negative_rank + 1]
     positives: list[np.ndarray] = field(default_factory=list)  # synthetic copies' similarity to their sources
+    edits: list[np.ndarray] = field(default_factory=list)  # ... and their edit families
 
 
 @dataclass
@@ -142,28 +149,31 @@ class CopyPartitions(PartitionedWork):
         table = nodes.take(pa.array(rows)).append_column(KEY, pa.array(keys[rows]))
         table = table.append_column(CELL, pa.array(cells.ravel().astype(np.int32)))
         table = table.append_column(X, _list_array(x[rows])).sort_by(CELL)
-        summary = {"counts": counts, "top": top, "positives": self._positives(state, index, part, x)}
+        positives, edits = self._positives(state, index, part, x)
+        summary = {"counts": counts, "top": top, "positives": positives, "edits": edits}
         return table, summary
 
-    def _positives(self, state: CopyState, index: int, part: pa.Table, x: np.ndarray) -> np.ndarray:
-        """Similarity of each synthetic copy made from this part's images to its source."""
+    def _positives(self, state: CopyState, index: int, part: pa.Table, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Similarity of each synthetic copy made from this part's images to its source, and the copy's edit."""
         name = self.inputs.parts(EMBED)[index].name
         path = self.inputs.folder(EMBED, schema.CALIBRATION) / name
         if not path.exists():
-            return np.empty(0, np.float32)
+            return np.empty(0, np.float32), np.empty(0, object)
         col = schema.embedding_column(self.cfg.embedding)
-        copies = pq.read_table(path, columns=[schema.IMAGE_ID, col])
+        copies = pq.read_table(path, columns=[schema.IMAGE_ID, schema.EDIT, col])
         at = pc.index_in(copies[schema.IMAGE_ID], value_set=part[schema.IMAGE_ID]).to_numpy(zero_copy_only=False)
         found = ~np.isnan(at.astype(np.float64))
         y = state.whitener(_matrix(copies[col]))[found]
-        return np.sum(y * x[at[found].astype(np.int64)], axis=1).astype(np.float32)
+        edits = copies[schema.EDIT].to_numpy(zero_copy_only=False)[found]
+        return np.sum(y * x[at[found].astype(np.int64)], axis=1).astype(np.float32), edits
 
     def merge(self, total: CopyTotals | None, summary: dict[str, Any]) -> CopyTotals:
         if total is None:
-            return CopyTotals(summary["counts"], summary["top"], [summary["positives"]])
+            return CopyTotals(summary["counts"], summary["top"], [summary["positives"]], [summary["edits"]])
         total.counts = total.counts + summary["counts"]
         total.top = merge_top(total.top, summary["top"])
         total.positives.append(summary["positives"])
+        total.edits.append(summary["edits"])
         return total
 
     # --- 3. plan ---------------------------------------------------------------------------------------------------
@@ -176,14 +186,17 @@ class CopyPartitions(PartitionedWork):
         threshold, cal = cfg.threshold, None
         if threshold is None:
             cal = self._calibrate(total)
-            threshold = max(cal.threshold, cfg.min_threshold)
+            threshold = cal.threshold
         return list(plan_ranges(total.counts, cfg.partition_rows)), CopyFigures(float(threshold), cal)
 
     def _calibrate(self, total: CopyTotals) -> Calibration:
         """As the single-task path, from the calibration queries' exact neighbours over the whole pool."""
         ranked = total.top[0]  # [Q, rank + 1] best first, the query itself masked out (-inf) in scatter
         pos = np.concatenate(total.positives) if total.positives else np.empty(0, np.float32)
-        return calibrate(pos, ranked[:, self.cfg.negative_rank - 1], ranked[:, 0], self.cfg.target_precision)
+        edits = np.concatenate(total.edits) if total.edits else np.empty(0, object)
+        cfg = self.cfg
+        neg, best = ranked[:, cfg.negative_rank - 1], ranked[:, 0]
+        return calibrate(pos, neg, best, cfg.target_precision, cfg.min_threshold, edits)
 
     # --- 4. solve --------------------------------------------------------------------------------------------------
 
@@ -213,6 +226,7 @@ class CopyPartitions(PartitionedWork):
         )
         if figures.calibration is not None:
             stats["calibration"] = asdict(figures.calibration)
+            stats["warnings"] = calibration_warnings(figures.calibration, state.rows, state.whitening, self.cfg)
         sides = {
             schema.WHITENING_FILE: state.whitener.to_bytes(),
             schema.THRESHOLD_FILE: {"threshold": figures.threshold},

@@ -15,7 +15,7 @@ kept per group. Two things the paper's recipe leaves out, because thresholds do 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -26,7 +26,7 @@ from lvdkit.core import schema
 from lvdkit.core.knn import IndexKind, build_index, knn, pairs_above
 from lvdkit.core.settings import setting
 from lvdkit.core.stage import StageInputs, StageOutput
-from lvdkit.core.views import EMBED, alive, dedups_before, embeddings_of
+from lvdkit.core.views import alive, calibration_copies, dedups_before, embeddings_of
 from lvdkit.core.whitening import Whitener, fit_whitener
 from lvdkit.curation.components import component_sizes, connected_components, dedup_stats, group, keep_priority
 from lvdkit.curation.dedup_exact import groups_table
@@ -78,50 +78,84 @@ class DedupCopyConfig:
     # 50k: about 1 GiB per task at 256 dims; measured in bench/scale_curation.py with cell_rows 12.5k
     partition_rows: int = setting(50_000, ge=2)
     calibration_queries: int = setting(20_000, ge=2)  # images whose exact neighbours calibrate the threshold
+    # below this pool size, or above this estimated share of images with a copy, the run warns that the calibration's
+    # estimates are unreliable (measured: bench/photo_copies.py)
+    reliable_min_images: int = setting(1000, ge=0)
+    reliable_max_prevalence: float = setting(0.3, ge=0, le=1)
     task_cpus: float = setting(1.0, gt=0)  # CPUs per partitioned task (Faiss threads match them)
     task_memory_mb: int | None = setting(None, ge=64)  # memory Ray reserves per task; null: from partition_rows
 
 
 @dataclass
 class Calibration:
-    """The chosen threshold and what it is estimated to do on this pool."""
+    """The threshold applied and what it is estimated to do on this pool (all estimates at that threshold)."""
 
-    threshold: float
+    threshold: float  # applied: the calibrated one, or min_threshold when that is higher
     precision: float  # estimated fraction of removed images that really are copies
     recall: float  # estimated fraction of copies found (from the synthetic copies)
     prevalence: float  # estimated fraction of images that have a copy in the pool
     false_match_rate: float  # estimated fraction of images whose best distinct match exceeds the threshold
     positives: int
     negatives: int
+    calibrated: float = float("nan")  # the lowest threshold reaching target_precision, before the floor
+    recall_by_edit: dict[str, float] = field(default_factory=dict)  # estimated recall per synthetic edit family
 
 
-def calibrate(pos: np.ndarray, neg: np.ndarray, best: np.ndarray, target_precision: float) -> Calibration:
-    """Lowest threshold t whose estimated precision reaches ``target_precision`` (a pair is a copy when sim > t).
+def calibrate(
+    pos: np.ndarray,
+    neg: np.ndarray,
+    best: np.ndarray,
+    target_precision: float,
+    min_threshold: float = -1.0,
+    edits: np.ndarray | None = None,
+) -> Calibration:
+    """Lowest threshold t (not below ``min_threshold``) whose estimated precision reaches ``target_precision`` (a pair
+    is a copy when sim > t), with the estimates at that t.
 
-    pos: [P] similarities of synthetic copies to their sources; R(t), the fraction above t, is the recall.
-    neg: [Q] similarities of images to a (second-nearest, almost surely) distinct image; its maximum t0 is a level
-    that distinct images essentially never exceed.
     best: [N] each image's highest similarity to another image; M(t), the fraction above t, is the observed match
     rate, copies and false matches together.
-    Prevalence of copies: pi = M(t0) / R(t0). Precision: pi R(t) / M(t), expected true matches over observed ones.
+    neg: [N] each image's similarity to a (second-nearest, almost surely) distinct image; F(t), the fraction above t,
+    estimates the false matches.
+    pos: [P] similarities of synthetic copies to their sources; R(t), the fraction above t, is the recall.
+    edits: [P] the edit family of each synthetic copy (recall is then also estimated per family).
+    Prevalence of copies: pi = M(t0) / R(t0) at t0 = max(neg), a level distinct images essentially never reach.
+    Precision: the lower of 1 - F(t) / M(t) and pi R(t) / M(t). Each alone was optimistic somewhere: the second on
+    the photo benchmark and the demo (synthetic copies harder or easier than the pool's own bias pi through R(t0)),
+    the first on pools where an image's second neighbour is well below its first distinct one.
     """
     if not len(pos) or not len(neg) or not len(best):
         raise ValueError("calibration needs synthetic copies and at least two images")
-    pos_s, best_s = np.sort(pos), np.sort(best)
+    pos_s, neg_s, best_s = np.sort(pos), np.sort(neg), np.sort(best)
 
     def above(sorted_x: np.ndarray, t: np.ndarray | float) -> np.ndarray:
         return 1.0 - np.searchsorted(sorted_x, t, side="right") / len(sorted_x)
 
-    t0 = float(np.max(neg))
+    t0 = float(neg_s[-1])
     r0 = float(above(pos_s, t0))
     pi = float(np.clip(above(best_s, t0) / r0, 1e-4, 1.0)) if r0 > 0 else 1e-4
     cands = np.unique(np.concatenate([pos_s, best_s]))
-    recall, matched = above(pos_s, cands), above(best_s, cands)
-    precision = np.where(matched > 0, np.minimum(1.0, pi * recall / np.maximum(matched, 1e-12)), 1.0)
-    ok = np.nonzero((precision >= target_precision) & (recall > 0))[0]
-    i = int(ok[0]) if len(ok) else int(np.searchsorted(cands, t0))
-    false_rate = max(0.0, float(matched[i] - pi * recall[i]))
-    return Calibration(float(cands[i]), float(precision[i]), float(recall[i]), pi, false_rate, len(pos), len(neg))
+    ok = np.nonzero((_precision(cands, pos_s, neg_s, best_s, pi) >= target_precision) & (above(pos_s, cands) > 0))[0]
+    chosen = float(cands[int(ok[0])]) if len(ok) else t0
+    t = max(chosen, min_threshold)
+    r, f = float(above(pos_s, t)), float(above(neg_s, t))
+    by_edit = {}
+    if edits is not None:
+        by_edit = {str(e): float(np.mean(pos[edits == e] > t)) for e in np.unique(edits)}
+    est = float(_precision(np.array([t]), pos_s, neg_s, best_s, pi)[0])
+    return Calibration(t, est, r, pi, f, len(pos), len(neg), chosen, by_edit)
+
+
+def _precision(t: np.ndarray, pos_s: np.ndarray, neg_s: np.ndarray, best_s: np.ndarray, pi: float) -> np.ndarray:
+    """Estimated precision at thresholds ``t`` [T] from sorted similarities: the lower of 1 - F(t) / M(t) (false
+    matches from the distinct neighbours) and pi R(t) / M(t) (true matches from the synthetic copies)."""
+
+    def above(sorted_x: np.ndarray) -> np.ndarray:
+        return 1.0 - np.searchsorted(sorted_x, t, side="right") / len(sorted_x)
+
+    matched, false, recall = above(best_s), above(neg_s), above(pos_s)
+    from_false = 1.0 - np.minimum(false, matched) / np.maximum(matched, 1e-12)
+    from_copies = np.minimum(1.0, pi * recall / np.maximum(matched, 1e-12))
+    return np.where(matched > 0, np.minimum(from_false, from_copies), 1.0)
 
 
 def nearest_other(sims: np.ndarray, ids: np.ndarray, rank: int = 1) -> np.ndarray:
@@ -137,10 +171,12 @@ def dedup_copy(
     calib_source: np.ndarray,
     calib_embeddings: np.ndarray,
     cfg: DedupCopyConfig,
+    calib_edits: np.ndarray | None = None,
 ) -> tuple[pa.Table, dict[str, Any], Whitener]:
     """Self-dedup ``images`` (``image_id``, ``width``, ``height``) on ``embeddings`` [N, D].
 
-    calib_source: [C] row index (into ``images``) of each synthetic copy; calib_embeddings: [C, D] their descriptors.
+    calib_source: [C] row index (into ``images``) of each synthetic copy; calib_embeddings: [C, D] their descriptors;
+    calib_edits: [C] their edit families (for the per-family recall estimate).
     Returns dedup rows (schema.DEDUP, distance = 1 - cosine to the kept image), stats and the fitted whitener.
     """
     n = images.num_rows
@@ -157,9 +193,11 @@ def dedup_copy(
     if threshold is None:
         pos = np.sum(whitener(calib_embeddings) * x[calib_source], axis=1)
         neg = nearest_other(sims, ids, cfg.negative_rank)
-        cal = calibrate(pos, neg, nearest_other(sims, ids, 1), cfg.target_precision)
-        threshold = max(cal.threshold, cfg.min_threshold)
+        best = nearest_other(sims, ids, 1)
+        cal = calibrate(pos, neg, best, cfg.target_precision, cfg.min_threshold, calib_edits)
+        threshold = cal.threshold
         stats["calibration"] = asdict(cal)
+        stats["warnings"] = calibration_warnings(cal, n, mode, cfg)
     pairs, _ = pairs_above(sims, ids, threshold)
     rep = group(n, pairs, keep_priority(images), cfg.grouping)
     distance = 1.0 - np.sum(x * x[rep], axis=1)
@@ -176,6 +214,36 @@ def dedup_copy(
         index=cfg.index if cfg.index != "auto" else ("flat" if n <= cfg.flat_max else "ivf"),
     )
     return groups_table(images[schema.IMAGE_ID], rep, distance.astype(np.float32)), stats, whitener
+
+
+def calibration_warnings(cal: Calibration, n: int, whitening: str, cfg: DedupCopyConfig) -> list[str]:
+    """Why the estimates in ``cal`` may be far from the truth on this pool (empty when nothing is known to be off).
+
+    Each rule comes from bench/photo_copies.py, where the estimates were compared with planted copies."""
+    said = []
+    if n < cfg.reliable_min_images:
+        said.append(
+            f"only {n} images (reliable_min_images={cfg.reliable_min_images}): the estimated precision and recall "
+            "rest on too few neighbours and were 0.05-0.3 optimistic on small benchmark pools"
+        )
+    if cal.prevalence >= 1.0:
+        said.append(
+            "more images match above the distinct-image level than the synthetic copies explain: they do not "
+            "describe this pool's copies, so the estimated recall means little here"
+        )
+    elif cal.prevalence > cfg.reliable_max_prevalence:
+        said.append(
+            f"about {cal.prevalence:.0%} of images seem to have a copy: images with several copies make the "
+            "distinct-image level (each image's second neighbour) a copy's, so false matches are underestimated"
+        )
+    if cal.threshold > cal.calibrated:
+        said.append(
+            f"the calibrated threshold {cal.calibrated:.3f} was below min_threshold and {cal.threshold:.3f} applies: "
+            "the descriptors barely separate copies from distinct images here"
+        )
+    if whitening != cfg.whiten:
+        said.append(f"whitening {whitening!r} instead of {cfg.whiten!r} (too few descriptors to fit it)")
+    return said
 
 
 def whitening_mode(cfg: DedupCopyConfig, sample: int) -> tuple[WhitenMode, str]:
@@ -196,12 +264,11 @@ def run_dedup_copy(cfg: DedupCopyConfig, inputs: StageInputs) -> StageOutput:
     whitening and the threshold as side files (dedup_relative reads both)."""
     images = alive(inputs, dedups_before("dedup_copy"), [schema.WIDTH, schema.HEIGHT, schema.CONTENT_HASH])
     emb = embeddings_of(inputs, cfg.embedding, images[schema.IMAGE_ID])
-    ids_only = pa.schema([(schema.IMAGE_ID, pa.string())])  # no parts when there was nothing to copy
-    calib = inputs.table(EMBED, columns=[schema.IMAGE_ID], schema=ids_only, sub=schema.CALIBRATION)
+    calib, calib_emb = calibration_copies(inputs, cfg.embedding)
     calib_src = pc.index_in(calib[schema.IMAGE_ID], value_set=images[schema.IMAGE_ID]).to_numpy(zero_copy_only=False)
-    calib_emb = (
-        embeddings_of(inputs, cfg.embedding, calib[schema.IMAGE_ID], calibration=True) if len(calib) else emb[:0]
-    )
-    table, stats, whitener = dedup_copy(images, emb, calib_src.astype(np.int64), calib_emb, cfg)
+    edits = calib[schema.EDIT].to_numpy(zero_copy_only=False)
+    if not len(calib):
+        calib_emb = emb[:0]
+    table, stats, whitener = dedup_copy(images, emb, calib_src.astype(np.int64), calib_emb, cfg, edits)
     sides = {schema.WHITENING_FILE: whitener.to_bytes(), schema.THRESHOLD_FILE: {"threshold": stats.get("threshold")}}
     return StageOutput(table, dedup_stats(table, stats), sides)

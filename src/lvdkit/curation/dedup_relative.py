@@ -18,7 +18,7 @@ from lvdkit.core.io import read_json
 from lvdkit.core.knn import build_index, knn
 from lvdkit.core.settings import setting
 from lvdkit.core.stage import StageInputs, StageOutput
-from lvdkit.core.views import alive, dedups_before, embeddings_of
+from lvdkit.core.views import alive, calibration_copies, dedups_before, embeddings_of
 from lvdkit.core.whitening import Whitener
 from lvdkit.curation.components import dedup_stats
 from lvdkit.curation.side_sets import SideSetReader
@@ -110,12 +110,11 @@ def _recall_threshold(
     cfg: DedupRelativeConfig, inputs: StageInputs, whitener: Whitener, pool_x: np.ndarray, prot_x: np.ndarray
 ) -> tuple[float, dict[str, object]]:
     """The recall rule (see :class:`DedupRelativeConfig`) on this pool: (threshold, what it was made of)."""
-    ids_only = pa.schema([(schema.IMAGE_ID, pa.string())])
-    calib = inputs.table("embed", columns=[schema.IMAGE_ID], schema=ids_only, sub=schema.CALIBRATION)
+    calib, copies_x = calibration_copies(inputs, cfg.embedding)
     best, _ = knn(build_index(prot_x, "flat"), pool_x, 1)  # [N, 1] each pool image's best protected match
     positives = None
     if calib.num_rows:  # else embed.calibration_copies=0: only the budget can set it
-        copies = whitener(embeddings_of(inputs, cfg.embedding, calib[schema.IMAGE_ID], calibration=True))
+        copies = whitener(copies_x)
         sources = whitener(embeddings_of(inputs, cfg.embedding, calib[schema.IMAGE_ID]))
         positives = np.sum(copies * sources, axis=1)  # [C] similarity of each synthetic copy to its source
     return recall_rule(positives, best[:, 0], cfg.target_recall, cfg.max_removed)

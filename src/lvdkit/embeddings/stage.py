@@ -28,7 +28,7 @@ from lvdkit.core.settings import setting
 from lvdkit.core.stage import PartPlan, PartWork, StageInputs
 from lvdkit.core.storage import Location
 from lvdkit.core.views import alive_by_part, dedups_before
-from lvdkit.curation.augment import synthetic_copy
+from lvdkit.curation.augment import COPY_EDITS, edit_families, synthetic_copy
 
 if TYPE_CHECKING:
     from lvdkit.embeddings.preprocess import Preprocess
@@ -73,15 +73,18 @@ class EmbedInputError(RuntimeError):
 
 
 def calibration_rate(n_images: int, copies: int) -> float:
-    """Fraction of images that also get a synthetic copy."""
-    return min(1.0, copies / n_images) if n_images else 0.0
+    """Synthetic copies per image: below 1 a sampled fraction gets one; small pools get several (up to one per edit
+    family), so that even a 200-image pool calibrates on ``copies`` copies covering every family."""
+    return min(float(len(COPY_EDITS)), copies / n_images) if n_images else 0.0
 
 
-def is_calibration_sample(key: str, rate: float, seed: int) -> bool:
-    """Deterministic per image (``key``: its content hash): the same images are sampled on every run, on every
-    worker, wherever the pool lies."""
+def copies_of(key: str, rate: float, seed: int) -> int:
+    """How many synthetic copies image ``key`` (its content hash) gets: ``floor(rate)``, plus one for a deterministic
+    fraction ``rate - floor(rate)`` of images (the same images on every run, on every worker, wherever the pool
+    lies)."""
     h = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") < rate * 2**64
+    whole = int(rate)
+    return whole + int(int.from_bytes(h, "little") < (rate - whole) * 2**64)
 
 
 def decode_batch(
@@ -112,8 +115,9 @@ def decode_batch(
                 "stages after it"
             ) from None
         variants = [(image, "")]
-        if is_calibration_sample(key, rate, cfg.seed):
-            variants.append(synthetic_copy(image, seed=_seed_of(key, cfg.seed)))
+        seed = _seed_of(key, cfg.seed)
+        for i, family in enumerate(edit_families(seed, copies_of(key, rate, cfg.seed))):
+            variants.append(synthetic_copy(image, seed=seed + i, edit=family))
         for img, edit in variants:
             ids.append(image_id)
             edits.append(edit)

@@ -102,6 +102,8 @@ def run_stage(name: str, cfg: CurateConfig, ray_: LazyRay, force: bool = False) 
     seconds = time.time() - start
     record = finish(stage_dir, name, key, to_dict(stage.section(cfg)), rows, seconds, stats, sorted(nodes))
     log(f"{name}: {rows} rows in {record['seconds']:.1f}s -> {stage_dir}")
+    for warning in stats.get("warnings", ()):
+        log(f"{name}: warning: {warning}")
     return {**record, "skipped": False}
 
 
