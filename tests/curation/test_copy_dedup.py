@@ -9,7 +9,14 @@ import pytest
 from lvdkit.core import schema
 from lvdkit.core.knn import build_index, knn, l2_normalize, pairs_above
 from lvdkit.core.whitening import fit_whitener
-from lvdkit.curation.dedup_copy import DedupCopyConfig, calibrate, dedup_copy, nearest_other
+from lvdkit.curation.dedup_copy import (
+    Calibration,
+    DedupCopyConfig,
+    calibrate,
+    calibration_warnings,
+    dedup_copy,
+    nearest_other,
+)
 from lvdkit.curation.dedup_relative import dedup_relative
 
 
@@ -113,6 +120,20 @@ def test_a_raised_threshold_reports_the_estimates_it_gives_and_recall_per_edit_f
     assert raised.recall < 0.55 < free.recall
     assert raised.recall_by_edit == {"jpeg": float(np.mean(pos[:1000] > 0.7)), "rotate": 0.0}
     assert free.recall_by_edit["rotate"] > 0.9
+
+
+def test_calibration_warns_when_its_estimates_cannot_be_trusted_and_says_why() -> None:
+    cfg = DedupCopyConfig()
+    sound = Calibration(0.5, 0.95, 0.8, 0.1, 0.01, 1000, 5000, calibrated=0.5)
+    assert calibration_warnings(sound, 5000, "pca", cfg) == []
+    said = calibration_warnings(sound, 200, "center", cfg)
+    assert len(said) == 2 and "only 200 images" in said[0] and "'center' instead of 'pca'" in said[1]
+    crowded = Calibration(0.5, 0.95, 0.8, 0.45, 0.01, 1000, 5000, calibrated=0.5)
+    assert "45% of images" in calibration_warnings(crowded, 5000, "pca", cfg)[0]
+    floored = Calibration(0.4, 0.9, 0.8, 0.1, 0.01, 1000, 5000, calibrated=-0.6)
+    assert "below min_threshold" in calibration_warnings(floored, 5000, "pca", cfg)[0]
+    saturated = Calibration(0.9, 1.0, 0.1, 1.0, 0.0, 1000, 5000, calibrated=0.9)
+    assert "do not describe this pool's copies" in calibration_warnings(saturated, 5000, "pca", cfg)[0]
 
 
 def _table(n: int, pixels: np.ndarray | None = None) -> pa.Table:

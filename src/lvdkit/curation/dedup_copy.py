@@ -81,7 +81,7 @@ class DedupCopyConfig:
     # below this pool size, or above this estimated share of images with a copy, the run warns that the calibration's
     # estimates are unreliable (measured: bench/photo_copies.py)
     reliable_min_images: int = setting(1000, ge=0)
-    reliable_max_prevalence: float = setting(0.3, ge=0, le=1)
+    reliable_max_prevalence: float = setting(0.2, ge=0, le=1)
     task_cpus: float = setting(1.0, gt=0)  # CPUs per partitioned task (Faiss threads match them)
     task_memory_mb: int | None = setting(None, ge=64)  # memory Ray reserves per task; null: from partition_rows
 
