@@ -91,6 +91,24 @@ def row(size: int, tool: str, truth, uris: list[str], reps: list[str], seconds: 
     ]
 
 
+# the calibration's edit family that stands for each of the pool's (shrink_jpeg: downscaling and heavy JPEG both)
+ESTIMATED_AS = {
+    "crop": ("crop",),
+    "shrink_jpeg": ("resize", "jpeg"),
+    "rotate": ("rotate",),
+    "flip": ("flip",),
+    "overlay": ("overlay",),
+    "compose": ("compose",),
+}
+
+
+def estimated_row(size: int, stats: dict) -> list:
+    """The calibration's estimated recall per edit family, under the pool's families (``a/b``: two families)."""
+    by = stats.get("calibration", {}).get("recall_by_edit", {})
+    cells = ["/".join(f"{by[e]:.2f}" for e in ESTIMATED_AS[f] if e in by) or "-" for f in PHOTO_EDITS]
+    return [size, "  its calibration's estimate", *cells, "", "", "", "", ""]
+
+
 def estimate(stats: dict) -> str:
     cal = stats.get("calibration")
     if not cal:
@@ -120,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
             out = args.out / f"run-{size}-{'copy' if copy_only else 'cascade'}"
             uris, reps, stats, seconds = lvdkit_groups(pool, out, copy_only, args.set)
             rows.append(row(size, f"lvdkit SSCD, {name}", truth, uris, reps, seconds, estimate(stats)))
+            rows.append(estimated_row(size, stats))
         uris = sorted(truth.filter(truth["kind"].is_valid())["uri"].to_pylist())
         flat = pool / "_flat"
         flatten(uris, flat)
