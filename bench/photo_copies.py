@@ -35,7 +35,7 @@ from lvdkit.curation.components import connected_components, representatives
 from lvdkit.photo_copies import PHOTO_EDITS, make_photo_pool
 from lvdkit.pipeline.config import CurateConfig
 from lvdkit.pipeline.runner import run
-from lvdkit.truth import load_truth, near_found_by_transform, score_groups, status_groups
+from lvdkit.truth import families, load_truth, near_found_by_transform, score_groups, status_groups
 
 POOL_VERSION = 2  # bump when make_photo_pool changes: cached pools are rebuilt
 STAGES = ("ingest", "dedup_exact", "dedup_phash", "embed", "dedup_copy")
@@ -79,16 +79,30 @@ def row(size: int, tool: str, truth, uris: list[str], reps: list[str], seconds: 
     score = score_groups(truth, uris, reps)
     by = near_found_by_transform(truth, uris, reps)
     per_family = [f"{by[f][0] / by[f][1]:.2f}" if f in by else "-" for f in PHOTO_EDITS]
+    wrong, same = same_photo_links(truth, uris, reps)
     return [
         size,
         tool,
         *per_family,
         f"{score.near_recall:.3f}",
         f"{score.precision:.3f}",
+        f"{same}/{wrong}",
         f"{score.clean_originals_removed}/{score.clean_originals}",
         est,
         f"{seconds:.0f}",
     ]
+
+
+def same_photo_links(truth, uris: list[str], reps: list[str]) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+    """(wrong decisions, of which link two quadrants of one photograph): distinct images, but the same scene."""
+    family = families(truth)
+    label = dict(zip(truth["uri"].to_pylist(), truth["label"].to_pylist(), strict=True))
+
+    def photo(uri: str) -> str:
+        return str(label.get(uri) or uri).rsplit("_q", 1)[0]
+
+    wrong = [(u, r) for u, r in zip(uris, reps, strict=True) if u != r and family.get(u, u) != family.get(r, r)]
+    return len(wrong), sum(photo(u) == photo(r) for u, r in wrong)
 
 
 # the calibration's edit family that stands for each of the pool's (shrink_jpeg: downscaling and heavy JPEG both)
@@ -106,7 +120,7 @@ def estimated_row(size: int, stats: dict) -> list:
     """The calibration's estimated recall per edit family, under the pool's families (``a/b``: two families)."""
     by = stats.get("calibration", {}).get("recall_by_edit", {})
     cells = ["/".join(f"{by[e]:.2f}" for e in ESTIMATED_AS[f] if e in by) or "-" for f in PHOTO_EDITS]
-    return [size, "  its calibration's estimate", *cells, "", "", "", "", ""]
+    return [size, "  its calibration's estimate", *cells, "", "", "", "", "", ""]
 
 
 def estimate(stats: dict) -> str:
@@ -149,13 +163,13 @@ def main(argv: list[str] | None = None) -> None:
             reps = groups_from_dups(flat, uris, dups)
             rows.append(row(size, "imagededup CNN (random) sim>=0.9", truth, uris, reps, seconds))
         print(f"[{time.strftime('%H:%M:%S')}] pool {size} done", flush=True)
-    print_table(
-        ["pool", "tool", *PHOTO_EDITS, "recall", "precision", "distinct removed", "calibration estimate", "s"], rows
-    )
+    headers = ["pool", "tool", *PHOTO_EDITS, "recall", "precision", "wrong: same photo", "distinct removed"]
+    print_table([*headers, "calibration", "s"], rows)
     print(
         "per-family columns and recall: planted copies grouped with their original; precision: decisions whose image "
-        "and kept image share an original; distinct removed: images with no planted copy marked duplicate; "
-        "calibration estimate: dedup_copy's threshold and its estimated precision/recall (P, R) on this pool."
+        "and kept image share an original; wrong: same photo: of the wrong decisions, those linking two quadrants of "
+        "one photograph (distinct images of one scene); distinct removed: images with no planted copy marked "
+        "duplicate; calibration: dedup_copy's threshold and its estimated precision/recall (P, R) on this pool."
     )
 
 
