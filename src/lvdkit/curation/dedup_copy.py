@@ -5,12 +5,13 @@ kept per group. Two things the paper's recipe leaves out, because thresholds do 
 
 - descriptors are post-processed as SSCD's authors recommend: PCA whitening (or centering) fitted on a sample of
   this pool, then L2 normalisation;
-- the threshold is calibrated on this pool: synthetic copies of a sample of images (crop, re-encode, resize, flip,
-  rotation, colour) give the similarities of true copies; each image's second most similar other image gives the
-  similarities of distinct images (the most similar one is often a real copy in a raw pool, which would make every
-  copy look like a false match; an image rarely has two copies, so its second neighbour is almost always distinct,
-  at the price of slightly underestimating false matches); the lowest threshold whose estimated precision meets
-  ``target_precision`` is used, and the estimate is recorded.
+- the threshold is calibrated on this pool: synthetic copies of its images (eight edit families, see
+  :mod:`lvdkit.curation.augment`) give the similarities of true copies; each image's second most similar other
+  image gives the similarities of distinct images (the most similar one is often a real copy in a raw pool, which
+  would make every copy look like a false match; an image rarely has two copies, so its second neighbour is almost
+  always distinct, at the price of slightly underestimating false matches); the lowest threshold whose estimated
+  precision meets ``target_precision`` is used, and the estimates (overall and per edit family) are recorded, with
+  warnings where the measured benchmarks showed them to be unreliable.
 """
 
 from __future__ import annotations
