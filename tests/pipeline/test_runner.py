@@ -170,6 +170,20 @@ def test_rerun_skips_and_changes_redo_only_what_they_affect(small_demo: Path, tm
     assert after["dedup_phash"] != mtimes["dedup_phash"]
     assert json.loads((out / "dedup_phash" / "_SUCCESS").read_text())["config"]["max_distance"] == 2
 
+    # a model added for clustering only: the dedup stages, which read the copy model, are not redone
+    views = json.loads((out / "embed" / "_SUCCESS").read_text())["views"]
+    later = ("embed", "dedup_copy", "dedup_relative", "cluster", "retrieve", "curated")
+    before = {s: (out / s / "_SUCCESS").stat().st_mtime_ns for s in later}
+    two_models = "embed.models={copy: 'timm:resnet10t', semantic: 'timm:resnet10t'}"
+    run(_config(out, small_demo, "dedup_phash.max_distance=2", two_models, "cluster.embedding=semantic"))
+    redone = {s for s in later if (out / s / "_SUCCESS").stat().st_mtime_ns != before[s]}
+    assert redone == {"embed", "cluster", "retrieve", "curated"}
+    now = json.loads((out / "embed" / "_SUCCESS").read_text())["views"]
+    assert now["copy"] == views["copy"] and set(now) == {"copy", "semantic"}
+    run(_config(out, small_demo, "dedup_phash.max_distance=2"))  # back to one model: embed and its readers redone
+    assert json.loads((out / "embed" / "_SUCCESS").read_text())["views"] == views
+    assert after == {s: (out / s / "_SUCCESS").stat().st_mtime_ns for s in mtimes}
+
     extra = small_demo / "raw" / "zz_added_later.txt"  # a new input file changes the ingest fingerprint
     extra.write_text("not an image")
     try:

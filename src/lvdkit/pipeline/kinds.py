@@ -33,6 +33,11 @@ class Stage:
     sides: tuple[str, ...] = ()  # side files it writes in its folder (names or fnmatch patterns)
     subparts: tuple[str, ...] = ()  # per-part sub-folders it writes (one file per part in each)
     extra_fingerprint: Callable[[CurateConfig], str] | None = None  # inputs beyond upstream outputs (files read)
+    # parts of its output that readers use separately, with the identity of each (embed: one per model); recorded in
+    # _SUCCESS, so adding a model reruns only the stages that read it
+    views: Callable[[CurateConfig], dict[str, str]] | None = None
+    # the views of upstream stages it reads (e.g. {"embed": ("copy",)}); an upstream stage not named counts whole
+    uses: Callable[[CurateConfig], dict[str, tuple[str, ...]]] | None = None
 
     def inputs(self, out: Location, sides: dict[str, tuple[str, ...]]) -> StageInputs:
         """Read access to its declared upstream outputs (and to its own, for its stats)."""

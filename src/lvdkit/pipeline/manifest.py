@@ -82,8 +82,10 @@ def finish(
     seconds: float,
     stats: dict[str, Any],
     nodes: list[str] | None = None,
+    views: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Write ``_SUCCESS`` and drop the ``_RUNNING`` marker; returns the record."""
+    """Write ``_SUCCESS`` and drop the ``_RUNNING`` marker; returns the record. ``views``: the identity of each
+    separately read part of the output (see :func:`fingerprint_of`)."""
     record = {
         "stage": stage,
         "rows": rows,
@@ -98,16 +100,32 @@ def finish(
         "part_bytes": committed_sizes(stage_dir),  # checked (a stat each) before a rerun skips the stage
         "nodes": nodes or [],  # the Ray nodes whose tasks did this run's work (resumed runs: the last attempt's)
     }
+    if views is not None:
+        record["views"] = views
     write_json_atomic(stage_dir / SUCCESS, record)
     (stage_dir / RUNNING).unlink(missing_ok=True)
     return record
 
 
-def fingerprint_of(*records: dict[str, Any] | None) -> str:
-    """Fingerprint of a downstream stage's inputs: the identity of the upstream outputs it reads."""
+def fingerprint_of(*records: dict[str, Any] | None, uses: dict[str, tuple[str, ...]] | None = None) -> str:
+    """Fingerprint of a downstream stage's inputs: the identity of the upstream outputs it reads.
+
+    ``uses`` names, per upstream stage, the views of its output the reader uses (embed: the models); such a stage
+    counts by those views' identities instead of its whole config, so a model added for one reader leaves the
+    others' fingerprints as they were. A record without views (or a view it lacks) counts whole."""
     h = hashlib.blake2b(digest_size=8)
     for rec in records:
         if rec is None:
             raise FileNotFoundError("an upstream stage has not finished")
-        h.update(f"{rec['stage']}|{rec['config_hash']}|{rec['fingerprint']}|{rec['rows']}\n".encode())
+        h.update(
+            f"{rec['stage']}|{_identity(rec, (uses or {}).get(rec['stage']))}|{rec['fingerprint']}|"
+            f"{rec['rows']}\n".encode()
+        )
     return h.hexdigest()
+
+
+def _identity(record: dict[str, Any], used: tuple[str, ...] | None) -> str:
+    views = record.get("views")
+    if used is None or not isinstance(views, dict) or not all(k in views for k in used):
+        return str(record["config_hash"])
+    return ",".join(f"{k}={views[k]}" for k in sorted(set(used)))

@@ -100,7 +100,8 @@ def run_stage(name: str, cfg: CurateConfig, ray_: LazyRay, force: bool = False) 
         rows, stats, node = _run_whole(stage, cfg, out)
         stats, nodes = ({**stats, "path": "single"} if isinstance(stage, PartitionedStage) else stats), {node}
     seconds = time.time() - start
-    record = finish(stage_dir, name, key, to_dict(stage.section(cfg)), rows, seconds, stats, sorted(nodes))
+    views = stage.views(cfg) if stage.views is not None else None
+    record = finish(stage_dir, name, key, to_dict(stage.section(cfg)), rows, seconds, stats, sorted(nodes), views)
     log(f"{name}: {rows} rows in {record['seconds']:.1f}s -> {stage_dir}")
     for warning in stats.get("warnings", ()):
         log(f"{name}: warning: {warning}")
@@ -111,7 +112,8 @@ def _plan(stage: Stage, cfg: CurateConfig, out: Location) -> tuple[RunKey, int, 
     """The stage's run key (config hash, input fingerprint). A per-part stage whose work list decides its fingerprint
     (ingest: the files it lists) writes it here; the others plan in a Ray task once they have work
     (:func:`_plan_in_task`): their work list holds a row per image, which the driver never should."""
-    fingerprint = fingerprint_of(*(success(out / s) for s in stage.reads))
+    uses = stage.uses(cfg) if stage.uses is not None else None
+    fingerprint = fingerprint_of(*(success(out / s) for s in stage.reads), uses=uses)
     if stage.extra_fingerprint is not None:
         fingerprint = hashlib.blake2b(
             f"{fingerprint}|{stage.extra_fingerprint(cfg)}".encode(), digest_size=8

@@ -7,7 +7,9 @@ they run and writes every output.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -16,6 +18,7 @@ from lvdkit.cluster.partitioned import ClusterPartitions
 from lvdkit.cluster.stage import run_cluster
 from lvdkit.core import schema
 from lvdkit.core.files import file_identity, list_inputs
+from lvdkit.core.settings import config_hash
 from lvdkit.core.stage import StageInputs
 from lvdkit.curation.copy_partitioned import CopyPartitions
 from lvdkit.curation.curated import CuratedWork, curated_stats, plan_curated
@@ -61,6 +64,21 @@ def _embed_actors(cfg: CurateConfig) -> Actors:
     return Actors(e.num_actors, cpus, gpus, e.threads_per_actor, smallest, e.decode_cpus)
 
 
+def _embed_views(cfg: CurateConfig) -> dict[str, str]:
+    """One view of embed's output per model: its columns depend on that model and on embed's other settings only."""
+    e = cfg.embed
+    return {
+        key: config_hash(dataclasses.replace(e, models={key: spec}, model_options={key: e.options(key)}))
+        for key, spec in e.models.items()
+    }
+
+
+def _reads_model(key: Callable[[CurateConfig], str | None]) -> Callable[[CurateConfig], dict[str, tuple[str, ...]]]:
+    """A stage that reads one model's embeddings (named by its config) depends on that view of embed only (on no
+    model: on embed whole, as other stages)."""
+    return lambda c: {"embed": (k,)} if (k := key(c)) is not None else {}
+
+
 _INGESTED = ("ingest", "dedup_exact", "dedup_phash")
 _EMBEDDED = (*_INGESTED, "embed")
 _DEDUPED = (*_EMBEDDED, "dedup_copy", "dedup_relative")
@@ -102,12 +120,14 @@ STAGES: dict[str, Stage] = {
             work=lambda c, listing: EmbedWork.create(c.embed, listing),
             stats=embed_stats,
             actors=_embed_actors,
+            views=_embed_views,
         ),
         PartitionedStage(
             name="dedup_copy",
             reads=_EMBEDDED,
             section=lambda c: c.dedup_copy,
             sides=(schema.WHITENING_FILE, schema.THRESHOLD_FILE),
+            uses=_reads_model(lambda c: c.dedup_copy.embedding),
             run=lambda c, inputs: run_dedup_copy(c.dedup_copy, inputs),
             work=lambda c, inputs: CopyPartitions.create(c.dedup_copy, inputs),
             partitioned=lambda c, inputs: _copy_partitioned(c, inputs),
@@ -118,6 +138,7 @@ STAGES: dict[str, Stage] = {
             section=lambda c: c.dedup_relative,
             sides=(schema.PROTECTED_FILE,),
             extra_fingerprint=_protected_files,
+            uses=_reads_model(lambda c: c.dedup_relative.embedding),
             run=lambda c, inputs: run_dedup_relative(c.dedup_relative, _side_sets(c), inputs),
             work=lambda c, inputs: RelativePartitions.create(c.dedup_relative, _side_sets(c), inputs),
             partitioned=lambda c, inputs: _by_size("dedup_relative", c.dedup_relative, inputs, "embed"),
@@ -127,6 +148,7 @@ STAGES: dict[str, Stage] = {
             reads=_DEDUPED,
             section=lambda c: c.cluster,
             sides=(schema.CENTROIDS_FILES,),
+            uses=_reads_model(lambda c: c.cluster.embedding),
             run=lambda c, inputs: run_cluster(c.cluster, inputs),
             work=lambda c, inputs: ClusterPartitions.create(c.cluster, inputs),
             partitioned=lambda c, inputs: _by_size("cluster", c.cluster, inputs, "embed"),
@@ -136,6 +158,7 @@ STAGES: dict[str, Stage] = {
             reads=(*_DEDUPED, "cluster"),
             section=lambda c: c.retrieve,
             sides=(schema.SEEDS_FILE,),
+            uses=_reads_model(lambda c: c.retrieve.embedding),
             run=lambda c, inputs: run_retrieve(c.retrieve, _side_sets(c), inputs),
             work=lambda c, inputs: RetrievePartitions.create(c.retrieve, _side_sets(c), inputs),
             partitioned=lambda c, inputs: _by_size("retrieve", c.retrieve, inputs, "embed"),
@@ -145,6 +168,7 @@ STAGES: dict[str, Stage] = {
             reads=(*_DEDUPED, "cluster", "retrieve"),
             section=lambda c: c.curated,
             subparts=(schema.QUARANTINED,),
+            uses=_reads_model(lambda c: c.curated.embedding),
             plan=lambda c, inputs, fp, listing: plan_curated(c.curated, inputs, fp, listing, _selects_nothing(c)),
             work=lambda c, listing: CuratedWork(listing, c.curated),
             stats=curated_stats,
