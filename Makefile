@@ -11,7 +11,7 @@ LVDKIT := $(BIN)/lvdkit
 
 PRETRAIN ?= out/pretrain
 
-.PHONY: pretrain setup curate demo-data test test-all lint bench ingest dedup_exact dedup_phash embed dedup_copy dedup_relative \
+.PHONY: bootstrap pretrain setup curate demo-data test test-all lint bench ingest dedup_exact dedup_phash embed dedup_copy dedup_relative \
 	cluster retrieve curated summary report check-report clean help
 
 help:  ## list targets
@@ -60,6 +60,19 @@ pretrain: curate  ## DINOv2 on the demo's curated set, distil it into a CNN, k-N
 	$(LVDKIT) eval knn --model $(PRETRAIN)/distill.safetensors --train $(DEMO)/heldout --baseline \
 		--json $(PRETRAIN)/eval_distill.json
 	$(BIN)/python bench/learning_curve.py $(PRETRAIN)/dinov2 $(PRETRAIN)/distill
+
+# Round 2 of a bootstrapped curation (README, "Bootstrapped semantic curation"): the model `make pretrain` trained
+# embeds the pool as `semantic`, and cluster, retrieve and curated are redone with it; every other finished stage is
+# reused. Your own runs do this in place (same out=); the demo runs it in a copy of round 1, kept for comparison.
+ROUND2 ?= $(OUT)-round2
+SEMANTIC ?= $(PRETRAIN)/dinov2.safetensors
+
+bootstrap: pretrain  ## round 2 of the demo curation, re-embedded with the model make pretrain trained (in OUT-round2), vs round 1
+	@test -e $(ROUND2) || { mkdir -p $(ROUND2) && tar -C $(OUT) --exclude=./_ray --exclude=./_LOCK -cf - . | tar -C $(ROUND2) -xf -; }
+	$(LVDKIT) curate --config $(CONFIG) out=$(ROUND2) embed.models.semantic=$(SEMANTIC) \
+		cluster.embedding=semantic retrieve.embedding=semantic curated.embedding=semantic
+	$(LVDKIT) report $(ROUND2)
+	$(BIN)/python bench/retrieval_quality.py --out $(ROUND2) --round1 $(OUT) --demo $(DEMO)
 
 summary: $(STAMP)  ## print $(OUT)/summary.json
 	$(LVDKIT) summary $(OUT)

@@ -249,19 +249,52 @@ def test_pca_whitening_falls_back_to_centering_on_a_sample_too_small_to_fit_it_a
 
 
 def test_the_recall_rule_keeps_the_target_share_of_copies_unless_that_would_remove_too_much_of_the_pool() -> None:
-    from lvdkit.curation.dedup_relative import recall_rule
+    from lvdkit.curation.dedup_relative import NO_BUDGET, recall_rule
 
     rng = np.random.default_rng(3)
-    positives = rng.uniform(0.5, 1.0, 1000)  # known copies' similarity to their source
-    quiet_pool = rng.uniform(-0.2, 0.3, 5000)  # no pool image looks like a protected one
-    threshold, parts = recall_rule(positives, quiet_pool, target_recall=0.95, max_removed=0.01)
+    positives = rng.uniform(0.5, 1.0, 1000)  # known copies' scores against the protected set
+    edits = np.where(np.arange(1000) % 2, "crop", "rotate")
+    quiet = rng.uniform(-0.2, 0.3, 5000)  # clean images look like no protected one
+    threshold, parts = recall_rule(positives, edits, quiet, target_recall=0.95, max_removed=0.01)
     assert np.mean(positives > threshold) == pytest.approx(0.95, abs=0.002)  # set by the copies
-    assert parts["threshold_for_recall"] == threshold and np.mean(quiet_pool > threshold) == 0.0
-    busy_pool = rng.uniform(0.0, 1.0, 5000)  # a pool much like the protected set: the budget binds
-    threshold, parts = recall_rule(positives, busy_pool, target_recall=0.95, max_removed=0.01)
-    assert np.mean(busy_pool > threshold) <= 0.01 + 1e-3 and threshold == parts["threshold_for_budget"] > 0.9
-    assert (
-        parts["estimated_recall"] == pytest.approx(np.mean(positives > threshold)) and parts["estimated_recall"] < 0.3
-    )
-    threshold, parts = recall_rule(None, busy_pool, target_recall=0.95, max_removed=0.05)  # no calibration copies
-    assert np.mean(busy_pool > threshold) == pytest.approx(0.05, abs=1e-3) and parts["estimated_recall"] is None
+    assert parts["threshold_for_recall"] == threshold and parts["estimated_clean_removed"] == 0.0
+    assert set(parts["estimated_recall_by_edit"]) == {"crop", "rotate"}
+    busy = rng.uniform(0.0, 1.0, 5000)  # clean images much like the protected ones: the budget binds
+    threshold, parts = recall_rule(positives, edits, busy, target_recall=0.95, max_removed=0.01)
+    assert parts["estimated_clean_removed"] <= 0.01 + 1e-3 and threshold == parts["threshold_for_budget"] > 0.9
+    assert parts["estimated_recall"] == pytest.approx(np.mean(positives > threshold))
+    assert parts["estimated_recall"] < 0.3
+    threshold, parts = recall_rule(np.empty(0), np.empty(0, str), busy, 0.95, 0.05)  # no calibration copies
+    assert np.mean(busy > threshold) == pytest.approx(0.05, abs=1e-3) and parts["estimated_recall"] is None
+    threshold, _ = recall_rule(positives, edits, np.empty(0), 0.95, 0.01)  # nothing to estimate removals from
+    assert threshold == NO_BUDGET  # removes nothing rather than guess
+
+
+def test_the_margin_score_tells_a_copy_from_an_image_that_merely_looks_like_many_protected_ones() -> None:
+    """A common look (many protected images alike) gives a high similarity but no margin; a copy stands out from
+    its source's neighbours. Protected images that copy each other form one group, so a leak of an image the
+    protected set holds twice still has its margin."""
+    from lvdkit.curation.relative_score import copy_groups, margins
+
+    rng = np.random.default_rng(5)
+    d = 32
+    look = _unit(rng.normal(size=d))
+    protected = _unit(look + 0.6 * rng.normal(size=(40, d)) / np.sqrt(d))  # 40 images of one common look
+    protected = np.concatenate([protected, _unit(rng.normal(size=(10, d)))])
+    protected[41] = _unit(protected[40] + 0.05 * rng.normal(size=d) / np.sqrt(d))  # held twice: 40 and 41
+    common = _unit(look + 0.6 * rng.normal(size=(20, d)) / np.sqrt(d))  # clean pool images of the common look
+    copy_of_0 = _unit(protected[0] + 0.45 * rng.normal(size=d) / np.sqrt(d))
+    copy_of_40 = _unit(protected[40] + 0.45 * rng.normal(size=d) / np.sqrt(d))
+    queries = np.concatenate([common, copy_of_0[None], copy_of_40[None]])
+    groups = copy_groups(protected, 0.95)
+    assert groups[40] == groups[41] and len(set(groups.tolist())) == 49
+    sim, best, margin = margins(queries, protected, groups)
+    assert sim[:20].max() > sim[20:].min()  # by similarity, some common look passes a copy
+    assert best[20] == 0 and best[21] in (40, 41)
+    assert margin[20:].min() > margin[:20].max()  # by margin, every copy stands above every common look
+    ungrouped = margins(queries, protected, np.arange(len(protected)))[2]
+    assert ungrouped[21] < margin[:20].max()  # without the groups, the twin hides the copy
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)

@@ -25,6 +25,11 @@ class Whitener:
     mean: np.ndarray
     matrix: np.ndarray | None
 
+    @property
+    def dim(self) -> int:
+        """Dimension of the output descriptors."""
+        return int(self.matrix.shape[1] if self.matrix is not None else self.mean.shape[-1])
+
     def __call__(self, x: np.ndarray, chunk: int = 65536) -> np.ndarray:
         d_out = self.matrix.shape[1] if self.matrix is not None else x.shape[1]
         out = np.empty((len(x), d_out), np.float32)

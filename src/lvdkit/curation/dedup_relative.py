@@ -15,33 +15,42 @@ import pyarrow as pa
 
 from lvdkit.core import schema
 from lvdkit.core.io import read_json
-from lvdkit.core.knn import build_index, knn
 from lvdkit.core.settings import setting
 from lvdkit.core.stage import StageInputs, StageOutput
-from lvdkit.core.views import alive, calibration_copies, dedups_before, embeddings_of
+from lvdkit.core.views import alive, dedups_before, embeddings_of
 from lvdkit.core.whitening import Whitener
 from lvdkit.curation.components import dedup_stats
+from lvdkit.curation.relative_score import copy_groups, decoy_rates, in_sample, margins
 from lvdkit.curation.side_sets import SideSetReader
 
 
 @dataclass
 class DedupRelativeConfig:
-    """Protected sets and the similarity above which a pool image counts as their copy."""
+    """Protected sets and the score above which a pool image counts as a copy of one of them."""
 
     protected: list[str] = field(default_factory=list)  # folders, globs, file lists or URIs; empty: stage is a no-op
-    # cosine after whitening; null: set by ``rule``
-    threshold: float | None = setting(None, ge=-1, le=1)
-    # recall: the highest threshold that keeps target_recall of the synthetic copies (embed's calibration copies,
-    # against their sources), raised if needed so that it removes at most max_removed of the pool (a missed leak
-    # contaminates an evaluation, an extra removal costs one training image); copy: dedup_copy's calibrated threshold
+    # margin: similarity to the best protected match less that to the best protected image outside its copy group
+    # (lvdkit.curation.relative_score); similarity: cosine to the best match (after dedup_copy's whitening)
+    score: Literal["margin", "similarity"] = "margin"
+    threshold: float | None = setting(None, ge=-1, le=2)  # on the score's scale; null: set by ``rule``
+    # recall: the highest threshold that keeps target_recall of synthetic copies of the protected images (scored
+    # against the protected set), raised if needed so that it removes at most max_removed of the clean pool, as
+    # estimated on decoys (a missed leak contaminates an evaluation, an extra removal costs one training image);
+    # copy: dedup_copy's calibrated threshold, on similarity
     rule: Literal["recall", "copy"] = "recall"
     target_recall: float = setting(0.95, gt=0, le=1)
     max_removed: float = setting(0.01, ge=0, le=1)
+    calibration_copies: int = setting(1000, ge=0)  # synthetic copies of protected images the recall is measured on
+    probes: int = setting(20_000, ge=0)  # pool images scored against the decoys to estimate clean removals
     embedding: str = "copy"  # which embed model (must match dedup_copy's)
     # where it runs: one task ("single"), or part by part with the protected set broadcast ("partitioned",
     # lvdkit.curation.relative_partitioned); "auto": partitioned from partition_min_rows images on
     path: Literal["auto", "single", "partitioned"] = "auto"
     partition_min_rows: int = setting(1_000_000, ge=0)
+
+    def scored_by(self) -> str:
+        """The score the threshold applies to (dedup_copy's threshold is a similarity)."""
+        return "similarity" if self.rule == "copy" and self.threshold is None else self.score
 
 
 def dedup_relative(
@@ -50,21 +59,20 @@ def dedup_relative(
     protected_ids: list[str],
     protected_x: np.ndarray,
     threshold: float | None,
+    groups: np.ndarray | None = None,
+    score: str = "similarity",
 ) -> pa.Table:
-    """Mark pool images (descriptors pool_x [N, D], whitened) whose best match in protected_x [P, D] exceeds
-    ``threshold``. dup_of / group_id name the protected image (its id), distance = 1 - similarity."""
+    """Mark pool images (descriptors pool_x [N, D], whitened) whose ``score`` against protected_x [P, D] (copy
+    groups [P]; default: one per image) exceeds ``threshold``. dup_of / group_id name the best protected match (its
+    id), distance = 1 - its similarity."""
     n = len(pool_ids)
     ids = np.asarray(
         pool_ids.to_numpy(zero_copy_only=False) if hasattr(pool_ids, "to_numpy") else pool_ids, dtype=object
     )
-    if n == 0 or len(protected_ids) == 0:
-        best_sim, best = np.full(n, -1.0, np.float32), np.zeros(n, np.int64)
-    else:
-        if threshold is None:
-            raise ValueError("dedup_relative: a threshold is needed to compare a pool with a protected set")
-        sims, nn = knn(build_index(protected_x, "flat"), pool_x, 1)  # [N, 1]
-        best_sim, best = sims[:, 0], nn[:, 0]
-    hit = best_sim > (threshold if threshold is not None else 1.0)  # nothing to compare: nothing is a copy
+    if n and len(protected_ids) and threshold is None:
+        raise ValueError("dedup_relative: a threshold is needed to compare a pool with a protected set")
+    best_sim, best, value = scores(pool_x, protected_x, groups, score)
+    hit = value > threshold if threshold is not None and len(protected_ids) else np.zeros(n, bool)
     matched = np.asarray(protected_ids, dtype=object)[best] if len(protected_ids) else np.full(n, None)
     return pa.table(
         {
@@ -78,72 +86,121 @@ def dedup_relative(
     )
 
 
+def scores(
+    x: np.ndarray, protected_x: np.ndarray, groups: np.ndarray | None, score: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(best similarity [N], best match [N], the score [N]) of queries x [N, D] against the protected set."""
+    groups = np.arange(len(protected_x), dtype=np.int64) if groups is None else groups
+    best_sim, best, margin = margins(x, protected_x, groups)
+    return best_sim, best, (margin if score == "margin" else best_sim)
+
+
 def run_dedup_relative(cfg: DedupRelativeConfig, reader: SideSetReader, inputs: StageInputs) -> StageOutput:
     """The stage: whitened pool descriptors against the protected images, ingested and embedded here; the
     protected images' ingest rows are a side file."""
     images = alive(inputs, dedups_before("dedup_relative"), [])
     whitener = Whitener.from_bytes(inputs.side("dedup_copy", schema.WHITENING_FILE).read_bytes())
     pool_x = whitener(embeddings_of(inputs, cfg.embedding, images[schema.IMAGE_ID]))
-    ok_ids: list[str] = []
-    prot_x = np.empty((0, pool_x.shape[1]), np.float32)
-    sides: dict[str, pa.Table] = {}
-    unusable = 0
-    if cfg.protected:
-        protected = reader.read(cfg.embedding, cfg.protected)
-        sides[schema.PROTECTED_FILE] = protected.rows
-        ok_ids = protected.ok[schema.IMAGE_ID].to_pylist()
-        prot_x = whitener(protected.x)
-        unusable = protected.rows.num_rows - len(ok_ids)
-    compared = len(images) > 0 and len(ok_ids) > 0  # an empty pool or protected set needs no threshold
+    prot = protected_set(cfg, reader, inputs, whitener)
+    compared = len(images) > 0 and len(prot.ids) > 0  # an empty pool or protected set needs no threshold
     threshold, rule_stats = cfg.threshold, dict[str, object]()
     if threshold is None and compared:
         if cfg.rule == "copy":
             threshold = copy_threshold(inputs)
         else:
-            threshold, rule_stats = _recall_threshold(cfg, inputs, whitener, pool_x, prot_x)
-    table = dedup_relative(images[schema.IMAGE_ID], pool_x, ok_ids, prot_x, threshold)
-    stats = {"protected": len(ok_ids), "protected_unusable": unusable, "threshold": threshold, **rule_stats}
-    return StageOutput(table, dedup_stats(table, stats), dict(sides))
+            decoys, probes = pool_samples(images[schema.IMAGE_ID].to_pylist(), inputs, len(prot.ids), cfg.probes)
+            threshold, rule_stats = recall_threshold(cfg, prot, pool_x[decoys], pool_x[probes])
+    score = cfg.scored_by()
+    table = dedup_relative(images[schema.IMAGE_ID], pool_x, prot.ids, prot.x, threshold, prot.groups, score)
+    stats = {"protected": len(prot.ids), "protected_unusable": prot.unusable, "score": score, "threshold": threshold}
+    sides = {schema.PROTECTED_FILE: prot.rows} if prot.rows is not None else {}
+    return StageOutput(table, dedup_stats(table, {**stats, **rule_stats}), dict(sides))
 
 
-def _recall_threshold(
-    cfg: DedupRelativeConfig, inputs: StageInputs, whitener: Whitener, pool_x: np.ndarray, prot_x: np.ndarray
+@dataclass
+class Protected:
+    """The protected images, whitened: ids, descriptors [P, D], copy groups [P], synthetic copies [C, D] with their
+    edit families [C], and the ingest rows (the side file)."""
+
+    ids: list[str]
+    x: np.ndarray
+    groups: np.ndarray
+    copies: np.ndarray
+    copy_edit: np.ndarray
+    rows: pa.Table | None
+    unusable: int
+    group_threshold: float | None = None  # similarity above which two images are copies of each other
+
+
+def protected_set(
+    cfg: DedupRelativeConfig, reader: SideSetReader, inputs: StageInputs, whitener: Whitener
+) -> Protected:
+    """Ingest and embed the protected images (and synthetic copies of them, for the recall rule)."""
+    dim = whitener.dim
+    if not cfg.protected:
+        empty = np.empty((0, dim), np.float32)
+        return Protected([], empty, np.empty(0, np.int64), empty, np.empty(0, str), None, 0, group_threshold(inputs))
+    wanted = cfg.calibration_copies if cfg.rule == "recall" and cfg.threshold is None else 0
+    side = reader.read(cfg.embedding, cfg.protected, copies=wanted)
+    x = whitener(side.x)
+    copies = whitener(side.copies) if side.copies is not None else np.empty((0, dim), np.float32)
+    edit = side.copy_edit if side.copy_edit is not None else np.empty(0, str)
+    within = group_threshold(inputs)
+    ids = side.ok[schema.IMAGE_ID].to_pylist()
+    return Protected(ids, x, copy_groups(x, within), copies, edit, side.rows, side.rows.num_rows - len(ids), within)
+
+
+def group_threshold(inputs: StageInputs) -> float | None:
+    """Protected images more similar than dedup_copy's threshold are copies of each other (none applied: none)."""
+    value = (read_json(inputs.side("dedup_copy", schema.THRESHOLD_FILE)) or {}).get("threshold")
+    return None if value is None else float(value)
+
+
+def pool_samples(ids: list[str], inputs: StageInputs, n_protected: int, n_probes: int) -> tuple[np.ndarray, np.ndarray]:
+    """The decoys and the probes among pool images ``ids`` (masks [N]): the same images on either path."""
+    rate_decoys, rate_probes = decoy_rates(pool_size(inputs), n_protected, n_probes)
+    decoys = in_sample(ids, rate_decoys, "decoy")
+    return decoys, in_sample(ids, rate_probes, "probe") & ~decoys
+
+
+def pool_size(inputs: StageInputs) -> int:
+    """Images that reach dedup_relative (those dedup_copy kept)."""
+    record = inputs.record("dedup_copy")
+    return int(record.get("stats", {}).get("kept", record.get("rows") or 0))
+
+
+def recall_threshold(
+    cfg: DedupRelativeConfig, prot: Protected, decoys: np.ndarray, probes: np.ndarray
 ) -> tuple[float, dict[str, object]]:
-    """The recall rule (see :class:`DedupRelativeConfig`) on this pool: (threshold, what it was made of)."""
-    calib, copies_x = calibration_copies(inputs, cfg.embedding)
-    best, _ = knn(build_index(prot_x, "flat"), pool_x, 1)  # [N, 1] each pool image's best protected match
-    positives = None
-    if calib.num_rows:  # else embed.calibration_copies=0: only the budget can set it
-        copies = whitener(copies_x)
-        sources = whitener(embeddings_of(inputs, cfg.embedding, calib[schema.IMAGE_ID]))
-        positives = np.sum(copies * sources, axis=1)  # [C] similarity of each synthetic copy to its source
-    return recall_rule(positives, best[:, 0], cfg.target_recall, cfg.max_removed)
+    """The recall rule (see :class:`DedupRelativeConfig`): (threshold, what it was made of and its estimates)."""
+    positives = scores(prot.copies, prot.x, prot.groups, cfg.score)[2]
+    probe_scores = scores(probes, decoys, copy_groups(decoys, prot.group_threshold), cfg.score)[2]
+    return recall_rule(positives, prot.copy_edit, probe_scores, cfg.target_recall, cfg.max_removed)
 
 
 def recall_rule(
-    positives: np.ndarray | None, best: np.ndarray, target_recall: float, max_removed: float
+    positives: np.ndarray, edits: np.ndarray, clean: np.ndarray, target_recall: float, max_removed: float
 ) -> tuple[float, dict[str, object]]:
-    """The highest threshold under which ``target_recall`` of ``positives`` [C] (similarities of known copies to their
-    sources) stay above it, raised where needed so that at most ``max_removed`` of ``best`` [N] (each pool image's
-    best similarity to the protected set) exceeds it. Returns (threshold, its parts and the estimated recall)."""
-    for_budget = float(np.quantile(best, 1.0 - max_removed)) if len(best) else -1.0
-    return recall_within_budget(positives, for_budget, target_recall)
-
-
-def recall_within_budget(
-    positives: np.ndarray | None, for_budget: float, target_recall: float
-) -> tuple[float, dict[str, object]]:
-    """:func:`recall_rule` once the budget's threshold is known (the partitioned path reads it from a histogram)."""
-    if positives is None or len(positives) == 0:
-        return for_budget, {"rule": "recall", "threshold_for_budget": for_budget, "estimated_recall": None}
-    for_recall = float(np.quantile(positives, 1.0 - target_recall))
-    threshold = max(for_recall, for_budget)
+    """The highest threshold under which ``target_recall`` of ``positives`` [C] (scores of known copies, edit
+    families [C]) stay above it, raised where needed so that at most ``max_removed`` of ``clean`` [Q] (scores of
+    images known not to be copies) exceed it. Returns (threshold, its parts and the estimates)."""
+    for_budget = float(np.quantile(clean, 1.0 - max_removed)) if len(clean) else NO_BUDGET
+    for_recall = float(np.quantile(positives, 1.0 - target_recall)) if len(positives) else None
+    threshold = for_budget if for_recall is None else max(for_recall, for_budget)
+    by_edit = {str(e): float(np.mean(positives[edits == e] > threshold)) for e in sorted(set(edits.tolist()))}
     return threshold, {
         "rule": "recall",
         "threshold_for_recall": for_recall,
         "threshold_for_budget": for_budget,
-        "estimated_recall": float(np.mean(positives > threshold)),
+        "estimated_recall": float(np.mean(positives > threshold)) if len(positives) else None,
+        "estimated_recall_by_edit": by_edit,
+        "estimated_clean_removed": float(np.mean(clean > threshold)) if len(clean) else None,
+        "calibration_copies": len(positives),
+        "probes": len(clean),
     }
+
+
+NO_BUDGET = 2.0  # no probes to estimate clean removals from: nothing is removed by the rule
 
 
 def copy_threshold(inputs: StageInputs) -> float:

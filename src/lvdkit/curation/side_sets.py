@@ -15,16 +15,21 @@ import pyarrow.compute as pc
 
 from lvdkit.core import schema
 from lvdkit.curation.ingest import IngestConfig, ingest_files, list_for_ingest
-from lvdkit.embeddings.stage import PIXELS_PREFIX, EmbedConfig, decode_batch
+from lvdkit.embeddings.stage import PIXELS_PREFIX, EmbedConfig, calibration_rate, decode_batch
 
 
 @dataclass(frozen=True)
 class SideSet:
-    """A side set's ingest rows (all, then the usable ones) and the usable ones' embeddings [N, D]."""
+    """A side set's ingest rows (all, then the usable ones) and the usable ones' embeddings [N, D]; with
+    ``copies`` asked for, synthetic copies of them too: embeddings [C, D], the usable image each copies [C] (a row
+    of ``ok``) and its edit family [C]."""
 
     rows: pa.Table
     ok: pa.Table
     x: np.ndarray
+    copies: np.ndarray | None = None
+    copy_of: np.ndarray | None = None
+    copy_edit: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -34,8 +39,9 @@ class SideSetReader:
     ingest: IngestConfig
     embed: EmbedConfig
 
-    def read(self, key: str, inputs: list[str], batch: int = 64) -> SideSet:
-        """Ingest ``inputs`` and embed the usable images with model ``key`` of ``embed.models``."""
+    def read(self, key: str, inputs: list[str], batch: int = 64, copies: int = 0) -> SideSet:
+        """Ingest ``inputs`` and embed the usable images with model ``key`` of ``embed.models``; with ``copies``,
+        about that many synthetic copies of them too (drawn as embed draws the pool's calibration copies)."""
         from lvdkit.embeddings import create_embedder
 
         if key not in self.embed.models:
@@ -46,10 +52,20 @@ class SideSetReader:
         ok = rows.filter(pc.equal(rows[schema.STATUS_COL], schema.STATUS_OK))
         model = create_embedder(self.embed.models[key], **self.embed.options(key))
         ids, uris = ok[schema.IMAGE_ID].to_pylist(), ok[schema.URI].to_pylist()
-        out = []
+        rate = calibration_rate(len(ids), copies)
+        out, names, edits = [], [], []
         for start in range(0, len(ids), batch):
             pre = {key: model.preprocess}
-            cols = decode_batch(ids[start : start + batch], uris[start : start + batch], pre, 0.0, self.embed)
+            cols = decode_batch(ids[start : start + batch], uris[start : start + batch], pre, rate, self.embed)
             out.append(model.embed(cols[PIXELS_PREFIX + key]))
-        x = np.concatenate(out) if out else np.empty((0, model.dim), np.float32)
-        return SideSet(rows, ok, x)
+            names.append(cols[schema.IMAGE_ID])
+            edits.append(cols[schema.EDIT])
+        if not out:
+            return SideSet(rows, ok, np.empty((0, model.dim), np.float32))
+        x, edit = np.concatenate(out), np.concatenate(edits)
+        original = edit == ""
+        if not copies:
+            return SideSet(rows, ok, x[original])
+        row_of = {image_id: i for i, image_id in enumerate(ids)}
+        copy_of = np.asarray([row_of[i] for i in np.concatenate(names)[~original]], np.int64)
+        return SideSet(rows, ok, x[original], x[~original], copy_of, edit[~original])

@@ -1,0 +1,109 @@
+"""How much a pool image looks like a copy of one protected image rather than like protected images in general.
+
+Raw similarity to the nearest protected image fails on low-detail pools: a handwritten 1 is as similar to many
+held-out 1s as an edited copy is to its source (measured on the demo: 95% of the leaked copies caught only with 3% of
+the clean pool removed). The margin score asks whether the best match stands out:
+
+    margin(x) = sim(x, best protected match) - sim(x, best protected image outside the best match's copy group)
+
+(the group: protected images that are copies of each other, so that a leak of an image the evaluation set holds
+twice still stands out). A copy stands far above its source's neighbours; a clean image of a common look does not
+(the demo: 95% of the leaks at 0.8% of the clean pool). This is Lowe's ratio test in margin form, and close to
+SSCD's score normalisation against a background set.
+
+How many clean images a threshold removes is estimated on decoys: a sample of the pool standing in for the
+protected set (``decoys``, as many images as it holds) and another sample scored against it (``probes``): the
+probes' margins against the decoys are distributed as clean pool images' margins against a protected set of that
+size drawn from a pool like this one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from lvdkit.core.partitions import top_against
+from lvdkit.curation.components import connected_components
+
+NEIGHBOURS = 8  # protected matches looked at for the best one outside the best match's group
+NO_MATCH = -1.0  # the second similarity where no protected image lies outside the best match's group
+
+
+def copy_groups(x: np.ndarray, threshold: float | None) -> np.ndarray:
+    """Group ids [P] of protected images x [P, D] (whitened): connected components of pairs above ``threshold``
+    (none: every image its own group)."""
+    n = len(x)
+    if threshold is None or n < 2:
+        return np.arange(n, dtype=np.int64)
+    sims, nn = top_against(x, x, np.arange(n, dtype=np.int64), min(NEIGHBOURS, n))
+    rows = np.repeat(np.arange(n), nn.shape[1])
+    keep = (sims.ravel() > threshold) & (nn.ravel() >= 0) & (nn.ravel() != rows)
+    pairs = np.stack([rows[keep], nn.ravel()[keep]], axis=1)
+    return connected_components(n, pairs).astype(np.int64)
+
+
+def margins(
+    queries: np.ndarray, protected: np.ndarray, groups: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Score queries [N, D] against protected [P, D] (both whitened, L2-normalised) with groups [P].
+
+    Returns (best similarity [N], best match's index [N], margin [N]); with no protected image the best
+    similarity is -1 and the margin 0."""
+    n = len(queries)
+    if n == 0 or len(protected) == 0:
+        return np.full(n, -1.0, np.float32), np.zeros(n, np.int64), np.zeros(n, np.float32)
+    sims, nn = top_against(queries, protected, np.arange(len(protected), dtype=np.int64), NEIGHBOURS)
+    best_group = groups[nn[:, 0]]
+    other = (nn >= 0) & (groups[np.maximum(nn, 0)] != best_group[:, None])
+    # the first other-group match among the neighbours; none there: the last neighbour bounds it from above
+    second = np.where(other.any(axis=1), _first_where(sims, other), _last_finite(sims))
+    margin = sims[:, 0] - second
+    return sims[:, 0].astype(np.float32), nn[:, 0], margin.astype(np.float32)
+
+
+def _first_where(sims: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """sims[i, j] at the first j where mask[i, j] (rows are sorted by similarity, so: the largest such)."""
+    j = np.argmax(mask, axis=1)
+    return sims[np.arange(len(sims)), j]
+
+
+def _last_finite(sims: np.ndarray) -> np.ndarray:
+    """The smallest listed similarity per row; NO_MATCH where the row lists only its best match."""
+    finite = np.where(np.isfinite(sims), sims, np.nan)
+    last = np.nanmin(finite, axis=1)
+    only_best = np.isfinite(sims).sum(axis=1) < 2
+    return np.where(only_best, NO_MATCH, last)
+
+
+def in_sample(ids: list[str], rate: float, salt: str) -> np.ndarray:
+    """A deterministic sample [N] bool of ``rate`` of the images, by a hash of their ids (the same images whichever
+    task or path looks)."""
+    out = np.zeros(len(ids), bool)
+    if rate <= 0:
+        return out
+    bound = min(rate, 1.0) * 2**64
+    for i, image_id in enumerate(ids):
+        h = hashlib.blake2b(f"{salt}:{image_id}".encode(), digest_size=8).digest()
+        out[i] = int.from_bytes(h, "little") < bound
+    return out
+
+
+def decoy_rates(n_pool: int, n_protected: int, n_probes: int) -> tuple[float, float]:
+    """Sampling rates (decoys, probes) for a pool of ``n_pool`` images: as many decoys as protected images (at most
+    half the pool), ``n_probes`` probes among the rest (fewer where the pool is small)."""
+    if n_pool <= 1 or n_protected == 0:
+        return 0.0, 0.0
+    decoys = min(n_protected / n_pool, 0.5)
+    return decoys, min(1.0, n_probes / (n_pool * (1.0 - decoys)))
+
+
+def clean_removal_threshold(
+    probes: np.ndarray, decoys: np.ndarray, groups: np.ndarray, max_removed: float
+) -> tuple[float, float]:
+    """The lowest margin threshold under which at most ``max_removed`` of the probes [Q, D] would be removed as
+    copies of the decoys [S, D] (grouped like protected images): (threshold, probes scored)."""
+    if len(probes) == 0 or len(decoys) == 0:
+        return 2.0, 0.0  # nothing to estimate from: remove nothing by margin
+    _, _, m = margins(probes, decoys, groups)
+    return float(np.quantile(m, 1.0 - max_removed)), float(len(probes))
