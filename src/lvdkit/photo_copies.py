@@ -22,6 +22,7 @@ benchmark does not grade the calibration on its own edits. The same size and see
 from __future__ import annotations
 
 import io
+import os
 import shutil
 from pathlib import Path
 
@@ -33,8 +34,10 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFont, ImageOps
 from lvdkit.core.schema import (
     TRUTH,
     TRUTH_COPY_OF,
+    TRUTH_HELDOUT,
     TRUTH_KIND,
     TRUTH_LABEL,
+    TRUTH_LEAKED,
     TRUTH_NEAR,
     TRUTH_ORIGINAL,
     TRUTH_PATH,
@@ -151,6 +154,43 @@ def make_photo_pool(out: str | Path, size: int, seed: int = 0, overwrite: bool =
     for _ in range(size - len(files)):
         files.append((_jpeg(dead_leaves(rng), 90), _row(TRUTH_ORIGINAL, None, PAD_LABEL, None)))
     return _write(out, files, rng)
+
+
+def make_leak_pool(pool: str | Path, out: str | Path, protected_share: float = 0.25, overwrite: bool = False) -> Path:
+    """From a pool :func:`make_photo_pool` wrote, a contamination test (``out/pool/``, ``out/protected/``,
+    ``out/truth.parquet``): the originals of ``protected_share`` of the families become the protected set (an
+    evaluation set) and leave the pool; each leaves exactly one edited copy in it (a ``leaked_heldout``, the edit
+    families taken in turn), so that self-dedup has nothing to group and every leak reaches dedup_relative. The
+    other families and the padding stay as they were. Files are hard links where the filesystem allows."""
+    pool, out = Path(pool), Path(out)
+    if out.exists():
+        if not overwrite:
+            raise FileExistsError(f"{out} exists (overwrite=True replaces it)")
+        shutil.rmtree(out)
+    rows = pq.read_table(pool / "truth.parquet").to_pylist()
+    originals = sorted(r[TRUTH_PATH] for r in rows if r[TRUTH_KIND] == TRUTH_ORIGINAL and r[TRUTH_LABEL] != PAD_LABEL)
+    protected = set(originals[: round(protected_share * len(originals))])
+    turn = {path: i for i, path in enumerate(sorted(protected))}
+    kept = []
+    for r in rows:
+        if r[TRUTH_PATH] in protected:
+            kept.append({**r, TRUTH_KIND: TRUTH_HELDOUT, TRUTH_PATH: "protected/" + r[TRUTH_PATH].split("/", 1)[1]})
+        elif r[TRUTH_COPY_OF] in protected:
+            if r[TRUTH_TRANSFORM] == PHOTO_EDITS[turn[r[TRUTH_COPY_OF]] % len(PHOTO_EDITS)]:
+                kept.append({**r, TRUTH_KIND: TRUTH_LEAKED, TRUTH_COPY_OF: None})
+        else:
+            kept.append(r)
+    for r in kept:
+        source = pool / "pool" / r[TRUTH_PATH].split("/", 1)[1]
+        target = out / r[TRUTH_PATH]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copyfile(source, target)
+    kept.sort(key=lambda r: str(r[TRUTH_PATH]))
+    pq.write_table(pa.Table.from_pylist(kept, schema=TRUTH), out / "truth.parquet")
+    return out
 
 
 def _spread(tiles: list[tuple[str, Image.Image]], rng: np.random.Generator) -> list[tuple[str, Image.Image]]:
