@@ -258,12 +258,16 @@ def test_the_recall_rule_keeps_the_target_share_of_copies_unless_that_would_remo
     threshold, parts = recall_rule(positives, edits, quiet, target_recall=0.95, max_removed=0.01)
     assert np.mean(positives > threshold) == pytest.approx(0.95, abs=0.002)  # set by the copies
     assert parts["threshold_for_recall"] == threshold and parts["estimated_clean_removed"] == 0.0
+    assert parts["warnings"] == []
     assert set(parts["estimated_recall_by_edit"]) == {"crop", "rotate"}
     busy = rng.uniform(0.0, 1.0, 5000)  # clean images much like the protected ones: the budget binds
     threshold, parts = recall_rule(positives, edits, busy, target_recall=0.95, max_removed=0.01)
     assert parts["estimated_clean_removed"] <= 0.01 + 1e-3 and threshold == parts["threshold_for_budget"] > 0.9
     assert parts["estimated_recall"] == pytest.approx(np.mean(positives > threshold))
     assert parts["estimated_recall"] < 0.3
+    assert len(parts["warnings"]) == 1 and "budget set the threshold" in parts["warnings"][0]
+    _, parts = recall_rule(positives, edits, busy[:500], target_recall=0.95, max_removed=0.01)
+    assert any("noisy" in w for w in parts["warnings"])  # 500 probes: about 5 above the threshold
     threshold, parts = recall_rule(np.empty(0), np.empty(0, str), busy, 0.95, 0.05)  # no calibration copies
     assert np.mean(busy > threshold) == pytest.approx(0.05, abs=1e-3) and parts["estimated_recall"] is None
     threshold, _ = recall_rule(positives, edits, np.empty(0), 0.95, 0.01)  # nothing to estimate removals from

@@ -20,6 +20,7 @@ from lvdkit.curation.retrieve import (
     SeedSet,
     cluster_retrieval,
     resolve_mode,
+    retrieve_stats,
     sample_retrieval,
 )
 
@@ -59,6 +60,20 @@ def test_cluster_retrieval_takes_closest_images_of_clusters_with_enough_seeds() 
     capped = cluster_retrieval(ids, cluster, distance, seeds, "s", RetrieveConfig(per_cluster=7, max_per_set=5))
     assert capped.num_rows == 5 and set(capped["image_id"].to_pylist()) <= want
     assert cluster_retrieval(ids, cluster, distance, np.array([0, 0]), "s", cfg).num_rows == 0
+
+
+def test_a_seed_set_that_retrieves_nothing_by_clusters_is_named_in_a_warning() -> None:
+    cfg = RetrieveConfig(min_seeds_per_cluster=3)
+    per_set = {
+        "spread": {"seeds": 20, "mode": CLUSTER, "retrieved": 0},  # the seeds spread over many clusters
+        "fine": {"seeds": 20, "mode": CLUSTER, "retrieved": 40},
+        "sampled": {"seeds": 20, "mode": SAMPLE, "retrieved": 0},  # a sample-based set retrieves its neighbours
+        "empty": {"seeds": 0, "mode": CLUSTER, "retrieved": 0},  # no usable seeds: said by seeds_unusable
+    }
+    stats = retrieve_stats(per_set, cfg)
+    assert stats["seed_sets"] == per_set
+    assert len(stats["warnings"]) == 1 and "'spread'" in stats["warnings"][0]
+    assert "min_seeds_per_cluster=3" in stats["warnings"][0]
 
 
 def test_mode_follows_the_paper_rule_unless_set() -> None:

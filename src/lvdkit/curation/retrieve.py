@@ -12,7 +12,7 @@ Each hit records the seed set, the seed image behind it and a similarity score.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -144,7 +144,21 @@ def run_retrieve(cfg: RetrieveConfig, reader: SideSetReader, inputs: StageInputs
         }
     sides = {schema.SEEDS_FILE: pa.concat_tables(seed_tables)} if seed_tables else {}
     table = pa.concat_tables(hits) if hits else RETRIEVED.empty_table()
-    return StageOutput(table, {"seed_sets": stats}, dict(sides))
+    return StageOutput(table, retrieve_stats(stats, cfg), dict(sides))
+
+
+def retrieve_stats(per_set: dict[str, dict[str, Any]], cfg: RetrieveConfig) -> dict[str, Any]:
+    """The stage's stats: per seed set, and a warning for each set that retrieved nothing (and why)."""
+    warnings = []
+    for name, s in per_set.items():
+        if s["retrieved"] == 0 and s["seeds"] > 0 and s["mode"] == CLUSTER:
+            warnings.append(
+                f"retrieve: seed set {name!r} retrieved nothing: no level-1 cluster holds more than "
+                f"retrieve.min_seeds_per_cluster={cfg.min_seeds_per_cluster} of its {s['seeds']} seeds (with "
+                f"{cfg.embedding!r} embeddings the seeds spread over many clusters). Lower min_seeds_per_cluster, "
+                "or use mode: sample for this set"
+            )
+    return {"seed_sets": per_set, "warnings": warnings}
 
 
 class _Pool:

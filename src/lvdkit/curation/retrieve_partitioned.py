@@ -28,7 +28,16 @@ from lvdkit.core.partitions import ROW_KEY_SHIFT, row_keys, top_against
 from lvdkit.core.stage import PartitionedWork, Resources, Scratch, StageInputs, StageOutput
 from lvdkit.core.storage import Location
 from lvdkit.core.views import DEDUP_STAGES, EMBED, alive_embedded
-from lvdkit.curation.retrieve import CLUSTER, RETRIEVED, SAMPLE, RetrieveConfig, hits_table, resolve_mode, seed_rows
+from lvdkit.curation.retrieve import (
+    CLUSTER,
+    RETRIEVED,
+    SAMPLE,
+    RetrieveConfig,
+    hits_table,
+    resolve_mode,
+    retrieve_stats,
+    seed_rows,
+)
 from lvdkit.curation.side_sets import SideSetReader
 
 SET, SEED, LEVEL1 = "seed_set", "seed", "level1"
@@ -153,7 +162,7 @@ class RetrievePartitions(PartitionedWork):
         for name, path in zip(self.cfg.seed_sets, solved, strict=True):
             stats[name] = {**state.stats[name], "retrieved": pq.ParquetFile(path).metadata.num_rows}
         sides = {schema.SEEDS_FILE: state.seeds} if state.seeds is not None else {}
-        return StageOutput(RETRIEVED.empty_table(), {"seed_sets": stats}, dict(sides))
+        return StageOutput(RETRIEVED.empty_table(), retrieve_stats(stats, self.cfg), dict(sides))
 
     def write(self, state: SeedState, figures: Any, decisions: pa.Table, index: int, scratch: Scratch) -> pa.Table:
         return pq.read_table(scratch.solved[index], schema=RETRIEVED)
