@@ -170,16 +170,23 @@ def test_rerun_skips_and_changes_redo_only_what_they_affect(small_demo: Path, tm
     assert after["dedup_phash"] != mtimes["dedup_phash"]
     assert json.loads((out / "dedup_phash" / "_SUCCESS").read_text())["config"]["max_distance"] == 2
 
-    # a model added for clustering only: the dedup stages, which read the copy model, are not redone
+    # a model added for clustering only: the dedup stages, which read the copy model, are not redone, and embed
+    # copies the copy model's columns from its earlier output instead of computing them again
     views = json.loads((out / "embed" / "_SUCCESS").read_text())["views"]
+    copy_col = schema.embedding_column("copy")
+    copies_before = {sub: _column(out / "embed" / sub, copy_col) for sub in ("", schema.CALIBRATION)}
     later = ("embed", "dedup_copy", "dedup_relative", "cluster", "retrieve", "curated")
     before = {s: (out / s / "_SUCCESS").stat().st_mtime_ns for s in later}
     two_models = "embed.models={copy: 'timm:resnet10t', semantic: 'timm:resnet10t'}"
     run(_config(out, small_demo, "dedup_phash.max_distance=2", two_models, "cluster.embedding=semantic"))
     redone = {s for s in later if (out / s / "_SUCCESS").stat().st_mtime_ns != before[s]}
     assert redone == {"embed", "cluster", "retrieve", "curated"}
-    now = json.loads((out / "embed" / "_SUCCESS").read_text())["views"]
-    assert now["copy"] == views["copy"] and set(now) == {"copy", "semantic"}
+    record = json.loads((out / "embed" / "_SUCCESS").read_text())
+    assert record["views"]["copy"] == views["copy"] and set(record["views"]) == {"copy", "semantic"}
+    assert record["stats"]["reused_views"] == ["copy"] and not (out / "_previous").exists()
+    for sub, before_col in copies_before.items():
+        assert _column(out / "embed" / sub, copy_col) == before_col  # the same values, row for row
+    assert _column(out / "embed", schema.embedding_column("semantic"))  # the new model's columns computed
     run(_config(out, small_demo, "dedup_phash.max_distance=2"))  # back to one model: embed and its readers redone
     assert json.loads((out / "embed" / "_SUCCESS").read_text())["views"] == views
     assert after == {s: (out / s / "_SUCCESS").stat().st_mtime_ns for s in mtimes}
@@ -196,6 +203,11 @@ def test_rerun_skips_and_changes_redo_only_what_they_affect(small_demo: Path, tm
     before_force = (out / "dedup_exact" / "_SUCCESS").stat().st_mtime_ns
     run(_config(out, small_demo, "dedup_phash.max_distance=2"), stages=("dedup_exact",), force=True)
     assert (out / "dedup_exact" / "_SUCCESS").stat().st_mtime_ns != before_force
+
+
+def _column(folder: Path, col: str) -> list:
+    parts = [pq.read_table(p, columns=[schema.IMAGE_ID, col]) for p in part_files(folder)]
+    return pa.concat_tables(parts).to_pylist()
 
 
 def test_a_stage_refuses_to_run_before_its_inputs_exist(tmp_path: Path, small_demo: Path) -> None:

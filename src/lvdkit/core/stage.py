@@ -126,6 +126,11 @@ class PartWork:
     def uris(self, rows: pa.Table) -> list[str]:
         return [str(u) for u in rows[schema.URI].to_pylist()]
 
+    def reuse(self, previous: Location, views: tuple[str, ...]) -> None:
+        """An earlier output of this stage (same inputs) whose ``views`` are still valid: parts may copy them from it
+        rather than compute them (:mod:`lvdkit.pipeline.reuse`). Default: ignored."""
+        return None
+
     def quarantined(self, rows: pa.Table, reason: str, detail: str) -> pa.Table | None:
         """Output rows standing for ``rows`` that failed; ``None``: they are left out (and listed by the runner)."""
         return None

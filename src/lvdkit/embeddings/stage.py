@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from lvdkit.core import schema
 from lvdkit.core.files import MAX_FILE_BYTES, read_bytes
 from lvdkit.core.image import decode_rgb
+from lvdkit.core.io import part_name
 from lvdkit.core.settings import setting
 from lvdkit.core.stage import PartPlan, PartWork, StageInputs
 from lvdkit.core.storage import Location
@@ -184,6 +185,8 @@ class EmbedWork(PartWork):
     dims: dict[str, int]
     preprocess: dict[str, Preprocess]
     models: dict[str, Any] = field(default_factory=dict, repr=False)
+    previous: Location | None = None  # an earlier embed output of the same images (lvdkit.pipeline.reuse)
+    reused: tuple[str, ...] = ()  # the models whose columns it holds still valid
     may_quarantine = False  # every surviving image needs its embedding
     decodes = True
 
@@ -217,15 +220,20 @@ class EmbedWork(PartWork):
         keys = rows[schema.CONTENT_HASH].to_pylist() if schema.CONTENT_HASH in rows.column_names else ids
         return decode_batch(ids, uris, self.preprocess, self.rate, self.cfg, keys)
 
+    def reuse(self, previous: Location, views: tuple[str, ...]) -> None:
+        self.previous, self.reused = previous, tuple(k for k in views if k in self.cfg.models)
+
     def process(self, rows: pa.Table, decoded: dict[str, np.ndarray] | None = None) -> dict[str, pa.Table]:
         if not self.models:
             self.setup()
-        batches = self._batches(rows) if decoded is None else _slices(decoded, self.cfg.batch_size)
-        pieces = []
-        for cols in batches:
-            emb = {k: m.embed(cols[PIXELS_PREFIX + k]) for k, m in self.models.items()}  # [B', D] float32 each
-            pieces.append(_rows(cols[schema.IMAGE_ID], cols[schema.EDIT], emb))
-        table = pa.concat_tables(pieces) if pieces else _rows(np.empty(0, object), np.empty(0, str), self._empty())
+        batches = list(self._batches(rows) if decoded is None else _slices(decoded, self.cfg.batch_size))
+        kept = self._kept(rows)
+        table = self._embed(batches, [k for k in self.models if kept is None or k not in self.reused])
+        if kept is not None:
+            with_kept = _with_kept(table, kept, self.reused)
+            # not the rows the earlier part held (a subset being retried, say): compute every model
+            table = with_kept if with_kept is not None else self._embed(batches, list(self.models))
+        table = table.select([schema.IMAGE_ID, schema.EDIT, *(schema.embedding_column(k) for k in self.cfg.models)])
         is_copy = pc.not_equal(table[schema.EDIT], "")
         images = table.filter(pc.invert(is_copy)).drop_columns([schema.EDIT])
         return {
@@ -234,6 +242,33 @@ class EmbedWork(PartWork):
             .cast(schema.embed_schema(self.dims, calibration=True))
             .sort_by([(schema.IMAGE_ID, "ascending"), (schema.EDIT, "ascending")]),
         }
+
+    def _embed(self, batches: list[dict[str, np.ndarray]], keys: list[str]) -> pa.Table:
+        """Rows (image_id, edit, the embeddings of models ``keys``) of the decoded batches, in their order."""
+        pieces = []
+        for cols in batches:
+            emb = {k: self.models[k].embed(cols[PIXELS_PREFIX + k]) for k in keys}  # [B', D] float32 each
+            pieces.append(_rows(cols[schema.IMAGE_ID], cols[schema.EDIT], emb))
+        if pieces:
+            return pa.concat_tables(pieces)
+        return _rows(np.empty(0, object), np.empty(0, str), {k: v for k, v in self._empty().items() if k in keys})
+
+    def _kept(self, rows: pa.Table) -> pa.Table | None:
+        """The earlier output's rows of this part (images and their synthetic copies: image_id, edit and the reused
+        models' columns), or None when there is none to reuse."""
+        if self.previous is None or not self.reused or rows.num_rows == 0:
+            return None
+        name = part_name(int(rows[schema.PART][0].as_py()))
+        images, copies = self.previous / name, self.previous / schema.CALIBRATION / name
+        if not images.exists():
+            return None
+        cols = [schema.IMAGE_ID, *(schema.embedding_column(k) for k in self.reused)]
+        own = pq.read_table(images, columns=cols)
+        own = own.add_column(1, schema.EDIT, pa.array([""] * own.num_rows, pa.string()))
+        if not copies.exists():
+            return own
+        theirs = pq.read_table(copies, columns=[*cols[:1], schema.EDIT, *cols[1:]])
+        return pa.concat_tables([own.cast(theirs.schema), theirs])
 
     def _batches(self, rows: pa.Table) -> Iterator[dict[str, np.ndarray]]:
         """Decode batch by batch in this process (no decode task ran, or the part is being retried)."""
@@ -245,6 +280,22 @@ class EmbedWork(PartWork):
 
     def _empty(self) -> dict[str, np.ndarray]:
         return {k: np.empty((0, d), np.float32) for k, d in self.dims.items()}
+
+
+def _with_kept(table: pa.Table, kept: pa.Table, keys: tuple[str, ...]) -> pa.Table | None:
+    """``table`` with the columns of models ``keys`` taken from ``kept``, row by row (by image and edit); None when
+    ``kept`` lacks some of its rows."""
+    at = pc.index_in(_row_keys(table), value_set=_row_keys(kept))
+    if at.null_count:
+        return None
+    for key in keys:
+        col = schema.embedding_column(key)
+        table = table.append_column(col, kept[col].take(at))
+    return table
+
+
+def _row_keys(table: pa.Table) -> pa.Array:
+    return pc.binary_join_element_wise(table[schema.IMAGE_ID], table[schema.EDIT], "\x00").combine_chunks()
 
 
 def _slices(decoded: dict[str, np.ndarray], size: int) -> Iterator[dict[str, np.ndarray]]:

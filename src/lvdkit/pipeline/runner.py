@@ -35,6 +35,7 @@ from lvdkit.pipeline.outputs import write_sides
 from lvdkit.pipeline.ownership import check_not_inside_inputs, claim, locked
 from lvdkit.pipeline.partitioned import node_id, run_partitioned
 from lvdkit.pipeline.parts import PartRun, actor_threads, map_parts
+from lvdkit.pipeline.reuse import drop_previous, keep_previous
 from lvdkit.pipeline.stages import STAGES, declared_sides
 from lvdkit.pipeline.summary import (
     STATUS_FILE,
@@ -73,6 +74,8 @@ def run_stage(name: str, cfg: CurateConfig, ray_: LazyRay, force: bool = False) 
     stage_dir = out / name
     start = time.time()
     key, n_parts, listing = _plan(stage, cfg, out)
+    views = stage.views(cfg) if stage.views is not None else None
+    previous, reused = keep_previous(stage_dir, key, views, force) if views else (None, ())
     action = prepare(stage_dir, key, force)
     if listing is not None:
         if action == "skip":
@@ -89,8 +92,10 @@ def run_stage(name: str, cfg: CurateConfig, ray_: LazyRay, force: bool = False) 
     if isinstance(stage, PartStage) and not stage.plans_fingerprint:
         n_parts = _plan_in_task(stage, cfg, out, key.fingerprint)
     if isinstance(stage, PartStage):
-        rows, nodes = _run_parts(stage, cfg, stage_dir, n_parts)
+        rows, nodes = _run_parts(stage, cfg, stage_dir, n_parts, (previous, reused))
         stats = stage.stats(stage.inputs(out, declared_sides()))
+        if reused:
+            stats = {**stats, "reused_views": list(reused)}
     elif isinstance(stage, PartitionedStage) and stage.partitioned(cfg, stage.inputs(out, declared_sides())):
         _set_aside_untrusted(stage, stage_dir)
         rows, stats, nodes = run_partitioned(stage, cfg, out, cfg.progress)
@@ -100,8 +105,8 @@ def run_stage(name: str, cfg: CurateConfig, ray_: LazyRay, force: bool = False) 
         rows, stats, node = _run_whole(stage, cfg, out)
         stats, nodes = ({**stats, "path": "single"} if isinstance(stage, PartitionedStage) else stats), {node}
     seconds = time.time() - start
-    views = stage.views(cfg) if stage.views is not None else None
     record = finish(stage_dir, name, key, to_dict(stage.section(cfg)), rows, seconds, stats, sorted(nodes), views)
+    drop_previous(stage_dir)
     log(f"{name}: {rows} rows in {record['seconds']:.1f}s -> {stage_dir}")
     for warning in stats.get("warnings", ()):
         log(f"{name}: warning: {warning}")
@@ -149,7 +154,13 @@ def _plan_task(name: str, cfg: CurateConfig, out: str, fingerprint: str) -> int:
     return plan.n_parts
 
 
-def _run_parts(stage: PartStage, cfg: CurateConfig, stage_dir: Location, n_parts: int) -> tuple[int, set[str]]:
+def _run_parts(
+    stage: PartStage,
+    cfg: CurateConfig,
+    stage_dir: Location,
+    n_parts: int,
+    previous: tuple[Path | None, tuple[str, ...]],
+) -> tuple[int, set[str]]:
     _set_aside_untrusted(stage, stage_dir)
     done = {p.name for p in part_files(stage_dir)}
     pending = [i for i in range(n_parts) if part_name(i) not in done]
@@ -157,9 +168,13 @@ def _run_parts(stage: PartStage, cfg: CurateConfig, stage_dir: Location, n_parts
         log(f"{stage.name}: {len(done)} of {n_parts} parts already done, {len(pending)} to go")
     if pending:
         actors = stage.actors(cfg) if stage.actors is not None else None
+        work = stage.work(cfg, stage_dir / schema.LISTING)
+        if previous[0] is not None:
+            log(f"{stage.name}: reusing {', '.join(previous[1])} from {previous[0]}")
+            work.reuse(previous[0], previous[1])
         run = PartRun(
             stage=stage.name,
-            work=stage.work(cfg, stage_dir / schema.LISTING),
+            work=work,
             stage_dir=str(stage_dir),
             hooks=faults.Hooks.for_stage(stage.name),
             retries=max(0, cfg.ray.max_task_retries),
