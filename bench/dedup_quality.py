@@ -22,9 +22,11 @@ import importlib.util
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -79,6 +81,7 @@ def relative_row(name: str, pool: Path, protected: Path, truth_dir: Path, out: P
     clean = summary["images_in"] - summary["quarantined"] - score.leaked
     recall = (score.caught + score.caught_earlier) / max(score.leaked, 1)
     est_recall, est_clean = stats.get("estimated_recall"), stats.get("estimated_clean_removed")
+    missed = missed_leaks(load_truth(truth_dir), pq.read_table(out / "status.parquet"))
     return [
         name,
         summary["images_in"],
@@ -89,7 +92,15 @@ def relative_row(name: str, pool: Path, protected: Path, truth_dir: Path, out: P
         "-" if est_recall is None else f"{est_recall:.3f}",
         "-" if est_clean is None else f"{est_clean:.2%}",
         f"{stats.get('score')} > {stats.get('threshold', float('nan')):.3f}",
+        ", ".join(f"{t} {n}" for t, n in sorted(missed.items())) or "-",
     ]
+
+
+def missed_leaks(truth: pa.Table, status: pa.Table) -> dict[str, int]:
+    """Leaks left in the pool, counted by the edit that made them."""
+    kept = set(status.filter(pc.equal(status[schema.STATUS_COL], schema.FINAL_KEPT))[schema.URI].to_pylist())
+    leaks = truth.filter(pc.equal(truth[schema.TRUTH_KIND], schema.TRUTH_LEAKED)).to_pylist()
+    return dict(Counter(r[schema.TRUTH_TRANSFORM] for r in leaks if r[schema.URI] in kept))
 
 
 def relative_table(demo: Path, out: Path, photo_sizes: list[int], sets: list[str]) -> None:
@@ -119,6 +130,7 @@ def relative_table(demo: Path, out: Path, photo_sizes: list[int], sets: list[str
             "est. recall",
             "est. clean removed",
             "rule",
+            "leaks missed, by edit",
         ],
         rows,
     )
