@@ -302,3 +302,13 @@ def test_the_margin_score_tells_a_copy_from_an_image_that_merely_looks_like_many
 
 def _unit(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def test_a_protected_set_that_is_one_copy_group_leaves_a_copy_its_whole_similarity_as_margin() -> None:
+    from lvdkit.curation.relative_score import NO_MATCH, margins
+
+    rng = np.random.default_rng(9)
+    source = _unit(rng.normal(size=16))
+    protected = _unit(source + 0.05 * rng.normal(size=(3, 16)) / 4)  # three near copies of one image: one group
+    sim, _, margin = margins(_unit(source + 0.3 * rng.normal(size=16) / 4)[None], protected, np.zeros(3, np.int64))
+    assert margin[0] == pytest.approx(sim[0] - NO_MATCH)  # no protected image outside its group at all

@@ -55,9 +55,11 @@ def margins(
         return np.full(n, -1.0, np.float32), np.zeros(n, np.int64), np.zeros(n, np.float32)
     sims, nn = top_against(queries, protected, np.arange(len(protected), dtype=np.int64), NEIGHBOURS)
     best_group = groups[nn[:, 0]]
-    other = (nn >= 0) & (groups[np.maximum(nn, 0)] != best_group[:, None])
-    # the first other-group match among the neighbours; none there: the last neighbour bounds it from above
-    second = np.where(other.any(axis=1), _first_where(sims, other), _last_finite(sims))
+    other = (nn >= 0) & (groups[np.maximum(nn, 0)] != best_group[:, None])  # [N, k]
+    # none among the neighbours: when they were every protected image there is none at all (NO_MATCH), else the
+    # last neighbour bounds it from above (a lower bound of the margin)
+    none = NO_MATCH if len(protected) <= NEIGHBOURS else _last_finite(sims)
+    second = np.where(other.any(axis=1), _first_where(sims, other), none)
     margin = sims[:, 0] - second
     return sims[:, 0].astype(np.float32), nn[:, 0], margin.astype(np.float32)
 
@@ -69,11 +71,8 @@ def _first_where(sims: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def _last_finite(sims: np.ndarray) -> np.ndarray:
-    """The smallest listed similarity per row; NO_MATCH where the row lists only its best match."""
-    finite = np.where(np.isfinite(sims), sims, np.nan)
-    last = np.nanmin(finite, axis=1)
-    only_best = np.isfinite(sims).sum(axis=1) < 2
-    return np.where(only_best, NO_MATCH, last)
+    """The smallest listed similarity per row (rows list more neighbours than one)."""
+    return np.where(np.isfinite(sims), sims, np.inf).min(axis=1)
 
 
 def in_sample(ids: list[str], rate: float, salt: str) -> np.ndarray:
