@@ -98,7 +98,7 @@ def scores(
 def run_dedup_relative(cfg: DedupRelativeConfig, reader: SideSetReader, inputs: StageInputs) -> StageOutput:
     """The stage: whitened pool descriptors against the protected images, ingested and embedded here; the
     protected images' ingest rows are a side file."""
-    images = alive(inputs, dedups_before("dedup_relative"), [])
+    images = alive(inputs, dedups_before("dedup_relative"), [schema.CONTENT_HASH])
     whitener = Whitener.from_bytes(inputs.side("dedup_copy", schema.WHITENING_FILE).read_bytes())
     pool_x = whitener(embeddings_of(inputs, cfg.embedding, images[schema.IMAGE_ID]))
     prot = protected_set(cfg, reader, inputs, whitener)
@@ -108,7 +108,8 @@ def run_dedup_relative(cfg: DedupRelativeConfig, reader: SideSetReader, inputs: 
         if cfg.rule == "copy":
             threshold = copy_threshold(inputs)
         else:
-            decoys, probes = pool_samples(images[schema.IMAGE_ID].to_pylist(), inputs, len(prot.ids), cfg.probes)
+            keys = images[schema.CONTENT_HASH].to_pylist()
+            decoys, probes = pool_samples(keys, inputs, len(prot.ids), cfg.probes)
             threshold, rule_stats = recall_threshold(cfg, prot, pool_x[decoys], pool_x[probes])
     score = cfg.scored_by()
     table = dedup_relative(images[schema.IMAGE_ID], pool_x, prot.ids, prot.x, threshold, prot.groups, score)
@@ -156,11 +157,14 @@ def group_threshold(inputs: StageInputs) -> float | None:
     return None if value is None else float(value)
 
 
-def pool_samples(ids: list[str], inputs: StageInputs, n_protected: int, n_probes: int) -> tuple[np.ndarray, np.ndarray]:
-    """The decoys and the probes among pool images ``ids`` (masks [N]): the same images on either path."""
+def pool_samples(
+    keys: list[str], inputs: StageInputs, n_protected: int, n_probes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The decoys and the probes among pool images (masks [N]), drawn by their content hashes ``keys``: the same
+    images on either path, wherever the files lie."""
     rate_decoys, rate_probes = decoy_rates(pool_size(inputs), n_protected, n_probes)
-    decoys = in_sample(ids, rate_decoys, "decoy")
-    return decoys, in_sample(ids, rate_probes, "probe") & ~decoys
+    decoys = in_sample(keys, rate_decoys, "decoy")
+    return decoys, in_sample(keys, rate_probes, "probe") & ~decoys
 
 
 def pool_size(inputs: StageInputs) -> int:

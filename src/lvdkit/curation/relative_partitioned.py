@@ -76,7 +76,8 @@ class RelativePartitions(PartitionedWork):
     def scatter(self, state: State, index: int) -> tuple[pa.Table, dict[str, Any]]:
         ids, col = self._pool(index)
         x = _whitened(state.whitener, col)
-        decoys, probes = pool_samples(ids.to_pylist(), self.inputs, len(state.protected.ids), self.cfg.probes)
+        keys = _content_hashes(self.inputs, index, ids)
+        decoys, probes = pool_samples(keys, self.inputs, len(state.protected.ids), self.cfg.probes)
         picked = decoys | probes
         y = np.ascontiguousarray(x[picked], dtype=np.float32)
         table = pa.table(
@@ -136,6 +137,17 @@ class RelativePartitions(PartitionedWork):
         removed = sum(_removed(p) for p in parts)
         n = sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
         return {"in": n, "kept": n - removed, "duplicates": removed, **stats}
+
+
+def _content_hashes(inputs: StageInputs, index: int, ids: pa.Array | pa.ChunkedArray) -> list[str]:
+    """The content hash of each image ``ids`` of embed part ``index`` (from embed's work list, the part's row group)."""
+    listing = pq.ParquetFile(inputs.folder(EMBED) / schema.LISTING).read_row_group(
+        index, columns=[schema.IMAGE_ID, schema.CONTENT_HASH]
+    )
+    at = pc.index_in(ids, value_set=listing[schema.IMAGE_ID].combine_chunks())
+    if at.null_count:
+        raise RuntimeError(f"{inputs.folder(EMBED)}: part {index} holds images its work list lacks: rerun embed")
+    return listing[schema.CONTENT_HASH].take(at).to_pylist()
 
 
 def _whitened(whitener: Whitener, column: pa.ChunkedArray | pa.Array) -> np.ndarray:
