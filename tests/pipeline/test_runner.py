@@ -200,9 +200,12 @@ def test_rerun_skips_and_changes_redo_only_what_they_affect(small_demo: Path, tm
     finally:
         os.remove(extra)
 
-    before_force = (out / "dedup_exact" / "_SUCCESS").stat().st_mtime_ns
+    before_force = {s: (out / s / "_SUCCESS").stat().st_mtime_ns for s in ("dedup_exact", "dedup_phash")}
     run(_config(out, small_demo, "dedup_phash.max_distance=2"), stages=("dedup_exact",), force=True)
-    assert (out / "dedup_exact" / "_SUCCESS").stat().st_mtime_ns != before_force
+    assert (out / "dedup_exact" / "_SUCCESS").stat().st_mtime_ns != before_force["dedup_exact"]
+    # what read the forced stage's output is redone too (a forced rerun may decide otherwise under the same config)
+    run(_config(out, small_demo, "dedup_phash.max_distance=2"), stages=("dedup_phash",))
+    assert (out / "dedup_phash" / "_SUCCESS").stat().st_mtime_ns != before_force["dedup_phash"]
 
 
 def _column(folder: Path, col: str) -> list:

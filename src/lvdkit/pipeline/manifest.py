@@ -125,7 +125,9 @@ def fingerprint_of(*records: dict[str, Any] | None, uses: dict[str, tuple[str, .
 
 
 def _identity(record: dict[str, Any], used: tuple[str, ...] | None) -> str:
+    """A stage counted whole: its config and when it finished (a forced or repaired rerun may change its output
+    under the same config, and what read the earlier output is then out of date); by views: their identities."""
     views = record.get("views")
     if used is None or not isinstance(views, dict) or not all(k in views for k in used):
-        return str(record["config_hash"])
+        return f"{record['config_hash']}@{record.get('finished_at', '')}"
     return ",".join(f"{k}={views[k]}" for k in sorted(set(used)))
