@@ -95,14 +95,3 @@ def decoy_rates(n_pool: int, n_protected: int, n_probes: int) -> tuple[float, fl
         return 0.0, 0.0
     decoys = min(n_protected / n_pool, 0.5)
     return decoys, min(1.0, n_probes / (n_pool * (1.0 - decoys)))
-
-
-def clean_removal_threshold(
-    probes: np.ndarray, decoys: np.ndarray, groups: np.ndarray, max_removed: float
-) -> tuple[float, float]:
-    """The lowest margin threshold under which at most ``max_removed`` of the probes [Q, D] would be removed as
-    copies of the decoys [S, D] (grouped like protected images): (threshold, probes scored)."""
-    if len(probes) == 0 or len(decoys) == 0:
-        return 2.0, 0.0  # nothing to estimate from: remove nothing by margin
-    _, _, m = margins(probes, decoys, groups)
-    return float(np.quantile(m, 1.0 - max_removed)), float(len(probes))

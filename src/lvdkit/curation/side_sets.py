@@ -21,14 +21,12 @@ from lvdkit.embeddings.stage import PIXELS_PREFIX, EmbedConfig, calibration_rate
 @dataclass(frozen=True)
 class SideSet:
     """A side set's ingest rows (all, then the usable ones) and the usable ones' embeddings [N, D]; with
-    ``copies`` asked for, synthetic copies of them too: embeddings [C, D], the usable image each copies [C] (a row
-    of ``ok``) and its edit family [C]."""
+    ``copies`` asked for, synthetic copies of them too: embeddings [C, D] and each one's edit family [C]."""
 
     rows: pa.Table
     ok: pa.Table
     x: np.ndarray
     copies: np.ndarray | None = None
-    copy_of: np.ndarray | None = None
     copy_edit: np.ndarray | None = None
 
 
@@ -53,12 +51,11 @@ class SideSetReader:
         model = create_embedder(self.embed.models[key], **self.embed.options(key))
         ids, uris = ok[schema.IMAGE_ID].to_pylist(), ok[schema.URI].to_pylist()
         rate = calibration_rate(len(ids), copies)
-        out, names, edits = [], [], []
+        out, edits = [], []
         for start in range(0, len(ids), batch):
             pre = {key: model.preprocess}
             cols = decode_batch(ids[start : start + batch], uris[start : start + batch], pre, rate, self.embed)
             out.append(model.embed(cols[PIXELS_PREFIX + key]))
-            names.append(cols[schema.IMAGE_ID])
             edits.append(cols[schema.EDIT])
         if not out:
             return SideSet(rows, ok, np.empty((0, model.dim), np.float32))
@@ -66,6 +63,4 @@ class SideSetReader:
         original = edit == ""
         if not copies:
             return SideSet(rows, ok, x[original])
-        row_of = {image_id: i for i, image_id in enumerate(ids)}
-        copy_of = np.asarray([row_of[i] for i in np.concatenate(names)[~original]], np.int64)
-        return SideSet(rows, ok, x[original], x[~original], copy_of, edit[~original])
+        return SideSet(rows, ok, x[original], x[~original], edit[~original])
