@@ -1,14 +1,18 @@
-"""Driver-side planning of a pretraining run: paths, steps, the per-epoch file stream."""
+"""Driver-side planning of a pretraining run: paths, steps, the per-epoch row-group stream."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from lvdkit.pretrain.config import PretrainConfig
-from lvdkit.pretrain.run import absolute_paths, epoch_files, plan
+from lvdkit.pretrain.run import absolute_paths, plan
+from lvdkit.pretrain.stream import ReadRowGroups, RowGroups, stream_indices, stream_size
 
 
 def test_relative_paths_become_absolute_for_the_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -38,13 +42,42 @@ def test_plan_counts_full_batches_per_worker_and_refuses_none() -> None:
         plan(cfg, 19)
 
 
-def test_each_epoch_lists_every_file_once_in_its_own_seeded_order() -> None:
-    files = [f"part-{i}.parquet" for i in range(6)]
-    stream = epoch_files(files, 0, 4, seed=0)
-    assert len(stream) == 4 and all(sorted(e) == files for e in stream)
-    assert len({tuple(e) for e in stream}) > 1  # reshuffled per epoch
-    assert epoch_files(files, 2, 4, seed=0) == stream[2:]  # a resumed run continues the same orders
-    assert epoch_files(files, 0, 4, seed=1) != stream
+def test_the_stream_reads_every_row_group_once_per_epoch_in_its_own_seeded_order(tmp_path: Path) -> None:
+    paths = []
+    for i, rows in enumerate((5, 3, 7)):  # 2 rows per row group: 3 + 2 + 4 units
+        path = tmp_path / f"part-{i}.parquet"
+        pq.write_table(pa.table({"image": [f"{i}:{r}".encode() for r in range(rows)]}), path, row_group_size=2)
+        paths.append(str(path))
+    groups = RowGroups.of(paths, None)
+    assert (groups.groups, groups.rows, groups.per_epoch) == ((3, 2, 4), 15, 9)
+    read = ReadRowGroups(groups, "image", None, seed=0, start_epoch=0)
+    n = stream_size(groups, 0, 3)
+    epochs = [[read.unit(i) for i in range(e * 9, (e + 1) * 9)] for e in range(n // 9)]
+    assert len(epochs) == 3 and all(len(set(e)) == 9 for e in epochs)  # every unit once per epoch
+    assert len({tuple(e) for e in epochs}) > 1  # reshuffled per epoch
+    resumed = ReadRowGroups(groups, "image", None, seed=0, start_epoch=2)
+    assert [resumed.unit(i) for i in range(stream_size(groups, 2, 3))] == epochs[2]  # a resumed run continues
+    other = ReadRowGroups(groups, "image", None, seed=1, start_epoch=0)
+    assert [other.unit(i) for i in range(9)] != epochs[0]
+    images = [bytes(v) for batch in read({"data": np.arange(9)}) for v in batch["image"]]
+    assert sorted(images) == sorted(f"{i}:{r}".encode() for i, rows in enumerate((5, 3, 7)) for r in range(rows))
+    chunks = stream_indices(groups, 0, 3)
+    assert np.concatenate(chunks).tolist() == list(range(n)) and len(chunks) == n  # one unit per task here
+
+
+def test_the_stream_transforms_row_groups_in_batches_and_drops_empty_ones(tmp_path: Path) -> None:
+    path = tmp_path / "part-0.parquet"
+    pq.write_table(pa.table({"image": [b"bad"] * 3 + [b"ok"] * 5}), path, row_group_size=8)
+    seen: list[int] = []
+
+    def keep_good(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        seen.append(len(batch["image"]))
+        good = [x for x in batch["image"] if x == b"ok"]
+        return {"image": np.array(good, dtype=object)} if good else {}
+
+    read = ReadRowGroups(RowGroups.of([str(path)], None), "image", None, 0, 0, transform=keep_good, batch_rows=3)
+    out = list(read({"data": np.array([0])}))
+    assert seen == [3, 3, 2] and [len(b["image"]) for b in out] == [3, 2]  # the all-bad first batch is dropped
 
 
 def test_only_checkpoints_ray_registered_count(tmp_path: Path) -> None:

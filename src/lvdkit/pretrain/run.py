@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow.parquet as pq
 
 from lvdkit.core.io import DiskFullError, is_disk_full
@@ -28,6 +27,7 @@ from lvdkit.core.storage import Location, ObjectPath, fs_paths, is_uri, location
 from lvdkit.pretrain.augment import AugmentBatch
 from lvdkit.pretrain.config import PretrainConfig
 from lvdkit.pretrain.init_weights import init_path, is_hub
+from lvdkit.pretrain.stream import ReadRowGroups, RowGroups, stream_indices
 from lvdkit.pretrain.train import META_FILE, METRICS_FILE, STATE_FILE, local_run_folder, train_loop_per_worker
 
 FINAL_FILE = "final.json"
@@ -118,15 +118,6 @@ def absolute_paths(cfg: PretrainConfig) -> PretrainConfig:
     return cfg
 
 
-def epoch_files(files: list[str], start_epoch: int, epochs: int, seed: int) -> list[list[str]]:
-    """The files of each remaining epoch, each epoch in its own seeded order (one stream for the whole run)."""
-    order = []
-    for epoch in range(start_epoch, max(epochs, start_epoch + 1)):
-        perm = np.random.default_rng([seed, epoch]).permutation(len(files))
-        order.append([files[i] for i in perm])
-    return order
-
-
 def _resume_epoch(cfg: PretrainConfig, out: Location, steps_per_epoch: int) -> int:
     """The epoch the latest checkpoint is in (0 for a fresh run): where the data stream starts."""
     found = checkpoints(out) if cfg.resume else []
@@ -179,7 +170,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     if cfg.eval.data and not Path(cfg.eval.data).exists():
         raise FileNotFoundError(f"eval.data not found: {cfg.eval.data} (a labeled folder or Parquet, as eval knn)")
     fs, paths = fs_paths(files)
-    n_images = sum(pq.read_metadata(f, filesystem=fs).num_rows for f in paths)
+    groups = RowGroups.of(paths, fs)
+    n_images = groups.rows
     steps_per_epoch, total_steps = plan(cfg, n_images)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
@@ -189,13 +181,10 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
         cpus = cfg.cpus_per_worker or (1.0 if use_gpu else 0.5)  # fractional: Ray Data needs CPU to decode
         start_epoch = _resume_epoch(cfg, out, steps_per_epoch)
-        # Ray Data reads a path listed twice once, hence one read per epoch, unioned into one stream.
-        epochs = [
-            ray.data.read_parquet(order, columns=[cfg.image_column], filesystem=fs)
-            for order in epoch_files(paths, start_epoch, cfg.optim.epochs, cfg.seed)
-        ]
-        dataset = epochs[0].union(*epochs[1:]) if len(epochs) > 1 else epochs[0]
-        dataset = dataset.map_batches(AugmentBatch(cfg.method, cfg.crops, cfg.image_column), batch_size=32)
+        views = AugmentBatch(cfg.method, cfg.crops, cfg.image_column)
+        read = ReadRowGroups(groups, cfg.image_column, fs, cfg.seed, start_epoch, transform=views)
+        indices = stream_indices(groups, start_epoch, cfg.optim.epochs)
+        dataset = ray.data.from_numpy(indices).map_batches(read, batch_size=1)  # one block of indices per task
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={

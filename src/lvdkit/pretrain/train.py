@@ -239,7 +239,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     step = _resume(method, optimizer, device)
     bf16 = device.type == "cuda" and cfg.precision in ("auto", "bf16")
     metrics = _Metrics(cfg, method, total_steps) if rank == 0 else None
-    # One stream over every remaining epoch (the driver lists the files once per epoch): no pipeline restart and no
+    # One stream over every remaining epoch (row groups in a seeded order per epoch): no pipeline restart and no
     # empty queue at epoch boundaries. Batch i of the stream is step first_step + i; a worker restarted from a
     # checkpoint inside this run skips the batches before it.
     first_step = int(config.get("first_step", 0))
