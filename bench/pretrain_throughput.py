@@ -10,7 +10,8 @@ On CUDA it also prints peak GPU memory and model FLOPs utilisation: FLOPs of one
 989 for an H100 SXM).
 
 Usage: python bench/pretrain_throughput.py [--data out/demo/curated] [--config configs/pretrain_demo.yaml]
-       [--steps 40] [--warmup 10] [key=value ...]   (e.g. model=timm:vit_small_patch14_dinov2 crops.global_size=224)
+       [--steps 40] [--warmup 10] [--photos] [key=value ...]   (e.g. model=timm:vit_small_patch14_dinov2
+       crops.global_size=224; --photos: 2,048 photo JPEGs of 200-500 px instead of the 28 px demo or synthetic data)
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -32,8 +35,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine_line, print_table
+from lvdkit.core.image import decode_rgb
 from lvdkit.core.settings import load_config
-from lvdkit.pretrain.augment import GLOBAL_KEYS, LOCAL_KEY, VIEW_KEY
+from lvdkit.pretrain.augment import GLOBAL_KEYS, LOCAL_KEY, VIEW_KEY, VIEWS
 from lvdkit.pretrain.config import PretrainConfig
 from lvdkit.pretrain.run import pretrain
 from lvdkit.pretrain.train import build_method, build_optimizer, build_schedules, train_step
@@ -51,6 +55,61 @@ def synthetic_shards(folder: Path, n: int, side: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({"image_id": [str(i) for i in range(n)], "image": images}), folder / "part-00000.parquet")
     return folder
+
+
+def photo_shards(folder: Path, n: int, sides: tuple[int, int] = (200, 500)) -> Path:
+    """``n`` JPEGs of real photographs at 200-500 px (the packaged photos: random crops, sizes, aspect ratios and
+    qualities), as curated-style Parquet: images of the size real pools hold, not the demo's 28 px digits."""
+    from lvdkit.demo_images import load_photos
+
+    photos = [photo for _, photo in load_photos()]
+    rng = np.random.default_rng(0)
+    images = []
+    for i in range(n):
+        photo = photos[i % len(photos)]
+        w, h = photo.size
+        cw, ch = int(w * rng.uniform(0.5, 1.0)), int(h * rng.uniform(0.5, 1.0))
+        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        side = int(rng.integers(sides[0], sides[1] + 1))
+        scale = side / max(cw, ch)
+        crop = photo.crop((x, y, x + cw, y + ch)).resize((round(cw * scale), round(ch * scale)), Image.BICUBIC)
+        buf = io.BytesIO()
+        crop.save(buf, format="JPEG", quality=int(rng.integers(75, 96)))
+        images.append(buf.getvalue())
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"image_id": [str(i) for i in range(n)], "image": images}), folder / "part-00000.parquet")
+    return folder
+
+
+def view_costs(cfg: PretrainConfig, data: Path, n: int = 256) -> list[list[object]]:
+    """Where one image's training views spend their time, on one thread as in a Ray Data task: ms per image for
+    decoding (whole, and at the reduced scale the views allow), the geometric crops, and the batched colour ops."""
+    images = pq.read_table(sorted(data.glob("*.parquet"))[0], columns=[cfg.image_column])[cfg.image_column]
+    blobs = [bytes(b) for b in images.to_pylist()[:n]]
+    views = VIEWS[cfg.method](cfg.crops)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows: list[list[object]] = []
+
+        def timed(name: str, fn: Callable[[], Any]) -> Any:
+            start = time.perf_counter()
+            out = fn()
+            ms = (time.perf_counter() - start) / len(blobs) * 1000
+            rows.append([name, f"{ms:.2f}", f"{1000 / ms:.0f}"])
+            return out
+
+        timed("decode, whole image", lambda: [decode_rgb(b) for b in blobs])
+        decoded = timed(
+            f"decode, reduced (shorter side >= {views.min_side})",
+            lambda: [decode_rgb(b, min_side=views.min_side) for b in blobs],
+        )
+        crops = timed("geometric crops (Pillow)", lambda: [views.crops(im) for im in decoded])
+        stacked = {k: np.stack([c[k] for c in crops]) for k in crops[0]}
+        timed("colour ops (batched)", lambda: views.colour(stacked))
+    finally:
+        torch.set_num_threads(threads)
+    return rows
 
 
 def fake_batch(cfg: PretrainConfig) -> dict[str, torch.Tensor]:
@@ -125,6 +184,7 @@ def main() -> None:
     parser.add_argument("--config", default="configs/pretrain_demo.yaml")
     parser.add_argument("--data", help="curated set (default: synthetic JPEGs)")
     parser.add_argument("--n-images", type=int, default=2048, help="synthetic images when --data is not given")
+    parser.add_argument("--photos", action="store_true", help="real-sized data: --n-images photo JPEGs of 200-500 px")
     parser.add_argument("--steps", type=int, default=40, help="timed steps (both sides)")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="GPU dense bf16 peak, for MFU")
@@ -133,11 +193,12 @@ def main() -> None:
     print(machine_line())
     with tempfile.TemporaryDirectory(prefix="lvdkit-bench-") as tmp:
         cfg = load_config(PretrainConfig, args.config, [f"out={tmp}/run", "progress=false", *args.overrides])
-        data = (
-            Path(args.data)
-            if args.data
-            else synthetic_shards(Path(tmp) / "data", args.n_images, 2 * cfg.crops.global_size)
-        )
+        if args.data:
+            data = Path(args.data)
+        elif args.photos:
+            data = photo_shards(Path(tmp) / "data", args.n_images)
+        else:
+            data = synthetic_shards(Path(tmp) / "data", args.n_images, 2 * cfg.crops.global_size)
         n_rows = sum(pq.read_metadata(f).num_rows for f in data.glob("*.parquet"))
         steps_total = args.steps + args.warmup
         per_epoch = n_rows // (cfg.optim.step_batch * cfg.num_workers)
@@ -151,6 +212,7 @@ def main() -> None:
             f"threads {cfg.torch_threads or 'default'}",
             flush=True,
         )
+        print_table(["views of one image, one thread", "ms / image", "images / s"], view_costs(cfg, data))
         bare = bare_loop(cfg, args.steps, args.warmup, device)
         print(f"bare loop: {bare['images_per_s']:.1f} img/s", flush=True)
         run = lvdkit_run(cfg, args.warmup)

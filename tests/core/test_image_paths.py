@@ -14,7 +14,7 @@ from lvdkit.core.files import image_id
 from lvdkit.curated import decode as curated_decode
 from lvdkit.embeddings.preprocess import Preprocess
 from lvdkit.embeddings.stage import PIXELS_PREFIX, EmbedConfig, decode_batch
-from lvdkit.pretrain.augment import AugmentBatch
+from lvdkit.pretrain.augment import AugmentBatch, Views
 from lvdkit.pretrain.config import CropsConfig
 from lvdkit.pretrain.evaluate import load_image
 
@@ -72,7 +72,15 @@ def _embed_path(path: Path) -> np.ndarray:
 def _pretrain_path(data: bytes) -> np.ndarray:
     """The pretraining data pipeline: AugmentBatch on a shard batch, with the crops replaced by a recorder."""
     batch = AugmentBatch("distillation", CropsConfig(), "image")
-    batch.views = lambda image: {"pixels": np.asarray(image)}  # type: ignore[assignment]
+
+    class Record(Views):
+        def crops(self, image: Image.Image) -> dict[str, np.ndarray]:
+            return {"pixels": np.asarray(image)}
+
+        def colour(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            return batch
+
+    batch.views = Record()
     out = batch({"image": np.array([data], dtype=object)})
     return np.asarray(out["pixels"][0])
 
@@ -104,3 +112,37 @@ def test_every_path_gives_the_same_pixels_with_transparency_on_white(kind: str, 
         opaque[0, -1] = False
         assert tuple(reference[0, -1]) in ((127, 127, 127), (128, 128, 128))  # half-transparent black on white
     assert np.array_equal(reference[opaque], plain[opaque])  # opaque pixels untouched
+
+
+def _jpeg(side: tuple[int, int]) -> bytes:
+    rng = np.random.default_rng(0)
+    small = Image.fromarray(rng.integers(0, 255, (side[1] // 16, side[0] // 16, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    small.resize(side, Image.Resampling.BICUBIC).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("min_side", "expected"),
+    [(None, (480, 320)), (200, (480, 320)), (150, (240, 160)), (50, (120, 80)), (10, (60, 40))],
+)
+def test_a_jpeg_is_decoded_at_the_smallest_scale_that_keeps_min_side(
+    min_side: int | None, expected: tuple[int, int]
+) -> None:
+    from lvdkit.core.image import decode_rgb
+
+    image = decode_rgb(_jpeg((480, 320)), min_side=min_side)  # shorter side 320: 1/2 -> 160, 1/4 -> 80, 1/8 -> 40
+    assert image.size == expected and image.mode == "RGB"
+
+
+def test_reduced_decoding_leaves_other_formats_whole_and_pretraining_views_their_size() -> None:
+    from lvdkit.core.image import decode_rgb
+
+    png = _png(Image.new("RGB", (480, 320), (10, 20, 30)))
+    assert decode_rgb(png, min_side=10).size == (480, 320)
+    crops = CropsConfig(global_size=32, local_size=16, n_local=2, blur_kernel=3)
+    batch = AugmentBatch("dinov2", crops, "image")
+    assert batch.min_side == 83  # 16 px local crops from 5% of the area at aspect 3/4: 16 / sqrt(0.0375)
+    out = batch({"image": np.array([_jpeg((480, 320))], dtype=object)})
+    assert out["global_0"].shape == (1, 3, 32, 32) and out["local"].shape == (1, 2, 3, 16, 16)
+    assert AugmentBatch("dinov2", CropsConfig(reduced_decode=False), "image").min_side is None

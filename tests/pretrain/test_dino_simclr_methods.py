@@ -113,3 +113,13 @@ def _inputs(method: DINOMethod, batch: dict[str, torch.Tensor]) -> tuple[torch.T
     from lvdkit.pretrain.augment import multicrop_inputs
 
     return multicrop_inputs(batch, torch.device("cpu"), method.mean, method.std)
+
+
+def test_flip_p_zero_builds_views_without_a_flip() -> None:
+    from torchvision.transforms import v2 as T
+
+    def flips(views: TwoViews) -> int:
+        return sum(isinstance(t, T.RandomHorizontalFlip) for t in views.crop.transforms)
+
+    assert flips(TwoViews(CropsConfig())) == 1
+    assert flips(TwoViews(CropsConfig(flip_p=0.0))) == 0

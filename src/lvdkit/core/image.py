@@ -25,6 +25,7 @@ process per decode.
 from __future__ import annotations
 
 import io
+import math
 import re
 import signal
 import struct
@@ -83,6 +84,7 @@ def decode(
     timeout_s: float | None = None,
     formats: Sequence[str] = ALLOWED_FORMATS,
     max_expansion: float = 0.0,
+    min_side: int | None = None,
 ) -> Decoded:
     """Decode every pixel of the first frame of ``data``; raise :class:`DecodeError` with a reason otherwise.
 
@@ -90,6 +92,8 @@ def decode(
     ``formats``: the Pillow formats that may be parsed (``ingest.formats``).
     ``max_expansion``: for images of at least :data:`EXPANSION_CHECK_PIXELS`, the most decoded bytes per file byte
     (``ingest.max_expansion``; 0 = no check); more is ``too_many_pixels``.
+    ``min_side``: a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, Pillow's ``draft``) as long
+    as its shorter side stays at least this many pixels: for consumers that shrink the image anyway (training views).
     """
     if not data:
         raise DecodeError(schema.REASON_EMPTY, "file has 0 bytes")
@@ -104,6 +108,8 @@ def decode(
             if im.width * im.height > max_pixels:
                 raise Image.DecompressionBombError(f"{im.width}x{im.height} exceeds max_pixels={max_pixels}")
             _check_expansion(im, len(data), max_expansion)
+            if min_side is not None and im.format == "JPEG":
+                _draft(im, min_side)
             im.load()
             upright = ImageOps.exif_transpose(im)
     except _Timeout:
@@ -120,6 +126,13 @@ def decode(
     if timeout_s is not None and elapsed > timeout_s:
         raise _timeout(elapsed, timeout_s, interrupted=False)
     return Decoded(image=upright if upright is not None else im, format=fmt, mode=mode, n_frames=n_frames)
+
+
+def _draft(im: Image.Image, min_side: int) -> None:
+    """Ask libjpeg for the smallest DCT scale whose shorter side is still at least ``min_side``."""
+    factor = min_side / max(min(im.size), 1)
+    if factor < 0.5:  # draft keeps both sides at least the requested ones
+        im.draft(im.mode, (math.ceil(im.width * factor), math.ceil(im.height * factor)))
 
 
 def _check_expansion(im: Image.Image, n_bytes: int, max_expansion: float) -> None:
@@ -223,15 +236,18 @@ def _stable(message: str) -> str:
 DEFAULT_MAX_PIXELS = 100_000_000  # ingest's default max_pixels: the decompression-bomb guard
 
 
-def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, timeout_s: float | None = None) -> Image.Image:
+def decode_rgb(
+    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, timeout_s: float | None = None, min_side: int | None = None
+) -> Image.Image:
     """Bytes -> the upright first frame as 8-bit RGB: the one path from file bytes to pixels in lvdkit.
 
     Ingest, embed, the curated set, pretraining, evaluation and the demo all call this, so one file gives the same
     pixels everywhere. Alpha policy: transparent pixels are composited onto white (``RGBA``, ``LA``, ``PA`` and
     palette images with a transparency entry alike), never dropped to whatever colour the file stored under them.
     Raises :class:`DecodeError` with a reason from :data:`lvdkit.core.schema.REASONS` for unusable bytes.
+    ``min_side``: see :func:`decode` (JPEGs decoded at reduced scale, shorter side kept at least this long).
     """
-    return to_rgb(decode(data, max_pixels, timeout_s).image)
+    return to_rgb(decode(data, max_pixels, timeout_s, min_side=min_side).image)
 
 
 def to_rgb(im: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:

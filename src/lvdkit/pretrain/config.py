@@ -30,6 +30,8 @@ class CropsConfig:
     distill_scale: list[float] = dataclasses.field(default_factory=lambda: [0.14, 1.0])
     simclr_scale: list[float] = dataclasses.field(default_factory=lambda: [0.08, 1.0])  # SimCLR's (Inception) crop
     blur_kernel: int = 9  # DINOv2's Gaussian blur kernel; odd; small images want a smaller one
+    flip_p: float = 0.5  # horizontal flip probability of every view; 0 where mirroring changes meaning (digits, text)
+    reduced_decode: bool = True  # JPEGs decoded at 1/2-1/8 scale when every crop still gets its full resolution
 
 
 @dataclasses.dataclass
