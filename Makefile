@@ -105,6 +105,8 @@ bench: $(STAMP)  ## run the benchmarks (prints figures; slow: a few hours on 2 c
 	$(BIN)/python bench/kmeans.py
 	$(BIN)/python bench/ingest_memory.py
 	$(BIN)/python bench/pretrain_throughput.py --data $(OUT)/curated
+	$(BIN)/python bench/pretrain_throughput.py --photos
+	$(BIN)/python bench/curation_value.py --out $(OUT) --heldout $(DEMO)/heldout
 	$(BIN)/python bench/pretrain_methods.py --data $(OUT)/curated --heldout $(DEMO)/heldout
 	$(BIN)/python bench/whitening_rule.py --run $(OUT) --demo $(DEMO)
 
