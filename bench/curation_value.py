@@ -35,11 +35,14 @@ from lvdkit.core.files import MAX_FILE_BYTES, read_bytes
 from lvdkit.core.io import read_parts
 from lvdkit.pretrain.evaluate import evaluate, knn_accuracy, load_labeled, split
 from lvdkit.pretrain.export import export
+from lvdkit.pretrain.run import parquet_files
+from lvdkit.pretrain.stream import RowGroups
 from pretrain_methods import raw_pixels
 
 
 def curated_count(out: Path) -> int:
-    return sum(pq.read_metadata(f).num_rows for f in sorted((out / "curated").glob("part-*.parquet")))
+    """Rows of the curated parts pretraining reads (those its ``_SUCCESS`` lists)."""
+    return RowGroups.of([str(f) for f in parquet_files(out / "curated", schema.IMAGE)], None).rows
 
 
 def raw_sample(out: Path, n: int, seed: int, target: Path) -> Path:

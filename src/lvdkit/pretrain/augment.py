@@ -26,7 +26,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
 from lvdkit.core.image import DecodeError, decode_rgb
-from lvdkit.pretrain.colour import ColourOps
+from lvdkit.pretrain.colour import ColourOps, Jitter
 from lvdkit.pretrain.config import CropsConfig
 
 GLOBAL_KEYS = ("global_0", "global_1")
@@ -35,18 +35,10 @@ VIEW_KEY = "view"  # distillation: (B, 3, S, S)
 _log = logging.getLogger(__name__)
 
 
-DINO_JITTER: tuple[float, float, float, float] = (
-    0.4,
-    0.4,
-    0.2,
-    0.1,
-)  # brightness, contrast, saturation, hue (DINO, DINOv2, distillation)
-SIMCLR_JITTER: tuple[float, float, float, float] = (
-    0.8,
-    0.8,
-    0.8,
-    0.2,
-)  # SimCLR's colour distortion at strength s = 1: (0.8 s, 0.8 s, 0.8 s, 0.2 s)
+# brightness, contrast, saturation, hue (DINO, DINOv2, distillation)
+DINO_JITTER: Jitter = (0.4, 0.4, 0.2, 0.1)
+# SimCLR's colour distortion at strength s = 1: (0.8 s, 0.8 s, 0.8 s, 0.2 s)
+SIMCLR_JITTER: Jitter = (0.8, 0.8, 0.8, 0.2)
 
 
 def _crop(size: int, scale: list[float], flip_p: float) -> T.Compose:

@@ -17,13 +17,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as PIL's and torchvision's grayscale
+Jitter = tuple[float, float, float, float]  # brightness, contrast, saturation, hue strengths
 
 
 @dataclasses.dataclass(frozen=True)
 class ColourOps:
     """One view's colour recipe: jitter strengths (brightness, contrast, saturation, hue), probabilities, blur."""
 
-    jitter: tuple[float, float, float, float]
+    jitter: Jitter
     p_jitter: float = 0.8
     p_gray: float = 0.2
     p_blur: float = 0.0
@@ -61,7 +62,7 @@ def gray(x: Tensor) -> Tensor:
     return (LUMA[0] * r + LUMA[1] * g + LUMA[2] * b).unsqueeze(1)
 
 
-def jitter(x: Tensor, strength: tuple[float, float, float, float]) -> Tensor:
+def jitter(x: Tensor, strength: Jitter) -> Tensor:
     """torchvision's ColorJitter with per-crop factors; the four ops in one random order."""
     b, c, s, h = strength
     for op in torch.randperm(4).tolist():
