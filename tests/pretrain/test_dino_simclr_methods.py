@@ -123,3 +123,11 @@ def test_flip_p_zero_builds_views_without_a_flip() -> None:
 
     assert flips(TwoViews(CropsConfig())) == 1
     assert flips(TwoViews(CropsConfig(flip_p=0.0))) == 0
+
+
+def test_simclr_colour_scales_the_jitter_as_the_paper_strength() -> None:
+    def jitter(cfg: CropsConfig) -> tuple[float, ...]:
+        return TwoViews(cfg).ops[GLOBAL_KEYS[0]].jitter
+
+    assert jitter(CropsConfig()) == (0.8, 0.8, 0.8, 0.2)  # s = 1, the paper's ImageNet strength
+    assert jitter(CropsConfig(simclr_colour=0.5)) == (0.4, 0.4, 0.4, 0.1)  # its CIFAR-10 strength

@@ -5,7 +5,8 @@
   p 0.1 plus solarize p 0.2 on global 2, p 0.5 on locals.
 - :class:`SingleView`: distillation's one view (random resized crop from scale 0.14, flip, jitter, grayscale, blur).
 - :class:`TwoViews`: SimCLR's two views of one distribution (Chen et al. 2020, appendix A): random resized crop
-  (scale 0.08-1), flip, colour jitter of strength 1 (0.8, 0.8, 0.8, 0.2) p 0.8, grayscale p 0.2, Gaussian blur p 0.5.
+  (scale 0.08-1), flip, colour jitter of strength s (0.8 s, 0.8 s, 0.8 s, 0.2 s; ``crops.simclr_colour``, 1 by
+  default) p 0.8, grayscale p 0.2, Gaussian blur p 0.5.
   They travel under the global crop keys (``GLOBAL_KEYS``).
 
 Every view shrinks its crop, so a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) at which the smallest
@@ -37,8 +38,6 @@ _log = logging.getLogger(__name__)
 
 # brightness, contrast, saturation, hue (DINO, DINOv2, distillation)
 DINO_JITTER: Jitter = (0.4, 0.4, 0.2, 0.1)
-# SimCLR's colour distortion at strength s = 1: (0.8 s, 0.8 s, 0.8 s, 0.2 s)
-SIMCLR_JITTER: Jitter = (0.8, 0.8, 0.8, 0.2)
 
 
 def _crop(size: int, scale: list[float], flip_p: float) -> T.Compose:
@@ -121,7 +120,9 @@ class TwoViews(Views):
 
     def __init__(self, cfg: CropsConfig) -> None:
         self.crop = _crop(cfg.global_size, cfg.simclr_scale, cfg.flip_p)
-        ops = ColourOps(SIMCLR_JITTER, p_blur=0.5, blur_kernel=cfg.blur_kernel)
+        s = cfg.simclr_colour
+        jitter: Jitter = (0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)
+        ops = ColourOps(jitter, p_blur=0.5, blur_kernel=cfg.blur_kernel)
         self.ops = dict.fromkeys(GLOBAL_KEYS, ops)
         self.min_side = needed_side(cfg.global_size, cfg.simclr_scale)
 

@@ -29,6 +29,7 @@ class CropsConfig:
     local_scale: list[float] = dataclasses.field(default_factory=lambda: [0.05, 0.32])
     distill_scale: list[float] = dataclasses.field(default_factory=lambda: [0.14, 1.0])
     simclr_scale: list[float] = dataclasses.field(default_factory=lambda: [0.08, 1.0])  # SimCLR's (Inception) crop
+    simclr_colour: float = 1.0  # SimCLR's colour distortion strength s (1 on ImageNet, 0.5 on CIFAR-10)
     blur_kernel: int = 9  # DINOv2's Gaussian blur kernel; odd; small images want a smaller one
     flip_p: float = 0.5  # horizontal flip probability of every view; 0 where mirroring changes meaning (digits, text)
     reduced_decode: bool = True  # JPEGs decoded at 1/2-1/8 scale when every crop still gets its full resolution

@@ -25,7 +25,7 @@ from lvdkit.pretrain.ibot_loss import ibot_loss_masked
 from lvdkit.pretrain.koleo_loss import koleo_loss
 from lvdkit.pretrain.masking import BlockMaskGenerator, make_masks
 from lvdkit.pretrain.method import Method, StudentFn, entropy, mean_std
-from lvdkit.pretrain.models import build_backbone, is_timm_vit, vit_tokens
+from lvdkit.pretrain.models import build_backbone, is_timm_vit, token_grid, vit_tokens
 
 
 class Student(nn.Module):
@@ -84,8 +84,7 @@ class DINOv2Method(Method):
         self.teacher: Student = copy.deepcopy(self.student).eval().requires_grad_(False)
         self.center = SoftmaxCenter(d.head_out_dim, d.center_momentum) if d.centering == "softmax" else None
         self.ibot_center = SoftmaxCenter(d.head_out_dim, d.center_momentum) if d.centering == "softmax" else None
-        patch: Any = backbone.patch_embed.patch_size  # type: ignore[union-attr]  # (h, w) in timm
-        self.grid: tuple[int, int] = (crops.global_size // int(patch[0]), crops.global_size // int(patch[1]))
+        self.grid: tuple[int, int] = token_grid(backbone, crops.global_size)
         self.mask_generator = BlockMaskGenerator(self.grid, max_num_patches=max(1, self.grid[0] * self.grid[1] // 2))
 
     def loss(

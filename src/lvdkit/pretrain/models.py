@@ -7,6 +7,7 @@ replaced by a learned mask token before the position embedding (iBOT). :func:`vi
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -58,6 +59,20 @@ def feature_dim(model: nn.Module, img_size: int) -> int:
         out = model.eval()(torch.zeros(2, 3, img_size, img_size))
     model.train(was_training)
     return int(out.shape[-1])
+
+
+def token_grid(model: Any, img_size: int) -> tuple[int, int]:
+    """(h, w) patch tokens of a global crop, probed rather than read off ``patch_size``: a hybrid ViT's
+    convolutional stem (timm ``vit_*_r*``, ``HybridEmbed``) strides before its patches, so its tokens are not
+    ``img_size // patch``."""
+    embed, was_training = model.patch_embed, model.patch_embed.training
+    with torch.no_grad():  # in eval mode: a stem's BatchNorm must not learn from the probe
+        x = embed.eval()(torch.zeros(1, 3, img_size, img_size))  # (1, h, w, D) or (1, N, D)
+    embed.train(was_training)
+    if x.ndim == 4:
+        return int(x.shape[1]), int(x.shape[2])
+    side = math.isqrt(int(x.shape[1]))
+    return side, int(x.shape[1]) // side
 
 
 def vit_tokens(
