@@ -1,4 +1,4 @@
-"""DINOv2 on a hybrid ViT (a convolutional stem before the patches): the iBOT mask grid is the tokens it really makes."""
+"""DINOv2 on a hybrid ViT (a convolutional stem before the patches): the iBOT mask grid is the tokens it makes."""
 
 from __future__ import annotations
 

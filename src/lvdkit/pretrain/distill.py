@@ -31,6 +31,7 @@ from lvdkit.pretrain.config import PretrainConfig
 from lvdkit.pretrain.distill_loss import EmbeddingQueue, dense_similarity_loss, distillation_loss, queue_size_for
 from lvdkit.pretrain.method import Method, StudentFn, mean_std
 from lvdkit.pretrain.models import build_backbone, feature_dim, pooled_and_tokens
+from lvdkit.pretrain.ranks import gather_rows
 
 TEACHER_KINDS = ("timm:NAME", "torchvision:NAME", "PATH.safetensors (an lvdkit export or model file)")
 
@@ -121,9 +122,10 @@ class DistillMethod(Method):
 
     @torch.no_grad()
     def after_step(self, sched: dict[str, float]) -> None:
-        """The step's teacher embeddings (every micro-batch's, in order) join the queue once per optimizer step."""
-        if self._pending:
-            self.queue.enqueue(torch.cat(self._pending))
+        """The step's teacher embeddings (every micro-batch's, in order; under torch.distributed every rank's) join the
+        queue once per optimizer step."""
+        if self._pending:  # every rank's rows, rank by rank: the queue a single worker with the global batch keeps
+            self.queue.enqueue(gather_rows(torch.cat(self._pending)))
             self._pending = []
 
     def export_module(self, which: str) -> tuple[nn.Module, dict[str, Any]]:

@@ -37,8 +37,8 @@ class EmbeddingQueue(nn.Module):
 
     Starts full of random unit vectors (seeded, so every rank and every run start alike) so the loss is defined
     from the first step; real embeddings replace them after ``size`` enqueued rows. Rows are L2-normalised on the
-    way in unless ``normalize=False``. Under torch.distributed each rank keeps its own queue: all-gather the
-    teacher embeddings before :meth:`enqueue` if the ranks' queues should match.
+    way in unless ``normalize=False``. Under torch.distributed each rank keeps its own copy: enqueue the rows
+    gathered from every rank (as distillation does) so that the copies match.
     """
 
     queue: Tensor

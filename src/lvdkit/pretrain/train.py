@@ -38,6 +38,7 @@ from lvdkit.pretrain.heads import cancel_last_layer_gradients
 from lvdkit.pretrain.method import Method, StudentFn
 from lvdkit.pretrain.monitor import KnnProbe
 from lvdkit.pretrain.param_groups import apply_schedules, param_groups
+from lvdkit.pretrain.ranks import check_replicas
 from lvdkit.pretrain.schedules import Schedules, sqrt_scaled_lr
 
 STATE_FILE = "state.pt"
@@ -274,9 +275,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 data_wait_pct=100.0 * waited / max(elapsed, 1e-9),
                 time=time.time(),
             )
+            checkpoint_now = step % cfg.checkpoint_every == 0 or step == total_steps
+            if checkpoint_now and world > 1:  # before the log and the checkpoint: a drifted run saves nothing
+                row["replicas_equal"] = check_replicas(method.student, step)
             if metrics is not None:
                 metrics.log(row)
-            if step % cfg.checkpoint_every == 0 or step == total_steps:
+            if checkpoint_now:
                 if metrics is not None:  # before the checkpoint: a resume never finds a log shorter than its step
                     metrics.publish()
                 _report(row, method, optimizer, step, steps_per_epoch, cfg, rank)
