@@ -39,7 +39,8 @@ def add_subcommands(sub: Any) -> None:
         "NT-Xent) or distillation (a frozen teacher into a student). init= starts from weights (an export, a "
         "state-dict file, or timm:NAME hub weights); optim.accumulate_steps=N accumulates gradients. Checkpoints, "
         "metrics.jsonl and tensorboard/ go to OUT; resume=true continues an interrupted run. Presets: "
-        "configs/pretrain_demo.yaml, dino_demo.yaml, simclr_demo.yaml, simclr_cnn_demo.yaml, distill_demo.yaml.",
+        "configs/pretrain_demo.yaml, dino_demo.yaml, simclr_demo.yaml, simclr_cnn_demo.yaml, distill_demo.yaml (CPU); "
+        "pretrain_vits14.yaml, distill_vits14_resnet50.yaml (GPUs). strategy=fsdp shards large models.",
     )
     pretrain.add_argument("--config", "-c", type=Path, help="YAML file of config overrides")
     pretrain.add_argument("--address", help="Ray cluster address (else RAY_ADDRESS, else a local Ray)")

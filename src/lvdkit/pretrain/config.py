@@ -183,7 +183,9 @@ class PretrainConfig:
     use_gpu: bool | None = None  # None: when Ray sees a GPU
     cpus_per_worker: float | None = None  # None: 1 with a GPU, else 0.5 (leaves CPU for Ray Data's decoding)
     torch_threads: int | None = None  # intra-op threads per worker on CPU; None: Ray's (its CPUs, at least 1)
-    strategy: Literal["ddp"] = "ddp"  # FSDP is not implemented yet
+    # ddp: a full replica per worker; fsdp: weights, gradients and AdamW state sharded over the workers (FSDP2
+    # fully_shard, sharded checkpoints; for ViT-L/g sized models)
+    strategy: Literal["ddp", "fsdp"] = "ddp"
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False  # torch.compile the student
     checkpoint_every: int = 100  # steps (and always at the end)

@@ -45,7 +45,7 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     student_params = dict(student.named_parameters())
     names = _matched("parameter", teacher_params, student_params)
     if names and momentum < 1.0:
-        targets = [teacher_params[n].data for n in names]
+        targets = [teacher_params[n].detach() for n in names]  # a DTensor stays one (FSDP); .data would not
         sources = [
             student_params[n].detach().to(dtype=t.dtype, device=t.device) for n, t in zip(names, targets, strict=True)
         ]

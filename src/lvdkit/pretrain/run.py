@@ -27,6 +27,7 @@ from lvdkit.core.storage import Location, ObjectPath, fs_paths, is_uri, location
 from lvdkit.pretrain.augment import AugmentBatch
 from lvdkit.pretrain.config import PretrainConfig
 from lvdkit.pretrain.init_weights import init_path, is_hub
+from lvdkit.pretrain.sharding import SHARDED_DIR
 from lvdkit.pretrain.stream import ReadRowGroups, RowGroups, stream_indices
 from lvdkit.pretrain.train import META_FILE, METRICS_FILE, STATE_FILE, local_run_folder, train_loop_per_worker
 
@@ -61,13 +62,18 @@ def _committed_parts(folder: Location) -> list[Location]:
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it has registered
 
 
+def _has_state(folder: Location) -> bool:
+    """A full state (DDP, one worker) or a sharded one's metadata (FSDP: written once every rank's part is in)."""
+    return (folder / STATE_FILE).is_file() or (folder / SHARDED_DIR / ".metadata").is_file()
+
+
 def checkpoints(out: Location) -> list[Location]:
     """The run's checkpoints that Ray Train registered (what it resumes from), oldest step first.
 
     A folder Ray uploaded but had not registered when the run was killed is left out: Ray would not resume from it,
     and its copy may be incomplete. Without a readable snapshot, every complete-looking folder counts.
     """
-    found = [p for p in out.glob("checkpoint_*") if (p / STATE_FILE).is_file() and (p / META_FILE).is_file()]
+    found = [p for p in out.glob("checkpoint_*") if _has_state(p) and (p / META_FILE).is_file()]
     try:
         results = json.loads((out / RAY_SNAPSHOT).read_text())["checkpoint_results"]
         registered = {r["checkpoint_dir_name"] for r in results}

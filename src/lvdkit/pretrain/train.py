@@ -40,6 +40,16 @@ from lvdkit.pretrain.monitor import KnnProbe
 from lvdkit.pretrain.param_groups import apply_schedules, param_groups
 from lvdkit.pretrain.ranks import check_replicas
 from lvdkit.pretrain.schedules import Schedules, sqrt_scaled_lr
+from lvdkit.pretrain.sharding import (
+    SHARDED_DIR,
+    gathered,
+    init_adamw_state,
+    is_sharded,
+    load_sharded,
+    read_full_state,
+    save_sharded,
+    shard,
+)
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
@@ -96,7 +106,10 @@ def build_optimizer(method: Method, cfg: PretrainConfig) -> torch.optim.AdamW:
     """AdamW over the student with per-group lr/wd multipliers (layer decay, patch embed, no decay on norms)."""
     o = cfg.optim
     groups = param_groups(method.student, o.weight_decay, o.layer_decay, o.patch_embed_lr_mult)
-    return torch.optim.AdamW(groups, betas=(o.betas[0], o.betas[1]))
+    optimizer = torch.optim.AdamW(groups, betas=(o.betas[0], o.betas[1]))
+    if is_sharded(method):
+        init_adamw_state(optimizer)
+    return optimizer
 
 
 def saved_state(method: Method) -> dict[str, torch.Tensor]:
@@ -111,14 +124,38 @@ def load_method_state(method: Method, state: dict[str, torch.Tensor]) -> None:
         raise ValueError(f"checkpoint does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
-def write_checkpoint(folder: Path, method: Method, optimizer: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
-    torch.save({"method": saved_state(method), "optimizer": optimizer.state_dict()}, folder / STATE_FILE)
-    (folder / META_FILE).write_text(json.dumps(meta, indent=2))
+def write_checkpoint(
+    folder: Path, method: Method, optimizer: torch.optim.Optimizer, meta: dict[str, Any] | None
+) -> None:
+    """``state.pt`` (or, sharded, this rank's part of ``state.dcp/``: every rank calls) and, given ``meta``,
+    ``meta.json``."""
+    if is_sharded(method):
+        save_sharded(folder, method, optimizer)
+    else:
+        torch.save({"method": saved_state(method), "optimizer": optimizer.state_dict()}, folder / STATE_FILE)
+    if meta is not None:
+        (folder / META_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def _local_folder(folder: Location, tmp: str) -> Path:
+    """``folder`` itself when local, else a copy of it under ``tmp`` (a sharded checkpoint is many files)."""
+    if isinstance(folder, Path):
+        return folder
+    for item in folder.rglob("*"):
+        if item.is_file():
+            target = Path(tmp) / item.path[len(folder.path) :].lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(item.read_bytes())
+    return Path(tmp)
 
 
 def read_checkpoint(folder: Location, device: torch.device | str = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
     """(state, meta) of a checkpoint folder (local or on object storage); the state is loaded with
-    ``weights_only=True`` (no pickled code)."""
+    ``weights_only=True`` (no pickled code). A sharded (FSDP) checkpoint is gathered into the same full state."""
+    if (folder / SHARDED_DIR / ".metadata").is_file():
+        with tempfile.TemporaryDirectory(prefix="lvdkit-ckpt-") as tmp:
+            state = read_full_state(_local_folder(folder, tmp))
+        return {k: state[k] for k in ("method", "optimizer")}, json.loads((folder / META_FILE).read_text())
     try:
         with (folder / STATE_FILE).open("rb") as f:
             state = torch.load(f, map_location=device, weights_only=True)
@@ -138,14 +175,10 @@ def local_run_folder(out: str) -> Path:
 
 
 class _Metrics:
-    """Rank 0's JSONL log (and TensorBoard when installed) in the run folder (see :func:`local_run_folder`), with the
-    learning curve's evaluation every ``eval.every`` steps when ``eval.data`` is set."""
+    """Rank 0's JSONL log (and TensorBoard when installed) in the run folder (see :func:`local_run_folder`)."""
 
-    def __init__(self, cfg: PretrainConfig, method: Method, total_steps: int) -> None:
+    def __init__(self, cfg: PretrainConfig) -> None:
         out, tensorboard = cfg.out, cfg.tensorboard
-        self.probe = KnnProbe(cfg.eval, method.preprocess) if cfg.eval.data else None
-        self.evaluated = method.export_module(DEFAULT_WHICH[cfg.method])[0]
-        self.every, self.total = cfg.eval.every or cfg.checkpoint_every, total_steps
         self.folder = local_run_folder(out)
         self.remote = ObjectPath(out) if is_uri(out) else None
         if self.remote is not None:  # start from the run's own log (a resumed run appends to it), not a stale copy
@@ -172,9 +205,6 @@ class _Metrics:
             (self.remote / path.relative_to(self.folder).as_posix()).write_bytes(path.read_bytes())
 
     def log(self, row: dict[str, Any]) -> None:
-        step = row["step"]
-        if self.probe is not None and (step % self.every == 0 or step == self.total):
-            row.update(self.probe(self.evaluated))
         with disk_errors(self.file.name):
             self.file.write(json.dumps(row) + "\n")
             self.file.flush()
@@ -188,6 +218,26 @@ class _Metrics:
             self.writer.close()
         self.publish()
         self.file.close()
+
+
+class _Curve:
+    """The learning curve: k-NN of the exported network every ``eval.every`` steps when ``eval.data`` is set. Rank 0
+    evaluates; with sharded weights every rank takes part (the weights are gathered for it) and rank 0 keeps the
+    figures."""
+
+    def __init__(self, cfg: PretrainConfig, method: Method, total_steps: int, rank: int) -> None:
+        which = DEFAULT_WHICH[cfg.method]
+        self.evaluated = method.export_module(which)[0]
+        self.root: nn.Module = method.teacher if which == "teacher" else method.student  # type: ignore[assignment]
+        takes_part = rank == 0 or is_sharded(method)
+        self.probe = KnnProbe(cfg.eval, method.preprocess) if cfg.eval.data and takes_part else None
+        self.every, self.total = cfg.eval.every or cfg.checkpoint_every, total_steps
+
+    def __call__(self, step: int) -> dict[str, float]:
+        if self.probe is None or not (step % self.every == 0 or step == self.total):
+            return {}
+        with gathered(self.root):
+            return self.probe(self.evaluated)
 
 
 def _seed_step(cfg: PretrainConfig, rank: int, step: int, micro: int = 0) -> np.random.Generator:
@@ -206,6 +256,11 @@ def _resume(method: Method, optimizer: torch.optim.Optimizer, device: torch.devi
     if checkpoint is None:
         return 0
     with checkpoint.as_directory() as folder:
+        if is_sharded(method) != (Path(folder) / SHARDED_DIR).is_dir():
+            raise ValueError(f"{folder}: written with another strategy than this run's; resume with the same strategy")
+        if is_sharded(method):
+            load_sharded(Path(folder), method, optimizer)
+            return int(json.loads((Path(folder) / META_FILE).read_text())["step"])
         state, meta = read_checkpoint(Path(folder), device)
     load_method_state(method, state["method"])
     optimizer.load_state_dict(state["optimizer"])
@@ -229,9 +284,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP broadcasts rank 0's anyway)
     cfg.init = None if ray.train.get_checkpoint() is not None else cfg.init  # resuming: weights from the checkpoint
     method = build_method(cfg, int(config["n_images"])).to(device)
-    student: StudentFn = ray.train.torch.prepare_model(
-        method.student, move_to_device=False, parallel_strategy=cfg.strategy
-    )
+    student: StudentFn
+    if cfg.strategy == "fsdp":
+        shard(method)  # before the optimizer: it holds the shards
+        student = method.student
+    else:
+        student = ray.train.torch.prepare_model(method.student, move_to_device=False, parallel_strategy="ddp")
     if cfg.compile:
         student = torch.compile(student)
     o = cfg.optim
@@ -239,7 +297,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     schedules = build_schedules(cfg, total_steps, steps_per_epoch, world)
     step = _resume(method, optimizer, device)
     bf16 = device.type == "cuda" and cfg.precision in ("auto", "bf16")
-    metrics = _Metrics(cfg, method, total_steps) if rank == 0 else None
+    metrics = _Metrics(cfg) if rank == 0 else None
+    curve = _Curve(cfg, method, total_steps, rank)
     # One stream over every remaining epoch (row groups in a seeded order per epoch): no pipeline restart and no
     # empty queue at epoch boundaries. Batch i of the stream is step first_step + i; a worker restarted from a
     # checkpoint inside this run skips the batches before it.
@@ -276,8 +335,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 time=time.time(),
             )
             checkpoint_now = step % cfg.checkpoint_every == 0 or step == total_steps
-            if checkpoint_now and world > 1:  # before the log and the checkpoint: a drifted run saves nothing
+            if checkpoint_now and world > 1 and cfg.strategy == "ddp":  # before the log and the checkpoint
                 row["replicas_equal"] = check_replicas(method.student, step)
+            row.update(curve(step))
             if metrics is not None:
                 metrics.log(row)
             if checkpoint_now:
@@ -353,12 +413,18 @@ def train_step(
         for key, term in part_terms.items():
             terms[key] = terms.get(key, 0.0) + share * term
     clip = cfg.optim.clip_grad
-    grad_norm = float(nn.utils.clip_grad_norm_(method.student.parameters(), clip)) if clip else 0.0
+    grad_norm = _norm(nn.utils.clip_grad_norm_(method.student.parameters(), clip)) if clip else 0.0
     if sched["last_layer_lr"] == 0.0:
         cancel_last_layer_gradients(method.student)
     optimizer.step()
     method.after_step(sched)
     return {"loss": loss_value, **terms, **{k: float(v) for k, v in sched.items()}, "grad_norm": grad_norm}
+
+
+def _norm(value: torch.Tensor) -> float:
+    """A gradient norm as a float; sharded parameters give a DTensor, made whole first."""
+    full = getattr(value, "full_tensor", None)
+    return float(full() if callable(full) else value)
 
 
 def _report(
@@ -374,11 +440,13 @@ def _report(
     import ray.train
 
     with tempfile.TemporaryDirectory(prefix="lvdkit-ckpt-") as tmp:
-        checkpoint = None
+        checkpoint, meta = None, None
         if rank == 0:
             identity = getattr(method, "identity", {})
             position = {"step": step, "epoch": step // steps_per_epoch, "position": step % steps_per_epoch}
             meta = {**position, "method": cfg.method, "model": cfg.model, "identity": identity, "pid": os.getpid()}
+            meta["strategy"] = cfg.strategy
+        if rank == 0 or is_sharded(method):  # sharded: every rank's part goes into the same checkpoint folder
             write_checkpoint(Path(tmp), method, optimizer, meta)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         with disk_errors(f"{cfg.out}/checkpoint_* (step {step})"):  # Ray Train copies the folder into the run
