@@ -16,11 +16,9 @@ Checkpoint folder: ``state.pt`` (model, teacher/EMA, queue or centre, optimizer:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -32,13 +30,21 @@ from torch import nn
 
 from lvdkit.core.io import disk_errors
 from lvdkit.core.settings import from_dict
-from lvdkit.core.storage import Location, ObjectPath, is_uri
+from lvdkit.pretrain.checkpoint import (  # noqa: F401  (re-exported: run, export and tests import them from here)
+    META_FILE,
+    STATE_FILE,
+    load_method_state,
+    read_checkpoint,
+    saved_state,
+    write_checkpoint,
+)
 from lvdkit.pretrain.config import DEFAULT_WHICH, METHODS, PretrainConfig
 from lvdkit.pretrain.heads import cancel_last_layer_gradients
 from lvdkit.pretrain.method import Method, StudentFn
 from lvdkit.pretrain.monitor import KnnProbe
 from lvdkit.pretrain.param_groups import apply_schedules, param_groups
 from lvdkit.pretrain.ranks import check_replicas
+from lvdkit.pretrain.run_log import METRICS_FILE, Metrics, local_run_folder  # noqa: F401  (re-exported)
 from lvdkit.pretrain.schedules import Schedules, sqrt_scaled_lr
 from lvdkit.pretrain.sharding import (
     SHARDED_DIR,
@@ -46,14 +52,9 @@ from lvdkit.pretrain.sharding import (
     init_adamw_state,
     is_sharded,
     load_sharded,
-    read_full_state,
-    save_sharded,
     shard,
 )
 
-STATE_FILE = "state.pt"
-META_FILE = "meta.json"
-METRICS_FILE = "metrics.jsonl"
 # Test hook (unset in normal use): seconds each step sleeps, so a test can kill a run between checkpoints.
 _STEP_DELAY_S = float(os.environ.get("LVDKIT_TEST_STEP_DELAY_S") or 0)
 
@@ -112,114 +113,6 @@ def build_optimizer(method: Method, cfg: PretrainConfig) -> torch.optim.AdamW:
     return optimizer
 
 
-def saved_state(method: Method) -> dict[str, torch.Tensor]:
-    """The method's state minus its frozen weights (reloaded from their source instead)."""
-    return {k: v for k, v in method.state_dict().items() if not k.startswith(method.frozen_prefixes)}
-
-
-def load_method_state(method: Method, state: dict[str, torch.Tensor]) -> None:
-    missing, unexpected = method.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith(method.frozen_prefixes)]
-    if missing or unexpected:
-        raise ValueError(f"checkpoint does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-
-
-def write_checkpoint(
-    folder: Path, method: Method, optimizer: torch.optim.Optimizer, meta: dict[str, Any] | None
-) -> None:
-    """``state.pt`` (or, sharded, this rank's part of ``state.dcp/``: every rank calls) and, given ``meta``,
-    ``meta.json``."""
-    if is_sharded(method):
-        save_sharded(folder, method, optimizer)
-    else:
-        torch.save({"method": saved_state(method), "optimizer": optimizer.state_dict()}, folder / STATE_FILE)
-    if meta is not None:
-        (folder / META_FILE).write_text(json.dumps(meta, indent=2))
-
-
-def _local_folder(folder: Location, tmp: str) -> Path:
-    """``folder`` itself when local, else a copy of it under ``tmp`` (a sharded checkpoint is many files)."""
-    if isinstance(folder, Path):
-        return folder
-    for item in folder.rglob("*"):
-        if item.is_file():
-            target = Path(tmp) / item.path[len(folder.path) :].lstrip("/")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(item.read_bytes())
-    return Path(tmp)
-
-
-def read_checkpoint(folder: Location, device: torch.device | str = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
-    """(state, meta) of a checkpoint folder (local or on object storage); the state is loaded with
-    ``weights_only=True`` (no pickled code). A sharded (FSDP) checkpoint is gathered into the same full state."""
-    if (folder / SHARDED_DIR / ".metadata").is_file():
-        with tempfile.TemporaryDirectory(prefix="lvdkit-ckpt-") as tmp:
-            state = read_full_state(_local_folder(folder, tmp))
-        return {k: state[k] for k in ("method", "optimizer")}, json.loads((folder / META_FILE).read_text())
-    try:
-        with (folder / STATE_FILE).open("rb") as f:
-            state = torch.load(f, map_location=device, weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{folder / STATE_FILE}: refused or unreadable as a weights-only checkpoint: {exc}") from None
-    return state, json.loads((folder / META_FILE).read_text())
-
-
-def local_run_folder(out: str) -> Path:
-    """The run's local folder: the run folder itself, or, for a run on object storage, a local staging folder. Rank 0
-    writes ``metrics.jsonl`` and TensorBoard there as they grow (an object cannot be appended to; they are copied to
-    the run at every checkpoint) and the driver keeps Ray's temporary files there."""
-    if not is_uri(out):
-        return Path(out)
-    key = hashlib.blake2b(out.encode(), digest_size=8).hexdigest()
-    return Path(tempfile.gettempdir()) / "lvdkit-pretrain" / key
-
-
-class _Metrics:
-    """Rank 0's JSONL log (and TensorBoard when installed) in the run folder (see :func:`local_run_folder`)."""
-
-    def __init__(self, cfg: PretrainConfig) -> None:
-        out, tensorboard = cfg.out, cfg.tensorboard
-        self.folder = local_run_folder(out)
-        self.remote = ObjectPath(out) if is_uri(out) else None
-        if self.remote is not None:  # start from the run's own log (a resumed run appends to it), not a stale copy
-            self.folder.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(self.folder / "tensorboard", ignore_errors=True)
-            earlier = self.remote / METRICS_FILE
-            (self.folder / METRICS_FILE).write_bytes(earlier.read_bytes() if earlier.is_file() else b"")
-        self.file = (self.folder / METRICS_FILE).open("a")
-        self.writer = None
-        if tensorboard:
-            with contextlib.suppress(ImportError):
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(self.folder / "tensorboard"))
-
-    def publish(self) -> None:
-        """Copy the staged log to a run on object storage (each object written whole)."""
-        if self.remote is None:
-            return
-        self.file.flush()
-        if self.writer is not None:
-            self.writer.flush()
-        for path in sorted(p for p in self.folder.rglob("*") if p.is_file()):
-            (self.remote / path.relative_to(self.folder).as_posix()).write_bytes(path.read_bytes())
-
-    def log(self, row: dict[str, Any]) -> None:
-        with disk_errors(self.file.name):
-            self.file.write(json.dumps(row) + "\n")
-            self.file.flush()
-        if self.writer is not None:
-            for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(key, value, row["step"])
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        self.publish()
-        self.file.close()
-
-
 class _Curve:
     """The learning curve: k-NN of the exported network every ``eval.every`` steps when ``eval.data`` is set. Rank 0
     evaluates; with sharded weights every rank takes part (the weights are gathered for it) and rank 0 keeps the
@@ -267,6 +160,30 @@ def _resume(method: Method, optimizer: torch.optim.Optimizer, device: torch.devi
     return int(meta["step"])
 
 
+def _parallel(method: Method, cfg: PretrainConfig) -> StudentFn:
+    """The student as the step calls it: sharded in place (FSDP, before the optimizer: it holds the shards) or
+    wrapped by Ray Train's DDP."""
+    import ray.train.torch
+
+    if cfg.strategy == "fsdp":
+        shard(method)
+        return method.student
+    return ray.train.torch.prepare_model(method.student, move_to_device=False, parallel_strategy="ddp")
+
+
+def _stream(cfg: PretrainConfig, first_step: int) -> Any:
+    """This worker's batches: one optimizer step's images each (train_step splits them into micro-batches)."""
+    import ray.train
+
+    return ray.train.get_dataset_shard("train").iter_torch_batches(
+        batch_size=cfg.optim.step_batch,
+        drop_last=True,
+        local_shuffle_buffer_size=cfg.shuffle_buffer or None,
+        local_shuffle_seed=cfg.seed + first_step,
+        prefetch_batches=2,
+    )
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. ``config``: the resolved ``cfg`` dict, ``n_images``, ``total_steps``,
     ``steps_per_epoch`` (computed by the driver from the data)."""
@@ -284,12 +201,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP broadcasts rank 0's anyway)
     cfg.init = None if ray.train.get_checkpoint() is not None else cfg.init  # resuming: weights from the checkpoint
     method = build_method(cfg, int(config["n_images"])).to(device)
-    student: StudentFn
-    if cfg.strategy == "fsdp":
-        shard(method)  # before the optimizer: it holds the shards
-        student = method.student
-    else:
-        student = ray.train.torch.prepare_model(method.student, move_to_device=False, parallel_strategy="ddp")
+    student = _parallel(method, cfg)
     if cfg.compile:
         student = torch.compile(student)
     o = cfg.optim
@@ -297,7 +209,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     schedules = build_schedules(cfg, total_steps, steps_per_epoch, world)
     step = _resume(method, optimizer, device)
     bf16 = device.type == "cuda" and cfg.precision in ("auto", "bf16")
-    metrics = _Metrics(cfg) if rank == 0 else None
+    metrics = Metrics(cfg) if rank == 0 else None
     curve = _Curve(cfg, method, total_steps, rank)
     # One stream over every remaining epoch (row groups in a seeded order per epoch): no pipeline restart and no
     # empty queue at epoch boundaries. Batch i of the stream is step first_step + i; a worker restarted from a
@@ -305,13 +217,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     first_step = int(config.get("first_step", 0))
     if step < first_step:
         raise RuntimeError(f"resumed at step {step} but the data stream starts at step {first_step}: rerun to resume")
-    batches = ray.train.get_dataset_shard("train").iter_torch_batches(
-        batch_size=o.step_batch,  # one optimizer step's images; train_step splits them into micro-batches
-        drop_last=True,
-        local_shuffle_buffer_size=cfg.shuffle_buffer or None,
-        local_shuffle_seed=cfg.seed + first_step,
-        prefetch_batches=2,
-    )
+    batches = _stream(cfg, first_step)
     method.train()
     last_report = step
     row: dict[str, Any] = {}
