@@ -32,7 +32,7 @@ from lvdkit.pretrain.train import build_method, read_checkpoint
 
 from ..conftest import run_cli
 from . import parallel_steps
-from .test_pretrain_run import EPOCHS, N_IMAGES, TINY_VIT, _shapes
+from .test_pretrain_run import EPOCHS, N_IMAGES, TINY_VIT, _rows, _shapes
 
 STEPS, GLOBAL_BATCH = 4, 8
 VIT_KWARGS = {"patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}
@@ -141,20 +141,26 @@ def test_fsdp_matches_ddp_resumes_exactly_and_exports(
     assert torch.equal(vit.pos_embed.detach(), state["method"]["teacher.backbone.pos_embed"])
 
 
-@pytest.mark.slow  # a whole 2-worker `lvdkit pretrain` (2-7 min on 2 cores): `make test-all`
-def test_pretrain_two_workers_checks_the_replicas_at_every_checkpoint(tmp_path: Path) -> None:
+def _two_workers(tmp_path: Path, *extra: str) -> tuple[Path, list[dict[str, Any]], int]:
+    """A whole ``lvdkit pretrain num_workers=2`` (4 images a worker) of the tiny DINOv2 on 48 generated images:
+    (run folder, its metrics rows, its total steps)."""
     rng = np.random.default_rng(0)
     data = tmp_path / "curated"
     data.mkdir()
     images = [_shapes(i, rng) for i in range(N_IMAGES)]
     pq.write_table(pa.table({"image_id": [f"{i:04d}" for i in range(N_IMAGES)], "image": images}), data / "p.parquet")
     out = tmp_path / "run"
-    args = (f"out={out}", f"data={data}", *TINY_VIT, "num_workers=2", "optim.batch_size=4")
-    done = run_cli("pretrain", *args, timeout=600)
+    done = run_cli("pretrain", f"out={out}", f"data={data}", *TINY_VIT, "num_workers=2", "optim.batch_size=4", *extra)
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    total = N_IMAGES // (2 * 4) * EPOCHS  # 2 workers at 4 images each
+    rows = _rows(out)
+    total = N_IMAGES // (2 * 4) * EPOCHS
     assert [int(r["step"]) for r in rows] == list(range(1, total + 1))
+    return out, rows, total
+
+
+@pytest.mark.slow  # a whole 2-worker `lvdkit pretrain` (2-7 min on 2 cores): `make test-all`
+def test_pretrain_two_workers_checks_the_replicas_at_every_checkpoint(tmp_path: Path) -> None:
+    _, rows, total = _two_workers(tmp_path)
     assert [int(r["step"]) for r in rows if r.get("replicas_equal") == 2] == list(range(2, total + 1, 2))
     assert rows[-1]["masked"] > 0 and rows[-1]["koleo"] != 0  # the full recipe: iBOT masks and KoLeo on
 
@@ -163,19 +169,8 @@ def test_pretrain_two_workers_checks_the_replicas_at_every_checkpoint(tmp_path: 
 def test_pretrain_fsdp_two_workers_writes_sharded_checkpoints_that_export(tmp_path: Path) -> None:
     from .test_monitor import labeled_colours
 
-    rng = np.random.default_rng(0)
-    data = tmp_path / "curated"
-    data.mkdir()
-    images = [_shapes(i, rng) for i in range(N_IMAGES)]
-    pq.write_table(pa.table({"image_id": [f"{i:04d}" for i in range(N_IMAGES)], "image": images}), data / "p.parquet")
-    out = tmp_path / "run"
     curve = (f"eval.data={labeled_colours(tmp_path / 'labeled')}", "eval.every=3")
-    args = (f"out={out}", f"data={data}", *TINY_VIT, "num_workers=2", "strategy=fsdp", "optim.batch_size=4", *curve)
-    done = run_cli("pretrain", *args, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    total = N_IMAGES // (2 * 4) * EPOCHS
-    assert [int(r["step"]) for r in rows] == list(range(1, total + 1))
+    out, rows, total = _two_workers(tmp_path, "strategy=fsdp", *curve)
     assert [int(r["step"]) for r in rows if "knn_top1" in r] == list(range(3, total + 1, 3))  # every rank took part
     last = checkpoints(out)[-1]
     assert sorted(p.name for p in (last / "state.dcp").iterdir() if p.suffix == ".distcp") == [
