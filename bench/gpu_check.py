@@ -6,8 +6,12 @@ Faiss are used. Sections, each timed and wrapped (a failing one records its erro
 
 - ``embed``: ViT-S/14 (timm ``vit_small_patch14_dinov2``, random init, 224 px, bf16) model-only img/s; Pillow JPEG
   decode img/s on all cores (a process pool over in-memory JPEGs of about 500x375 px made from smooth noise and
-  gradients); nvJPEG batched decode + resize to 224 on the GPU (``torchvision.io.decode_jpeg(..., device="cuda")``);
-  end to end, JPEG bytes -> embeddings (GPU decode, resize, normalise, model on CUDA; Pillow + model on CPU).
+  gradients); lvdkit's device decode (``embed.decode: device``: one batched ``decode_jpeg`` call, nvJPEG on the GPU,
+  then ``prepare_tensor``, the embed stage's box and Pillow's filter on the GPU); end to end, JPEG bytes ->
+  embeddings (that path + the model on CUDA; Pillow + model on CPU); and how far the device path's pixels and
+  embeddings are from Pillow's on the same JPEGs (max grey levels, min cosine).
+- ``views``: DINOv2's training views (2 x 224 + 8 x 98): Pillow's path on all cores against ``crops.decode:
+  device`` (header read and crop plan on all cores, decode, crops and colour ops on the GPU), img/s.
 - ``train``: lvdkit's own DINOv2 training step (:func:`lvdkit.pretrain.train.train_step`) with
   ``configs/pretrain_vits14.yaml`` (2 x 224 + 8 x 98 crops, 65,536 prototypes, bf16 autocast, SDPA) on pre-made
   crops: img/s, FLOPs per step (``torch.utils.flop_counter``), MFU against the GPU's dense bf16 peak, peak memory.
@@ -53,7 +57,7 @@ from PIL import Image
 from torch import Tensor
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("embed", "train", "distill", "knn", "kmeans", "fsdp")
+SECTIONS = ("embed", "views", "train", "distill", "knn", "kmeans", "fsdp")
 MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics, as timm's DINOv2 ViTs use
 STD = (0.229, 0.224, 0.225)
 # Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, by a substring of the device name; the first match wins, so
@@ -84,6 +88,7 @@ class Size:
     n_jpegs: int  # distinct JPEGs made (decoded ``decode_passes`` times over for the decode rates)
     jpeg_wh: tuple[int, int]
     decode_passes: int
+    views_jpegs: int  # JPEGs made into DINOv2 training views by each path
     train_overrides: tuple[str, ...]  # over configs/pretrain_vits14.yaml
     distill_overrides: tuple[str, ...]  # over configs/distill_vits14_resnet50.yaml
     warmup: int  # untimed steps before each timed loop
@@ -115,6 +120,7 @@ FULL = Size(
     n_jpegs=2048,
     jpeg_wh=(500, 375),
     decode_passes=2,
+    views_jpegs=1024,
     train_overrides=(),
     distill_overrides=_TEACHER,  # random init: the check needs no trained export
     warmup=3,
@@ -144,6 +150,7 @@ TINY = Size(
     n_jpegs=64,
     jpeg_wh=(320, 240),
     decode_passes=1,
+    views_jpegs=16,
     train_overrides=(
         "model=timm:vit_tiny_patch16_224",
         "model_kwargs={patch_size: 8, depth: 2, embed_dim: 64, num_heads: 2}",
@@ -284,39 +291,36 @@ def pil_decode(data: bytes) -> tuple[int, int]:
         return im.convert("RGB").size
 
 
+def preprocess(side: int) -> Any:
+    """The embed stage's geometry for a ViT at ``side`` px: timm's resize of the shorter side and centre crop
+    (crop_pct 1), bicubic."""
+    from lvdkit.embeddings.preprocess import Preprocess
+
+    return Preprocess((side, side), "center_crop", 1.0)
+
+
 def pil_decode_resize(args: tuple[bytes, int]) -> np.ndarray:
-    """(JPEG bytes, S) -> (S, S, 3) uint8: decode, resize the shorter side to S (bilinear), centre crop."""
+    """(JPEG bytes, S) -> (S, S, 3) uint8: lvdkit's CPU path (``decode_rgb`` then ``Preprocess.prepare``)."""
+    from lvdkit.core.image import decode_rgb
+
     data, side = args
-    with Image.open(io.BytesIO(data)) as im:
-        rgb = im.convert("RGB")
-    w, h = rgb.size
-    scale = side / min(w, h)
-    nw, nh = max(side, round(w * scale)), max(side, round(h * scale))
-    left, top = (nw - side) // 2, (nh - side) // 2
-    return np.asarray(rgb.resize((nw, nh), Image.Resampling.BILINEAR).crop((left, top, left + side, top + side)))
+    return preprocess(side).prepare(decode_rgb(data))
 
 
-def resize_crop(image: Tensor, side: int) -> Tensor:
-    """(3, H, W) uint8 -> (3, S, S) float in [0, 255]: shorter side to S (bilinear, antialiased), centre crop."""
-    h, w = image.shape[-2:]
-    scale = side / min(h, w)
-    nh, nw = max(side, round(h * scale)), max(side, round(w * scale))
-    x = F.interpolate(image[None].float(), size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
-    top, left = (nh - side) // 2, (nw - side) // 2
-    return x[0, :, top : top + side, left : left + side]
+def device_decode(blobs: list[bytes], side: int, device: torch.device) -> Tensor:
+    """A batch of JPEGs -> (B, S, S, 3) uint8 on ``device``: lvdkit's embed path with ``embed.decode: device``
+    (one batched ``decode_jpeg`` call, nvJPEG on a GPU, then ``prepare_tensor``: Pillow's box and filter there)."""
+    from lvdkit.core.device_jpeg import decode_jpegs
+    from lvdkit.embeddings.device_decode import prepare_tensor
 
-
-def gpu_decode(blobs: list[Tensor], side: int, device: torch.device) -> Tensor:
-    """A batch of JPEGs (1-D uint8 CPU tensors) -> (B, 3, S, S) float on ``device``: nvJPEG batched decode, then
-    per-image resize + centre crop (images may differ in size)."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    images = decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device)
-    return torch.stack([resize_crop(im, side) for im in images])
+    pre = preprocess(side)
+    images = decode_jpegs(blobs, device)
+    return torch.stack([prepare_tensor(im, pre) for im in images if im is not None])
 
 
 def normalize(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """(B, 3, S, S) in [0, 255] -> ImageNet-normalised ``dtype``."""
+    """(B, S, S, 3) uint8 -> (B, 3, S, S) ImageNet-normalised ``dtype``."""
+    x = x.permute(0, 3, 1, 2).float()
     mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1) * 255
     std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1) * 255
     return ((x - mean) / std).to(dtype)
@@ -353,38 +357,62 @@ def embed_section(size: Size, device: torch.device, pool: multiprocessing.pool.P
     pool.map(pil_decode, work, chunksize=16)
     out["pil_decode_img_per_s"] = len(work) / (time.perf_counter() - start)
     out["pil_processes"] = os.cpu_count()
-    tensors = [torch.frombuffer(bytearray(blob), dtype=torch.uint8) for blob in blobs]  # bytes as read from disk
-    if cuda:
-        out.update(_gpu_decode_rates(tensors, size, device, model, dtype))
-    else:
-        out["gpu_decode_img_per_s"] = None
-        out["gpu_note"] = "no CUDA: GPU decode skipped; end to end is Pillow (all cores) + the model on CPU"
+    out.update(_device_decode_rates(blobs, size, device, model, dtype))
+    out.update(_device_vs_pillow(blobs[: size.embed_batch], size, device, model, dtype, pool))
+    if not cuda:
+        out["gpu_note"] = "no CUDA: the device path ran on the CPU (libjpeg-turbo); end to end is Pillow + model"
         out["end_to_end_img_per_s"] = _cpu_end_to_end(blobs, size, pool, model, dtype)
     out["peak_gib"] = peak_gib(device)
     return out
 
 
-def _gpu_decode_rates(
-    tensors: list[Tensor], size: Size, device: torch.device, model: torch.nn.Module, dtype: torch.dtype
+def _device_decode_rates(
+    blobs: list[bytes], size: Size, device: torch.device, model: torch.nn.Module, dtype: torch.dtype
 ) -> dict[str, float]:
-    """nvJPEG decode + resize img/s, and JPEG bytes -> embeddings img/s, both on the GPU."""
-    groups = batches(tensors, size.embed_batch)
-    gpu_decode(groups[0], size.embed_img, device)  # warm-up: nvJPEG handles and kernels
+    """lvdkit's device path: decode + resize img/s, and JPEG bytes -> embeddings img/s, both on ``device``."""
+    groups = batches(blobs, size.embed_batch)
+    device_decode(groups[0], size.embed_img, device)  # warm-up: nvJPEG handles and kernels
     sync(device)
     start = time.perf_counter()
     for _ in range(size.decode_passes):
         for group in groups:
-            gpu_decode(group, size.embed_img, device)
+            device_decode(group, size.embed_img, device)
     sync(device)
-    decode_rate = len(tensors) * size.decode_passes / (time.perf_counter() - start)
+    decode_rate = len(blobs) * size.decode_passes / (time.perf_counter() - start)
     start = time.perf_counter()
     with torch.inference_mode():
         for _ in range(size.decode_passes):
             for group in groups:
-                model(normalize(gpu_decode(group, size.embed_img, device), dtype))
+                model(normalize(device_decode(group, size.embed_img, device), dtype))
     sync(device)
-    end_rate = len(tensors) * size.decode_passes / (time.perf_counter() - start)
-    return {"gpu_decode_img_per_s": decode_rate, "end_to_end_img_per_s": end_rate}
+    end_rate = len(blobs) * size.decode_passes / (time.perf_counter() - start)
+    out = {"gpu_decode_img_per_s": decode_rate, "device_end_to_end_img_per_s": end_rate}
+    if device.type == "cuda":
+        out["end_to_end_img_per_s"] = end_rate
+    return out
+
+
+def _device_vs_pillow(
+    blobs: list[bytes],
+    size: Size,
+    device: torch.device,
+    model: torch.nn.Module,
+    dtype: torch.dtype,
+    pool: multiprocessing.pool.Pool,
+) -> dict[str, float]:
+    """How far the device path's model input and embeddings are from the CPU path's on the same JPEGs (nvJPEG's
+    IDCT differs from libjpeg-turbo's a little; on a CPU only the resize's rounding differs)."""
+    on_device = device_decode(blobs, size.embed_img, device)
+    pillow = torch.from_numpy(np.stack(pool.map(pil_decode_resize, [(b, size.embed_img) for b in blobs])))
+    diff = (on_device.cpu().int() - pillow.int()).abs()
+    with torch.inference_mode():
+        a = F.normalize(model(normalize(on_device, dtype)).float(), dim=1)
+        b = F.normalize(model(normalize(pillow.to(device), dtype)).float(), dim=1)
+    return {
+        "device_vs_pillow_max_grey": int(diff.max()),
+        "device_vs_pillow_mean_grey": float(diff.float().mean()),
+        "device_vs_pillow_min_cosine": float((a * b).sum(1).min()),
+    }
 
 
 def _cpu_end_to_end(
@@ -398,16 +426,66 @@ def _cpu_end_to_end(
         for image in decoded:
             group.append(image)
             if len(group) == size.embed_batch:
-                _embed_arrays(group, model, dtype)
+                model(normalize(torch.from_numpy(np.stack(group)), dtype))
                 group = []
         if group:
-            _embed_arrays(group, model, dtype)
+            model(normalize(torch.from_numpy(np.stack(group)), dtype))
     return len(blobs) / (time.perf_counter() - start)
 
 
-def _embed_arrays(images: list[np.ndarray], model: torch.nn.Module, dtype: torch.dtype) -> Tensor:
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()  # (B, 3, S, S)
-    return model(normalize(x, dtype))
+def views_section(size: Size, device: torch.device, pool: multiprocessing.pool.Pool) -> dict[str, Any]:
+    """DINOv2's training views (the preset's 2 global + n local crops): Pillow's path (Ray Data's task: decode,
+    crops, colour ops) on all cores, against ``crops.decode: device`` (the task's header read and crop plan on all
+    cores, then decode, crops and colour ops on ``device``), img/s each."""
+    from lvdkit.core.settings import load_config
+    from lvdkit.pretrain.config import PretrainConfig
+
+    cfg = load_config(PretrainConfig, ROOT / "configs" / "pretrain_vits14.yaml", list(size.train_overrides))
+    blobs = pool.map(make_jpeg, [(seed, *size.jpeg_wh) for seed in range(size.views_jpegs)], chunksize=8)
+    chunks = [(cfg.crops, group) for group in batches(blobs, 8)]
+    start = time.perf_counter()
+    pool.map(_pillow_views, chunks)
+    pillow_rate = len(blobs) / (time.perf_counter() - start)
+    start = time.perf_counter()
+    plans = pool.map(_plan_views, chunks)
+    plan_rate = len(blobs) / (time.perf_counter() - start)
+    from lvdkit.pretrain.augment import views_of
+    from lvdkit.pretrain.device_views import DeviceViews
+
+    cut = DeviceViews(views_of("dinov2", cfg.crops), device)
+    cut(plans[0])  # warm-up
+    sync(device)
+    start = time.perf_counter()
+    for plan in plans:
+        cut(plan)
+    sync(device)
+    cut_rate = len(blobs) / (time.perf_counter() - start)
+    c = cfg.crops
+    return {
+        "crops": [c.global_size, c.local_size, c.n_local],
+        "n_jpegs": len(blobs),
+        "pillow_views_img_per_s": pillow_rate,
+        "pillow_processes": os.cpu_count(),
+        "plan_img_per_s": plan_rate,
+        "device_views_img_per_s": cut_rate,
+        "peak_gib": peak_gib(device),
+    }
+
+
+def _pillow_views(args: tuple[Any, list[bytes]]) -> int:
+    from lvdkit.pretrain.augment import AugmentBatch
+
+    crops, blobs = args
+    return len(AugmentBatch("dinov2", crops, "image")({"image": np.asarray(blobs, dtype=object)})["global_0"])
+
+
+def _plan_views(args: tuple[Any, list[bytes]]) -> dict[str, np.ndarray]:
+    from lvdkit.pretrain.augment import AugmentBatch
+
+    crops, blobs = args
+    images = np.empty(len(blobs), dtype=object)
+    images[:] = blobs
+    return AugmentBatch("dinov2", crops, "image", on_device=True)({"image": images})
 
 
 def fake_batch(cfg: Any, device: torch.device) -> dict[str, Tensor]:
@@ -706,7 +784,12 @@ def summary(report: dict[str, Any]) -> str:
     texts = {
         "embed": lambda r: (
             f"model {f(r['model_img_per_s'])} img/s, Pillow decode {f(r['pil_decode_img_per_s'])}, "
-            f"GPU decode {f(r['gpu_decode_img_per_s'])}, end to end {f(r['end_to_end_img_per_s'])}"
+            f"device decode {f(r['gpu_decode_img_per_s'])}, end to end {f(r['end_to_end_img_per_s'])}; device vs "
+            f"Pillow max {r['device_vs_pillow_max_grey']} grey, cosine {f(r['device_vs_pillow_min_cosine'], '.5f')}"
+        ),
+        "views": lambda r: (
+            f"DINOv2 views: Pillow {f(r['pillow_views_img_per_s'])} img/s on {r['pillow_processes']} cores, "
+            f"plan {f(r['plan_img_per_s'])}, device {f(r['device_views_img_per_s'])}"
         ),
         "train": lambda r: (
             f"{r['model']} {f(r['img_per_s'], '.1f')} img/s, {f(r['tflops_per_s'], '.1f')} TFLOP/s, "
@@ -754,7 +837,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     t0 = time.perf_counter()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before timm loads: without internet the hub would retry for ~50 s
-    pool = decode_pool() if "embed" in args.sections else None  # before CUDA starts
+    pool = decode_pool() if {"embed", "views"} & set(args.sections) else None  # before CUDA starts
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     size = FULL if args.size == "full" or (args.size == "auto" and cuda) else TINY
@@ -764,6 +847,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report.update(hardware=hardware(), versions=versions(), torch_threads=torch.get_num_threads(), sections={})
     runners: dict[str, Callable[[], dict[str, Any]]] = {
         "embed": lambda: embed_section(size, device, pool) if pool else {},
+        "views": lambda: views_section(size, device, pool) if pool else {},
         "train": lambda: train_throughput("pretrain_vits14.yaml", size.train_overrides, size, device),
         "distill": lambda: train_throughput("distill_vits14_resnet50.yaml", size.distill_overrides, size, device),
         "knn": lambda: knn_section(size, device),

@@ -31,7 +31,14 @@ sys.modules["faiss"] = None
 open(os.environ["GPU_CHECK_MARKER"], "w").write("blocked")
 """
 FIGURES = {  # per section: what must be a positive number in a tiny run
-    "embed": ("model_img_per_s", "pil_decode_img_per_s", "end_to_end_img_per_s", "jpeg_kb_mean"),
+    "embed": (
+        "model_img_per_s",
+        "pil_decode_img_per_s",
+        "end_to_end_img_per_s",
+        "jpeg_kb_mean",
+        "gpu_decode_img_per_s",
+    ),
+    "views": ("pillow_views_img_per_s", "plan_img_per_s", "device_views_img_per_s"),
     "train": ("img_per_s", "s_per_step", "flops_per_step", "loss"),
     "distill": ("img_per_s", "s_per_step", "flops_per_step"),
     "knn": ("seconds_knn", "self_first"),
@@ -81,6 +88,8 @@ def test_tiny_run_writes_every_section_without_ray_or_faiss(tmp_path: Path) -> N
             continue
         for key in FIGURES[name]:
             assert isinstance(section[key], (int, float)) and section[key] > 0, (name, key, section[key])
+    embed = sections["embed"]  # the device path ran on the CPU: the same decoder as Pillow's, resize within 1 level
+    assert embed["device_vs_pillow_max_grey"] <= 1 and embed["device_vs_pillow_min_cosine"] > 0.9999
     assert sections["knn"]["backend"] == "torch (faiss-gpu not installed)"
     assert sections["kmeans"]["inertia_last"] < sections["kmeans"]["inertia_first"]
     assert sections["train"]["method"] == "dinov2" and sections["distill"]["method"] == "distillation"

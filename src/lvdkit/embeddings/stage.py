@@ -9,12 +9,10 @@ Besides one embedding per image and model, a deterministic sample of images is a
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -22,19 +20,24 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lvdkit.core import schema
-from lvdkit.core.files import MAX_FILE_BYTES, read_bytes
-from lvdkit.core.image import decode_rgb
 from lvdkit.core.io import part_name
 from lvdkit.core.settings import setting
 from lvdkit.core.stage import PartPlan, PartWork, StageInputs
 from lvdkit.core.storage import Location
 from lvdkit.core.views import alive_by_part, dedups_before
-from lvdkit.curation.augment import COPY_EDITS, edit_families, synthetic_copy
+from lvdkit.embeddings.device_decode import device_images, model_input
+from lvdkit.embeddings.part_decode import (  # noqa: F401  (re-exported: side sets, the runner and tests import them here)
+    JPEG_COLUMN,
+    PIXELS_PREFIX,
+    EmbedInputError,
+    calibration_rate,
+    copies_of,
+    decode_batch,
+    slices,
+)
 
 if TYPE_CHECKING:
     from lvdkit.embeddings.preprocess import Preprocess
-
-PIXELS_PREFIX = "pixels_"  # decode output: uint8 [H, W, 3] per model key (models may want different sizes)
 
 
 @dataclass
@@ -60,6 +63,9 @@ class EmbedConfig:
     decode_cpus: float = setting(0.5, gt=0)  # CPUs per decode task (one per part: read, decode, preprocess)
     threads_per_actor: int | None = setting(None, ge=1)  # intra-op threads of each model; null: from actor_cpus
     device: str = "auto"  # auto: cuda when available
+    # where JPEGs are decoded and resized: pillow (CPU decode tasks), device (the model actor's device: nvJPEG on a
+    # GPU; other formats still Pillow), auto (device when the actors get a GPU). See lvdkit.embeddings.device_decode
+    decode: Literal["auto", "pillow", "device"] = "auto"
     calibration_copies: int = setting(1000, ge=0)  # synthetic copies embedded for dedup_copy's threshold calibration
     max_pixels: int = setting(100_000_000, ge=1)
     seed: int = 0
@@ -67,71 +73,6 @@ class EmbedConfig:
     def options(self, key: str) -> dict[str, Any]:
         """Factory keyword arguments for model ``key``."""
         return dict(self.model_options.get(key, {}))
-
-
-class EmbedInputError(RuntimeError):
-    """An image that decoded at ingest cannot be decoded now (changed or removed since)."""
-
-
-def calibration_rate(n_images: int, copies: int) -> float:
-    """Synthetic copies per image: below 1 a sampled fraction gets one; small pools get several (up to one per edit
-    family), so that even a 200-image pool calibrates on ``copies`` copies covering every family."""
-    return min(float(len(COPY_EDITS)), copies / n_images) if n_images else 0.0
-
-
-def copies_of(key: str, rate: float, seed: int) -> int:
-    """How many synthetic copies image ``key`` (its content hash) gets: ``floor(rate)``, plus one for a deterministic
-    fraction ``rate - floor(rate)`` of images (the same images on every run, on every worker, wherever the pool
-    lies)."""
-    h = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
-    whole = int(rate)
-    return whole + int(int.from_bytes(h, "little") < (rate - whole) * 2**64)
-
-
-def decode_batch(
-    image_ids: list[str],
-    uris: list[str],
-    preprocess: dict[str, Preprocess],
-    rate: float,
-    cfg: EmbedConfig,
-    keys: list[str] | None = None,
-) -> dict[str, np.ndarray]:
-    """Decode and preprocess images (and the synthetic copies of sampled ones) for every model.
-
-    ``keys``: what the calibration sample and each copy's edit are drawn from (content hashes, so they do not depend
-    on where the files are; default: the image ids).
-
-    Returns columns ``image_id`` [B'], ``edit`` [B'] ('' for the image itself) and ``pixels_<key>`` [B', H, W, 3]
-    uint8, where B' = B + the number of sampled images.
-    """
-    ids, edits = [], []
-    pixels: dict[str, list[np.ndarray]] = {k: [] for k in preprocess}
-    for image_id, uri, key in zip(image_ids, uris, keys if keys is not None else image_ids, strict=True):
-        try:
-            image = decode_rgb(read_bytes(uri, MAX_FILE_BYTES), cfg.max_pixels)
-        except Exception as exc:  # ingest decoded this file: it changed or vanished since
-            raise EmbedInputError(
-                f"embed: cannot decode {uri} ({type(exc).__name__}: {exc}). It decoded at ingest: the file changed or "
-                "vanished since. Rerun `lvdkit curate`: ingest notices changed files (size, mtime) and redoes the "
-                "stages after it"
-            ) from None
-        variants = [(image, "")]
-        seed = _seed_of(key, cfg.seed)
-        for i, family in enumerate(edit_families(seed, copies_of(key, rate, cfg.seed))):
-            variants.append(synthetic_copy(image, seed=seed + i, edit=family))
-        for img, edit in variants:
-            ids.append(image_id)
-            edits.append(edit)
-            for key, pre in preprocess.items():
-                pixels[key].append(pre.prepare(img))
-    out: dict[str, np.ndarray] = {schema.IMAGE_ID: np.asarray(ids, dtype=object), schema.EDIT: np.asarray(edits)}
-    for key, arrays in pixels.items():
-        out[PIXELS_PREFIX + key] = np.stack(arrays)
-    return out
-
-
-def _seed_of(key: str, seed: int) -> int:
-    return int.from_bytes(hashlib.blake2b(f"copy:{seed}:{key}".encode(), digest_size=8).digest(), "little")
 
 
 # --- the stage: the images that survived the cheap dedups, one part per images_per_part -----------------------------
@@ -187,22 +128,28 @@ class EmbedWork(PartWork):
     models: dict[str, Any] = field(default_factory=dict, repr=False)
     previous: Location | None = None  # an earlier embed output of the same images (lvdkit.pipeline.reuse)
     reused: tuple[str, ...] = ()  # the models whose columns it holds still valid
+    on_device: bool = False  # plain JPEGs decoded by the model actor on its device (embed.decode)
+    device: Any = field(default=None, repr=False)  # where the actor decodes (torch.device, set up in setup)
     may_quarantine = False  # every surviving image needs its embedding
     decodes = True
 
     @classmethod
-    def create(cls, cfg: EmbedConfig, listing: Location) -> EmbedWork:
+    def create(cls, cfg: EmbedConfig, listing: Location, gpus: float = 0.0) -> EmbedWork:
+        """``gpus``: what each model actor gets (``auto`` decodes on the device when it is a GPU)."""
         from lvdkit.embeddings import create_embedder
 
         total = pq.ParquetFile(listing).metadata.num_rows
         probes = {k: create_embedder(n, device="cpu", **cfg.options(k)) for k, n in cfg.models.items()}
         dims = {k: m.dim for k, m in probes.items()}
         preprocess = {k: m.preprocess for k, m in probes.items()}
-        return cls(listing, cfg, calibration_rate(total, cfg.calibration_copies), dims, preprocess)
+        on_device = cfg.decode == "device" or (cfg.decode == "auto" and gpus > 0)
+        return cls(listing, cfg, calibration_rate(total, cfg.calibration_copies), dims, preprocess, on_device=on_device)
 
     def setup(self, threads: int = 1) -> None:
         from lvdkit.embeddings import create_embedder
+        from lvdkit.embeddings.torch_embedder import resolve_device
 
+        self.device = resolve_device(self.cfg.device) if self.on_device else None
         self.models = {
             key: create_embedder(name, device=self.cfg.device, num_threads=threads, **self.cfg.options(key))
             for key, name in self.cfg.models.items()
@@ -218,7 +165,7 @@ class EmbedWork(PartWork):
             return None
         ids, uris = rows[schema.IMAGE_ID].to_pylist(), rows[schema.URI].to_pylist()
         keys = rows[schema.CONTENT_HASH].to_pylist() if schema.CONTENT_HASH in rows.column_names else ids
-        return decode_batch(ids, uris, self.preprocess, self.rate, self.cfg, keys)
+        return decode_batch(ids, uris, self.preprocess, self.rate, self.cfg, keys, self.on_device)
 
     def reuse(self, previous: Location, views: tuple[str, ...]) -> None:
         self.previous, self.reused = previous, tuple(k for k in views if k in self.cfg.models)
@@ -226,7 +173,7 @@ class EmbedWork(PartWork):
     def process(self, rows: pa.Table, decoded: dict[str, np.ndarray] | None = None) -> dict[str, pa.Table]:
         if not self.models:
             self.setup()
-        batches = list(self._batches(rows) if decoded is None else _slices(decoded, self.cfg.batch_size))
+        batches = list(self._batches(rows) if decoded is None else slices(decoded, self.cfg.batch_size))
         kept = self._kept(rows)
         table = self._embed(batches, [k for k in self.models if kept is None or k not in self.reused])
         if kept is not None:
@@ -247,7 +194,8 @@ class EmbedWork(PartWork):
         """Rows (image_id, edit, the embeddings of models ``keys``) of the decoded batches, in their order."""
         pieces = []
         for cols in batches:
-            emb = {k: self.models[k].embed(cols[PIXELS_PREFIX + k]) for k in keys}  # [B', D] float32 each
+            images = device_images(cols, self.device, self.cfg.max_pixels)
+            emb = {k: _run(self.models[k], model_input(cols, images, k, self.preprocess[k], self.device)) for k in keys}
             pieces.append(_rows(cols[schema.IMAGE_ID], cols[schema.EDIT], emb))
         if pieces:
             return pa.concat_tables(pieces)
@@ -276,7 +224,8 @@ class EmbedWork(PartWork):
         keys = rows[schema.CONTENT_HASH].to_pylist() if schema.CONTENT_HASH in rows.column_names else ids
         for start in range(0, len(ids), self.cfg.batch_size):
             end = start + self.cfg.batch_size
-            yield decode_batch(ids[start:end], uris[start:end], self.preprocess, self.rate, self.cfg, keys[start:end])
+            part = slice(start, end)
+            yield decode_batch(ids[part], uris[part], self.preprocess, self.rate, self.cfg, keys[part], self.on_device)
 
     def _empty(self) -> dict[str, np.ndarray]:
         return {k: np.empty((0, d), np.float32) for k, d in self.dims.items()}
@@ -298,13 +247,14 @@ def _row_keys(table: pa.Table) -> pa.Array:
     return pc.binary_join_element_wise(table[schema.IMAGE_ID], table[schema.EDIT], "\x00").combine_chunks()
 
 
-def _slices(decoded: dict[str, np.ndarray], size: int) -> Iterator[dict[str, np.ndarray]]:
-    """The batches :meth:`EmbedWork._batches` would decode: ``size`` images each, with their synthetic copies (the
-    same batches give the same embeddings, bit for bit, whichever process decoded them)."""
-    originals = np.flatnonzero(decoded[schema.EDIT] == "")
-    bounds = [*originals[::size].tolist(), len(decoded[schema.IMAGE_ID])]
-    for start, end in itertools.pairwise(bounds):
-        yield {name: col[start:end] for name, col in decoded.items()}
+def _run(model: Any, pixels: Any) -> np.ndarray:
+    """``model.embed`` of a numpy batch; a torch batch goes to ``embed_tensor`` where the model has one (it stays
+    on the device), else to numpy."""
+    if isinstance(pixels, np.ndarray):
+        return np.asarray(model.embed(pixels))
+    if hasattr(model, "embed_tensor"):
+        return np.asarray(model.embed_tensor(pixels))
+    return np.asarray(model.embed(pixels.cpu().numpy()))
 
 
 def _rows(ids: np.ndarray, edits: np.ndarray, emb: dict[str, np.ndarray]) -> pa.Table:

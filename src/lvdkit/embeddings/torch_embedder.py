@@ -92,8 +92,11 @@ class TorchEmbedder:
         batch = torch.from_numpy(pixels)  # [B, H, W, 3] uint8, no copy
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
-        else:
-            batch = batch.to(self.device)
+        return self.embed_tensor(batch)
+
+    def embed_tensor(self, batch: torch.Tensor) -> np.ndarray:
+        """uint8 ``[B, H, W, 3]`` already in torch (on any device: decoded there, say) -> float32 ``[B, D]``."""
+        batch = batch.to(self.device)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         with torch.inference_mode(), self._autocast():
             # permute gives an NCHW view of NHWC memory; float() keeps those strides; contiguous() picks the layout.

@@ -117,7 +117,7 @@ STAGES: dict[str, Stage] = {
             section=lambda c: c.embed,
             subparts=(schema.CALIBRATION,),
             plan=lambda c, inputs, fp, listing: plan_embed(c.embed, inputs, fp, listing),
-            work=lambda c, listing: EmbedWork.create(c.embed, listing),
+            work=lambda c, listing: EmbedWork.create(c.embed, listing, gpus=_embed_actors(c).num_gpus),
             stats=embed_stats,
             actors=_embed_actors,
             views=_embed_views,

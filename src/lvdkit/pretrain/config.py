@@ -33,6 +33,9 @@ class CropsConfig:
     blur_kernel: int = 9  # DINOv2's Gaussian blur kernel; odd; small images want a smaller one
     flip_p: float = 0.5  # horizontal flip probability of every view; 0 where mirroring changes meaning (digits, text)
     reduced_decode: bool = True  # JPEGs decoded at 1/2-1/8 scale when every crop still gets its full resolution
+    # where views are decoded and cut: pillow (Ray Data tasks on CPUs), device (the training worker's device: nvJPEG
+    # and crops on a GPU; lvdkit.pretrain.device_views), auto (device on GPU workers)
+    decode: Literal["auto", "pillow", "device"] = "auto"
 
 
 @dataclasses.dataclass

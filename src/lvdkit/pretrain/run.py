@@ -24,7 +24,7 @@ from lvdkit.core.io import DiskFullError, is_disk_full
 from lvdkit.core.settings import save_config, to_dict
 from lvdkit.core.stage import SUCCESS, StageInputs
 from lvdkit.core.storage import Location, ObjectPath, fs_paths, is_uri, location
-from lvdkit.pretrain.augment import AugmentBatch
+from lvdkit.pretrain.augment import AugmentBatch, decodes_on_device
 from lvdkit.pretrain.config import PretrainConfig
 from lvdkit.pretrain.init_weights import init_path, is_hub
 from lvdkit.pretrain.sharding import SHARDED_DIR
@@ -187,7 +187,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
         cpus = cfg.cpus_per_worker or (1.0 if use_gpu else 0.5)  # fractional: Ray Data needs CPU to decode
         start_epoch = _resume_epoch(cfg, out, steps_per_epoch)
-        views = AugmentBatch(cfg.method, cfg.crops, cfg.image_column)
+        views = AugmentBatch(cfg.method, cfg.crops, cfg.image_column, decodes_on_device(cfg.crops, use_gpu))
         read = ReadRowGroups(groups, cfg.image_column, fs, cfg.seed, start_epoch, transform=views)
         indices = stream_indices(groups, start_epoch, cfg.optim.epochs)
         dataset = ray.data.from_numpy(indices).map_batches(read, batch_size=1)  # one block of indices per task

@@ -30,6 +30,7 @@ from torch import nn
 
 from lvdkit.core.io import disk_errors
 from lvdkit.core.settings import from_dict
+from lvdkit.pretrain.augment import decodes_on_device, views_of
 from lvdkit.pretrain.checkpoint import (  # noqa: F401  (re-exported: run, export and tests import them from here)
     META_FILE,
     STATE_FILE,
@@ -39,6 +40,7 @@ from lvdkit.pretrain.checkpoint import (  # noqa: F401  (re-exported: run, expor
     write_checkpoint,
 )
 from lvdkit.pretrain.config import DEFAULT_WHICH, METHODS, PretrainConfig
+from lvdkit.pretrain.device_views import DeviceViews
 from lvdkit.pretrain.heads import cancel_last_layer_gradients
 from lvdkit.pretrain.method import Method, StudentFn
 from lvdkit.pretrain.monitor import KnnProbe
@@ -171,17 +173,23 @@ def _parallel(method: Method, cfg: PretrainConfig) -> StudentFn:
     return ray.train.torch.prepare_model(method.student, move_to_device=False, parallel_strategy="ddp")
 
 
-def _stream(cfg: PretrainConfig, first_step: int) -> Any:
-    """This worker's batches: one optimizer step's images each (train_step splits them into micro-batches)."""
+def _stream(cfg: PretrainConfig, first_step: int, device: torch.device) -> Any:
+    """This worker's batches: one optimizer step's images each (train_step splits them into micro-batches); views
+    cut here on the device when the views are planned for it (crops.decode)."""
     import ray.train
 
-    return ray.train.get_dataset_shard("train").iter_torch_batches(
-        batch_size=cfg.optim.step_batch,
-        drop_last=True,
-        local_shuffle_buffer_size=cfg.shuffle_buffer or None,
-        local_shuffle_seed=cfg.seed + first_step,
-        prefetch_batches=2,
-    )
+    shard = ray.train.get_dataset_shard("train")
+    common: dict[str, Any] = {
+        "batch_size": cfg.optim.step_batch,
+        "drop_last": True,
+        "local_shuffle_buffer_size": cfg.shuffle_buffer or None,
+        "local_shuffle_seed": cfg.seed + first_step,
+        "prefetch_batches": 2,
+    }
+    if not decodes_on_device(cfg.crops, device.type == "cuda"):
+        return shard.iter_torch_batches(**common)
+    cut = DeviceViews(views_of(cfg.method, cfg.crops), device)
+    return (cut(batch) for batch in shard.iter_batches(batch_format="numpy", **common))
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -217,7 +225,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     first_step = int(config.get("first_step", 0))
     if step < first_step:
         raise RuntimeError(f"resumed at step {step} but the data stream starts at step {first_step}: rerun to resume")
-    batches = _stream(cfg, first_step)
+    batches = _stream(cfg, first_step, device)
     method.train()
     last_report = step
     row: dict[str, Any] = {}
