@@ -47,7 +47,7 @@ def test_resize_box_equals_pillow_within_one_grey_level(
     diff = np.abs(out.permute(1, 2, 0).numpy().astype(int) - np.asarray(ref, dtype=int))
     assert out.dtype == torch.uint8 and out.shape == (3, *size)
     assert diff.max() <= 1
-    assert (diff > 0).mean() < 0.02  # off by one only where fixed and floating point round a tie differently
+    assert (diff > 0).mean() < 0.01  # Pillow's integer arithmetic; rare ties round the other way
 
 
 def _span(start: float, end: float) -> tuple[torch.Tensor, torch.Tensor]:

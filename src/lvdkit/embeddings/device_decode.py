@@ -9,9 +9,9 @@ same box (:meth:`Preprocess.source_box`) and filter as Pillow's :meth:`Preproces
 a synthetic copy (``embed.calibration_copies``) is decoded by Pillow, which makes the copy. Anything else (PNG, CMYK,
 rotated, or bytes the device decoder refuses) is decoded by Pillow under its usual rules.
 
-The two paths agree within 1 grey level on a CPU (torchvision's libjpeg-turbo decodes exactly as Pillow's; the
-resize differs by fixed- against floating-point rounding); nvJPEG's IDCT adds a little more on a GPU, which
-``bench/gpu_check.py`` measures.
+On a CPU the two paths give the same pixels (torchvision's libjpeg-turbo decodes exactly as Pillow's; the resize
+uses Pillow's fixed-point weights) but for rare 1-2 level differences (:mod:`lvdkit.core.resample` says when);
+nvJPEG's IDCT differs a little more on a GPU, which ``bench/gpu_check.py`` measures.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ __all__ = ["decode_jpegs", "device_images", "model_input", "plain_jpeg", "prepar
 
 def prepare_tensor(image: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
     """uint8 ``[3, H, W]`` on any device -> uint8 ``[h, w, 3]`` as :meth:`Preprocess.prepare` makes it from the same
-    pixels (same box, same filter; within 1 grey level)."""
+    pixels (same box, same filter, same fixed-point arithmetic)."""
     _, height, width = image.shape
     box = preprocess.source_box(width, height)
     return resize_box(image, box, preprocess.size, preprocess.interpolation).permute(1, 2, 0)

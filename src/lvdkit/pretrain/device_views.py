@@ -5,7 +5,7 @@ bicubic resizes of large crops, so a GPU training at ~1,500 img/s would need ~70
 ``crops.decode: device`` (``auto``: on GPU workers) the Ray Data task only reads the image's header and draws its
 crops (:meth:`Crop.plan`: the same boxes and flips the Pillow path draws); the worker then decodes a whole batch of
 JPEGs in one call, resizes every crop with :func:`lvdkit.core.resample.resize_boxes` (Pillow's filter on the
-device: the two paths agree within 1 grey level for the same boxes) and applies the colour ops there
+device: for the same boxes the same pixels but for rare 1-2 level differences) and applies the colour ops there
 (:class:`lvdkit.pretrain.colour.ColourOps` runs on any device).
 
 What the device decoder would not decode as Pillow does (PNG, CMYK or EXIF-rotated JPEGs) is decoded by Pillow in
