@@ -152,3 +152,10 @@ def test_pretrain_with_views_cut_on_the_device(tmp_path: Path) -> None:
     rows = _rows(tmp_path / "run")
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
     assert all(math.isfinite(r["loss"]) for r in rows)
+
+
+def test_a_batch_whose_images_no_decoder_reads_gives_no_views() -> None:
+    plan = AugmentBatch("distillation", CROPS, "image", on_device=True)(_batch())
+    plan[JPEG] = np.asarray([b"\xff\xd8 torn" if j else j for j in plan[JPEG]], dtype=object)
+    plan[JPEG][2:] = [b"\xff\xd8 torn", b"\xff\xd8 torn"]  # the Pillow rows too, as JPEGs that no longer decode
+    assert DeviceViews(views_of("distillation", CROPS), torch.device("cpu"))(plan) == {}

@@ -83,6 +83,8 @@ class DeviceViews:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         images = self.images(batch)
         keep = [i for i, image in enumerate(images) if image is not None]
+        if not keep:  # every image refused: no batch (the stream skips it), as the CPU path drops it
+            return {}
         crops = {}
         for key, spec in self.views.specs.items():
             boxes, flips = batch[BOX + key], batch[FLIP + key]

@@ -189,7 +189,8 @@ def _stream(cfg: PretrainConfig, first_step: int, device: torch.device) -> Any:
     if not decodes_on_device(cfg.crops, device.type == "cuda"):
         return shard.iter_torch_batches(**common)
     cut = DeviceViews(views_of(cfg.method, cfg.crops), device)
-    return (cut(batch) for batch in shard.iter_batches(batch_format="numpy", **common))
+    views = (cut(batch) for batch in shard.iter_batches(batch_format="numpy", **common))
+    return (batch for batch in views if batch)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
