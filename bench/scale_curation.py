@@ -271,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
             pool.submit(generate, out, n, args.dim, args.part_rows, 0.01, 1000, 0).result()
         print(f"n={n:,}: pool written in {time.perf_counter() - t0:.0f}s", flush=True)
         secs, peaks, record = run_stage(out, "dedup_copy", copy_cfg)
+        print(steps_text(record), flush=True)
         rec = recall(out, 64, args.recall_queries)
         rows.append(_row(n, "dedup_copy partitioned", secs, peaks, record, rec))
         _print(rows[-1:])
@@ -285,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         if not args.only_copy:
             secs, peaks, record = run_stage(out, "cluster", cluster_cfg)
+            print(steps_text(record), flush=True)
             rows.append(_row(n, f"cluster partitioned (k1={k1:,})", secs, peaks, record, None))
             _print(rows[-1:])
             secs, peaks, found = sample_retrieval(out, 1000, 4)
@@ -300,6 +302,19 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(out, ignore_errors=True)
         _print(rows)
     return 0
+
+
+def steps_text(record: dict[str, Any]) -> str:
+    """Where a partitioned stage's time went (``_SUCCESS``'s ``steps``): per step, tasks, the driver's wall seconds,
+    the tasks' summed seconds and the phases the work timed in them."""
+    lines = [f"  {record['stage']} steps (wall s / summed task s, phases):"]
+    for step, row in record.get("stats", {}).get("steps", {}).items():
+        phases = ", ".join(f"{k[:-2]} {v:.1f}" for k, v in row.items() if k not in ("tasks", "wall_s", "task_s"))
+        lines.append(
+            f"    {step:<8} {int(row['tasks']):>5} tasks  {row['wall_s']:>8.1f} / {row['task_s']:>8.1f}"
+            + (f"  ({phases})" if phases else "")
+        )
+    return "\n".join(lines)
 
 
 def _row(n: int, what: str, secs: float, peaks: RayPeaks, record: dict[str, Any], rec: dict[str, Any] | None) -> list:

@@ -58,6 +58,14 @@ def test_both_paths_give_the_same_decisions_on_the_demo(embedded: Path, small_de
     assert not (tmp_path / "many" / "dedup_copy" / "_scratch").exists()  # scratch tables removed at the end
     for side in (schema.WHITENING_FILE, schema.THRESHOLD_FILE):
         assert (tmp_path / "many" / "dedup_copy" / side).is_file()
+    steps = stats["steps"]  # where the time went, per step
+    assert list(steps) == ["prepare", "scatter", "plan", "solve", "reduce", "write", "final"]
+    parts = len(part_files(tmp_path / "many" / "embed"))
+    assert steps["scatter"]["tasks"] == parts and steps["write"]["tasks"] == parts
+    assert steps["solve"]["tasks"] > 1 and steps["prepare"]["tasks"] == 1
+    solve = steps["solve"]
+    assert 0 < solve["read_s"] + solve["knn_s"] + solve["write_s"] <= solve["task_s"] + 0.05  # phases within the task
+    assert all(row["wall_s"] >= 0 for row in steps.values())
     single_record = read_json(tmp_path / "single" / "dedup_copy" / "_SUCCESS")
     assert single_record is not None and single_record["stats"]["path"] == "single"
 

@@ -35,6 +35,7 @@ from lvdkit.core import schema
 from lvdkit.core.partitions import plan_ranges
 from lvdkit.core.stage import PartitionedWork, Resources, Scratch, StageInputs, StageOutput, scratch_row_group_rows
 from lvdkit.core.storage import Location
+from lvdkit.core.timing import timed
 from lvdkit.core.views import DEDUP_STAGES, EMBED, alive_embedded
 
 CELL, X, LOCAL, PARTITION, SIZE, CENTROID = "cell", "x", "local", "partition", "size", "centroid"
@@ -121,21 +122,23 @@ class ClusterPartitions(PartitionedWork):
 
     def solve(self, state: ClusterState, figures: dict[str, Any], partition: Any, scratch: list[Location]) -> pa.Table:
         start, stop, k = partition
-        data = pads.dataset([str(p) for p in scratch], format="parquet")
-        rows = data.to_table(filter=(pc.field(CELL) >= start) & (pc.field(CELL) < stop))
-        rows = rows.sort_by([(schema.CONTENT_HASH, "ascending"), (schema.IMAGE_ID, "ascending")])
-        x = np.ascontiguousarray(rows[X].combine_chunks().flatten().to_numpy().reshape(rows.num_rows, -1))
+        with timed("read"):
+            data = pads.dataset([str(p) for p in scratch], format="parquet")
+            rows = data.to_table(filter=(pc.field(CELL) >= start) & (pc.field(CELL) < stop))
+            rows = rows.sort_by([(schema.CONTENT_HASH, "ascending"), (schema.IMAGE_ID, "ascending")])
+            x = np.ascontiguousarray(rows[X].combine_chunks().flatten().to_numpy().reshape(rows.num_rows, -1))
         h = self.cfg.hierarchy
-        centroids, assign, dist = fit_level(
-            x,
-            k,
-            figures["steps"][0],
-            figures["sizes"][0],
-            n_iter=h.n_iter,
-            spherical=h.spherical,
-            seed=h.seed,
-            sample=h.sample,
-        )
+        with timed("kmeans"):
+            centroids, assign, dist = fit_level(
+                x,
+                k,
+                figures["steps"][0],
+                figures["sizes"][0],
+                n_iter=h.n_iter,
+                spherical=h.spherical,
+                seed=h.seed,
+                sample=h.sample,
+            )
         images = pa.table(
             {
                 schema.IMAGE_ID: rows[schema.IMAGE_ID],

@@ -32,6 +32,7 @@ from lvdkit.core import schema
 from lvdkit.core.partitions import assign_cells, fit_cells, merge_top, pairs_within, plan_ranges, row_keys, top_against
 from lvdkit.core.stage import PartitionedWork, Resources, Scratch, StageInputs, StageOutput, scratch_row_group_rows
 from lvdkit.core.storage import Location
+from lvdkit.core.timing import timed
 from lvdkit.core.views import EMBED
 from lvdkit.core.whitening import Whitener, fit_whitener
 from lvdkit.curation.components import NODE_COLUMNS, dedup_rows, found_pairs, group_found
@@ -135,20 +136,24 @@ class CopyPartitions(PartitionedWork):
     def scatter(self, state: CopyState, index: int) -> tuple[pa.Table, dict[str, Any]]:
         cfg = self.cfg
         col = schema.embedding_column(cfg.embedding)
-        part = pq.read_table(self.inputs.parts(EMBED)[index], columns=[schema.IMAGE_ID, col])
-        x = state.whitener(_matrix(part[col]))
-        keys = row_keys(index, part.num_rows)
-        cells = assign_cells(x, state.centroids, cfg.cell_copies)  # [n, m]
-        counts = np.bincount(cells.ravel(), minlength=len(state.centroids))
-        sims, near = top_against(state.queries, x, keys, cfg.negative_rank + 1)
-        itself = near == state.query_keys[:, None]
-        top = (np.where(itself, -np.inf, sims).astype(np.float32), np.where(itself, -1, near))
-        nodes = _nodes(self.inputs, index, part[schema.IMAGE_ID])
-        m = cells.shape[1]
-        rows = np.repeat(np.arange(part.num_rows), m)
-        table = nodes.take(pa.array(rows)).append_column(KEY, pa.array(keys[rows]))
-        table = table.append_column(CELL, pa.array(cells.ravel().astype(np.int32)))
-        table = table.append_column(X, _list_array(x[rows])).sort_by(CELL)
+        with timed("read"):
+            part = pq.read_table(self.inputs.parts(EMBED)[index], columns=[schema.IMAGE_ID, col])
+            nodes = _nodes(self.inputs, index, part[schema.IMAGE_ID])
+        with timed("assign"):
+            x = state.whitener(_matrix(part[col]))
+            keys = row_keys(index, part.num_rows)
+            cells = assign_cells(x, state.centroids, cfg.cell_copies)  # [n, m]
+            counts = np.bincount(cells.ravel(), minlength=len(state.centroids))
+        with timed("queries"):
+            sims, near = top_against(state.queries, x, keys, cfg.negative_rank + 1)
+            itself = near == state.query_keys[:, None]
+            top = (np.where(itself, -np.inf, sims).astype(np.float32), np.where(itself, -1, near))
+        with timed("table"):
+            m = cells.shape[1]
+            rows = np.repeat(np.arange(part.num_rows), m)
+            table = nodes.take(pa.array(rows)).append_column(KEY, pa.array(keys[rows]))
+            table = table.append_column(CELL, pa.array(cells.ravel().astype(np.int32)))
+            table = table.append_column(X, _list_array(x[rows])).sort_by(CELL)
         positives, edits = self._positives(state, index, part, x)
         summary = {"counts": counts, "top": top, "positives": positives, "edits": edits}
         return table, summary
@@ -202,12 +207,14 @@ class CopyPartitions(PartitionedWork):
 
     def solve(self, state: CopyState, figures: CopyFigures, partition: Any, scratch: list[Location]) -> pa.Table:
         start, stop = partition
-        data = pads.dataset([str(p) for p in scratch], format="parquet")
-        rows = data.to_table(filter=(pc.field(CELL) >= start) & (pc.field(CELL) < stop))
-        _, first = np.unique(rows[KEY].to_numpy(), return_index=True)  # a row whose two cells are both here
-        rows = rows.take(pa.array(np.sort(first)))
+        with timed("read"):
+            data = pads.dataset([str(p) for p in scratch], format="parquet")
+            rows = data.to_table(filter=(pc.field(CELL) >= start) & (pc.field(CELL) < stop))
+            _, first = np.unique(rows[KEY].to_numpy(), return_index=True)  # a row whose two cells are both here
+            rows = rows.take(pa.array(np.sort(first)))
         assert figures.threshold is not None
-        pairs, sims = pairs_within(_matrix(rows[X]), self.cfg.k, figures.threshold)
+        with timed("knn"):
+            pairs, sims = pairs_within(_matrix(rows[X]), self.cfg.k, figures.threshold)
         a, b = rows.take(pa.array(pairs[:, 0])), rows.take(pa.array(pairs[:, 1]))
         return found_pairs(a, b, a[KEY], b[KEY], 1.0 - sims)
 

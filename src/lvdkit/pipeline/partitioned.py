@@ -12,7 +12,9 @@ lost is rerun elsewhere (``ray.max_task_retries``), and objects it made are rebu
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -23,6 +25,7 @@ from lvdkit.core.io import part_files, part_name
 from lvdkit.core.knn import set_threads
 from lvdkit.core.stage import PartitionedWork, Scratch, StageOutput
 from lvdkit.core.storage import Location, location, remove_tree
+from lvdkit.core.timing import take, timed
 from lvdkit.pipeline import faults
 from lvdkit.pipeline.commits import commit_part, untrusted
 from lvdkit.pipeline.config import CurateConfig
@@ -37,6 +40,40 @@ SCRATCH = "_scratch"  # a partitioned stage's intermediate tables, removed when 
 def node_id() -> str:
     """The Ray node this code runs on (recorded per stage, so a run shows which nodes took part)."""
     return str(ray.get_runtime_context().get_node_id())
+
+
+@dataclass(frozen=True)
+class Ran:
+    """Where a task ran and how long it took (its phases as the work timed them: :mod:`lvdkit.core.timing`)."""
+
+    node: str
+    seconds: float
+    phases: dict[str, float]
+
+    @classmethod
+    def since(cls, start: float) -> Ran:
+        return cls(node_id(), time.perf_counter() - start, take())
+
+
+@dataclass
+class StepTimes:
+    """Per step: tasks run, the driver's wall seconds, the tasks' summed seconds and phases (``_SUCCESS``'s
+    ``steps``): tasks' seconds over wall seconds is the parallelism a step got."""
+
+    steps: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def add(self, step: str, ran: Ran) -> None:
+        row = self.steps.setdefault(step, {"tasks": 0, "wall_s": 0.0, "task_s": 0.0})
+        row["tasks"] += 1
+        row["task_s"] += ran.seconds
+        for phase, secs in ran.phases.items():
+            row[f"{phase}_s"] = row.get(f"{phase}_s", 0.0) + secs
+
+    def wall(self, step: str, seconds: float) -> None:
+        self.steps.setdefault(step, {"tasks": 0, "wall_s": 0.0, "task_s": 0.0})["wall_s"] += seconds
+
+    def rounded(self) -> dict[str, dict[str, float]]:
+        return {s: {k: round(v, 2) for k, v in row.items()} for s, row in self.steps.items()}
 
 
 def run_partitioned(
@@ -65,7 +102,7 @@ def run_partitioned(
 
 
 class _Steps:
-    """One run of a partitioned stage's steps; remembers the nodes its tasks ran on."""
+    """One run of a partitioned stage's steps; remembers the nodes its tasks ran on and the time each step took."""
 
     def __init__(
         self,
@@ -81,14 +118,28 @@ class _Steps:
         self.work_ref = ray.put(work)  # shipped once, not with every task
         self.threads = max(1, int(work.resources.cpus))
         self.nodes: set[str] = set()
+        self.times = StepTimes()
 
     def task(self, fn: Any, returns: int = 1) -> Any:
         return ray.remote(fn).options(**self.opts, num_returns=returns)
 
+    def one(self, step: str, ref: Any) -> Any:
+        """Wait for a single task's (value, :class:`Ran`)."""
+        start = time.perf_counter()
+        value, ran = ray.get(ref)
+        self.nodes.add(ran.node)
+        self.times.add(step, ran)
+        self.times.wall(step, time.perf_counter() - start)
+        return value
+
     def all(self, stage_dir: Location) -> tuple[int, dict[str, Any], set[str]]:
         scratch = stage_dir / SCRATCH
-        state, node = self.task(_prepare, 2).remote(self.work_ref, self.threads)
-        self.nodes.add(ray.get(node))
+        start = time.perf_counter()
+        state, ran_ref = self.task(_prepare, 2).remote(self.work_ref, self.threads)
+        ran = ray.get(ran_ref)
+        self.nodes.add(ran.node)
+        self.times.add("prepare", ran)
+        self.times.wall("prepare", time.perf_counter() - start)
         scattered = [scratch / "scatter" / part_name(i) for i in range(self.work.n_inputs)]
         partitions, figures = self.scatter(state, scattered)
         solved = [scratch / "solve" / part_name(j) for j in range(len(partitions))]
@@ -96,8 +147,7 @@ class _Steps:
         decisions, stats_ref = self.task(_reduce, 2).remote(
             self.work_ref, state, figures, solved, str(stage_dir), self.sides, self.threads
         )
-        stats, node = ray.get(stats_ref)
-        self.nodes.add(node)
+        stats = self.one("reduce", stats_ref)
         outputs = len(partitions) if self.work.write_per_partition else self.work.n_inputs
         targets = [stage_dir / part_name(i) for i in range(outputs)]
         scratch_of = Scratch(scattered, solved)
@@ -110,9 +160,9 @@ class _Steps:
         if not targets:  # nothing to write (an empty pool): one empty part, as the single task writes
             targets = [stage_dir / part_name(0)]
             commit_part(self.work.empty_output(), targets[0], self.hooks)
-        stats, node = ray.get(self.task(_final).remote(self.work_ref, stats, targets))
-        self.nodes.add(node)
+        stats = self.one("final", self.task(_final).remote(self.work_ref, stats, targets))
         remove_tree(scratch, strict=False)  # leftovers are only scratch: a rerun redoes it anyway
+        stats = {**stats, "steps": self.times.rounded()}
         return sum(pq.ParquetFile(p).metadata.num_rows for p in part_files(stage_dir)), stats, self.nodes
 
     def scatter(self, state: Any, scattered: list[Location]) -> tuple[list[Any], Any]:
@@ -125,7 +175,9 @@ class _Steps:
         total = None
         for summary in self.gather(refs, "scatter"):
             total = self.work.merge(total, summary)
+        start = time.perf_counter()
         partitions, figures = self.work.plan(total)
+        self.times.wall("plan", time.perf_counter() - start)
         return partitions, ray.put(figures)
 
     def solve(
@@ -143,34 +195,45 @@ class _Steps:
             for j, p in enumerate(solved)
             if not _trusted(p)
         ]
-        list(self.gather(refs, f"solve ({len(partitions)} partitions)"))
+        list(self.gather(refs, "solve", f"solve ({len(partitions)} partitions)"))
 
-    def gather(self, refs: list[Any], step: str) -> Iterator[Any]:
-        """Results as they finish (each fetched once, then dropped); the nodes that ran them are noted."""
-        desc = f"{self.name} {step}"
-        with tqdm(total=len(refs), desc=desc, unit="task", disable=not self.progress, file=sys.stderr) as bar:
+    def gather(self, refs: list[Any], step: str, desc: str | None = None) -> Iterator[Any]:
+        """Results as they finish (each fetched once, then dropped); the nodes that ran them and their times are
+        noted."""
+        start = time.perf_counter()
+        label = f"{self.name} {desc or step}"
+        with tqdm(total=len(refs), desc=label, unit="task", disable=not self.progress, file=sys.stderr) as bar:
             while refs:
                 done, refs = ray.wait(refs, num_returns=1)
-                value, node = ray.get(done[0])
-                self.nodes.add(node)
+                value, ran = ray.get(done[0])
+                self.nodes.add(ran.node)
+                self.times.add(step, ran)
                 bar.update(1)
                 yield value
+        self.times.wall(step, time.perf_counter() - start)
 
 
 def _trusted(path: Location) -> bool:
     return path.exists() and untrusted(path) is None
 
 
-def _prepare(work: PartitionedWork, threads: int) -> tuple[Any, str]:
+def _prepare(work: PartitionedWork, threads: int) -> tuple[Any, Ran]:
+    start = _begin(threads)
+    return work.prepare(), Ran.since(start)
+
+
+def _begin(threads: int) -> float:
     set_threads(threads)
-    return work.prepare(), node_id()
+    take()  # a reused worker's tally from an earlier task
+    return time.perf_counter()
 
 
 def _scatter(work: PartitionedWork, state: Any, index: int, path: str, threads: int, hooks: faults.Hooks) -> Any:
-    set_threads(threads)
+    start = _begin(threads)
     table, summary = work.scatter(state, index)
-    commit_part(table, location(path), hooks, work.scratch_row_group_rows)
-    return summary, node_id()
+    with timed("write"):
+        commit_part(table, location(path), hooks, work.scratch_row_group_rows)
+    return summary, Ran.since(start)
 
 
 def _solve(
@@ -183,15 +246,15 @@ def _solve(
     threads: int,
     hooks: faults.Hooks,
     index: int,
-) -> tuple[None, str]:
-    set_threads(threads)
+) -> tuple[None, Ran]:
+    start = _begin(threads)
     hooks.check(index, [])
     present = {p.name for p in part_files(scattered[0].parent)} if scattered else set()  # one listing
-    commit_part(
-        work.solve(state, figures, partition, [p for p in scattered if p.name in present]), location(path), hooks
-    )
+    table = work.solve(state, figures, partition, [p for p in scattered if p.name in present])
+    with timed("write"):
+        commit_part(table, location(path), hooks)
     hooks.pause()  # LVDKIT_TEST_STAGE_DELAY=STAGE:S: a test kills a node (or the run) while partitions are solved
-    return None, node_id()
+    return None, Ran.since(start)
 
 
 def _reduce(
@@ -202,15 +265,16 @@ def _reduce(
     stage_dir: str,
     sides: tuple[str, ...],
     threads: int,
-) -> tuple[Any, tuple[dict[str, Any], str]]:
-    set_threads(threads)
+) -> tuple[Any, tuple[dict[str, Any], Ran]]:
+    start = _begin(threads)
     output: StageOutput = work.reduce(state, figures, solved)
     write_sides(location(stage_dir).name, sides, output, location(stage_dir))
-    return output.table, (output.stats, node_id())
+    return output.table, (output.stats, Ran.since(start))
 
 
-def _final(work: PartitionedWork, stats: dict[str, Any], parts: list[Location]) -> tuple[dict[str, Any], str]:
-    return work.final_stats(stats, parts), node_id()
+def _final(work: PartitionedWork, stats: dict[str, Any], parts: list[Location]) -> tuple[dict[str, Any], Ran]:
+    start = _begin(1)
+    return work.final_stats(stats, parts), Ran.since(start)
 
 
 def _write(
@@ -223,5 +287,6 @@ def _write(
     path: str,
     hooks: faults.Hooks,
 ) -> Any:
+    start = _begin(1)
     commit_part(work.write(state, figures, decisions, index, scratch), location(path), hooks)
-    return None, node_id()
+    return None, Ran.since(start)
