@@ -25,7 +25,6 @@ from lvdkit.core.settings import setting
 from lvdkit.core.stage import PartPlan, PartWork, StageInputs
 from lvdkit.core.storage import Location
 from lvdkit.core.views import alive_by_part, dedups_before
-from lvdkit.embeddings.device_decode import device_images, model_input
 from lvdkit.embeddings.part_decode import (  # noqa: F401  (re-exported: side sets, the runner and tests import them here)
     JPEG_COLUMN,
     PIXELS_PREFIX,
@@ -192,6 +191,9 @@ class EmbedWork(PartWork):
 
     def _embed(self, batches: list[dict[str, np.ndarray]], keys: list[str]) -> pa.Table:
         """Rows (image_id, edit, the embeddings of models ``keys``) of the decoded batches, in their order."""
+        # here, not at the top: the device path needs torch, and the driver and decode tasks import this module
+        from lvdkit.embeddings.device_decode import device_images, model_input
+
         pieces = []
         for cols in batches:
             images = device_images(cols, self.device, self.cfg.max_pixels)
