@@ -240,9 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="1000000,4000000,10000000", help="pool sizes, comma-separated")
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--part-rows", type=int, default=50_000, help="rows per embed part")
-    ap.add_argument("--partition-rows", type=int, default=50_000, help="dedup_copy rows per partition task")
+    ap.add_argument("--partition-rows", type=int, default=25_000, help="dedup_copy rows per partition task")
     ap.add_argument("--cell-copies", type=int, default=3, help="dedup_copy cells per descriptor")
-    ap.add_argument("--cell-rows", type=int, default=None, help="dedup_copy rows per cell (default: partition / 4)")
+    ap.add_argument("--cell-rows", type=int, default=12_500, help="dedup_copy rows per k-means cell")
     ap.add_argument("--cluster-partition-rows", type=int, default=250_000, help="cluster images per partition task")
     ap.add_argument("--single-max", type=int, default=1_000_000, help="run the single task up to this size")
     ap.add_argument("--work", type=Path, default=Path("/tmp/lvdk-scale"))
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     copy_cfg = [
         "dedup_copy.path=partitioned",
         f"dedup_copy.partition_rows={args.partition_rows}",
-        f"dedup_copy.cell_rows={args.cell_rows or args.partition_rows // 4}",
+        f"dedup_copy.cell_rows={args.cell_rows}",
         f"dedup_copy.cell_copies={args.cell_copies}",
     ]
     rows = []

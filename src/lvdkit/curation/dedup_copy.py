@@ -75,9 +75,11 @@ class DedupCopyConfig:
     # 250k x 256, partitions of 50k): planted-copy recall against exact k-NN 0.978 with 2, 0.995 with 3 (+22% time)
     cell_copies: int = setting(3, ge=1)
     cell_rows: int = setting(12_500, ge=1)  # k-means cells: about pool rows x cell_copies / cell_rows of them
-    # rows per partition task (its exact k-NN): the memory bound, and the cost per row (exact k-NN grows with it).
-    # 50k: about 1 GiB per task at 256 dims; measured in bench/scale_curation.py with cell_rows 12.5k
-    partition_rows: int = setting(50_000, ge=2)
+    # rows per partition task (its exact k-NN): the memory bound, and the cost per row (a partition's exact k-NN is
+    # one matrix product, so a row costs partition_rows x dims). Measured (bench/scale_curation.py, 1M x 256, cells
+    # of 12.5k, 2 cores): 50k partitions 727 s, recall 0.9992; 25k 465 s (0.64x), recall 0.9991; a pair is found
+    # when its two images share a cell, and a partition of two cells still holds every cell whole
+    partition_rows: int = setting(25_000, ge=2)
     calibration_queries: int = setting(20_000, ge=2)  # images whose exact neighbours calibrate the threshold
     # below this pool size, or above this estimated share of images with a copy, the run warns that the calibration's
     # estimates are unreliable (measured: bench/photo_copies.py)
