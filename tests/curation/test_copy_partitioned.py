@@ -16,6 +16,8 @@ import pytest
 from lvdkit.core import schema
 from lvdkit.core.io import part_files, read_json
 from lvdkit.core.settings import load_config
+from lvdkit.curation.copy_partitioned import solve_group
+from lvdkit.curation.dedup_copy import DedupCopyConfig
 from lvdkit.pipeline.config import CurateConfig
 from lvdkit.pipeline.runner import run
 
@@ -68,6 +70,21 @@ def test_both_paths_give_the_same_decisions_on_the_demo(embedded: Path, small_de
     assert all(row["wall_s"] >= 0 for row in steps.values())
     single_record = read_json(tmp_path / "single" / "dedup_copy" / "_SUCCESS")
     assert single_record is not None and single_record["stats"]["path"] == "single"
+    # three partitions per solve task: one read of the scatter tables each, the partitions still solved alone
+    grouped = ["dedup_copy.solve_partitions=3", "dedup_copy.solve_tasks_min=1"]
+    assert _copy_dedup(embedded, small_demo, tmp_path / "grouped", *cells, *grouped) == single
+    grouped_record = read_json(tmp_path / "grouped" / "dedup_copy" / "_SUCCESS")
+    assert grouped_record is not None
+    assert grouped_record["stats"]["steps"]["solve"]["tasks"] == -(-solve["tasks"] // 3)
+
+
+@pytest.mark.parametrize(
+    ("rows", "per_task", "tasks_min", "expected"),
+    [(1_000, 8, 64, 1), (4_000_000, 8, 64, 7), (40_000_000, 8, 64, 8), (4_000_000, 1, 64, 1), (100_000, 8, 1, 8)],
+)
+def test_solve_task_partitions_follow_the_pool_size(rows: int, per_task: int, tasks_min: int, expected: int) -> None:
+    cfg = DedupCopyConfig(solve_partitions=per_task, solve_tasks_min=tasks_min)  # partitions of 25k, 3 cells each
+    assert solve_group(cfg, rows) == expected
 
 
 def test_auto_picks_the_path_by_pool_size(embedded: Path, small_demo: Path, tmp_path: Path) -> None:

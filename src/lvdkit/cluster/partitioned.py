@@ -32,6 +32,7 @@ from lvdkit.cluster.kmeans import assign_to_centroids, kmeans, prepare
 from lvdkit.cluster.sampling import pick_by_share, shares
 from lvdkit.cluster.stage import ClusterConfig, pick_keys
 from lvdkit.core import schema
+from lvdkit.core.packed import pack, unpack
 from lvdkit.core.partitions import plan_ranges
 from lvdkit.core.stage import PartitionedWork, Resources, Scratch, StageInputs, StageOutput, scratch_row_group_rows
 from lvdkit.core.storage import Location
@@ -101,7 +102,7 @@ class ClusterPartitions(PartitionedWork):
         x = self._x(rows)
         cell = assign_to_centroids(x, state.cells)[0] if len(x) else np.zeros(0, np.int64)
         table = rows.select([schema.IMAGE_ID, schema.CONTENT_HASH]).append_column(CELL, pa.array(cell))
-        table = table.append_column(X, _list(x)).sort_by(CELL)
+        table = table.append_column(X, pack(x)).sort_by(CELL)
         return table, np.bincount(cell, minlength=len(state.cells))
 
     def merge(self, total: np.ndarray | None, summary: np.ndarray) -> np.ndarray:
@@ -126,7 +127,7 @@ class ClusterPartitions(PartitionedWork):
             data = pads.dataset([str(p) for p in scratch], format="parquet")
             rows = data.to_table(filter=(pc.field(CELL) >= start) & (pc.field(CELL) < stop))
             rows = rows.sort_by([(schema.CONTENT_HASH, "ascending"), (schema.IMAGE_ID, "ascending")])
-            x = np.ascontiguousarray(rows[X].combine_chunks().flatten().to_numpy().reshape(rows.num_rows, -1))
+            x = np.ascontiguousarray(unpack(rows[X], self.dims))
         h = self.cfg.hierarchy
         with timed("kmeans"):
             centroids, assign, dist = fit_level(
@@ -282,8 +283,3 @@ def _npy(x: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, x)
     return buf.getvalue()
-
-
-def _list(x: np.ndarray) -> pa.FixedSizeListArray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    return pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), max(1, x.shape[1]) if x.ndim == 2 else 1)

@@ -29,6 +29,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from lvdkit.core import schema
+from lvdkit.core.packed import pack, unpack
 from lvdkit.core.partitions import assign_cells, fit_cells, merge_top, pairs_within, plan_ranges, row_keys, top_against
 from lvdkit.core.stage import PartitionedWork, Resources, Scratch, StageInputs, StageOutput, scratch_row_group_rows
 from lvdkit.core.storage import Location
@@ -84,6 +85,7 @@ class CopyPartitions(PartitionedWork):
     inputs: StageInputs
     part_rows: list[int]  # rows of each embed part (from the Parquet footers)
     dims: int  # descriptor dimension
+    per_task: int = 1  # partitions one solve task reads at once (:func:`solve_group`)
 
     def empty_output(self) -> pa.Table:
         return schema.DEDUP.empty_table()
@@ -94,20 +96,22 @@ class CopyPartitions(PartitionedWork):
         rows = [pq.ParquetFile(p).metadata.num_rows for p in parts]
         col = schema.embedding_column(cfg.embedding)
         dims = pq.read_schema(parts[0]).field(col).type.list_size if parts else 0
-        work = cls(cfg=cfg, inputs=inputs, part_rows=rows, dims=dims)
+        work = cls(cfg=cfg, inputs=inputs, part_rows=rows, dims=dims, per_task=solve_group(cfg, sum(rows)))
         work.n_inputs = len(parts)
         work.resources = Resources(cpus=cfg.task_cpus, memory_mb=cfg.task_memory_mb or work.memory_estimate_mb())
-        # a partition's share of one scatter table: its rows in every table, spread over the tables
-        work.scratch_row_group_rows = scratch_row_group_rows(cfg.partition_rows, len(parts))
+        # a solve task's share of one scatter table: its rows in every table, spread over the tables
+        work.scratch_row_group_rows = scratch_row_group_rows(cfg.partition_rows * work.per_task, len(parts))
         return work
 
     def memory_estimate_mb(self) -> int:
-        """A partition's working set: its rows (read, deduplicated, indexed: three copies) and their k-NN results,
-        plus the state; doubled for Arrow and Faiss overheads."""
+        """A solve task's working set: the rows of its partitions as read, then one partition at a time (its rows
+        deduplicated and indexed: two more copies) and its k-NN results, plus the state; doubled for Arrow and Faiss
+        overheads."""
         d = min(self.dims, self.cfg.whiten_dims) if self.cfg.whiten == "pca" else self.dims
-        per_row = 3 * 4 * max(d, 1) + 12 * (self.cfg.k + 1) + 64
+        read = self.per_task * self.cfg.partition_rows * (4 * max(d, 1) + 64)
+        per_row = 2 * 4 * max(d, 1) + 12 * (self.cfg.k + 1)
         state = 4 * max(d, 1) * (self.cfg.calibration_queries + self.cfg.whiten_sample)
-        return int(2 * (self.cfg.partition_rows * per_row + state) / 2**20) + 256
+        return int(2 * (read + self.cfg.partition_rows * per_row + state) / 2**20) + 256
 
     # --- 1. prepare ---------------------------------------------------------------------------------------------
 
@@ -153,7 +157,7 @@ class CopyPartitions(PartitionedWork):
             rows = np.repeat(np.arange(part.num_rows), m)
             table = nodes.take(pa.array(rows)).append_column(KEY, pa.array(keys[rows]))
             table = table.append_column(CELL, pa.array(cells.ravel().astype(np.int32)))
-            table = table.append_column(X, _list_array(x[rows])).sort_by(CELL)
+            table = table.append_column(X, pack(x[rows])).sort_by(CELL)
         positives, edits = self._positives(state, index, part, x)
         summary = {"counts": counts, "top": top, "positives": positives, "edits": edits}
         return table, summary
@@ -192,7 +196,9 @@ class CopyPartitions(PartitionedWork):
         if threshold is None:
             cal = self._calibrate(total)
             threshold = cal.threshold
-        return list(plan_ranges(total.counts, cfg.partition_rows)), CopyFigures(float(threshold), cal)
+        ranges = plan_ranges(total.counts, cfg.partition_rows)
+        groups = [ranges[i : i + self.per_task] for i in range(0, len(ranges), self.per_task)]
+        return groups, CopyFigures(float(threshold), cal)
 
     def _calibrate(self, total: CopyTotals) -> Calibration:
         """As the single-task path, from the calibration queries' exact neighbours over the whole pool."""
@@ -206,15 +212,22 @@ class CopyPartitions(PartitionedWork):
     # --- 4. solve --------------------------------------------------------------------------------------------------
 
     def solve(self, state: CopyState, figures: CopyFigures, partition: Any, scratch: list[Location]) -> pa.Table:
-        start, stop = partition
+        """``partition``: consecutive cell ranges ``[(start, stop), ...]``, read at once and solved one by one."""
         with timed("read"):
             data = pads.dataset([str(p) for p in scratch], format="parquet")
-            rows = data.to_table(filter=(pc.field(CELL) >= start) & (pc.field(CELL) < stop))
+            read = data.to_table(filter=(pc.field(CELL) >= partition[0][0]) & (pc.field(CELL) < partition[-1][1]))
+            cells = read[CELL].to_numpy()
+        found = [self._solve_range(read, cells, start, stop, figures) for start, stop in partition]
+        return pa.concat_tables(found)
+
+    def _solve_range(self, read: pa.Table, cells: np.ndarray, start: int, stop: int, figures: CopyFigures) -> pa.Table:
+        with timed("read"):
+            rows = read.filter(pa.array((cells >= start) & (cells < stop)))
             _, first = np.unique(rows[KEY].to_numpy(), return_index=True)  # a row whose two cells are both here
             rows = rows.take(pa.array(np.sort(first)))
         assert figures.threshold is not None
         with timed("knn"):
-            pairs, sims = pairs_within(_matrix(rows[X]), self.cfg.k, figures.threshold)
+            pairs, sims = pairs_within(unpack(rows[X]), self.cfg.k, figures.threshold)
         a, b = rows.take(pa.array(pairs[:, 0])), rows.take(pa.array(pairs[:, 1]))
         return found_pairs(a, b, a[KEY], b[KEY], 1.0 - sims)
 
@@ -247,6 +260,14 @@ class CopyPartitions(PartitionedWork):
         return dedup_rows(ids, decisions)
 
 
+def solve_group(cfg: DedupCopyConfig, rows: int) -> int:
+    """Partitions per solve task: ``solve_partitions``, fewer when the pool's estimated partitions
+    (rows x cell_copies / partition_rows) would then make fewer than ``solve_tasks_min`` tasks. Fixed by the
+    config and the pool's size, so an interrupted run's solved groups are the same groups again."""
+    partitions = math.ceil(rows * cfg.cell_copies / cfg.partition_rows)
+    return max(1, min(cfg.solve_partitions, partitions // cfg.solve_tasks_min))
+
+
 def _spread(part_rows: list[int], wanted: int) -> list[int]:
     """Parts spread evenly over the pool holding at least ``wanted`` rows (all parts when the pool is smaller)."""
     total = sum(part_rows)
@@ -268,11 +289,6 @@ def _matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     if len(arr) == 0:
         return np.zeros((0, arr.type.list_size), np.float32)
     return arr.flatten().to_numpy().reshape(len(arr), -1).astype(np.float32, copy=False)
-
-
-def _list_array(x: np.ndarray) -> pa.FixedSizeListArray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    return pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), x.shape[1])
 
 
 def _nodes(inputs: StageInputs, index: int, ids: pa.ChunkedArray) -> pa.Table:

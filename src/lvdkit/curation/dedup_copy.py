@@ -80,6 +80,12 @@ class DedupCopyConfig:
     # of 12.5k, 2 cores): 50k partitions 727 s, recall 0.9992; 25k 465 s (0.64x), recall 0.9991; a pair is found
     # when its two images share a cell, and a partition of two cells still holds every cell whole
     partition_rows: int = setting(25_000, ge=2)
+    # partitions one solve task reads at once (one read of every scatter table for their cells; each partition is
+    # still solved alone, so the pairs are the same): a read pays per scatter table, and there is one per embed part.
+    # Measured (4M x 256, 80 scatter tables): 664 one-partition solves spent 1,110 of 3,726 task-s reading; reading
+    # 8 partitions' cells costs what reading 1 did. Fewer per task when that would leave under solve_tasks_min tasks
+    solve_partitions: int = setting(8, ge=1)
+    solve_tasks_min: int = setting(64, ge=1)
     calibration_queries: int = setting(20_000, ge=2)  # images whose exact neighbours calibrate the threshold
     # below this pool size, or above this estimated share of images with a copy, the run warns that the calibration's
     # estimates are unreliable (measured: bench/photo_copies.py)
