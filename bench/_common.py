@@ -212,6 +212,7 @@ class RayPeaks:
 
         self.psutil, self.me, self.interval_s, self.counting = psutil, psutil.Process(), interval_s, counting
         self.driver = self.worker = self.most_at_once = 0
+        self.driver_own = 0  # the driver's resident set less shared pages (libraries, Ray's object store it read)
         self.by_task: dict[str, int] = {}  # task name -> largest RSS of a worker seen running it
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -233,7 +234,9 @@ class RayPeaks:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self.driver = max(self.driver, self.me.memory_info().rss)
+            mem = self.me.memory_info()
+            self.driver = max(self.driver, mem.rss)
+            self.driver_own = max(self.driver_own, mem.rss - getattr(mem, "shared", 0))
             busy = 0
             for proc in self._own_workers():
                 try:

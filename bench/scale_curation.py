@@ -17,7 +17,9 @@ part (a subprocess, so the driver below never held them). Then, on a local Ray:
 
 Peak memory: the largest resident set of any Ray worker process of this bench's own Ray (each task's process; a
 reused worker keeps what earlier tasks left, so this is an upper bound per task), the task it was running, and of
-this driver process, sampled every 0.2 s. Run one size per process (``--sizes 4000000``) for a driver figure that
+this driver process, sampled every 0.2 s; beside the driver's, in brackets, its own share: the resident set less
+shared pages (the libraries' files and the pages of Ray's object store it has read, which the store owns). Run one
+size per process (``--sizes 4000000``) for a driver figure that
 holds nothing from an earlier size.
 
 Usage: python bench/scale_curation.py [--sizes 1000000,4000000,10000000] [--work /tmp/lvdk-scale] [--keep]
@@ -167,7 +169,8 @@ def exact_recall(out: Path, k: int, max_queries: int) -> dict[str, Any]:
         t = pq.read_table(part)
         keep = np.isin(t[schema.IMAGE_ID].to_numpy(zero_copy_only=False), list(wanted))
         t = t.filter(pa.array(keep))
-        queries.append(whitener(t[col].combine_chunks().flatten().to_numpy().reshape(t.num_rows, -1)))
+        dims = t.schema.field(col).type.list_size  # a part may hold none of the queries
+        queries.append(whitener(t[col].combine_chunks().flatten().to_numpy().reshape(t.num_rows, dims)))
         query_ids.extend(t[schema.IMAGE_ID].to_pylist())
     q = np.concatenate(queries)
     best: tuple[np.ndarray, np.ndarray] | None = None
@@ -255,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, logging_level="ERROR")
+    # its own Ray: without address="local", ray.init joins a cluster another process started on this machine
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, logging_level="ERROR")
     print(machine_line(), flush=True)
     copy_cfg = [
         "dedup_copy.path=partitioned",
@@ -330,7 +334,7 @@ def _row(n: int, what: str, secs: float, peaks: RayPeaks, record: dict[str, Any]
         round(secs, 1),
         round(secs / (n / 1e6), 1),
         round(peaks.worker / 2**20),
-        round(peaks.driver / 2**20),
+        f"{peaks.driver / 2**20:,.0f} ({peaks.driver_own / 2**20:,.0f})",
         recall_text,
         peaks.largest_task(),
     ]
@@ -343,7 +347,7 @@ def _print(rows: list[list]) -> None:
         "wall s",
         "s per M rows",
         "largest task MiB",
-        "driver MiB",
+        "driver MiB (own)",
         "planted-copy recall",
         "largest task",
         "vs",

@@ -65,6 +65,7 @@ def test_both_paths_give_the_same_decisions_on_the_demo(embedded: Path, small_de
     parts = len(part_files(tmp_path / "many" / "embed"))
     assert steps["scatter"]["tasks"] == parts and steps["write"]["tasks"] == parts
     assert steps["solve"]["tasks"] > 1 and steps["prepare"]["tasks"] == 1
+    assert steps["plan"]["tasks"] == 1  # the summaries are folded in a task: the driver never reads them
     solve = steps["solve"]
     assert 0 < solve["read_s"] + solve["knn_s"] + solve["write_s"] <= solve["task_s"] + 0.05  # phases within the task
     assert all(row["wall_s"] >= 0 for row in steps.values())

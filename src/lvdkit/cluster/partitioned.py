@@ -127,7 +127,8 @@ class ClusterPartitions(PartitionedWork):
             data = pads.dataset([str(p) for p in scratch], format="parquet")
             rows = data.to_table(filter=(pc.field(CELL) >= start) & (pc.field(CELL) < stop))
             rows = rows.sort_by([(schema.CONTENT_HASH, "ascending"), (schema.IMAGE_ID, "ascending")])
-            x = np.ascontiguousarray(unpack(rows[X], self.dims))
+            x = unpack(rows[X], self.dims)
+            rows = rows.drop_columns([X])  # the vectors are in x now: one copy held through k-means, not two
         h = self.cfg.hierarchy
         with timed("kmeans"):
             centroids, assign, dist = fit_level(
