@@ -4,7 +4,7 @@ Steps run in order (prepare, scatter per input part, plan, solve per partition, 
 is as many tasks as it has pieces, every task reserving the CPUs and memory the work declares, so Ray spreads them
 over every node that has room. The driver holds the list of partitions and object references, nothing more: the
 plan task folds the scatter summaries (read in the driver, their object-store pages stayed in its resident set:
-144 MiB of 421 at 10M rows, one 0.7 MiB summary per embed part), and the state, the figures and the decisions stay
+145 MiB of 432 at 10M rows, one 0.7 MiB summary per embed part), and the state, the figures and the decisions stay
 in Ray's object store. Scratch tables (``STAGE/_scratch/``) are committed like parts; an interrupted run redoes the
 scatter (cheap, and the same) and keeps every solved partition and written part whose commit record matches. A task
 whose node is lost is rerun elsewhere (``ray.max_task_retries``), and objects it made are rebuilt from their lineage.
