@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from lvdkit.cluster.hierarchical import fit_level, fit_upper_levels
@@ -34,6 +33,7 @@ from lvdkit.cluster.stage import ClusterConfig, pick_keys
 from lvdkit.core import schema
 from lvdkit.core.packed import pack, unpack
 from lvdkit.core.partitions import plan_ranges
+from lvdkit.core.scratch_read import read_range
 from lvdkit.core.stage import PartitionedWork, Resources, Scratch, StageInputs, StageOutput, scratch_row_group_rows
 from lvdkit.core.storage import Location
 from lvdkit.core.timing import timed
@@ -124,8 +124,7 @@ class ClusterPartitions(PartitionedWork):
     def solve(self, state: ClusterState, figures: dict[str, Any], partition: Any, scratch: list[Location]) -> pa.Table:
         start, stop, k = partition
         with timed("read"):
-            data = pads.dataset([str(p) for p in scratch], format="parquet")
-            rows = data.to_table(filter=(pc.field(CELL) >= start) & (pc.field(CELL) < stop))
+            rows = read_range(scratch, CELL, start, stop)
             rows = rows.sort_by([(schema.CONTENT_HASH, "ascending"), (schema.IMAGE_ID, "ascending")])
             x = unpack(rows[X], self.dims)
             rows = rows.drop_columns([X])  # the vectors are in x now: one copy held through k-means, not two

@@ -25,12 +25,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from lvdkit.core import schema
 from lvdkit.core.packed import pack, unpack
 from lvdkit.core.partitions import assign_cells, fit_cells, merge_top, pairs_within, plan_ranges, row_keys, top_against
+from lvdkit.core.scratch_read import read_range
 from lvdkit.core.stage import PartitionedWork, Resources, Scratch, StageInputs, StageOutput, scratch_row_group_rows
 from lvdkit.core.storage import Location
 from lvdkit.core.timing import timed
@@ -214,8 +214,7 @@ class CopyPartitions(PartitionedWork):
     def solve(self, state: CopyState, figures: CopyFigures, partition: Any, scratch: list[Location]) -> pa.Table:
         """``partition``: consecutive cell ranges ``[(start, stop), ...]``, read at once and solved one by one."""
         with timed("read"):
-            data = pads.dataset([str(p) for p in scratch], format="parquet")
-            read = data.to_table(filter=(pc.field(CELL) >= partition[0][0]) & (pc.field(CELL) < partition[-1][1]))
+            read = read_range(scratch, CELL, partition[0][0], partition[-1][1])
             cells = read[CELL].to_numpy()
         found = [self._solve_range(read, cells, start, stop, figures) for start, stop in partition]
         return pa.concat_tables(found)

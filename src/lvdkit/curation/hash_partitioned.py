@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from lvdkit.core import schema
 from lvdkit.core.partitions import plan_ranges, row_keys
+from lvdkit.core.scratch_read import read_range
 from lvdkit.core.stage import PartitionedWork, Resources, Scratch, StageInputs, StageOutput
 from lvdkit.core.storage import Location
 from lvdkit.core.views import INGEST, alive_in_part, dedups_before
@@ -80,8 +80,7 @@ class _HashWork(PartitionedWork):
 
     def rows_of(self, scratch: list[Location], partition: tuple[int, int]) -> pa.Table:
         start, stop = partition
-        data = pads.dataset([str(p) for p in scratch], format="parquet")
-        return data.to_table(filter=(pc.field(BUCKET) >= start) & (pc.field(BUCKET) < stop))
+        return read_range(scratch, BUCKET, start, stop)
 
     def write(self, state: Any, figures: Any, decisions: pa.Table, index: int, scratch: Scratch) -> pa.Table:
         ids = alive_in_part(self.inputs, index, dedups_before(self.stage), [])[schema.IMAGE_ID]
