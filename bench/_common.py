@@ -214,6 +214,7 @@ class RayPeaks:
         self.driver = self.worker = self.most_at_once = 0
         self.driver_own = 0  # the driver's resident set less shared pages (libraries, Ray's object store it read)
         self.by_task: dict[str, int] = {}  # task name -> largest RSS of a worker seen running it
+        self.by_task_own: dict[str, int] = {}  # the same less shared pages (libraries, object-store pages it read)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -243,10 +244,12 @@ class RayPeaks:
                     title = (proc.cmdline() or [""])[0]
                     if not title.startswith("ray::"):
                         continue
-                    rss = proc.memory_info().rss
+                    mem = proc.memory_info()
+                    rss, own = mem.rss, mem.rss - getattr(mem, "shared", 0)
                     self.worker = max(self.worker, rss)
                     name = title.removeprefix("ray::").split()[0] if len(title) > 5 else "idle"
                     self.by_task[name] = max(self.by_task.get(name, 0), rss)
+                    self.by_task_own[name] = max(self.by_task_own.get(name, 0), own)
                     busy += bool(self.counting and self.counting in title)
                 except (self.psutil.Error, IndexError):
                     continue

@@ -23,6 +23,7 @@ size per process (``--sizes 4000000``) for a driver figure that
 holds nothing from an earlier size.
 
 Usage: python bench/scale_curation.py [--sizes 1000000,4000000,10000000] [--work /tmp/lvdk-scale] [--keep]
+       [--part-rows 50000] [--set dedup_copy.KEY=VALUE ...] [--only-copy] [--skip-single]
 """
 
 from __future__ import annotations
@@ -253,6 +254,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-cpus", type=int, default=None)
     ap.add_argument("--skip-single", action="store_true")
     ap.add_argument("--recall-queries", type=int, default=10_000, help="planted copies checked against exact k-NN")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="more config for the stages, e.g. dedup_copy.solve_tasks_min=1",
+    )
     ap.add_argument("--only-copy", action="store_true", help="dedup_copy only, both paths (to compare settings)")
     args = ap.parse_args(argv)
     import ray
@@ -266,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         f"dedup_copy.partition_rows={args.partition_rows}",
         f"dedup_copy.cell_rows={args.cell_rows}",
         f"dedup_copy.cell_copies={args.cell_copies}",
+        *[kv for kv in args.set if kv.startswith("dedup_copy.")],
     ]
     rows = []
     for n in [int(float(s)) for s in args.sizes.split(",")]:
@@ -276,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             pool.submit(generate, out, n, args.dim, args.part_rows, 0.01, 1000, 0).result()
         print(f"n={n:,}: pool written in {time.perf_counter() - t0:.0f}s", flush=True)
         secs, peaks, record = run_stage(out, "dedup_copy", copy_cfg)
-        print(steps_text(record), flush=True)
+        print(steps_text(record), peaks_text(peaks), sep="\n", flush=True)
         rec = recall(out, 64, args.recall_queries)
         rows.append(_row(n, "dedup_copy partitioned", secs, peaks, record, rec))
         _print(rows[-1:])
@@ -288,10 +297,11 @@ def main(argv: list[str] | None = None) -> int:
             f"cluster.hierarchy.levels={levels}",
             f"cluster.partition_rows={args.cluster_partition_rows}",
             f"cluster.target_size={n // 10}",
+            *[kv for kv in args.set if kv.startswith("cluster.")],
         ]
         if not args.only_copy:
             secs, peaks, record = run_stage(out, "cluster", cluster_cfg)
-            print(steps_text(record), flush=True)
+            print(steps_text(record), peaks_text(peaks), sep="\n", flush=True)
             rows.append(_row(n, f"cluster partitioned (k1={k1:,})", secs, peaks, record, None))
             _print(rows[-1:])
             secs, peaks, found = sample_retrieval(out, 1000, 4)
@@ -320,6 +330,15 @@ def steps_text(record: dict[str, Any]) -> str:
             + (f"  ({phases})" if phases else "")
         )
     return "\n".join(lines)
+
+
+def peaks_text(peaks: RayPeaks) -> str:
+    """Every task's worker peak, largest first (the table shows only the largest)."""
+    ranked = sorted(peaks.by_task.items(), key=lambda kv: -kv[1])
+    own = peaks.by_task_own
+    return "  worker peak MiB by task (own: less shared pages): " + ", ".join(
+        f"{name} {rss / 2**20:,.0f} ({own.get(name, 0) / 2**20:,.0f})" for name, rss in ranked
+    )
 
 
 def _row(n: int, what: str, secs: float, peaks: RayPeaks, record: dict[str, Any], rec: dict[str, Any] | None) -> list:
