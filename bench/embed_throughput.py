@@ -15,8 +15,8 @@
 Decode tasks in parallel: the most Ray worker processes seen at once running ``_decode_parts`` (Ray titles a busy
 worker ``ray::<task>``), sampled every 0.2 s.
 
-Usage: python bench/embed_throughput.py [--model timm:vit_small_patch14_dinov2] [--n 1000] [--rss-sizes 20000,100000]
-       [--per-part 250] [--actor-cpus-1] [--bare-n 1000]
+Usage: python bench/embed_throughput.py [--model timm:vit_small_patch14_dinov2] [--n 6000] [--rss-sizes 20000,100000]
+       [--per-part 1000] [--actor-cpus-1] [--bare-n 1000]
 
 ``--bare-n``: the bare loop times only the first images (its rate does not depend on how many), so a stage run
 long enough for its start-up to weigh what it weighs on a real pool costs half the time.
@@ -129,15 +129,17 @@ def _in_fresh_process(*args: Any) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="timm:vit_small_patch14_dinov2")
-    parser.add_argument("--n", type=int, default=1000, help="images for the throughput runs")
+    parser.add_argument("--n", type=int, default=6000, help="images for the throughput runs")
     parser.add_argument(
-        "--bare-n", type=int, default=None, help="images the bare loop times (default: --n; its rate is flat in n)"
+        "--bare-n", type=int, default=1000, help="images the bare loop times (0: all --n; its rate is flat in n)"
     )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rss-sizes", default="20000,100000", help="images for the driver-memory runs ('' skips)")
     parser.add_argument("--out", type=Path, default=Path("out/bench"))
     parser.add_argument("--skip-throughput", action="store_true", help="only the driver-memory runs")
-    parser.add_argument("--per-part", type=int, default=250, help="embed.images_per_part of the throughput runs")
+    parser.add_argument(
+        "--per-part", type=int, default=1000, help="embed.images_per_part of the throughput runs (the stage's default)"
+    )
     parser.add_argument("--actor-cpus-1", action="store_true", help="also run with embed.actor_cpus=1")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
