@@ -318,7 +318,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.only_copy:
             secs, peaks, record = run_stage(out, "cluster", cluster_cfg)
             print(steps_text(record), peaks_text(peaks), sep="\n", flush=True)
-            rows.append(_row(n, f"cluster partitioned (k1={k1:,})", secs, peaks, record, None))
+            fitted = record.get("stats", {}).get("levels") or levels  # what was fitted (--set may change levels)
+            label = f"cluster partitioned (k1={fitted[0]:,}, levels {'/'.join(f'{k:,}' for k in fitted)})"
+            rows.append(_row(n, label, secs, peaks, record, None))
             _print(rows[-1:])
             secs, peaks, found = sample_retrieval(out, 1000, 4)
             found_stats = {"stats": {"found": found}}
