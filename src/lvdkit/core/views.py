@@ -224,12 +224,32 @@ def embeddings_of(
         return np.zeros((len(ids), 0), np.float32)
     if col not in pq.read_schema(parts[0]).names:
         raise ValueError(f"no embeddings for model {key!r} in {inputs.folder(EMBED)}: set it in embed.models")
-    table = inputs.table(EMBED, columns=[schema.IMAGE_ID, col])
-    pos = pc.index_in(ids, value_set=table[schema.IMAGE_ID])
-    missing = pc.is_null(pos).to_numpy(zero_copy_only=False)
-    if missing.any() and not allow_missing:
+    # part by part, keeping only the rows asked for: memory holds the answer and one part, not every embedding
+    dim = getattr(pq.read_schema(parts[0]).field(col).type, "list_size", -1)
+    out_x = np.zeros((len(ids), max(dim, 0)), np.float32)
+    found = np.zeros(len(ids), bool)
+    for part in parts:
+        table = pq.read_table(part, columns=[schema.IMAGE_ID, col])
+        where = pc.index_in(table[schema.IMAGE_ID], value_set=ids)  # each part row's position in ids, or null
+        hit = pc.is_valid(where)
+        if not pc.any(hit).as_py():
+            continue
+        rows = table.filter(hit)
+        flat = rows[col].combine_chunks().flatten().to_numpy().reshape(rows.num_rows, -1)
+        slots = pc.drop_null(where).to_numpy()
+        if dim < 0:  # a variable-size list column (not what embed writes): width from the data
+            out_x, dim = np.zeros((len(ids), flat.shape[1]), np.float32), flat.shape[1]
+        out_x[slots], found[slots] = flat, True
+    _fill_repeats(ids, out_x, found)
+    if not found.all() and not allow_missing:
         raise RuntimeError(f"{inputs.folder(EMBED)} lacks embeddings for some images: rerun embed")
-    flat = table[col].combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)
-    out_x = np.zeros((len(ids), flat.shape[1]), np.float32)
-    out_x[~missing] = flat[pc.drop_null(pos).to_numpy()]
     return out_x
+
+
+def _fill_repeats(ids: pa.Array | pa.ChunkedArray, out_x: np.ndarray, found: np.ndarray) -> None:
+    """An id asked for twice: ``index_in`` placed its row at the first slot; copy it to the others."""
+    if found.all() or len(ids) == 0:
+        return
+    first = pc.index_in(ids, value_set=ids).to_numpy(zero_copy_only=False)
+    again = (~found) & (first != np.arange(len(ids))) & found[first]
+    out_x[again], found[again] = out_x[first[again]], True
