@@ -52,3 +52,5 @@ def test_a_missing_embedding_is_an_error_unless_allowed_then_zeros(tmp_path: Pat
         embeddings_of(inputs, "copy", asked)
     got = embeddings_of(inputs, "copy", asked, allow_missing=True)
     np.testing.assert_array_equal(got, np.stack([truth["img01002"], np.zeros(4, np.float32), truth["img00009"]]))
+    none_found = embeddings_of(inputs, "copy", pa.array(["seed-a", "seed-b"], pa.string()), allow_missing=True)
+    np.testing.assert_array_equal(none_found, np.zeros((2, 4), np.float32))  # e.g. a curated set of seeds only

@@ -19,7 +19,7 @@ import io
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -173,16 +173,22 @@ def read_parts(stage_dir: Location, columns: list[str] | None = None, schema: pa
 
 
 def read_tables(
-    files: list[Location], where: Location, columns: list[str] | None = None, schema: pa.Schema | None = None
+    files: list[Location],
+    where: Location,
+    columns: list[str] | None = None,
+    schema: pa.Schema | None = None,
+    keep: Callable[[pa.Table], pa.ChunkedArray] | None = None,
 ) -> pa.Table:
     """``files`` (a stage's parts, found in ``where``) as one table (an empty table with ``schema`` when there are
-    none)."""
+    none). ``keep``: a row mask of one file's table, applied file by file, so memory holds the rows kept and one
+    file, not every file."""
     if not files:
         if schema is None:
             raise FileNotFoundError(f"no {PART_GLOB} in {where}")
         empty = schema.empty_table()
         return empty.select(columns) if columns else empty
-    return pa.concat_tables([pq.read_table(f, columns=columns, schema=schema) for f in files])
+    tables = (pq.read_table(f, columns=columns, schema=schema) for f in files)
+    return pa.concat_tables([t.filter(keep(t)) if keep is not None else t for t in tables])
 
 
 def read_json(path: Location) -> dict[str, Any] | None:

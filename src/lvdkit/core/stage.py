@@ -15,6 +15,7 @@ The layout of OUT (``OUT/<stage>/part-*.parquet``, ``OUT/<stage>/<side file>``) 
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
@@ -49,10 +50,16 @@ class StageInputs:
         return base / sub if sub else base
 
     def table(
-        self, stage: str, columns: list[str] | None = None, schema: pa.Schema | None = None, sub: str = ""
+        self,
+        stage: str,
+        columns: list[str] | None = None,
+        schema: pa.Schema | None = None,
+        sub: str = "",
+        keep: Callable[[pa.Table], pa.ChunkedArray] | None = None,
     ) -> pa.Table:
-        """All parts of ``stage`` as one table (empty with ``schema`` when it wrote none)."""
-        return read_tables(self.parts(stage, sub), self.folder(stage, sub), columns, schema)
+        """All parts of ``stage`` as one table (empty with ``schema`` when it wrote none); ``keep``: only the rows
+        it marks, read part by part (:func:`lvdkit.core.io.read_tables`)."""
+        return read_tables(self.parts(stage, sub), self.folder(stage, sub), columns, schema, keep)
 
     def parts(self, stage: str, sub: str = "") -> list[Location]:
         """The part files of ``stage``, in part order: those its ``_SUCCESS`` lists once it has finished (the commit

@@ -26,9 +26,12 @@ def dedups_before(stage: str) -> tuple[str, ...]:
     return DEDUP_STAGES[: DEDUP_STAGES.index(stage)]
 
 
-def ingested(inputs: StageInputs, columns: list[str] | None = None) -> pa.Table:
-    """The ingest table (all rows, usable or not)."""
-    return inputs.table(INGEST, columns=columns, schema=schema.INGEST)
+def ingested(
+    inputs: StageInputs, columns: list[str] | None = None, ids: pa.Array | pa.ChunkedArray | None = None
+) -> pa.Table:
+    """The ingest table (all rows, usable or not); with ``ids``, only those images' rows, read part by part."""
+    keep = None if ids is None else (lambda t: pc.is_in(t[schema.IMAGE_ID], ids))
+    return inputs.table(INGEST, columns=columns, schema=schema.INGEST, keep=keep)
 
 
 def alive(inputs: StageInputs, after: tuple[str, ...], columns: list[str]) -> pa.Table:
@@ -224,32 +227,14 @@ def embeddings_of(
         return np.zeros((len(ids), 0), np.float32)
     if col not in pq.read_schema(parts[0]).names:
         raise ValueError(f"no embeddings for model {key!r} in {inputs.folder(EMBED)}: set it in embed.models")
-    # part by part, keeping only the rows asked for: memory holds the answer and one part, not every embedding
-    dim = getattr(pq.read_schema(parts[0]).field(col).type, "list_size", -1)
-    out_x = np.zeros((len(ids), max(dim, 0)), np.float32)
-    found = np.zeros(len(ids), bool)
-    for part in parts:
-        table = pq.read_table(part, columns=[schema.IMAGE_ID, col])
-        where = pc.index_in(table[schema.IMAGE_ID], value_set=ids)  # each part row's position in ids, or null
-        hit = pc.is_valid(where)
-        if not pc.any(hit).as_py():
-            continue
-        rows = table.filter(hit)
-        flat = rows[col].combine_chunks().flatten().to_numpy().reshape(rows.num_rows, -1)
-        slots = pc.drop_null(where).to_numpy()
-        if dim < 0:  # a variable-size list column (not what embed writes): width from the data
-            out_x, dim = np.zeros((len(ids), flat.shape[1]), np.float32), flat.shape[1]
-        out_x[slots], found[slots] = flat, True
-    _fill_repeats(ids, out_x, found)
-    if not found.all() and not allow_missing:
+    # kept part by part: memory holds the rows asked for and one part, not every embedding of the pool
+    table = inputs.table(EMBED, columns=[schema.IMAGE_ID, col], keep=lambda t: pc.is_in(t[schema.IMAGE_ID], ids))
+    pos = pc.index_in(ids, value_set=table[schema.IMAGE_ID])
+    missing = pc.is_null(pos).to_numpy(zero_copy_only=False)
+    if missing.any() and not allow_missing:
         raise RuntimeError(f"{inputs.folder(EMBED)} lacks embeddings for some images: rerun embed")
+    width = getattr(table.schema.field(col).type, "list_size", 0)  # none kept: the width from the schema
+    flat = table[col].combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1 if table.num_rows else width)
+    out_x = np.zeros((len(ids), flat.shape[1]), np.float32)
+    out_x[~missing] = flat[pc.drop_null(pos).to_numpy()]
     return out_x
-
-
-def _fill_repeats(ids: pa.Array | pa.ChunkedArray, out_x: np.ndarray, found: np.ndarray) -> None:
-    """An id asked for twice: ``index_in`` placed its row at the first slot; copy it to the others."""
-    if found.all() or len(ids) == 0:
-        return
-    first = pc.index_in(ids, value_set=ids).to_numpy(zero_copy_only=False)
-    again = (~found) & (first != np.arange(len(ids))) & found[first]
-    out_x[again], found[again] = out_x[first[again]], True

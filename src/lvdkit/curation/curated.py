@@ -124,7 +124,7 @@ def plan_curated(
     retrieved = inputs.table("retrieve", schema=schema.RETRIEVED)
     named = [retrieved[schema.IMAGE_ID], *([seeds[schema.IMAGE_ID]] if seeds is not None else [])]
     chunks = [chunk.cast(pa.string()) for ids in named for chunk in ids.chunks]
-    clusters = _cluster_rows(inputs, None if whole_pool else pa.chunked_array(chunks, pa.string()).unique())
+    clusters = _cluster_rows(inputs, None if whole_pool else pa.chunked_array(chunks, pa.string()))
     selections = _selections(retrieved, clusters, seeds if cfg.include_seeds else None)
     if whole_pool:
         selections.append(_scored(clusters, schema.REASON_POOL))
@@ -132,7 +132,7 @@ def plan_curated(
     chosen = chosen.sort_by(schema.IMAGE_ID)
     ids = chosen[schema.IMAGE_ID]
     meta_cols = [schema.IMAGE_ID, schema.URI, schema.FORMAT, schema.WIDTH, schema.HEIGHT, schema.CONTENT_HASH]
-    pool_meta = aligned(ids, _ingest_rows(inputs, ids, [*meta_cols, schema.METADATA]))
+    pool_meta = aligned(ids, ingested(inputs, [*meta_cols, schema.METADATA], ids))
     seed_meta = aligned(ids, seeds.select(meta_cols)) if seeds is not None else None
     listing_table = chosen
     for col in meta_cols[1:]:
@@ -146,26 +146,12 @@ def plan_curated(
     return PartPlan(fingerprint, -(-listing_table.num_rows // cfg.rows_per_part))
 
 
-def _cluster_rows(inputs: StageInputs, named: pa.Array | None) -> pa.Table:
-    """The ``cluster`` rows the plan needs, read part by part: the balanced sample and the images ``named`` (the
+def _cluster_rows(inputs: StageInputs, named: pa.ChunkedArray | None) -> pa.Table:
+    """The ``cluster`` rows the plan needs, kept part by part: the balanced sample and the images ``named`` (the
     retrieved ones and the seeds; ``None``: every row, for a curated set that is the whole pool). Memory follows the
     curated set, not the pool."""
-    wanted = []
-    for part in inputs.parts("cluster"):
-        rows = pq.read_table(part, schema=schema.CLUSTER)
-        if named is not None:
-            rows = rows.filter(pc.or_(rows[schema.BALANCED], pc.is_in(rows[schema.IMAGE_ID], value_set=named)))
-        wanted.append(rows)
-    return pa.concat_tables(wanted) if wanted else schema.CLUSTER.empty_table()
-
-
-def _ingest_rows(inputs: StageInputs, ids: pa.ChunkedArray, columns: list[str]) -> pa.Table:
-    """Ingest's ``columns`` for the images ``ids``, read one ingest part at a time."""
-    wanted = [
-        rows.filter(pc.is_in(rows[schema.IMAGE_ID], value_set=ids))
-        for rows in (pq.read_table(part, columns=columns, schema=schema.INGEST) for part in inputs.parts("ingest"))
-    ]
-    return pa.concat_tables(wanted) if wanted else ingested(inputs, columns)
+    keep = None if named is None else (lambda t: pc.or_(t[schema.BALANCED], pc.is_in(t[schema.IMAGE_ID], named)))
+    return inputs.table("cluster", schema=schema.CLUSTER, keep=keep)
 
 
 def _selections(retrieved: pa.Table, clusters: pa.Table, seeds: pa.Table | None) -> list[pa.Table]:
