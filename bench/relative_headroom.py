@@ -37,7 +37,7 @@ from lvdkit.core.partitions import top_against
 from lvdkit.core.settings import load_config
 from lvdkit.core.stage import StageInputs
 from lvdkit.core.views import alive, dedups_before, embeddings_of
-from lvdkit.core.whitening import Whitener
+from lvdkit.core.whitening import Whitener, fit_whitener
 from lvdkit.curation.dedup_relative import group_threshold, scores
 from lvdkit.curation.relative_score import copy_groups
 from lvdkit.curation.side_sets import SideSetReader
@@ -48,10 +48,6 @@ from lvdkit.truth import load_truth
 
 BUDGETS = (0.005, 0.01)
 VERIFY_MATCHES = 3
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 class Run:
@@ -73,12 +69,14 @@ class Run:
 
 
 def treatments(run: Run) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    mean = run.pool.mean(axis=0)
-    return {
-        "stage's whitening": (run.whitener(run.pool), run.whitener(run.protected)),
-        "raw": (_unit(run.pool), _unit(run.protected)),
-        "centred": (_unit(run.pool - mean), _unit(run.protected - mean)),
+    """(pool, protected) descriptors per treatment, unit rows: the stage's whitening, raw, centred on the pool."""
+    dim = run.pool.shape[1]
+    whiteners = {
+        "stage's whitening": run.whitener,
+        "raw": fit_whitener(run.pool, "none", dim),
+        "centred": fit_whitener(run.pool, "center", dim),
     }
+    return {name: (w(run.pool), w(run.protected)) for name, w in whiteners.items()}
 
 
 def score_variants(pool: np.ndarray, protected: np.ndarray, groups: np.ndarray) -> dict[str, np.ndarray]:
@@ -88,23 +86,29 @@ def score_variants(pool: np.ndarray, protected: np.ndarray, groups: np.ndarray) 
     return {"similarity": best, "margin": margin, "background": best - background}
 
 
+def oracle_threshold(value: np.ndarray, leak: np.ndarray, budget: float) -> float:
+    """The score above which ``budget`` of the clean (non-leak) images lie."""
+    clean = np.sort(value[~leak])[::-1]
+    return float(clean[min(len(clean) - 1, int(budget * len(clean)))])
+
+
 def oracle_row(name: str, value: np.ndarray, leak: np.ndarray, family: np.ndarray) -> list[object]:
     """Leaks above the threshold that removes each budget's share of the clean pool."""
-    clean = np.sort(value[~leak])[::-1]
     row: list[object] = [name]
     missed = ""
     for budget in BUDGETS:
-        t = clean[min(len(clean) - 1, int(budget * len(clean)))]
+        t = oracle_threshold(value, leak, budget)
         row.append(f"{int(np.sum(value[leak] > t))}/{int(leak.sum())}")
         missed = ", ".join(sorted(family[leak][value[leak] <= t]))  # at the last (largest) budget
     return [*row, missed or "-"]
 
 
-def verify_rows(run: Run, margin: np.ndarray) -> list[list[object]]:
-    """Verification's inliers, alone and beside the stage's margin at the 1% oracle threshold (either removes)."""
+def verify_rows(run: Run, centred: tuple[np.ndarray, np.ndarray], margin: np.ndarray) -> list[list[object]]:
+    """Verification's inliers against the best matches by ``centred`` (pool, protected) descriptors, alone and
+    beside the stage's ``margin`` at the 1% oracle threshold (either removes)."""
     import cv2  # opencv-python-headless: only this bench
 
-    pool, protected = treatments(run)["centred"]
+    pool, protected = centred
     top = np.argsort(-(pool @ protected.T), axis=1)[:, :VERIFY_MATCHES]
     matcher = SiftMatcher(cv2)
     start = time.perf_counter()
@@ -115,8 +119,7 @@ def verify_rows(run: Run, margin: np.ndarray) -> list[list[object]]:
     clean_max = int(inliers[~run.leak].max()) if (~run.leak).any() else 0
     leaks = sorted(zip(inliers[run.leak].tolist(), run.family[run.leak].tolist(), strict=True))
     above = sum(n > clean_max for n, _ in leaks)
-    clean = np.sort(margin[~run.leak])[::-1]
-    by_margin = margin > clean[min(len(clean) - 1, int(BUDGETS[-1] * len(clean)))]
+    by_margin = margin > oracle_threshold(margin, run.leak, BUDGETS[-1])
     either = int(np.sum((by_margin | (inliers > clean_max))[run.leak]))
     return [
         [
@@ -188,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{out}: no finished run (python bench/dedup_quality.py --relative --photo-sizes {size})")
             continue
         run = Run(out, leak)
-        rows, stage_margin = [], np.empty(0)
-        for treatment, (pool, protected) in treatments(run).items():
+        rows, stage_margin, described = [], np.empty(0), treatments(run)
+        for treatment, (pool, protected) in described.items():
             for score, value in score_variants(pool, protected, run.groups).items():
                 rows.append(oracle_row(f"{treatment}, {score}", value, run.leak, run.family))
                 stage_margin = value if (treatment, score) == ("stage's whitening", "margin") else stage_margin
@@ -197,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         headers = ["descriptors, score", *[f"leaks caught at {b:.1%} clean" for b in BUDGETS], "missed at 1%"]
         print_table(headers, rows)
         if args.verify:
-            print_table(["verification", "time", "clean", "leaks", "leaks' inliers"], verify_rows(run, stage_margin))
+            verified = verify_rows(run, described["centred"], stage_margin)
+            print_table(["verification", "time", "clean", "leaks", "leaks' inliers"], verified)
     return 0
 
 
