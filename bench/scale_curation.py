@@ -11,6 +11,8 @@ part (a subprocess, so the driver below never held them). Then, on a local Ray:
 - sample-based retrieval's partitioned k-NN (``retrieve``'s scatter and merge: each seed's k nearest per embed part,
   merged) for 1,000 seeds near pool images, as Ray tasks (the stage itself ingests seed *images*, which synthetic
   descriptors do not have);
+- ``curated``'s plan (the work list: selections merged per cluster part, joined per embed part) on the balanced
+  sample (``N / 10``) and the retrieved images, written as a finished ``retrieve``;
 - the planted copies are checked against an exact k-NN over the whole pool (whitened as the stage whitened it, same
   threshold, k = 64): recall = planted pairs the partitioned run grouped / planted pairs exact k-NN finds;
 - where the pool fits (``--single-max``), ``dedup_copy``'s single task runs on the same OUT, side by side.
@@ -25,9 +27,9 @@ holds nothing from an earlier size.
 Usage: python bench/scale_curation.py [--sizes 1000000,4000000,10000000] [--work /tmp/lvdk-scale] [--keep]
        [--part-rows 50000] [--set dedup_copy.KEY=VALUE ...] [--only-copy | --skip-copy] [--skip-single]
 
-``--skip-copy`` measures cluster and sample retrieval alone (a 10M pool in minutes rather than an hour): the pool
-is written with a finished ``dedup_copy`` that removed nothing, so cluster sees every row (1% more than after a
-real dedup_copy).
+``--skip-copy`` measures cluster, sample retrieval and curated's plan alone (a 10M pool in minutes rather than an
+hour): the pool is written with a finished ``dedup_copy`` that removed nothing, so cluster sees every row (1% more
+than after a real dedup_copy).
 """
 
 from __future__ import annotations
@@ -94,13 +96,16 @@ def generate(
                 schema.CONTENT_HASH: pa.array([f"{int(i):032x}" for i in ids], pa.string()),
                 schema.WIDTH: pa.array(np.full(rows, 256, np.int32)),
                 schema.HEIGHT: pa.array(np.full(rows, 256, np.int32)),
+                schema.FORMAT: pa.array(["JPEG"] * rows, pa.string()),
+                schema.METADATA: pa.nulls(rows, pa.string()),
+                schema.PART: pa.array(np.full(rows, p, np.int64)),
             }
         )
         if writer is None:
             writer = pq.ParquetWriter(out / "embed" / schema.LISTING, listing.schema)
         writer.write_table(listing, row_group_size=part_rows)
         ingest = {f.name: pa.nulls(rows, f.type) for f in schema.INGEST}  # what the single task reads
-        ingest.update({c: listing[c] for c in listing.column_names})
+        ingest.update({c: listing[c] for c in listing.column_names if c != schema.PART})
         ingest[schema.STATUS_COL] = pa.array([schema.STATUS_OK] * rows, pa.string())
         (out / "ingest").mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.table(ingest, schema=schema.INGEST), out / "ingest" / part_name(p))
@@ -213,7 +218,7 @@ def recall(out: Path, k: int, max_queries: int) -> dict[str, Any]:
 # --- sample retrieval's partitioned k-NN, as Ray tasks ---------------------------------------------------------------
 
 
-def sample_retrieval(out: Path, n_seeds: int, k: int) -> tuple[float, RayPeaks, int]:
+def sample_retrieval(out: Path, n_seeds: int, k: int) -> tuple[float, RayPeaks, list[str]]:
     import ray
 
     from lvdkit.core.io import part_files
@@ -243,7 +248,45 @@ def sample_retrieval(out: Path, n_seeds: int, k: int) -> tuple[float, RayPeaks, 
             top = ray.get(done[0])
             best = top if best is None else merge_top(best, top)
     assert best is not None
-    return time.perf_counter() - start, peaks, len(np.unique(best[1][best[1] >= 0]))
+    found = np.unique(best[1][best[1] >= 0])
+    return time.perf_counter() - start, peaks, [f"{i >> 32:06d}{i & 0xFFFFFFFF:08d}" for i in found.tolist()]
+
+
+# --- curated's plan ----------------------------------------------------------------------------------------------
+
+
+def curated_plan(out: Path, retrieved: list[str]) -> tuple[float, RayPeaks, dict[str, Any]]:
+    """``curated``'s work list on the finished cluster (its balanced sample) and ``retrieved`` (written as a finished
+    ``retrieve``): the partitioned plan alone (the stage then reads image bytes, which a synthetic pool has not)."""
+    from lvdkit.core.settings import load_config
+    from lvdkit.curation.curated_plan import CuratedPlan
+    from lvdkit.pipeline.config import CurateConfig
+    from lvdkit.pipeline.partitioned import run_work
+    from lvdkit.pipeline.stages import STAGES, declared_sides
+
+    n = len(retrieved)
+    hits = pa.table(
+        {
+            schema.IMAGE_ID: pa.array(retrieved, pa.string()),
+            schema.SEED_SET: pa.array(["bench"] * n, pa.string()),
+            schema.SEED_ID: pa.nulls(n, pa.string()),
+            schema.SCORE: pa.array(np.ones(n, np.float32)),
+            schema.METHOD: pa.array([schema.METHOD_SAMPLE] * n, pa.string()),
+        },
+        schema=schema.RETRIEVED,
+    )
+    (out / "retrieve").mkdir(parents=True, exist_ok=True)
+    pq.write_table(hits, out / "retrieve" / part_name(0))
+    write_json_atomic(out / "retrieve" / "_SUCCESS", {"stage": "retrieve", "rows": n, "stats": {}})
+    cfg = load_config(CurateConfig, None, [f"out={out}", "progress=false", f"curated.embedding={KEY}"])
+    shutil.rmtree(out / "curated", ignore_errors=True)
+    inputs = STAGES["curated"].inputs(out, declared_sides())
+    start = time.perf_counter()
+    with RayPeaks() as peaks:
+        work = CuratedPlan.create(cfg.curated, inputs, whole_pool=False)
+        _, stats, _ = run_work("curated", (), work, out / "curated" / schema.LISTING, cfg, False)
+    listed = {"listed": sum(stats["listing_rows"]), "listing_files": len(stats["listing_rows"])}
+    return time.perf_counter() - start, peaks, {"stats": listed}
 
 
 # --- the bench -------------------------------------------------------------------------------------------------
@@ -323,8 +366,11 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(_row(n, label, secs, peaks, record, None))
             _print(rows[-1:])
             secs, peaks, found = sample_retrieval(out, 1000, 4)
-            found_stats = {"stats": {"found": found}}
+            found_stats = {"stats": {"found": len(found)}}
             rows.append(_row(n, "sample retrieval k-NN (1000 seeds, k=4)", secs, peaks, found_stats, None))
+            secs, peaks, record = curated_plan(out, found)
+            rows.append(_row(n, "curated plan (balanced sample + retrieved)", secs, peaks, record, None))
+            _print(rows[-1:])
         if n <= args.single_max and not args.skip_single and not args.skip_copy:
             secs_single, peaks_single, record = run_stage(out, "dedup_copy", ["dedup_copy.path=single"])
             rec_single = recall(out, 64, args.recall_queries)

@@ -34,6 +34,9 @@ def _cluster(deduped: Path, demo: Path, where: Path, *extra: str) -> dict[str, t
     shutil.copytree(deduped, where)
     run(_cfg(where, demo, *extra), ("cluster",))
     rows = pa.concat_tables([pq.read_table(p) for p in part_files(where / "cluster")]).to_pylist()
+    embedded = [pq.read_table(p, columns=[schema.IMAGE_ID]) for p in part_files(where / "embed")]
+    part_of = {i: part for part, t in enumerate(embedded) for i in t[schema.IMAGE_ID].to_pylist()}
+    assert all(r[schema.EMBED_PART] == part_of[r[schema.IMAGE_ID]] for r in rows)  # where its embeddings are
     return {r[schema.IMAGE_ID]: (r[schema.CLUSTER_IDS], r[schema.DISTANCE], r[schema.BALANCED]) for r in rows}
 
 

@@ -12,7 +12,7 @@ import pytest
 from lvdkit.core import schema
 from lvdkit.core.io import part_name
 from lvdkit.core.stage import StageInputs
-from lvdkit.core.views import embeddings_of
+from lvdkit.core.views import embed_parts_of, embeddings_of
 
 
 def _embed_parts(out: Path, parts: int, rows: int, dim: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -54,3 +54,20 @@ def test_a_missing_embedding_is_an_error_unless_allowed_then_zeros(tmp_path: Pat
     np.testing.assert_array_equal(got, np.stack([truth["img01002"], np.zeros(4, np.float32), truth["img00009"]]))
     none_found = embeddings_of(inputs, "copy", pa.array(["seed-a", "seed-b"], pa.string()), allow_missing=True)
     np.testing.assert_array_equal(none_found, np.zeros((2, 4), np.float32))  # e.g. a curated set of seeds only
+
+
+def test_embed_parts_of_names_the_part_listing_each_image_and_null_for_an_unlisted_one(tmp_path: Path) -> None:
+    """The fallback of curated's plan for a cluster output from before its ``embed_part`` column."""
+    (tmp_path / "embed").mkdir()
+    with pq.ParquetWriter(tmp_path / "embed" / schema.LISTING, _listing_schema()) as writer:
+        for p in range(3):
+            ids = pa.array([f"img{p}{r}" for r in range(4)], pa.string())
+            part = pa.array(np.full(4, p, np.int64))
+            writer.write_table(pa.table({schema.IMAGE_ID: ids, schema.PART: part}), row_group_size=4)
+    inputs = StageInputs(str(tmp_path), ("embed",))
+    got = embed_parts_of(inputs, pa.chunked_array([["img21", "nowhere", "img03", "img12"]]))
+    assert got.type == pa.int32() and got.to_pylist() == [2, None, 0, 1]
+
+
+def _listing_schema() -> pa.Schema:
+    return pa.schema([(schema.IMAGE_ID, pa.string()), (schema.PART, pa.int64())])

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 import lvdkit
 from lvdkit.core import schema
-from lvdkit.core.io import read_parts
+from lvdkit.core.io import part_name, read_parts
 from lvdkit.core.settings import load_config
+from lvdkit.curation.curated import SELECTION, merge_selections, selections
+from lvdkit.pipeline.commits import commit_part
 from lvdkit.pipeline.config import CurateConfig
 from lvdkit.pipeline.runner import run
 
@@ -26,8 +30,13 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 @pytest.fixture(scope="module")
 def curated(small_demo: Path, tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> Path:
     out = tmp_path_factory.mktemp("curated_set")
+    run(_config(out, small_demo))
+    return out
+
+
+def _config(out: Path, small_demo: Path) -> CurateConfig:
     seeds = small_demo / "seeds"
-    cfg = load_config(
+    return load_config(
         CurateConfig,
         None,
         [
@@ -48,8 +57,6 @@ def curated(small_demo: Path, tmp_path_factory: pytest.TempPathFactory, ray_loca
             "retrieve.per_cluster=4",
         ],
     )
-    run(cfg)
-    return out
 
 
 def test_curated_shards_hold_every_selected_image_once_with_bytes(curated: Path) -> None:
@@ -117,3 +124,65 @@ def test_cluster_retrieval_in_the_pipeline_takes_the_closest_members_of_the_seed
     assert {r[schema.IMAGE_ID] for r in hits} == set(want) and len(want) > 0
     assert all(r[schema.METHOD] == schema.METHOD_CLUSTER and r[schema.SEED_ID] is None for r in hits)
     assert all(abs(r[schema.SCORE] - want[r[schema.IMAGE_ID]]) < 1e-5 for r in hits)
+
+
+def test_curated_rows_are_the_whole_tables_selections_merged_with_their_metadata_and_embeddings(curated: Path) -> None:
+    """The plan runs where the rows are (a scatter per cluster part, a join per embed part); what it lists is what
+    merging the whole retrieve, cluster and seed tables gives, with each image's ingest metadata and embedding."""
+    retrieved = read_parts(curated / "retrieve")
+    clusters = read_parts(curated / "cluster")
+    seeds = pq.read_table(curated / "retrieve" / schema.SEEDS_FILE)
+    want = merge_selections(selections(retrieved, clusters, seeds)).to_pylist()
+    table = read_parts(curated / "curated")
+    got = table.select(SELECTION.names).to_pylist()
+    key = lambda r: r[schema.IMAGE_ID]  # noqa: E731
+    assert sorted(got, key=key) == sorted(want, key=key)
+    ingest = {r[schema.IMAGE_ID]: r for r in read_parts(curated / "ingest").to_pylist()}
+    ingest.update({r[schema.IMAGE_ID]: r for r in seeds.to_pylist()})
+    col = schema.embedding_column("copy")
+    emb = {r[schema.IMAGE_ID]: r[col] for r in read_parts(curated / "embed").to_pylist()}
+    emb.update({r[schema.IMAGE_ID]: r[schema.EMBEDDING] for r in seeds.to_pylist()})
+    level = {r[schema.IMAGE_ID]: r[schema.CLUSTER_IDS] for r in clusters.to_pylist()}
+    for row in table.to_pylist():
+        image = row[schema.IMAGE_ID]
+        assert all(row[c] == ingest[image][c] for c in (schema.URI, schema.FORMAT, schema.WIDTH))
+        assert np.allclose(row[schema.EMBEDDING], emb[image]) and row[schema.CLUSTER_IDS] == level.get(image)
+
+
+def test_the_plan_writes_one_listing_file_per_embed_part_with_picks_and_one_for_the_seeds(curated: Path) -> None:
+    clusters = read_parts(curated / "cluster")
+    embed_parts = sorted((curated / "embed").glob("part-*.parquet"))
+    for part, members in enumerate(pq.read_table(p, columns=[schema.IMAGE_ID]) for p in embed_parts):
+        in_part = clusters.filter(pc.equal(clusters[schema.EMBED_PART], part))[schema.IMAGE_ID].to_pylist()
+        assert set(in_part) <= set(members[schema.IMAGE_ID].to_pylist())  # the column names the right part
+    assert clusters[schema.EMBED_PART].null_count == 0 and len(embed_parts) >= 2
+    listing = sorted((curated / "curated" / schema.LISTING).glob("part-*.parquet"))
+    picked = read_parts(curated / "curated")[schema.IMAGE_ID].to_pylist()
+    parts_of = dict(zip(clusters[schema.IMAGE_ID].to_pylist(), clusters[schema.EMBED_PART].to_pylist(), strict=True))
+    with_picks = sorted({parts_of[i] for i in picked if i in parts_of})
+    assert len(listing) == len(with_picks) + 1  # the last: seeds that are not pool images
+    for file, part in zip(listing, with_picks, strict=False):
+        ids = pq.read_table(file)[schema.IMAGE_ID].to_pylist()
+        assert ids == sorted(ids) and {parts_of[i] for i in ids} == {part}
+    assert not (curated / "curated" / schema.LISTING / "_scratch").exists()
+
+
+def test_a_run_cut_off_under_a_one_file_work_list_redoes_its_parts(
+    curated: Path, small_demo: Path, tmp_path: Path
+) -> None:
+    """An lvdkit that planned curated in one file (``_listing``, one row group per part) was cut off; this one plans
+    listing files whose parts follow another layout: the finished parts are redone, not taken as done."""
+    out = tmp_path / "out"
+    shutil.copytree(curated, out)
+    stage = out / "curated"
+    record = json.loads((stage / "_SUCCESS").read_text())
+    (stage / "_SUCCESS").unlink()
+    (stage / "_RUNNING").write_text(json.dumps({k: record[k] for k in ("config_hash", "fingerprint")}))
+    shutil.rmtree(stage / schema.LISTING)
+    first = pq.read_table(stage / part_name(0))
+    pq.write_table(first, stage / schema.LISTING)  # the old work list, a file
+    commit_part(read_parts(stage).slice(5, first.num_rows), stage / part_name(0), None)  # its part 0: not ours
+    run(_config(out, small_demo), stages=("curated",))
+    got, want = read_parts(stage), read_parts(curated / "curated")
+    assert got[schema.IMAGE_ID].to_pylist() == want[schema.IMAGE_ID].to_pylist()
+    assert (stage / schema.LISTING).is_dir()

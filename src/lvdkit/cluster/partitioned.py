@@ -102,6 +102,7 @@ class ClusterPartitions(PartitionedWork):
         x = self._x(rows)
         cell = assign_to_centroids(x, state.cells)[0] if len(x) else np.zeros(0, np.int64)
         table = rows.select([schema.IMAGE_ID, schema.CONTENT_HASH]).append_column(CELL, pa.array(cell))
+        table = table.append_column(schema.EMBED_PART, pa.array(np.full(len(cell), index, np.int32)))
         table = table.append_column(X, pack(x)).sort_by(CELL)
         return table, np.bincount(cell, minlength=len(state.cells))
 
@@ -146,6 +147,7 @@ class ClusterPartitions(PartitionedWork):
                 schema.CONTENT_HASH: rows[schema.CONTENT_HASH],
                 LOCAL: pa.array(assign.astype(np.int32)),
                 schema.DISTANCE: pa.array(dist.astype(np.float32)),
+                schema.EMBED_PART: rows[schema.EMBED_PART],
                 CENTROID: pa.nulls(rows.num_rows, pa.list_(pa.float32())),
                 SIZE: pa.nulls(rows.num_rows, pa.int64()),
             }
@@ -156,6 +158,7 @@ class ClusterPartitions(PartitionedWork):
                 schema.CONTENT_HASH: pa.nulls(k, pa.string()),
                 LOCAL: pa.array(np.arange(k, dtype=np.int32)),
                 schema.DISTANCE: pa.nulls(k, pa.float32()),
+                schema.EMBED_PART: pa.nulls(k, pa.int32()),
                 CENTROID: pa.array(list(centroids.astype(np.float32)), pa.list_(pa.float32())),
                 SIZE: pa.array(np.bincount(assign, minlength=k).astype(np.int64)),
             }
@@ -184,7 +187,8 @@ class ClusterPartitions(PartitionedWork):
 
     def write(self, state: ClusterState, figures: Any, decisions: pa.Table, index: int, scratch: Scratch) -> pa.Table:
         rows = pq.read_table(
-            scratch.solved[index], columns=[schema.IMAGE_ID, schema.CONTENT_HASH, LOCAL, schema.DISTANCE]
+            scratch.solved[index],
+            columns=[schema.IMAGE_ID, schema.CONTENT_HASH, LOCAL, schema.DISTANCE, schema.EMBED_PART],
         )
         rows = rows.filter(pc.is_valid(rows[schema.IMAGE_ID]))
         mine = decisions.filter(pc.equal(decisions[PARTITION], index)).sort_by(LOCAL)
@@ -203,6 +207,7 @@ class ClusterPartitions(PartitionedWork):
                 ),
                 schema.DISTANCE: rows[schema.DISTANCE],
                 schema.BALANCED: pa.array(balanced),
+                schema.EMBED_PART: rows[schema.EMBED_PART],
             },
             schema=schema.CLUSTER,
         )

@@ -19,7 +19,7 @@ from lvdkit.cluster.sampling import balanced_sample
 from lvdkit.core import schema
 from lvdkit.core.settings import setting
 from lvdkit.core.stage import StageInputs, StageOutput
-from lvdkit.core.views import DEDUP_STAGES, alive, embeddings_of
+from lvdkit.core.views import DEDUP_STAGES, alive, embed_parts_of, embeddings_of
 
 
 @dataclass
@@ -53,10 +53,15 @@ def pick_keys(content_hashes: pa.Array | pa.ChunkedArray, seed: int) -> np.ndarr
 
 
 def cluster_images(
-    ids: pa.Array | pa.ChunkedArray, x: np.ndarray, cfg: ClusterConfig, keys: np.ndarray | None = None
+    ids: pa.Array | pa.ChunkedArray,
+    x: np.ndarray,
+    cfg: ClusterConfig,
+    keys: np.ndarray | None = None,
+    embed_part: pa.Array | None = None,
 ) -> tuple[pa.Table, list[np.ndarray], dict[str, Any]]:
     """Cluster unit rows x [N, D]; returns the per-image table (schema.CLUSTER), centroids per level, and stats.
-    ``keys`` [N]: the random order of balanced picks (default: seeded random numbers)."""
+    ``keys`` [N]: the random order of balanced picks (default: seeded random numbers); ``embed_part`` [N]: the embed
+    part of each image (default: null)."""
     n = len(ids)
     if n == 0:  # nothing survived dedup: no clusters, no centroids
         return schema.CLUSTER.empty_table(), [], {"levels": [], "level1_sizes": None, "balanced": 0}
@@ -74,6 +79,7 @@ def cluster_images(
             ),
             schema.DISTANCE: pa.array(np.asarray(result.distance, dtype=np.float32)),
             schema.BALANCED: pa.array(balanced),
+            schema.EMBED_PART: embed_part if embed_part is not None else pa.nulls(n, pa.int32()),
         },
         schema=schema.CLUSTER,
     )
@@ -93,7 +99,8 @@ def run_cluster(cfg: ClusterConfig, inputs: StageInputs) -> StageOutput:
     images = images.sort_by([(schema.CONTENT_HASH, "ascending"), (schema.IMAGE_ID, "ascending")])
     x = embeddings_of(inputs, cfg.embedding, images[schema.IMAGE_ID])
     keys = pick_keys(images[schema.CONTENT_HASH], cfg.hierarchy.seed)
-    table, centroids, stats = cluster_images(images[schema.IMAGE_ID], x, cfg, keys)
+    parts = embed_parts_of(inputs, images[schema.IMAGE_ID])
+    table, centroids, stats = cluster_images(images[schema.IMAGE_ID], x, cfg, keys, parts)
     sides: dict[str, bytes] = {}
     for level, c in enumerate(centroids, start=1):
         buf = io.BytesIO()

@@ -127,12 +127,14 @@ def embed_schema(dims: dict[str, int], calibration: bool = False) -> pa.Schema:
 # --- cluster: OUT/cluster/part-*.parquet ------------------------------------------------------------------------
 CLUSTER_IDS = "cluster"  # list<int32>: the image's cluster at each level, level 1 (finest) first
 BALANCED = "balanced"  # picked by balanced sampling (cluster.target_size)
+EMBED_PART = "embed_part"  # cluster: the embed part an image's embeddings are in (curated's plan joins by it)
 CLUSTER = pa.schema(
     [
         pa.field(IMAGE_ID, pa.string(), nullable=False),
         pa.field(CLUSTER_IDS, pa.list_(pa.int32()), nullable=False),
         pa.field(DISTANCE, pa.float32()),  # 1 - cosine to its level-1 centroid
         pa.field(BALANCED, pa.bool_()),  # picked by balanced sampling (cluster.target_size)
+        pa.field(EMBED_PART, pa.int32()),  # the embed part holding its embeddings (OUT/embed/part-NNNNNN.parquet)
     ]
 )
 

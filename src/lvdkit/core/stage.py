@@ -100,6 +100,7 @@ class PartPlan:
 
     fingerprint: str
     n_parts: int
+    layout: tuple[int, ...] = ()  # a work list in several files (curated): the rows of each, in part order
 
 
 class PartWork:
@@ -187,6 +188,7 @@ class PartitionedWork:
     n_inputs: int = 0
     resources: Resources = Resources(cpus=1.0, memory_mb=1024)
     write_per_partition: bool = False  # output part j holds partition j's rows (their work stays together)
+    solves: bool = True  # False: no solve step (the writes join what the scatter keyed; a plan, say)
     # Rows per row group of the scatter tables. Each solve reads its cell range from every scatter table through the
     # row groups' statistics: row groups near one partition's share of a table keep what it reads but does not use
     # from growing with the number of tables (with 8192-row groups, a 10M pool's solve decoded 30x what it kept).

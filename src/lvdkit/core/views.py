@@ -195,6 +195,23 @@ def aligned(ids: pa.Array | pa.ChunkedArray, table: pa.Table) -> pa.Table:
     return table.take(pc.index_in(ids, value_set=table[schema.IMAGE_ID]))
 
 
+def embed_listing(inputs: StageInputs) -> Location:
+    """embed's work list: row group ``i`` lists the images of embed part ``i`` (id, uri, size, content hash...)."""
+    return inputs.folder(EMBED) / schema.LISTING
+
+
+def embed_parts_of(inputs: StageInputs, ids: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """The embed part holding each of ``ids`` (int32; null for an image embed did not list), from embed's work list
+    read one row group at a time: memory holds ``ids`` and one part's rows."""
+    file = pq.ParquetFile(embed_listing(inputs))
+    found = []
+    for g in range(file.num_row_groups):
+        rows = file.read_row_group(g, columns=[schema.IMAGE_ID, schema.PART])
+        found.append(rows.filter(pc.is_in(rows[schema.IMAGE_ID], ids)))
+    table = pa.concat_tables(found) if found else file.schema_arrow.empty_table().select([schema.IMAGE_ID, schema.PART])
+    return pc.cast(aligned(ids, table)[schema.PART], pa.int32()).combine_chunks()
+
+
 def calibration_copies(inputs: StageInputs, key: str) -> tuple[pa.Table, np.ndarray]:
     """embed's synthetic copies as stored: ``image_id`` (the source) and ``edit`` of each [C], and model ``key``'s
     embeddings [C, D]. An image may have several copies (one per edit family), so they are read in order, not by id.

@@ -1,15 +1,15 @@
 """Stage ``curated``: the curated pretraining set as Parquet parts with the image bytes and their provenance.
 
 Selections are merged (an image picked several ways keeps its strongest reason: sample retrieval, then cluster
-retrieval, then the balanced sample; seed images can be included as they are), then every part reads its images'
-bytes, re-encoding only those larger than ``max_side`` when it is set.
+retrieval, then the balanced sample; seed images can be included as they are) where the rows lie
+(:mod:`lvdkit.curation.curated_plan`), then every part reads its images' bytes, re-encoding only those larger than
+``max_side`` when it is set.
 """
 
 from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -21,10 +21,10 @@ from PIL import Image
 from lvdkit.core import schema
 from lvdkit.core.files import MAX_FILE_BYTES, content_hash, read_bytes
 from lvdkit.core.image import decode, to_rgb
+from lvdkit.core.io import part_name
 from lvdkit.core.settings import setting
-from lvdkit.core.stage import PartPlan, PartWork, StageInputs
+from lvdkit.core.stage import PartWork, StageInputs
 from lvdkit.core.storage import Location
-from lvdkit.core.views import aligned, embeddings_of, ingested
 
 REASON_ORDER = (
     schema.REASON_SAMPLE,
@@ -108,57 +108,22 @@ def _shrink(data: bytes, max_side: int) -> tuple[bytes, int, int]:
     return buf.getvalue(), image.width, image.height
 
 
-# --- the stage: selections merged in the driver (ids and metadata), bytes fetched per part -------------------------
+# --- the stage: the work list made where the rows are (curated_plan), bytes fetched per part ------------------------
 
 
-def plan_curated(
-    cfg: CuratedConfig, inputs: StageInputs, fingerprint: str, listing: Path, whole_pool: bool = False
-) -> PartPlan:
-    """Merge the selections, attach what each curated row needs but its bytes, and write that work list.
-
-    ``whole_pool``: nothing was configured to select images (no seed sets, no balanced sample), so the curated set is
-    the whole deduplicated pool (reason ``deduplicated_pool``) rather than empty.
-    """
-    seeds_path = inputs.side("retrieve", schema.SEEDS_FILE)
-    seeds = pq.read_table(seeds_path) if seeds_path.exists() else None
-    retrieved = inputs.table("retrieve", schema=schema.RETRIEVED)
-    named = [retrieved[schema.IMAGE_ID], *([seeds[schema.IMAGE_ID]] if seeds is not None else [])]
-    chunks = [chunk.cast(pa.string()) for ids in named for chunk in ids.chunks]
-    clusters = _cluster_rows(inputs, None if whole_pool else pa.chunked_array(chunks, pa.string()))
-    selections = _selections(retrieved, clusters, seeds if cfg.include_seeds else None)
-    if whole_pool:
-        selections.append(_scored(clusters, schema.REASON_POOL))
-    chosen = merge_selections(selections)
-    chosen = chosen.sort_by(schema.IMAGE_ID)
-    ids = chosen[schema.IMAGE_ID]
-    meta_cols = [schema.IMAGE_ID, schema.URI, schema.FORMAT, schema.WIDTH, schema.HEIGHT, schema.CONTENT_HASH]
-    pool_meta = aligned(ids, ingested(inputs, [*meta_cols, schema.METADATA], ids))
-    seed_meta = aligned(ids, seeds.select(meta_cols)) if seeds is not None else None
-    listing_table = chosen
-    for col in meta_cols[1:]:
-        values = pool_meta[col] if seed_meta is None else pc.coalesce(pool_meta[col], seed_meta[col])
-        listing_table = listing_table.append_column(col, values)
-    listing_table = listing_table.append_column(schema.METADATA, pool_meta[schema.METADATA])  # seeds have none
-    listing_table = listing_table.append_column(schema.CLUSTER_IDS, aligned(ids, clusters)[schema.CLUSTER_IDS])
-    if cfg.embedding is not None and listing_table.num_rows:  # no rows, no parts: nothing to give a width
-        listing_table = listing_table.append_column(schema.EMBEDDING, _embeddings(inputs, cfg.embedding, ids, seeds))
-    pq.write_table(listing_table, listing, row_group_size=cfg.rows_per_part)
-    return PartPlan(fingerprint, -(-listing_table.num_rows // cfg.rows_per_part))
-
-
-def _cluster_rows(inputs: StageInputs, named: pa.ChunkedArray | None) -> pa.Table:
-    """The ``cluster`` rows the plan needs, kept part by part: the balanced sample and the images ``named`` (the
-    retrieved ones and the seeds; ``None``: every row, for a curated set that is the whole pool). Memory follows the
-    curated set, not the pool."""
-    keep = None if named is None else (lambda t: pc.or_(t[schema.BALANCED], pc.is_in(t[schema.IMAGE_ID], named)))
-    return inputs.table("cluster", schema=schema.CLUSTER, keep=keep)
-
-
-def _selections(retrieved: pa.Table, clusters: pa.Table, seeds: pa.Table | None) -> list[pa.Table]:
-    """Retrieved images, the balanced sample and (when given) the seeds, as SELECTION tables."""
-    retrieved = retrieved.rename_columns({schema.METHOD: schema.REASON})
-    balanced = clusters.filter(clusters[schema.BALANCED])
-    out = [retrieved.select(SELECTION.names), _scored(balanced, schema.REASON_BALANCED)]
+def selections(
+    retrieved: pa.Table | None, clusters: pa.Table | None, seeds: pa.Table | None, whole_pool: bool = False
+) -> list[pa.Table]:
+    """The ways images were picked, as SELECTION tables: the ``retrieved`` images, the balanced sample among the
+    ``clusters`` rows (every row, reason ``deduplicated_pool``, with ``whole_pool``: nothing was configured to
+    select) and the ``seeds``. :func:`merge_selections` keeps each image's strongest."""
+    out = []
+    if retrieved is not None:
+        out.append(retrieved.rename_columns({schema.METHOD: schema.REASON}).select(SELECTION.names))
+    if clusters is not None:
+        out.append(_scored(clusters.filter(clusters[schema.BALANCED]), schema.REASON_BALANCED))
+        if whole_pool:
+            out.append(_scored(clusters, schema.REASON_POOL))
     if seeds is not None:
         out.append(
             pa.table(
@@ -187,17 +152,6 @@ def _scored(clusters: pa.Table, reason: str) -> pa.Table:
     )
 
 
-def _embeddings(inputs: StageInputs, key: str, ids: pa.ChunkedArray, seeds: pa.Table | None) -> pa.Array:
-    """Embeddings of ``ids`` from the pool's, or from the seeds' side file for seed images."""
-    emb = embeddings_of(inputs, key, ids, allow_missing=True)
-    if seeds is not None:
-        seed_emb = aligned(ids, seeds.select([schema.IMAGE_ID, schema.EMBEDDING]))[schema.EMBEDDING]
-        is_seed = pc.is_valid(seed_emb).to_numpy(zero_copy_only=False)
-        if is_seed.any():
-            emb[is_seed] = np.stack(seed_emb.filter(pc.is_valid(seed_emb)).to_pylist())
-    return pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel(), pa.float32()), emb.shape[1])
-
-
 CHANGED = "changed_since_ingest"  # a curated file's bytes are not the ones ingest read
 _REINGEST = "rerun `lvdkit curate`: ingest notices changed files (size, mtime) and redoes the stages after it"
 
@@ -210,13 +164,23 @@ class ChangedSinceIngest(RuntimeError):
 
 @dataclass(frozen=True)
 class CuratedWork(PartWork):
-    """Curated part ``i``: fetch the bytes of row group ``i`` of the listing, checking each file is unchanged."""
+    """Curated part ``i``: fetch the bytes of its rows of the listing files, checking each file is unchanged.
+
+    ``listing``: the folder of listing files (:mod:`lvdkit.curation.curated_plan`), ``listing_rows`` the rows of
+    each: their parts follow one another, ``rows_per_part`` rows at a time within a file."""
 
     listing: Location
     cfg: CuratedConfig
+    listing_rows: tuple[int, ...]
 
     def load(self, index: int) -> pa.Table:
-        return pq.ParquetFile(self.listing).read_row_group(index)
+        per = self.cfg.rows_per_part
+        for file, rows in enumerate(self.listing_rows):
+            parts = -(-rows // per)
+            if index < parts:
+                return pq.read_table(self.listing / part_name(file)).slice(index * per, per)
+            index -= parts
+        raise IndexError(f"curated has no part {index} past the last in {self.listing}")
 
     def process(self, rows: pa.Table, decoded: Any = None) -> pa.Table:
         dim = rows.schema.field(schema.EMBEDDING).type.list_size if schema.EMBEDDING in rows.column_names else None

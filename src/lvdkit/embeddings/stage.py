@@ -80,8 +80,9 @@ class EmbedConfig:
 def plan_embed(cfg: EmbedConfig, inputs: StageInputs, fingerprint: str, listing: Path) -> PartPlan:
     """The work list: surviving images with their part number (row group = part), written as the ingest parts are
     read, one at a time (memory holds a part, not the pool)."""
-    # between phash and copy; size and content hash rank the images for keeping in dedup_copy's partitioned path
-    columns = [schema.URI, schema.CONTENT_HASH, schema.WIDTH, schema.HEIGHT]
+    # between phash and copy; size and content hash rank the images for keeping in dedup_copy's partitioned path;
+    # format and metadata: curated's plan joins each part's rows with this row group (lvdkit.curation.curated_plan)
+    columns = [schema.URI, schema.CONTENT_HASH, schema.WIDTH, schema.HEIGHT, schema.FORMAT, schema.METADATA]
     per_part = cfg.images_per_part
     if per_part < 1:
         raise ValueError(f"embed.images_per_part must be >= 1, got {per_part}")

@@ -5,7 +5,8 @@ A stage names the upstream stages whose outputs it reads (``reads``) and every o
 
 - :class:`WholeStage`: one task over the whole dataset, returning a :class:`~lvdkit.core.stage.StageOutput`.
 - :class:`PartStage`: a work list split into parts, each part one task (or one call on an actor pool holding
-  models) writing one ``part-NNNNNN.parquet``; interrupted runs resume part by part.
+  models) writing one ``part-NNNNNN.parquet``; interrupted runs resume part by part. The work list is one file
+  planned by one call, or listing files made by partitioned steps (curated: no task holds the curated set).
 - :class:`PartitionedStage`: a whole-dataset stage that can also run split by content over the cluster (a
   :class:`~lvdkit.core.stage.PartitionedWork`: tasks per input part, per k-means partition, a reduce), chosen per
   run (small pools may be faster as one task).
@@ -67,9 +68,12 @@ class Actors:
 class PartStage(Stage):
     """A work list split into parts, one output part each."""
 
-    plan: Callable[[CurateConfig, StageInputs, str, Path], PartPlan]  # (cfg, inputs, upstream fingerprint, listing)
-    work: Callable[[CurateConfig, Location], PartWork]  # (cfg, listing) -> the part work, built on the driver
+    work: Callable[[CurateConfig, Location, PartPlan], PartWork]  # (cfg, listing, plan) -> the part work, on the driver
     stats: Callable[[StageInputs], dict[str, Any]]
+    # the work list: written by one call (cfg, inputs, upstream fingerprint, listing file), or by partitioned steps
+    # over the cluster into a folder of listing files (``plan_work``: no task holds the whole list)
+    plan: Callable[[CurateConfig, StageInputs, str, Path], PartPlan] | None = None
+    plan_work: Callable[[CurateConfig, StageInputs], PartitionedWork] | None = None
     actors: Callable[[CurateConfig], Actors | None] | None = None  # None: plain tasks
     # the work list decides the stage's fingerprint (ingest: the files listed), so it is planned before the skip
     # decision, in the driver; other stages plan in a Ray task, only when they have work

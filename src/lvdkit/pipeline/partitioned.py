@@ -82,8 +82,15 @@ def run_partitioned(
 ) -> tuple[int, dict[str, Any], set[str]]:
     """Run every step; returns (rows written, stats, the nodes whose tasks took part)."""
     work = stage.work(cfg, stage.inputs(out, declared_sides()))
-    stage_dir = out / stage.name
-    hooks = faults.Hooks.for_stage(stage.name)
+    return run_work(stage.name, stage.sides, work, out / stage.name, cfg, progress)
+
+
+def run_work(
+    name: str, sides: tuple[str, ...], work: PartitionedWork, into: Location, cfg: CurateConfig, progress: bool
+) -> tuple[int, dict[str, Any], set[str]]:
+    """Run the steps of stage ``name``'s ``work``, writing its parts (and declared ``sides``) into ``into``: the
+    stage's folder, or a folder of it (a per-part stage's listing files)."""
+    hooks = faults.Hooks.for_stage(name)
     retries = max(0, cfg.ray.max_task_retries)
     opts = {
         "num_cpus": work.resources.cpus,
@@ -92,14 +99,14 @@ def run_partitioned(
         "retry_exceptions": retries > 0,
         "scheduling_strategy": "SPREAD",  # over every node with room, not the driver's first
     }
-    run = _Steps(stage.name, stage.sides, work, hooks, opts, progress)
+    run = _Steps(name, sides, work, hooks, opts, progress)
     try:
-        return run.all(stage_dir)
+        return run.all(into)
     except StageError:
         raise
     except Exception as exc:
         raise_own(exc)
-        raise StageError(f"{stage.name}: a partitioned task failed on all {retries + 1} attempts: {exc}") from exc
+        raise StageError(f"{name}: a partitioned task failed on all {retries + 1} attempts: {exc}") from exc
 
 
 class _Steps:
@@ -143,8 +150,9 @@ class _Steps:
         self.times.wall("prepare", time.perf_counter() - start)
         scattered = [scratch / "scatter" / part_name(i) for i in range(self.work.n_inputs)]
         partitions, figures = self.scatter(state, scattered)
-        solved = [scratch / "solve" / part_name(j) for j in range(len(partitions))]
-        self.solve(state, figures, partitions, scattered, solved)
+        solved = [scratch / "solve" / part_name(j) for j in range(len(partitions))] if self.work.solves else []
+        if self.work.solves:
+            self.solve(state, figures, partitions, scattered, solved)
         decisions, stats_ref = self.task(_reduce, 2).remote(
             self.work_ref, state, figures, solved, str(stage_dir), self.sides, self.threads
         )

@@ -23,6 +23,7 @@ from lvdkit.core import schema
 from lvdkit.core.io import disk_errors, part_files, part_name, read_json, remove_temporaries
 from lvdkit.core.ray_env import LazyRay, ray_session
 from lvdkit.core.settings import config_hash, save_config, to_dict
+from lvdkit.core.stage import PartPlan
 from lvdkit.core.storage import Location, is_uri, location, publish, replace, scratch_file
 from lvdkit.pipeline import faults
 from lvdkit.pipeline.commits import commit_part, untrusted
@@ -33,7 +34,7 @@ from lvdkit.pipeline.manifest import RunKey, fingerprint_of, finish, prepare, su
 from lvdkit.pipeline.names import CURATE_ORDER, stage_names
 from lvdkit.pipeline.outputs import write_sides
 from lvdkit.pipeline.ownership import check_not_inside_inputs, claim, locked
-from lvdkit.pipeline.partitioned import node_id, run_partitioned
+from lvdkit.pipeline.partitioned import node_id, run_partitioned, run_work
 from lvdkit.pipeline.parts import PartRun, actor_threads, map_parts
 from lvdkit.pipeline.reuse import drop_previous, keep_previous
 from lvdkit.pipeline.stages import STAGES, declared_sides
@@ -89,10 +90,12 @@ def run_stage(name: str, cfg: CurateConfig, ray_: LazyRay, force: bool = False) 
     remove_temporaries(stage_dir)
     log(f"{name}: {'resuming' if action == 'resume' else 'running'}")
     ray_.ensure()
-    if isinstance(stage, PartStage) and not stage.plans_fingerprint:
-        n_parts = _plan_in_task(stage, cfg, out, key.fingerprint)
     if isinstance(stage, PartStage):
-        rows, nodes = _run_parts(stage, cfg, stage_dir, n_parts, (previous, reused))
+        plan, planned_on = PartPlan(key.fingerprint, n_parts), set[str]()
+        if not stage.plans_fingerprint:
+            plan, planned_on = _plan_in_tasks(stage, cfg, out, key.fingerprint)
+        rows, nodes = _run_parts(stage, cfg, stage_dir, plan, (previous, reused))
+        nodes |= planned_on
         stats = stage.stats(stage.inputs(out, declared_sides()))
         if reused:
             stats = {**stats, "reused_views": list(reused)}
@@ -127,40 +130,68 @@ def _plan(stage: Stage, cfg: CurateConfig, out: Location) -> tuple[RunKey, int, 
     if not isinstance(stage, PartStage) or not stage.plans_fingerprint:
         return RunKey(section_hash, fingerprint), 0, None
     listing = scratch_file(out / f"{stage.name}{schema.LISTING}")  # beside OUT's stage folders, or a local file
+    assert stage.plan is not None, f"{stage.name}: a stage whose plan decides its fingerprint plans in one call"
     with disk_errors(listing):
         plan = stage.plan(cfg, stage.inputs(out, declared_sides()), fingerprint, listing)
     return RunKey(section_hash, plan.fingerprint), plan.n_parts, listing
 
 
-def _plan_in_task(stage: PartStage, cfg: CurateConfig, out: Location, fingerprint: str) -> int:
-    """Write the stage's work list in a Ray task, which moves it into place; its number of parts."""
+def _plan_in_tasks(stage: PartStage, cfg: CurateConfig, out: Location, fingerprint: str) -> tuple[PartPlan, set[str]]:
+    """Write the stage's work list in a Ray task, which moves it into place, or (``plan_work``) as listing files
+    by partitioned steps over the cluster; the plan and the nodes that made it."""
+    if stage.plan_work is not None:
+        return _plan_partitioned(stage, cfg, out, fingerprint)
     task = ray.remote(num_cpus=1, max_retries=cfg.ray.max_task_retries)(_plan_task)
     try:
-        n_parts = ray.get(task.remote(stage.name, cfg, str(out), fingerprint))
+        n_parts, node = ray.get(task.remote(stage.name, cfg, str(out), fingerprint))
     except Exception as exc:
         raise_own(exc)
         raise
-    return int(n_parts)
+    return PartPlan(fingerprint, int(n_parts)), {node}
 
 
-def _plan_task(name: str, cfg: CurateConfig, out: str, fingerprint: str) -> int:
+def _plan_partitioned(
+    stage: PartStage, cfg: CurateConfig, out: Location, fingerprint: str
+) -> tuple[PartPlan, set[str]]:
+    """The listing files in ``STAGE/_listing/``, one output of the stage's ``plan_work`` each."""
+    assert stage.plan_work is not None
+    stage_dir = out / stage.name
+    _drop_single_listing(stage_dir)
+    work = stage.plan_work(cfg, stage.inputs(out, declared_sides()))
+    _, stats, nodes = run_work(stage.name, (), work, stage_dir / schema.LISTING, cfg, cfg.progress)
+    return PartPlan(fingerprint, int(stats["n_parts"]), tuple(stats["listing_rows"])), nodes
+
+
+def _drop_single_listing(stage_dir: Location) -> None:
+    """A work list in one file, from an lvdkit that planned this stage in one task: its parts follow another layout
+    than the listing files', so an interrupted run's parts are redone, not resumed."""
+    old = stage_dir / schema.LISTING
+    if old.is_file():
+        for part in part_files(stage_dir):
+            part.unlink()
+        old.unlink()
+
+
+def _plan_task(name: str, cfg: CurateConfig, out: str, fingerprint: str) -> tuple[int, str]:
     stage = STAGES[name]
     assert isinstance(stage, PartStage)
     target = location(out) / name / schema.LISTING
     listing = scratch_file(target)
     with disk_errors(listing):
+        assert stage.plan is not None
         plan = stage.plan(cfg, stage.inputs(location(out), declared_sides()), fingerprint, listing)
         publish(listing, target)
-    return plan.n_parts
+    return plan.n_parts, node_id()
 
 
 def _run_parts(
     stage: PartStage,
     cfg: CurateConfig,
     stage_dir: Location,
-    n_parts: int,
+    plan: PartPlan,
     previous: tuple[Path | None, tuple[str, ...]],
 ) -> tuple[int, set[str]]:
+    n_parts = plan.n_parts
     _set_aside_untrusted(stage, stage_dir)
     done = {p.name for p in part_files(stage_dir)}
     pending = [i for i in range(n_parts) if part_name(i) not in done]
@@ -168,7 +199,7 @@ def _run_parts(
         log(f"{stage.name}: {len(done)} of {n_parts} parts already done, {len(pending)} to go")
     if pending:
         actors = stage.actors(cfg) if stage.actors is not None else None
-        work = stage.work(cfg, stage_dir / schema.LISTING)
+        work = stage.work(cfg, stage_dir / schema.LISTING, plan)
         if previous[0] is not None:
             log(f"{stage.name}: reusing {', '.join(previous[1])} from {previous[0]}")
             work.reuse(previous[0], previous[1])

@@ -21,7 +21,8 @@ from lvdkit.core.files import file_identity, list_inputs
 from lvdkit.core.settings import config_hash
 from lvdkit.core.stage import StageInputs
 from lvdkit.curation.copy_partitioned import CopyPartitions
-from lvdkit.curation.curated import CuratedWork, curated_stats, plan_curated
+from lvdkit.curation.curated import CuratedWork, curated_stats
+from lvdkit.curation.curated_plan import CuratedPlan
 from lvdkit.curation.dedup_copy import run_dedup_copy
 from lvdkit.curation.dedup_exact import run_dedup_exact
 from lvdkit.curation.dedup_phash import MULTIHASH_MAX_DISTANCE, run_dedup_phash
@@ -91,7 +92,7 @@ STAGES: dict[str, Stage] = {
             reads=(),
             section=lambda c: c.ingest,
             plan=lambda c, inputs, fp, listing: plan_ingest(c.ingest, listing),
-            work=lambda c, listing: IngestWork(listing, c.ingest),
+            work=lambda c, listing, plan: IngestWork(listing, c.ingest),
             stats=ingest_stats,
             plans_fingerprint=True,
         ),
@@ -117,7 +118,7 @@ STAGES: dict[str, Stage] = {
             section=lambda c: c.embed,
             subparts=(schema.CALIBRATION,),
             plan=lambda c, inputs, fp, listing: plan_embed(c.embed, inputs, fp, listing),
-            work=lambda c, listing: EmbedWork.create(c.embed, listing, gpus=_embed_actors(c).num_gpus),
+            work=lambda c, listing, plan: EmbedWork.create(c.embed, listing, gpus=_embed_actors(c).num_gpus),
             stats=embed_stats,
             actors=_embed_actors,
             views=_embed_views,
@@ -169,8 +170,8 @@ STAGES: dict[str, Stage] = {
             section=lambda c: c.curated,
             subparts=(schema.QUARANTINED,),
             uses=_reads_model(lambda c: c.curated.embedding),
-            plan=lambda c, inputs, fp, listing: plan_curated(c.curated, inputs, fp, listing, _selects_nothing(c)),
-            work=lambda c, listing: CuratedWork(listing, c.curated),
+            plan_work=lambda c, inputs: CuratedPlan.create(c.curated, inputs, _selects_nothing(c)),
+            work=lambda c, listing, plan: CuratedWork(listing, c.curated, plan.layout),
             stats=curated_stats,
         ),
     )
