@@ -54,10 +54,11 @@ def _assert_every_part_is_complete(out: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def clean_run(ray_local: None, small_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """OUT of an undisturbed ingest (``_ingest``); never written to: tests copy its stage."""
-    out = tmp_path_factory.mktemp("clean") / "out"
-    _ingest(out, small_demo)
+def clean_run(pool_run: tuple[Path, dict]) -> Path:
+    """OUT of an undisturbed ingest with ``_args``' ingest settings: the session's pool_run (raw pool, parts of 40
+    files); never written to: tests copy its stage."""
+    out = pool_run[0]
+    assert load_config(CurateConfig, out / "config.yaml").ingest.files_per_part == FILES_PER_PART
     assert len(part_files(out / "ingest")) == 4
     return out
 
