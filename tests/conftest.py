@@ -60,6 +60,41 @@ def small_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def pool_run(ray_local: None, small_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """One whole curation of the small demo's raw pool with :data:`TINY_EMBED` and nothing else configured (no seed
+    set, no protected set, no balanced sample: the curated set is the deduplicated pool), in ingest parts of 40 files;
+    run once in this process and read by the tests of tests/pipeline/test_runner.py and test_empty_outputs.py.
+    Returns OUT and the run's summary. Never written to: a test that reruns it works on a copy."""
+    from lvdkit.core.settings import load_config
+    from lvdkit.pipeline.config import CurateConfig
+    from lvdkit.pipeline.runner import run
+
+    out = tmp_path_factory.mktemp("pool_run") / "run"
+    summary = run(load_config(CurateConfig, None, pool_run_args(out, small_demo)))
+    return out, summary
+
+
+def pool_run_args(out: Path, demo: Path, *overrides: str) -> list[str]:
+    """The overrides of :func:`pool_run` (and of reruns of a copy of it), then ``overrides``."""
+    return [
+        f"out={out}",
+        f"ingest.inputs=[{demo / 'raw'}]",
+        "ingest.files_per_part=40",
+        "progress=false",
+        *TINY_EMBED,
+        *overrides,
+    ]
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    """A copy of a finished run's OUT (file times kept), to rerun without touching a shared fixture's output."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
 def curate_args(out: str, demo: str) -> list[str]:
     """A whole curation of the small demo with work for every stage: small ingest parts, a protected set and a seed
     set (dedup_relative and retrieve have work and side files), and a balanced sample in several curated parts (a

@@ -2,11 +2,13 @@
 
 Every stage runs on the small demo with the tiny random-init model: exact, PHash, copy and relative dedup (the
 held-out digits protected), a two-level clustering with a balanced sample, one sample-based and one cluster-based
-seed set, and the curated set. Needs the session's Ray (the ``ray_local`` fixture).
+seed set, and the curated set. Needs the session's Ray (the ``ray_local`` fixture); its stages up to embed are
+those of the session's ``pool_run`` (the same settings).
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,18 +18,24 @@ from .conftest import TINY_EMBED
 _RUNS: dict[str, Path] = {}
 
 
-def small_curated_run(small_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """OUT of a finished ``curate`` over ``small_demo`` (run on first use, then reused)."""
+def small_curated_run(small_demo: Path, tmp_path_factory: pytest.TempPathFactory, pool: Path) -> Path:
+    """OUT of a finished ``curate`` over ``small_demo`` (run on first use, then reused).
+
+    Its ingest, exact and PHash dedup and embed have the settings of ``pool`` (OUT of the session's ``pool_run``):
+    they are taken from there, up to date, and the stages from dedup_copy on run with this run's settings."""
     if "curate" not in _RUNS:
         from lvdkit.core.settings import load_config
         from lvdkit.pipeline.config import CurateConfig
         from lvdkit.pipeline.runner import run
 
         out = tmp_path_factory.mktemp("report_run")
+        for stage in ("ingest", "dedup_exact", "dedup_phash", "embed"):
+            shutil.copytree(pool / stage, out / stage)
         seeds = small_demo / "seeds"
         overrides = [
             f"out={out}",
             f"ingest.inputs=[{small_demo / 'raw'}]",
+            "ingest.files_per_part=40",  # pool_run's
             "progress=false",
             *TINY_EMBED,
             "dedup_copy.threshold=0.99",

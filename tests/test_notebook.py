@@ -15,8 +15,10 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "inspect_curated.
 
 
 @pytest.fixture(scope="module")
-def run_dir(small_demo: Path, tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> Path:
-    return small_curated_run(small_demo, tmp_path_factory)
+def run_dir(
+    small_demo: Path, tmp_path_factory: pytest.TempPathFactory, pool_run: tuple[Path, dict], ray_local: None
+) -> Path:
+    return small_curated_run(small_demo, tmp_path_factory, pool_run[0])
 
 
 def _kernel_manager(tmp: Path) -> Any:

@@ -37,8 +37,10 @@ CHROMIUM_FLAGS = (
 
 
 @pytest.fixture(scope="module")
-def run_dir(small_demo: Path, tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> Path:
-    return small_curated_run(small_demo, tmp_path_factory)
+def run_dir(
+    small_demo: Path, tmp_path_factory: pytest.TempPathFactory, pool_run: tuple[Path, dict], ray_local: None
+) -> Path:
+    return small_curated_run(small_demo, tmp_path_factory, pool_run[0])
 
 
 class Page(HTMLParser):

@@ -13,12 +13,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from lvdkit.cli import main
 from lvdkit.core import schema
 from lvdkit.core.files import image_id, list_inputs, local_path, read_bytes
 from lvdkit.core.image import decode
 from lvdkit.curation.ingest import IngestConfig, ingest_files, inspect_file, list_for_ingest
 
-from ..conftest import TINY_EMBED, run_cli
+from ..conftest import TINY_EMBED
 from .corpus import (
     DUPLICATE,
     GOOD,
@@ -166,8 +167,9 @@ def test_file_without_read_permission_is_unreadable(tmp_path: Path) -> None:
     assert "PermissionError" in str(row["error_detail"])
 
 
+@pytest.mark.usefixtures("ray_local")
 def test_curate_over_the_corpus_exits_0_and_ends_every_file_as_pinned(
-    corpus: tuple[Path, list[Case]], tmp_path: Path
+    corpus: tuple[Path, list[Case]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     root, cases = corpus
     out = tmp_path / "out"
@@ -176,12 +178,15 @@ def test_curate_over_the_corpus_exits_0_and_ends_every_file_as_pinned(
     # would link unrelated images. A fixed high threshold keeps the stage running while only real copies could match.
     fixed = "dedup_copy.threshold=0.99"
     args = (f"out={out}", f"ingest.inputs=[{inputs}]", "ingest.files_per_part=32", "progress=false", fixed)
-    result = run_cli("curate", *args, *TINY_EMBED)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # `lvdkit curate` in this process, on the session's local Ray (its workers warm: no start-up per run)
+    capsys.readouterr()
+    code = main(["curate", *args, *TINY_EMBED])
+    result = capsys.readouterr()
+    assert code == 0, result.err[-3000:]
     listed = _listed(cases)
     n_quarantined = sum(c.outcome == QUARANTINED for c in listed)
     by_reason = Counter(str(c.reason) for c in listed if c.outcome == QUARANTINED)
-    assert f"quarantined: {n_quarantined} {dict(sorted(by_reason.items()))}" in result.stdout
+    assert f"quarantined: {n_quarantined} {dict(sorted(by_reason.items()))}" in result.out
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["images_in"] == summary["kept"] + summary["duplicates"] + summary["quarantined"] == len(listed)

@@ -54,13 +54,25 @@ def _assert_every_part_is_complete(out: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def clean(ray_local: None, small_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> pa.Table:
-    """The ingest table of an undisturbed run."""
-    out = tmp_path_factory.mktemp("clean") / "out"
-    _ingest(out, small_demo)
-    table = read_parts(out / "ingest")
+def clean_run(pool_run: tuple[Path, dict]) -> Path:
+    """OUT of an undisturbed ingest with ``_args``' ingest settings: the session's pool_run (raw pool, parts of 40
+    files); never written to: tests copy its stage."""
+    out = pool_run[0]
+    assert load_config(CurateConfig, out / "config.yaml").ingest.files_per_part == FILES_PER_PART
     assert len(part_files(out / "ingest")) == 4
-    return table
+    return out
+
+
+@pytest.fixture(scope="module")
+def clean(clean_run: Path) -> pa.Table:
+    """The ingest table of an undisturbed run."""
+    return read_parts(clean_run / "ingest")
+
+
+def _finished_ingest(clean_run: Path, out: Path) -> Path:
+    """A copy of the undisturbed run's finished ingest in ``out`` (what ``_ingest(out, demo)`` would write)."""
+    shutil.copytree(clean_run / "ingest", out / "ingest")
+    return out / "ingest"
 
 
 @pytest.fixture()
@@ -283,10 +295,9 @@ def test_a_file_changed_after_ingest_fails_embed_or_curated_naming_it_and_a_reru
     assert stats["quarantined"] == {"changed_since_ingest": 1}
 
 
-def _interrupted_ingest(out: Path, demo: Path) -> Path:
+def _interrupted_ingest(clean_run: Path, out: Path) -> Path:
     """A finished ingest turned back into an interrupted one (its run marker, no ``_SUCCESS``); its stage folder."""
-    _ingest(out, demo)
-    stage = out / "ingest"
+    stage = _finished_ingest(clean_run, out)
     record = json.loads((stage / "_SUCCESS").read_text())
     (stage / "_SUCCESS").unlink()
     (stage / "_RUNNING").write_text(json.dumps({k: record[k] for k in ("config_hash", "fingerprint")}))
@@ -295,11 +306,11 @@ def _interrupted_ingest(out: Path, demo: Path) -> Path:
 
 @pytest.mark.usefixtures("ray_local")
 def test_a_torn_part_under_its_final_name_is_set_aside_and_redone_not_a_wedge(
-    clean: pa.Table, small_demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    clean_run: Path, clean: pa.Table, small_demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """As a crash in the middle of a non-atomic copy, or a foreign file, would leave it: the run resumes."""
     out = tmp_path / "out"
-    stage = _interrupted_ingest(out, small_demo)  # interrupted before the stage finished ...
+    stage = _interrupted_ingest(clean_run, out)  # interrupted before the stage finished ...
     torn = stage / "part-000001.parquet"
     torn.write_bytes(torn.read_bytes()[: torn.stat().st_size // 2])  # ... with a part cut in half
     capsys.readouterr()
@@ -312,12 +323,12 @@ def test_a_torn_part_under_its_final_name_is_set_aside_and_redone_not_a_wedge(
 
 @pytest.mark.usefixtures("ray_local")
 def test_a_readable_part_that_is_not_the_committed_one_is_set_aside_and_redone(
-    clean: pa.Table, small_demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    clean_run: Path, clean: pa.Table, small_demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A valid Parquet file under a part's name (another run's part, a file copied in by hand) passes any footer
     check; only the commit record (size and checksum) tells it apart."""
     out = tmp_path / "out"
-    stage = _interrupted_ingest(out, small_demo)
+    stage = _interrupted_ingest(clean_run, out)
     foreign = stage / "part-000002.parquet"
     rows = pq.read_table(foreign)
     pq.write_table(rows.slice(0, rows.num_rows - 1), foreign)  # readable, one row short
@@ -330,11 +341,10 @@ def test_a_readable_part_that_is_not_the_committed_one_is_set_aside_and_redone(
 
 @pytest.mark.usefixtures("ray_local")
 def test_a_finished_stage_whose_part_changed_is_resumed_not_skipped(
-    clean: pa.Table, small_demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    clean_run: Path, clean: pa.Table, small_demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "out"
-    _ingest(out, small_demo)
-    stage = out / "ingest"
+    stage = _finished_ingest(clean_run, out)
     sizes = json.loads((stage / "_SUCCESS").read_text())["part_bytes"]
     assert set(sizes) >= {f"part-00000{i}.parquet" for i in range(4)}
     changed = stage / "part-000003.parquet"

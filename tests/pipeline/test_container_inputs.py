@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -23,8 +24,9 @@ STAGES = ("ingest", "dedup_exact", "dedup_phash", "embed", "dedup_copy")
 
 
 def _curate(out: Path, inputs: Path) -> None:
-    overrides = [f"out={out}", f"ingest.inputs=[{inputs}]", "progress=false", *TINY_EMBED, "dedup_copy.threshold=0.9"]
-    run(load_config(CurateConfig, None, overrides), STAGES)
+    # The settings of the session's pool_run (ingest parts of 40 files: a container is one part whatever its size).
+    overrides = [f"out={out}", f"ingest.inputs=[{inputs}]", "ingest.files_per_part=40", "progress=false", *TINY_EMBED]
+    run(load_config(CurateConfig, None, [*overrides, "dedup_copy.threshold=0.9"]), STAGES)
 
 
 def _decisions(out: Path, name_of: dict[str, str] | None = None) -> dict[str, list[tuple]]:
@@ -52,12 +54,18 @@ def _name(row: dict, name_of: dict[str, str] | None) -> str:
 
 
 @pytest.mark.usefixtures("ray_local")
-def test_tars_and_tables_decide_as_loose_files(small_demo: Path, tmp_path: Path) -> None:
+def test_tars_and_tables_decide_as_loose_files(pool_run: tuple[Path, dict], small_demo: Path, tmp_path: Path) -> None:
     raw = small_demo / "raw"
     write_webdataset(raw, tmp_path / "tars", per_shard=40)
     write_image_table(raw, tmp_path / "table" / "pool.parquet", rows_per_group=50)
     loose_names = {str(p): p.relative_to(raw).as_posix() for p in raw.rglob("*") if p.is_file()}
+    # The loose files: the session's curation of the same pool with the same settings up to embed (those stages are
+    # up to date, dedup_copy runs with this test's fixed threshold).
+    for stage in STAGES[:-1]:
+        shutil.copytree(pool_run[0] / stage, tmp_path / "loose" / stage)
     _curate(tmp_path / "loose", raw)
+    record = json.loads((tmp_path / "loose" / "dedup_copy" / "_SUCCESS").read_text())
+    assert record["config"]["threshold"] == 0.9
     _curate(tmp_path / "tars_out", tmp_path / "tars")
     _curate(tmp_path / "table_out", tmp_path / "table")
     loose = _decisions(tmp_path / "loose", loose_names)

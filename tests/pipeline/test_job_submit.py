@@ -60,6 +60,7 @@ def test_ray_job_submit_runs_a_stage_on_the_head(head_with_jobs: str, small_demo
         f"out={out}",
         f"ingest.inputs=[{small_demo / 'raw'}]",
         "ingest.files_per_part=50",
+        "ingest.phash=false",  # no PHash: the fresh head's workers need not import imagededup (and torch) for it
         "progress=false",
     ]
     submit = [str(BIN / "ray"), "job", "submit", "--address", head_with_jobs]
@@ -89,6 +90,7 @@ def test_a_local_run_needs_no_ray_auth_setup(small_demo: Path, tmp_path: Path) -
     env["HOME"] = str(home)
     out = tmp_path / "out"
     args = [f"out={out}", f"ingest.inputs=[{small_demo / 'raw'}]", "ingest.files_per_part=50", "progress=false"]
+    args.append("ingest.phash=false")  # the fresh Ray's workers need not import imagededup (and torch) for PHash
     done = subprocess.run(
         [sys.executable, "-m", "lvdkit.cli", "run", "ingest", *args],
         capture_output=True,

@@ -268,10 +268,10 @@ def _ingest_in_process(out: Path, demo: Path) -> None:
 
 @pytest.mark.usefixtures("ray_local")
 def test_a_missing_marker_or_leftover_temp_file_is_not_taken_as_output(
-    small_demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    reference: Path, small_demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "out"
-    _ingest_in_process(out, small_demo)
+    shutil.copytree(reference / "ingest", out / "ingest")  # a finished ingest of _args(out, small_demo)
     stage = out / "ingest"
     parts = part_files(stage)
     record = json.loads((stage / "_SUCCESS").read_text())
@@ -289,10 +289,10 @@ def test_a_missing_marker_or_leftover_temp_file_is_not_taken_as_output(
 
 @pytest.mark.usefixtures("ray_local")
 def test_an_interrupted_stage_restarts_clean_when_its_config_or_inputs_changed(
-    small_demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    reference: Path, small_demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "out"
-    _ingest_in_process(out, small_demo)
+    shutil.copytree(reference / "ingest", out / "ingest")  # a finished ingest of _args(out, small_demo)
     (out / "ingest" / "_SUCCESS").unlink()
     (out / "ingest" / "_RUNNING").write_text('{"config_hash": "other", "fingerprint": "other"}')
     stale = out / "ingest" / "part-999999.parquet"

@@ -23,31 +23,20 @@ from lvdkit.pipeline.runner import run, write_summary
 from lvdkit.pipeline.summary import STATUS_PARTS
 from lvdkit.truth import load_truth, score_status
 
-from ..conftest import TINY_EMBED
+from ..conftest import TINY_EMBED, copy_run, pool_run_args
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
 
 def _config(out: Path, demo: Path, *overrides: str) -> CurateConfig:
-    return load_config(
-        CurateConfig,
-        None,
-        [
-            f"out={out}",
-            f"ingest.inputs=[{demo / 'raw'}]",
-            "ingest.files_per_part=40",
-            "progress=false",
-            *TINY_EMBED,
-            *overrides,
-        ],
-    )
+    return load_config(CurateConfig, None, pool_run_args(out, demo, *overrides))
 
 
 @pytest.fixture(scope="module")
-def curated(small_demo: Path, tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> tuple[Path, dict]:
-    out = tmp_path_factory.mktemp("curated")
-    summary = run(_config(out, small_demo))
-    return out, summary
+def curated(pool_run: tuple[Path, dict]) -> tuple[Path, dict]:
+    """The session's whole curation of the small demo (:func:`~tests.conftest.pool_run`): ``_config`` without
+    overrides, ingest parts of 40 files."""
+    return pool_run
 
 
 def test_every_input_file_ends_in_exactly_one_state(curated: tuple[Path, dict], small_demo: Path) -> None:
@@ -157,9 +146,10 @@ def test_outputs_have_the_documented_schemas_and_manifests(curated: tuple[Path, 
     assert load_config(CurateConfig, out / "config.yaml").ingest.files_per_part == 40
 
 
-def test_rerun_skips_and_changes_redo_only_what_they_affect(small_demo: Path, tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    run(_config(out, small_demo))
+def test_rerun_skips_and_changes_redo_only_what_they_affect(
+    curated: tuple[Path, dict], small_demo: Path, tmp_path: Path
+) -> None:
+    out = copy_run(curated[0], tmp_path / "out")  # a finished run of _config(out, small_demo)
     mtimes = {s: (out / s / "_SUCCESS").stat().st_mtime_ns for s in ("ingest", "dedup_exact", "dedup_phash")}
     run(_config(out, small_demo))  # same config, same inputs: nothing rewritten
     assert mtimes == {s: (out / s / "_SUCCESS").stat().st_mtime_ns for s in mtimes}

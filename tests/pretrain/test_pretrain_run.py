@@ -27,6 +27,7 @@ import pytest
 import torch
 from PIL import Image
 
+from lvdkit.cli import main
 from lvdkit.core.settings import load_config
 from lvdkit.pretrain.config import PretrainConfig
 from lvdkit.pretrain.run import checkpoints
@@ -112,8 +113,11 @@ def _wait_for(condition, proc: subprocess.Popen[bytes], timeout: float = 240) ->
 
 
 @pytest.fixture(scope="module")
-def resumed_run(parts: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, list[dict[str, float]]]:
-    """A DINOv2 run SIGKILLed (driver and all of Ray) after its checkpoint at step >= 4, then resumed to the end."""
+def resumed_run(
+    parts: Path, tmp_path_factory: pytest.TempPathFactory, ray_local: None
+) -> tuple[Path, int, list[dict[str, float]]]:
+    """A DINOv2 run SIGKILLed (driver and all of Ray) after its checkpoint at step >= 4, then resumed to the end by
+    ``lvdkit pretrain ... resume=true`` run in this process, on the session's Ray (no Ray start-up for it)."""
     out = tmp_path_factory.mktemp("runs") / "dinov2"
     proc = _start(out, parts, delay=1.0)
     _wait_for(lambda: _registered_step(out) >= 4, proc)
@@ -121,16 +125,18 @@ def resumed_run(parts: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
     killed_at = max(int(r["step"]) for r in _rows(out))
     rows_before = len(_rows(out))
     assert killed_at < TOTAL_STEPS, "the run finished before it could be killed"
-    done = run_cli("pretrain", f"out={out}", f"data={parts}", *TINY_VIT, "resume=true", timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert main(["pretrain", f"out={out}", f"data={parts}", *TINY_VIT, "resume=true"]) == 0
     return out, rows_before, _rows(out)
 
 
-def test_rerun_without_resume_is_refused(resumed_run: tuple[Path, int, list[dict[str, float]]], parts: Path) -> None:
+def test_rerun_without_resume_is_refused(
+    resumed_run: tuple[Path, int, list[dict[str, float]]], parts: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out, _, _ = resumed_run
-    again = run_cli("pretrain", f"out={out}", f"data={parts}", *TINY_VIT, "optim.epochs=3")
-    assert again.returncode == 2
-    assert "resume=true" in again.stderr
+    capsys.readouterr()
+    # `lvdkit pretrain` in this process: it refuses before it starts Ray or loads any data
+    assert main(["pretrain", f"out={out}", f"data={parts}", *TINY_VIT, "optim.epochs=3"]) == 2
+    assert "resume=true" in capsys.readouterr().err
 
 
 def _recipe_lr(cfg: PretrainConfig, step: int) -> float:
@@ -182,8 +188,12 @@ def test_killed_run_resumes_step_optimizer_and_schedule(resumed_run: tuple[Path,
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))  # the metrics go to TensorBoard too
 
 
+@pytest.mark.usefixtures("ray_local")
 def test_export_loads_in_timm_and_teaches_a_cnn(
-    resumed_run: tuple[Path, int, list[dict[str, float]]], parts: Path, tmp_path: Path
+    resumed_run: tuple[Path, int, list[dict[str, float]]],
+    parts: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     import timm
 
@@ -191,8 +201,7 @@ def test_export_loads_in_timm_and_teaches_a_cnn(
 
     out, _, _ = resumed_run
     model_file = tmp_path / "vit.safetensors"
-    exported = run_cli("export", str(out), "--out", str(model_file))
-    assert exported.returncode == 0, exported.stderr
+    assert main(["export", str(out), "--out", str(model_file)]) == 0, capsys.readouterr().err  # in this process
     sidecar = json.loads(model_file.with_suffix(".json").read_text())
     kwargs = dict(sidecar["kwargs"])
     # timm loads the file directly (its own key names), and gives what lvdkit's embedder gives.
@@ -210,32 +219,33 @@ def test_export_loads_in_timm_and_teaches_a_cnn(
 
     # Distillation: the exported ViT teaches a CNN (any timm/torchvision architecture).
     student_out = tmp_path / "distill"
-    distilled = run_cli(
-        "pretrain",
-        f"out={student_out}",
-        f"data={parts}",
-        "method=distillation",
-        "model=timm:resnet10t",
-        f"distill.teacher={model_file}",
-        "crops.global_size=32",
-        f"optim.batch_size={BATCH}",
-        "optim.epochs=1",
-        "optim.warmup_epochs=0",
-        "progress=false",
-        "ray.num_cpus=2",
-        "torch_threads=1",
-        f"eval.data={labeled_colours(tmp_path / 'labeled')}",  # the learning curve, every 4 steps and at the end
-        "eval.every=4",
-        timeout=600,
+    distilled = main(  # `lvdkit pretrain` in this process, on the session's Ray (no Ray start-up for it)
+        [
+            "pretrain",
+            f"out={student_out}",
+            f"data={parts}",
+            "method=distillation",
+            "model=timm:resnet10t",
+            f"distill.teacher={model_file}",
+            "crops.global_size=32",
+            f"optim.batch_size={BATCH}",
+            "optim.epochs=1",
+            "optim.warmup_epochs=0",
+            "progress=false",
+            "ray.num_cpus=2",
+            "torch_threads=1",
+            f"eval.data={labeled_colours(tmp_path / 'labeled')}",  # the learning curve, every 4 steps and at the end
+            "eval.every=4",
+        ]
     )
-    assert distilled.returncode == 0, distilled.stderr[-3000:]
+    assert distilled == 0, capsys.readouterr().err[-3000:]
     rows = _rows(student_out)
     assert [int(r["step"]) for r in rows] == list(range(1, N_IMAGES // BATCH + 1))
     assert all(np.isfinite(r["distill"]) and r["distill"] >= -1e-6 for r in rows)  # a KL divergence
     assert [int(r["step"]) for r in rows if "knn_top1" in r] == [4, N_IMAGES // BATCH]
     assert all(r["knn_top1"] == 1.0 and r["embedding_std"] > 0 for r in rows if "knn_top1" in r)
     cnn_file = tmp_path / "cnn.safetensors"
-    assert run_cli("export", str(student_out), "--out", str(cnn_file)).returncode == 0
+    assert main(["export", str(student_out), "--out", str(cnn_file)]) == 0, capsys.readouterr().err
     cnn = timm.create_model("resnet10t", num_classes=0, checkpoint_path=str(cnn_file))
     assert cnn.num_features == 512
     student_state, _ = read_checkpoint(checkpoints(student_out)[-1])
