@@ -321,11 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         help="cluster and sample retrieval only, on a pool written with a dedup_copy that removed nothing",
     )
     args = ap.parse_args(argv)
-    import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    # its own Ray: without address="local", ray.init joins a cluster another process started on this machine
-    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, logging_level="ERROR")
+    _fresh_ray(args.num_cpus)
     print(machine_line(), flush=True)
     copy_cfg = [
         "dedup_copy.path=partitioned",
@@ -368,7 +365,11 @@ def main(argv: list[str] | None = None) -> int:
             secs, peaks, found = sample_retrieval(out, 1000, 4)
             found_stats = {"stats": {"found": len(found)}}
             rows.append(_row(n, "sample retrieval k-NN (1000 seeds, k=4)", secs, peaks, found_stats, None))
+            _fresh_ray(args.num_cpus)  # workers of its own: a reused worker's peak holds what cluster left in it
             secs, peaks, record = curated_plan(out, found)
+            listed = record["stats"]
+            print(f"  curated plan: {listed['listed']:,} rows in {listed['listing_files']} listing files", flush=True)
+            print(peaks_text(peaks), flush=True)
             rows.append(_row(n, "curated plan (balanced sample + retrieved)", secs, peaks, record, None))
             _print(rows[-1:])
         if n <= args.single_max and not args.skip_single and not args.skip_copy:
@@ -381,6 +382,15 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(out, ignore_errors=True)
         _print(rows)
     return 0
+
+
+def _fresh_ray(num_cpus: int | None) -> None:
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.shutdown()
+    # its own Ray: without address="local", ray.init joins a cluster another process started on this machine
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR")
 
 
 def steps_text(record: dict[str, Any]) -> str:

@@ -48,6 +48,8 @@ class CuratedConfig:
     # re-encode (JPEG, quality 90) images whose longer side exceeds this; null: as stored
     max_side: int | None = setting(None, ge=1)
     embedding: str | None = "semantic"  # embed.models key stored as the `embedding` column; null: no column
+    # memory Ray reserves per task of the plan (a cluster part and the retrieved set; one embed part's picks)
+    plan_memory_mb: int = setting(1024, ge=64)
 
 
 def merge_selections(selections: list[pa.Table]) -> pa.Table:

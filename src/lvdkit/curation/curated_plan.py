@@ -67,7 +67,7 @@ class CuratedPlan(PartitionedWork):
         has_seeds = cfg.include_seeds and inputs.side("retrieve", schema.SEEDS_FILE).exists()
         work = cls(cfg, inputs, whole_pool, len(embed_parts), dim, has_seeds)
         work.n_inputs = len(inputs.parts("cluster"))
-        work.resources = Resources(cpus=1.0, memory_mb=1024)
+        work.resources = Resources(cpus=1.0, memory_mb=cfg.plan_memory_mb)
         return work
 
     def empty_output(self) -> pa.Table:

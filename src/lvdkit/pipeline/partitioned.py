@@ -86,10 +86,17 @@ def run_partitioned(
 
 
 def run_work(
-    name: str, sides: tuple[str, ...], work: PartitionedWork, into: Location, cfg: CurateConfig, progress: bool
+    name: str,
+    sides: tuple[str, ...],
+    work: PartitionedWork,
+    into: Location,
+    cfg: CurateConfig,
+    progress: bool,
+    label: str | None = None,
 ) -> tuple[int, dict[str, Any], set[str]]:
     """Run the steps of stage ``name``'s ``work``, writing its parts (and declared ``sides``) into ``into``: the
-    stage's folder, or a folder of it (a per-part stage's listing files)."""
+    stage's folder, or a folder of it (a per-part stage's listing files; ``label`` names the steps in progress
+    bars, e.g. ``curated plan``)."""
     hooks = faults.Hooks.for_stage(name)
     retries = max(0, cfg.ray.max_task_retries)
     opts = {
@@ -100,6 +107,7 @@ def run_work(
         "scheduling_strategy": "SPREAD",  # over every node with room, not the driver's first
     }
     run = _Steps(name, sides, work, hooks, opts, progress)
+    run.label = label or name
     try:
         return run.all(into)
     except StageError:
@@ -122,6 +130,7 @@ class _Steps:
         progress: bool,
     ) -> None:
         self.name, self.sides, self.hooks, self.opts, self.progress = name, sides, hooks, opts, progress
+        self.label = name
         self.work = work
         self.work_ref = ray.put(work)  # shipped once, not with every task
         self.threads = max(1, int(work.resources.cpus))
@@ -208,7 +217,7 @@ class _Steps:
         """Results as they finish (each fetched once, then dropped); the nodes that ran them and their times are
         noted. ``valued=False``: the tasks' :class:`Ran` alone (their values stay in the object store)."""
         start = time.perf_counter()
-        label = f"{self.name} {desc or step}"
+        label = f"{self.label} {desc or step}"
         with tqdm(total=len(refs), desc=label, unit="task", disable=not self.progress, file=sys.stderr) as bar:
             while refs:
                 done, refs = ray.wait(refs, num_returns=1)

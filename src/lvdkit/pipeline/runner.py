@@ -158,7 +158,8 @@ def _plan_partitioned(
     stage_dir = out / stage.name
     _drop_single_listing(stage_dir)
     work = stage.plan_work(cfg, stage.inputs(out, declared_sides()))
-    _, stats, nodes = run_work(stage.name, (), work, stage_dir / schema.LISTING, cfg, cfg.progress)
+    listing = stage_dir / schema.LISTING
+    _, stats, nodes = run_work(stage.name, (), work, listing, cfg, cfg.progress, label=f"{stage.name} plan")
     return PartPlan(fingerprint, int(stats["n_parts"]), tuple(stats["listing_rows"])), nodes
 
 
