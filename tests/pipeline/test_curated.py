@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 import lvdkit
 from lvdkit.core import schema
@@ -22,41 +22,25 @@ from lvdkit.pipeline.commits import commit_part
 from lvdkit.pipeline.config import CurateConfig
 from lvdkit.pipeline.runner import run
 
-from ..conftest import TINY_EMBED
+from ..partitioned_run import base_args, copy_of_base
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
 
 @pytest.fixture(scope="module")
 def curated(small_demo: Path, tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> Path:
-    out = tmp_path_factory.mktemp("curated_set")
+    """The shared small run (tests/partitioned_run.py: finished up to a partitioned cluster of several parts, seed
+    sets configured), carried through retrieve and curated."""
+    out = copy_of_base(small_demo, tmp_path_factory, tmp_path_factory.mktemp("curated_set") / "out")
     run(_config(out, small_demo))
     return out
 
 
 def _config(out: Path, small_demo: Path) -> CurateConfig:
-    seeds = small_demo / "seeds"
-    return load_config(
-        CurateConfig,
-        None,
-        [
-            f"out={out}",
-            f"ingest.inputs=[{small_demo / 'raw'}]",
-            "progress=false",
-            *TINY_EMBED,
-            "dedup_copy.threshold=0.99",
-            "cluster.embedding=copy",
-            "retrieve.embedding=copy",
-            "curated.embedding=copy",
-            "cluster.hierarchy.levels=[6, 2]",
-            "cluster.target_size=15",
-            "curated.rows_per_part=16",
-            f"retrieve.seed_sets={{two: {{inputs: [{seeds / 'digit_2'}], mode: sample, k: 3}}, "
-            f"five: {{inputs: [{seeds / 'digit_5'}], mode: cluster}}}}",
-            "retrieve.min_seeds_per_cluster=0",
-            "retrieve.per_cluster=4",
-        ],
-    )
+    return load_config(CurateConfig, None, [*base_args(out, small_demo), f"curated.rows_per_part={ROWS_PER_PART}"])
+
+
+ROWS_PER_PART = 16
 
 
 def test_curated_shards_hold_every_selected_image_once_with_bytes(curated: Path) -> None:
@@ -67,12 +51,14 @@ def test_curated_shards_hold_every_selected_image_once_with_bytes(curated: Path)
     assert {schema.REASON_SAMPLE, schema.REASON_BALANCED, schema.REASON_SEED} <= reasons
     for row in table.slice(0, 10).to_pylist():
         assert row["image"] == Path(row[schema.URI]).read_bytes()  # stored as the file was
-        assert Image.open(io.BytesIO(row["image"])).size == (row["width"], row["height"])
+        shown = ImageOps.exif_transpose(Image.open(io.BytesIO(row["image"])))  # sizes are after EXIF orientation
+        assert shown.size == (row["width"], row["height"])
     summary = json.loads((curated / "summary.json").read_text())
     assert summary["curated"] == table.num_rows
     assert summary["images_in"] == summary["kept"] + summary["duplicates"] + summary["quarantined"]
     clusters = read_parts(curated / "cluster")
-    assert clusters[schema.IMAGE_ID].to_pylist() and clusters["balanced"].to_pylist().count(True) == 15
+    target = load_config(CurateConfig, curated / "config.yaml").cluster.target_size
+    assert clusters[schema.IMAGE_ID].to_pylist() and clusters["balanced"].to_pylist().count(True) == target
     assert all(len(c) == 2 for c in clusters[schema.CLUSTER_IDS].to_pylist())
 
 
@@ -80,7 +66,7 @@ def test_sample_retrieval_in_the_pipeline_matches_brute_force(curated: Path) -> 
     seeds = pq.read_table(curated / "retrieve" / "seeds.parquet")
     seeds = seeds.filter(seeds.column("seed_set").to_numpy(zero_copy_only=False) == "two")
     emb = read_parts(curated / "embed")
-    pool = pq.read_table(curated / "cluster" / "part-000000.parquet")[schema.IMAGE_ID].to_pylist()
+    pool = read_parts(curated / "cluster")[schema.IMAGE_ID].to_pylist()
     all_ids = emb[schema.IMAGE_ID].to_pylist()
     x = emb[schema.embedding_column("copy")].combine_chunks().flatten().to_numpy().reshape(len(all_ids), -1)
     keep = np.isin(all_ids, pool)
@@ -164,6 +150,7 @@ def test_the_plan_writes_one_listing_file_per_embed_part_with_picks_and_one_for_
     for file, part in zip(listing, with_picks, strict=False):
         ids = pq.read_table(file)[schema.IMAGE_ID].to_pylist()
         assert ids == sorted(ids) and {parts_of[i] for i in ids} == {part}
+        assert pq.ParquetFile(file).metadata.num_row_groups == -(-len(ids) // ROWS_PER_PART)  # a part per group
     assert not (curated / "curated" / schema.LISTING / "_scratch").exists()
 
 

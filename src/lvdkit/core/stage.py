@@ -22,7 +22,7 @@ from typing import Any, TypeAlias
 import pyarrow as pa
 
 from lvdkit.core import schema
-from lvdkit.core.io import part_files, read_json, read_tables
+from lvdkit.core.io import ROW_GROUP_ROWS, part_files, read_json, read_tables
 from lvdkit.core.storage import Location, location
 
 SUCCESS = "_SUCCESS"  # a finished stage's record (JSON): config hash, input fingerprint, rows, stats, parts
@@ -189,6 +189,7 @@ class PartitionedWork:
     resources: Resources = Resources(cpus=1.0, memory_mb=1024)
     write_per_partition: bool = False  # output part j holds partition j's rows (their work stays together)
     solves: bool = True  # False: no solve step (the writes join what the scatter keyed; a plan, say)
+    output_row_group_rows: int = ROW_GROUP_ROWS  # rows per row group of the output parts
     # Rows per row group of the scatter tables. Each solve reads its cell range from every scatter table through the
     # row groups' statistics: row groups near one partition's share of a table keep what it reads but does not use
     # from growing with the number of tables (with 8192-row groups, a 10M pool's solve decoded 30x what it kept).

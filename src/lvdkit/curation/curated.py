@@ -179,8 +179,8 @@ class CuratedWork(PartWork):
         per = self.cfg.rows_per_part
         for file, rows in enumerate(self.listing_rows):
             parts = -(-rows // per)
-            if index < parts:
-                return pq.read_table(self.listing / part_name(file)).slice(index * per, per)
+            if index < parts:  # the listing files are written in row groups of rows_per_part
+                return pq.ParquetFile(self.listing / part_name(file)).read_row_group(index)
             index -= parts
         raise IndexError(f"curated has no part {index} past the last in {self.listing}")
 

@@ -8,7 +8,7 @@
 3. write, one task per listing file: its rows (a key range of every scatter table), sorted by image id, with their
    metadata (embed's work list, the same row group) and embeddings (the same embed part).
 
-The curated parts are the listing files' rows in file order, ``rows_per_part`` at a time within each file
+The curated parts are the listing files' row groups (``rows_per_part`` rows each) in file order
 (:class:`~lvdkit.curation.curated.CuratedWork`). The same inputs give the same files: a resumed run finds its
 finished parts where it left them.
 """
@@ -68,6 +68,7 @@ class CuratedPlan(PartitionedWork):
         work = cls(cfg, inputs, whole_pool, len(embed_parts), dim, has_seeds)
         work.n_inputs = len(inputs.parts("cluster"))
         work.resources = Resources(cpus=1.0, memory_mb=cfg.plan_memory_mb)
+        work.output_row_group_rows = cfg.rows_per_part  # a curated part is one row group of a listing file
         return work
 
     def empty_output(self) -> pa.Table:

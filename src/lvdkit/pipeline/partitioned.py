@@ -314,5 +314,6 @@ def _write(
     hooks: faults.Hooks,
 ) -> Any:
     start = _begin(1)
-    commit_part(work.write(state, figures, decisions, index, scratch), location(path), hooks)
+    table = work.write(state, figures, decisions, index, scratch)
+    commit_part(table, location(path), hooks, work.output_row_group_rows)
     return None, Ran.since(start)
