@@ -53,7 +53,7 @@ class CuratedPlan(PartitionedWork):
     n_embed: int  # embed parts
     dim: int | None  # width of the embedding column (None: no column)
     has_seeds: bool
-    solves = False
+    solves = False  # no solve step: the writes join what the scatter keyed
     write_per_partition = True
     scratch_row_group_rows = 256  # a write reads one embed part's few rows from every scatter table
 
@@ -111,9 +111,6 @@ class CuratedPlan(PartitionedWork):
         partitions = [int(p) for p in np.flatnonzero(picked)] + ([SEEDS] if self.has_seeds else [])
         found = sorted(total["seeds_found"]) if total is not None else []
         return partitions, {"partitions": partitions, "seeds_found": found}
-
-    def solve(self, state: Any, figures: Any, partition: Any, scratch: list[Location]) -> pa.Table:
-        raise NotImplementedError  # solves = False: the writes join what the scatter picked
 
     def reduce(self, state: PlanState, figures: dict[str, Any], solved: list[Location]) -> StageOutput:
         return StageOutput(pa.table({}))

@@ -106,8 +106,7 @@ def run_work(
         "retry_exceptions": retries > 0,
         "scheduling_strategy": "SPREAD",  # over every node with room, not the driver's first
     }
-    run = _Steps(name, sides, work, hooks, opts, progress)
-    run.label = label or name
+    run = _Steps(name, sides, work, hooks, opts, progress, label or name)
     try:
         return run.all(into)
     except StageError:
@@ -128,9 +127,10 @@ class _Steps:
         hooks: faults.Hooks,
         opts: dict[str, Any],
         progress: bool,
+        label: str,
     ) -> None:
         self.name, self.sides, self.hooks, self.opts, self.progress = name, sides, hooks, opts, progress
-        self.label = name
+        self.label = label  # what progress bars call its steps
         self.work = work
         self.work_ref = ray.put(work)  # shipped once, not with every task
         self.threads = max(1, int(work.resources.cpus))
