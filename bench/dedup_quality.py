@@ -8,11 +8,12 @@ Rows (each scored with ``lvdkit.truth`` on ``truth.parquet``, each timed):
   weights can be fetched here.
 
 With ``--relative``, only dedup_relative: planted edited copies of protected images caught, clean images removed
-and the stage's own estimates, on the demo (its held-out digits) and on photo pools (``lvdkit.photo_copies``: a
-quarter of the photographs protected, one edited copy of each left in the pool).
+and the stage's own estimates, on the demo (its held-out digits) and on photo pools (``lvdkit.photo_copies``: in
+each of ``--rounds`` runs a group of whole photographs protected, one edited copy of each of their tiles left in the
+pool; the rounds together leak every tile once, the edit families in turn), per round and summed.
 
 Usage: python bench/dedup_quality.py [--demo out/bench/demo-data] [--out out/bench/quality] [--skip-sscd]
-       python bench/dedup_quality.py --relative [--photo-sizes 1000,5000] [--set KEY=VALUE]
+       python bench/dedup_quality.py --relative [--photo-sizes 1000,5000] [--rounds 4] [--set KEY=VALUE]
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import os
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +38,7 @@ from lvdkit.core import schema
 from lvdkit.core.settings import load_config
 from lvdkit.pipeline.config import CurateConfig
 from lvdkit.pipeline.runner import run
-from lvdkit.truth import DedupScore, load_truth, score_pairs, score_relative, score_status
+from lvdkit.truth import DedupScore, RelativeScore, load_truth, score_pairs, score_relative, score_status
 
 COPY_ONLY = ("dedup_exact.enabled=false", "dedup_phash.enabled=false")
 
@@ -63,7 +65,22 @@ def lvdkit_row(demo: Path, out: Path, model: str, options: str, copy_only: bool)
 RELATIVE_STAGES = ("ingest", "dedup_exact", "dedup_phash", "embed", "dedup_copy", "dedup_relative")
 
 
-def relative_row(name: str, pool: Path, protected: Path, truth_dir: Path, out: Path, sets: list[str]) -> list[object]:
+@dataclass
+class RelativeRun:
+    """One dedup_relative run scored on its planted leaks."""
+
+    images: int
+    protected: int
+    score: RelativeScore
+    clean: int  # pool images that are not leaks (and decode)
+    est_recall: float | None
+    est_clean: float | None
+    rule: str
+    leaks_by_edit: Counter[str]
+    missed_by_edit: Counter[str]
+
+
+def relative_run(pool: Path, protected: Path, truth_dir: Path, out: Path, sets: list[str]) -> RelativeRun:
     """The cascade through dedup_relative (SSCD) with ``protected`` as the protected set, scored on the planted
     leaks: caught, clean images removed, and what the stage estimated."""
     overrides = [
@@ -76,24 +93,54 @@ def relative_row(name: str, pool: Path, protected: Path, truth_dir: Path, out: P
         *sets,
     ]
     summary = run(load_config(CurateConfig, None, overrides), stages=RELATIVE_STAGES)
-    score = score_relative(load_truth(truth_dir), pq.read_table(out / "status.parquet"))
+    truth, status = load_truth(truth_dir), pq.read_table(out / "status.parquet")
+    score = score_relative(truth, status)
     stats = summary["stages"]["dedup_relative"]["stats"]
-    clean = summary["images_in"] - summary["quarantined"] - score.leaked
-    recall = (score.caught + score.caught_earlier) / max(score.leaked, 1)
-    est_recall, est_clean = stats.get("estimated_recall"), stats.get("estimated_clean_removed")
-    missed = missed_leaks(load_truth(truth_dir), pq.read_table(out / "status.parquet"))
+    leaks = truth.filter(pc.equal(truth[schema.TRUTH_KIND], schema.TRUTH_LEAKED))
+    return RelativeRun(
+        images=summary["images_in"],
+        protected=int(stats.get("protected") or 0),
+        score=score,
+        clean=summary["images_in"] - summary["quarantined"] - score.leaked,
+        est_recall=stats.get("estimated_recall"),
+        est_clean=stats.get("estimated_clean_removed"),
+        rule=f"{stats.get('score')} > {stats.get('threshold', float('nan')):.3f}",
+        leaks_by_edit=Counter(leaks[schema.TRUTH_TRANSFORM].to_pylist()),
+        missed_by_edit=Counter(missed_leaks(truth, status)),
+    )
+
+
+def relative_cells(name: str, runs: list[RelativeRun]) -> list[object]:
+    """One table row for one run, or the sum of several rounds (clean share: all rounds, and the worst round)."""
+    leaked = sum(r.score.leaked for r in runs)
+    caught = sum(r.score.caught for r in runs)
+    earlier = sum(r.score.caught_earlier for r in runs)
+    wrong = sum(r.score.wrongly_removed for r in runs)
+    clean = f"{wrong} ({wrong / max(sum(r.clean for r in runs), 1):.2%})"
+    if len(runs) > 1:
+        clean += f", worst round {max(r.score.wrongly_removed / max(r.clean, 1) for r in runs):.2%}"
+    by_edit: Counter[str] = sum((r.leaks_by_edit for r in runs), Counter())
+    missed: Counter[str] = sum((r.missed_by_edit for r in runs), Counter())
     return [
         name,
-        summary["images_in"],
-        stats.get("protected"),
-        f"{score.caught}+{score.caught_earlier}/{score.leaked}",
-        f"{recall:.3f}",
-        f"{score.wrongly_removed} ({score.wrongly_removed / max(clean, 1):.2%})",
-        "-" if est_recall is None else f"{est_recall:.3f}",
-        "-" if est_clean is None else f"{est_clean:.2%}",
-        f"{stats.get('score')} > {stats.get('threshold', float('nan')):.3f}",
-        ", ".join(f"{t} {n}" for t, n in sorted(missed.items())) or "-",
+        "/".join(f"{r.images:,}" for r in runs[:1]) + (" each" if len(runs) > 1 else ""),
+        "+".join(str(r.protected) for r in runs),
+        f"{caught}+{earlier}/{leaked}",
+        f"{(caught + earlier) / max(leaked, 1):.3f}",
+        clean,
+        _spread_of([r.est_recall for r in runs], "{:.3f}"),
+        _spread_of([r.est_clean for r in runs], "{:.2%}"),
+        "; ".join(r.rule for r in runs),
+        ", ".join(f"{e} {by_edit[e] - missed[e]}/{by_edit[e]}" for e in sorted(by_edit)),
     ]
+
+
+def _spread_of(values: list[float | None], fmt: str) -> str:
+    known = [v for v in values if v is not None]
+    if not known:
+        return "-"
+    low, high = fmt.format(min(known)), fmt.format(max(known))
+    return low if low == high else f"{low}-{high}"
 
 
 def missed_leaks(truth: pa.Table, status: pa.Table) -> dict[str, int]:
@@ -103,21 +150,25 @@ def missed_leaks(truth: pa.Table, status: pa.Table) -> dict[str, int]:
     return dict(Counter(r[schema.TRUTH_TRANSFORM] for r in leaks if r[schema.URI] in kept))
 
 
-def relative_table(demo: Path, out: Path, photo_sizes: list[int], sets: list[str]) -> None:
-    """dedup_relative on the demo (400 held-out digits, 40 planted edited copies) and on photo pools (a quarter of
-    the photographs protected, one edited copy of each left in the pool)."""
+def relative_table(demo: Path, out: Path, photo_sizes: list[int], rounds: int, sets: list[str]) -> None:
+    """dedup_relative on the demo (400 held-out digits, 40 planted edited copies) and on photo pools, each in
+    ``rounds`` leak pools (``lvdkit.photo_copies.make_leak_pool``: one group of whole photographs protected per
+    round, one edited copy of each of its tiles left in the pool; all rounds together leak every tile once)."""
     from lvdkit.photo_copies import make_leak_pool
     from photo_copies import ensure_pool  # bench/photo_copies.py
 
-    rows = [relative_row("demo (digits)", demo / "raw", demo / "heldout", demo, out / "relative-demo", sets)]
+    demo_run = relative_run(demo / "raw", demo / "heldout", demo, out / "relative-demo", sets)
+    rows = [relative_cells("demo (digits)", [demo_run])]
     for size in photo_sizes:
         pool = ensure_pool(out.parent / "photo" / f"pool-{size}", size, 0)
-        leak = make_leak_pool(pool, out / f"leak-{size}", overwrite=True)
-        rows.append(
-            relative_row(
-                f"photos, {size}", leak / "pool", leak / "protected", leak, out / f"relative-photo-{size}", sets
+        runs = []
+        for k in range(rounds):
+            leak = make_leak_pool(pool, out / f"leak-{size}-r{k}", rounds=rounds, round_index=k, overwrite=True)
+            runs.append(
+                relative_run(leak / "pool", leak / "protected", leak, out / f"relative-photo-{size}-r{k}", sets)
             )
-        )
+            rows.append(relative_cells(f"photos, {size}, round {k + 1}/{rounds}", runs[-1:]))
+        rows.append(relative_cells(f"photos, {size}, all rounds", runs))
     print("\ndedup_relative: planted edited copies of protected images (leaks) caught, and clean images removed")
     print_table(
         [
@@ -130,7 +181,7 @@ def relative_table(demo: Path, out: Path, photo_sizes: list[int], sets: list[str
             "est. recall",
             "est. clean removed",
             "rule",
-            "leaks missed, by edit",
+            "leaks caught, by edit",
         ],
         rows,
     )
@@ -227,13 +278,17 @@ def main(argv: list[str] | None = None) -> None:
         "--relative", action="store_true", help="only the dedup_relative table: the demo and photo pools (SSCD)"
     )
     parser.add_argument("--photo-sizes", default="1000,5000", help="photo pool sizes for --relative")
+    parser.add_argument(
+        "--rounds", type=int, default=4, help="leak pools per photo size for --relative (each protects 1/ROUNDS)"
+    )
     parser.add_argument("--set", action="append", default=[], help="extra lvdkit config KEY=VALUE (repeatable)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     print(machine_line())
     demo = ensure_demo(args.demo)
     if args.relative:
-        relative_table(demo, args.out, [int(n) for n in args.photo_sizes.split(",") if n], args.set)
+        sizes = [int(n) for n in args.photo_sizes.split(",") if n]
+        relative_table(demo, args.out, sizes, args.rounds, args.set)
         return
     uris = usable(demo)
     flat = demo / "_flat_for_imagededup"

@@ -17,7 +17,8 @@ catch at that budget; what a rule then loses is the rule's doing.
   than any clean image (verification as a second test).
 
 Usage: python bench/relative_headroom.py [--quality out/bench/quality] [--sizes 1000,5000] [--verify]
-(run ``bench/dedup_quality.py --relative`` first: it writes ``relative-photo-N`` and ``leak-N`` there.)
+(run ``bench/dedup_quality.py --relative`` first: it writes ``relative-photo-N-rK`` and ``leak-N-rK`` there, one per
+leak round; the oracle threshold is put per round and the leaks summed.)
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -92,18 +95,29 @@ def oracle_threshold(value: np.ndarray, leak: np.ndarray, budget: float) -> floa
     return float(clean[min(len(clean) - 1, int(budget * len(clean)))])
 
 
-def oracle_row(name: str, value: np.ndarray, leak: np.ndarray, family: np.ndarray) -> list[object]:
-    """Leaks above the threshold that removes each budget's share of the clean pool."""
-    row: list[object] = [name]
-    missed = ""
+def oracle_counts(value: np.ndarray, leak: np.ndarray, family: np.ndarray) -> tuple[list[int], list[str]]:
+    """Leaks above the threshold that removes each budget's share of the clean pool; the leaks missed (their edit
+    families) at the largest budget."""
+    caught, missed = [], []
     for budget in BUDGETS:
         t = oracle_threshold(value, leak, budget)
-        row.append(f"{int(np.sum(value[leak] > t))}/{int(leak.sum())}")
-        missed = ", ".join(sorted(family[leak][value[leak] <= t]))  # at the last (largest) budget
-    return [*row, missed or "-"]
+        caught.append(int(np.sum(value[leak] > t)))
+        missed = sorted(family[leak][value[leak] <= t])
+    return caught, missed
 
 
-def verify_rows(run: Run, centred: tuple[np.ndarray, np.ndarray], margin: np.ndarray) -> list[list[object]]:
+@dataclass
+class Verified:
+    """SIFT + RANSAC verification on one run."""
+
+    ms_per_image: float
+    clean_max: int  # the most inliers of any clean image
+    above: int  # leaks with more inliers than that
+    either: int  # leaks caught by the stage's margin at the 1% oracle threshold or by verification
+    leaks: list[tuple[int, str]]  # (inliers, edit family) per leak
+
+
+def verify(run: Run, centred: tuple[np.ndarray, np.ndarray], margin: np.ndarray) -> Verified:
     """Verification's inliers against the best matches by ``centred`` (pool, protected) descriptors, alone and
     beside the stage's ``margin`` at the 1% oracle threshold (either removes)."""
     import cv2  # opencv-python-headless: only this bench
@@ -118,17 +132,20 @@ def verify_rows(run: Run, centred: tuple[np.ndarray, np.ndarray], margin: np.nda
     ms = (time.perf_counter() - start) / max(1, len(run.uris)) * 1e3
     clean_max = int(inliers[~run.leak].max()) if (~run.leak).any() else 0
     leaks = sorted(zip(inliers[run.leak].tolist(), run.family[run.leak].tolist(), strict=True))
-    above = sum(n > clean_max for n, _ in leaks)
     by_margin = margin > oracle_threshold(margin, run.leak, BUDGETS[-1])
     either = int(np.sum((by_margin | (inliers > clean_max))[run.leak]))
+    return Verified(ms, clean_max, sum(n > clean_max for n, _ in leaks), either, leaks)
+
+
+def verify_row(checks: list[Verified]) -> list[object]:
+    total = sum(len(v.leaks) for v in checks)
     return [
-        [
-            f"SIFT + RANSAC inliers, {VERIFY_MATCHES} best protected matches",
-            f"{ms:.0f} ms per pool image",
-            f"most of any clean image: {clean_max}",
-            f"leaks above it: {above}/{len(leaks)}; with the stage's margin at 1%: {either}/{len(leaks)}",
-            ", ".join(f"{f} {n}" for n, f in leaks),
-        ]
+        f"SIFT + RANSAC inliers, {VERIFY_MATCHES} best protected matches",
+        f"{np.mean([v.ms_per_image for v in checks]):.0f} ms per pool image",
+        "most of any clean image: " + ", ".join(str(v.clean_max) for v in checks),
+        f"leaks above it: {sum(v.above for v in checks)}/{total}; with the stage's margin at 1%: "
+        f"{sum(v.either for v in checks)}/{total}",
+        ", ".join(f"{f} {n}" for v in checks for n, f in v.leaks if n <= v.clean_max) or "-",
     ]
 
 
@@ -186,22 +203,45 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     print(machine_line(), flush=True)
     for size in [int(s) for s in args.sizes.split(",") if s]:
-        out, leak = args.quality / f"relative-photo-{size}", args.quality / f"leak-{size}"
-        if not (out / "dedup_relative" / "_SUCCESS").exists():
-            print(f"{out}: no finished run (python bench/dedup_quality.py --relative --photo-sizes {size})")
+        outs = sorted(args.quality.glob(f"relative-photo-{size}-r*"), key=lambda p: int(p.name.rsplit("-r", 1)[1]))
+        outs = [o for o in outs if (o / "dedup_relative" / "_SUCCESS").exists()]
+        if not outs:
+            print(
+                f"photo pool of {size}: no finished run (python bench/dedup_quality.py --relative --photo-sizes {size})"
+            )
             continue
-        run = Run(out, leak)
-        rows, stage_margin, described = [], np.empty(0), treatments(run)
-        for treatment, (pool, protected) in described.items():
-            for score, value in score_variants(pool, protected, run.groups).items():
-                rows.append(oracle_row(f"{treatment}, {score}", value, run.leak, run.family))
-                stage_margin = value if (treatment, score) == ("stage's whitening", "margin") else stage_margin
-        print(f"\nphoto pool of {size}: {len(run.uris)} images reach dedup_relative, {int(run.leak.sum())} leaks")
+        caught: dict[str, list[int]] = {}
+        missed: dict[str, list[str]] = {}
+        checks, images, leaks = [], 0, 0
+        for out in outs:
+            run = Run(out, args.quality / out.name.replace("relative-photo-", "leak-"))
+            images, leaks = images + len(run.uris), leaks + int(run.leak.sum())
+            stage_margin, described = np.empty(0), treatments(run)
+            for treatment, (pool, protected) in described.items():
+                for score, value in score_variants(pool, protected, run.groups).items():
+                    name = f"{treatment}, {score}"
+                    counts, lost = oracle_counts(value, run.leak, run.family)
+                    caught[name] = [a + b for a, b in zip(caught.get(name, [0] * len(BUDGETS)), counts, strict=True)]
+                    missed[name] = missed.get(name, []) + lost
+                    stage_margin = value if (treatment, score) == ("stage's whitening", "margin") else stage_margin
+            if args.verify:
+                checks.append(verify(run, described["centred"], stage_margin))
+        print(f"\nphoto pool of {size}, {len(outs)} rounds: {images} images reach dedup_relative, {leaks} leaks")
+        rows = [
+            [
+                name,
+                *(f"{c}/{leaks}" for c in counts),
+                ", ".join(f"{f} {n}" for f, n in sorted(Counter(missed[name]).items())) or "-",
+            ]
+            for name, counts in caught.items()
+        ]
         headers = ["descriptors, score", *[f"leaks caught at {b:.1%} clean" for b in BUDGETS], "missed at 1%"]
         print_table(headers, rows)
-        if args.verify:
-            verified = verify_rows(run, described["centred"], stage_margin)
-            print_table(["verification", "time", "clean", "leaks", "leaks' inliers"], verified)
+        if checks:
+            print_table(
+                ["verification", "time", "clean (per round)", "leaks", "leaks verification misses"],
+                [verify_row(checks)],
+            )
     return 0
 
 

@@ -89,23 +89,43 @@ def test_the_leak_pool_moves_protected_originals_out_and_leaves_one_edited_copy_
     pool: tuple[Path, list[dict]], tmp_path: Path
 ) -> None:
     from lvdkit.core.schema import TRUTH_HELDOUT, TRUTH_LEAKED
-    from lvdkit.photo_copies import make_leak_pool
+    from lvdkit.photo_copies import make_leak_pool, photograph
 
     src, rows = pool
-    out = make_leak_pool(src, tmp_path / "leak", protected_share=0.5)
+    out = make_leak_pool(src, tmp_path / "leak", rounds=2, round_index=1)
     leak_rows = pq.read_table(out / "truth.parquet").to_pylist()
     on_disk = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.jpg"))
     assert on_disk == sorted(r["path"] for r in leak_rows)
     protected = [r for r in leak_rows if r["kind"] == TRUTH_HELDOUT]
     leaks = [r for r in leak_rows if r["kind"] == TRUTH_LEAKED]
-    families = len([r for r in rows if r["kind"] == TRUTH_ORIGINAL and r["label"] != PAD_LABEL])
-    assert len(protected) == round(0.5 * families) > 0 and all(r["path"].startswith("protected/") for r in protected)
+    assert protected and all(r["path"].startswith("protected/") for r in protected)
     assert sorted(r["label"] for r in leaks) == sorted(r["label"] for r in protected)  # one leak per protected image
-    assert {r["label"] for r in leak_rows if r["kind"] == TRUTH_NEAR}.isdisjoint(r["label"] for r in protected)
-    assert len({r["transform"] for r in leaks}) == min(len(leaks), len(PHOTO_EDITS))  # the edits taken in turn
+    # whole photographs: nothing else of a protected photograph stays in the pool
+    protected_photos = {photograph(r["label"]) for r in protected}
+    others = [r for r in leak_rows if r["kind"] not in (TRUTH_HELDOUT, TRUTH_LEAKED) and r["label"] != PAD_LABEL]
+    assert others and not protected_photos & {photograph(r["label"]) for r in others}
     leak_of = {r["label"]: r["path"] for r in leaks}
     original_of = {r["label"]: r["path"] for r in rows if r["kind"] == TRUTH_NEAR}
     for r in protected:  # same bytes as the source pool's files: the original, and one of its copies
         assert (out / r["path"]).read_bytes() == (src / "pool" / r["path"].split("/", 1)[1]).read_bytes()
         assert r["label"] in original_of and (out / leak_of[r["label"]]).is_file()
     assert len(leak_rows) == len(rows) - len(protected) * (FAMILY_SIZE - 2)
+
+
+def test_the_leak_rounds_leak_every_tile_once_with_the_edits_in_turn(
+    pool: tuple[Path, list[dict]], tmp_path: Path
+) -> None:
+    from lvdkit.core.schema import TRUTH_LEAKED
+    from lvdkit.photo_copies import make_leak_pool
+
+    src, rows = pool
+    tiles = sorted(r["label"] for r in rows if r["kind"] == TRUTH_ORIGINAL and r["label"] != PAD_LABEL)
+    leaks = []
+    for k in range(3):
+        out = make_leak_pool(src, tmp_path / f"leak-{k}", rounds=3, round_index=k)
+        leaks += [r for r in pq.read_table(out / "truth.parquet").to_pylist() if r["kind"] == TRUTH_LEAKED]
+    assert sorted(r["label"] for r in leaks) == tiles
+    per_edit = collections.Counter(r["transform"] for r in leaks)
+    assert max(per_edit.values()) - min(per_edit[e] for e in PHOTO_EDITS) <= 1  # every family about as often
+    with pytest.raises(ValueError, match="round_index"):
+        make_leak_pool(src, tmp_path / "bad", rounds=3, round_index=3)
