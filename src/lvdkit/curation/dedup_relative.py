@@ -20,7 +20,15 @@ from lvdkit.core.stage import StageInputs, StageOutput
 from lvdkit.core.views import alive, dedups_before, embeddings_of
 from lvdkit.core.whitening import Whitener
 from lvdkit.curation.components import dedup_stats
-from lvdkit.curation.relative_score import copy_groups, decoy_rates, in_sample, margins
+from lvdkit.curation.relative_score import (
+    copy_groups,
+    decoy_rates,
+    in_sample,
+    margins,
+    pool_bound,
+    score_histogram,
+    share_above,
+)
 from lvdkit.curation.side_sets import SideSetReader
 
 
@@ -34,8 +42,9 @@ class DedupRelativeConfig:
     score: Literal["margin", "similarity"] = "margin"
     threshold: float | None = setting(None, ge=-1, le=2)  # on the score's scale; null: set by ``rule``
     # recall: the highest threshold that keeps target_recall of synthetic copies of the protected images (scored
-    # against the protected set), raised if needed so that it removes at most max_removed of the clean pool, as
-    # estimated on decoys (a missed leak contaminates an evaluation, an extra removal costs one training image);
+    # against the protected set), raised if needed so that it removes at most max_removed of the clean pool: as
+    # estimated on decoys, or as bounded by the pool's own scores (at most max_removed of the pool above it),
+    # whichever allows more (a missed leak contaminates an evaluation, an extra removal costs one training image);
     # copy: dedup_copy's calibrated threshold, on similarity
     rule: Literal["recall", "copy"] = "recall"
     # 0.99, not the 0.95 wanted of real leaks: on photographs the synthetic copies score above real edits (estimated
@@ -113,7 +122,8 @@ def run_dedup_relative(cfg: DedupRelativeConfig, reader: SideSetReader, inputs: 
         else:
             keys = images[schema.CONTENT_HASH].to_pylist()
             decoys, probes = pool_samples(keys, inputs, len(prot.ids), cfg.probes)
-            threshold, rule_stats = recall_threshold(cfg, prot, pool_x[decoys], pool_x[probes])
+            histogram = score_histogram(scores(pool_x, prot.x, prot.groups, cfg.score)[2])
+            threshold, rule_stats = recall_threshold(cfg, prot, pool_x[decoys], pool_x[probes], histogram)
     score = cfg.scored_by()
     table = dedup_relative(images[schema.IMAGE_ID], pool_x, prot.ids, prot.x, threshold, prot.groups, score)
     stats = {"protected": len(prot.ids), "protected_unusable": prot.unusable, "score": score, "threshold": threshold}
@@ -177,21 +187,36 @@ def pool_size(inputs: StageInputs) -> int:
 
 
 def recall_threshold(
-    cfg: DedupRelativeConfig, prot: Protected, decoys: np.ndarray, probes: np.ndarray
+    cfg: DedupRelativeConfig,
+    prot: Protected,
+    decoys: np.ndarray,
+    probes: np.ndarray,
+    pool_scores: np.ndarray | None = None,
 ) -> tuple[float, dict[str, object]]:
-    """The recall rule (see :class:`DedupRelativeConfig`): (threshold, what it was made of and its estimates)."""
+    """The recall rule (see :class:`DedupRelativeConfig`): (threshold, what it was made of and its estimates).
+    ``pool_scores``: :func:`~lvdkit.curation.relative_score.score_histogram` of the whole pool against the protected
+    set, for the budget's bound (none: the decoys' estimate alone)."""
     positives = scores(prot.copies, prot.x, prot.groups, cfg.score)[2]
     probe_scores = scores(probes, decoys, copy_groups(decoys, prot.group_threshold), cfg.score)[2]
-    return recall_rule(positives, prot.copy_edit, probe_scores, cfg.target_recall, cfg.max_removed)
+    return recall_rule(positives, prot.copy_edit, probe_scores, cfg.target_recall, cfg.max_removed, pool_scores)
 
 
 def recall_rule(
-    positives: np.ndarray, edits: np.ndarray, clean: np.ndarray, target_recall: float, max_removed: float
+    positives: np.ndarray,
+    edits: np.ndarray,
+    clean: np.ndarray,
+    target_recall: float,
+    max_removed: float,
+    pool_scores: np.ndarray | None = None,
 ) -> tuple[float, dict[str, object]]:
     """The highest threshold under which ``target_recall`` of ``positives`` [C] (scores of known copies, edit
-    families [C]) stay above it, raised where needed so that at most ``max_removed`` of ``clean`` [Q] (scores of
-    images known not to be copies) exceed it. Returns (threshold, its parts and the estimates)."""
-    for_budget = float(np.quantile(clean, 1.0 - max_removed)) if len(clean) else NO_BUDGET
+    families [C]) stay above it, raised where needed so that at most ``max_removed`` of the clean pool is removed:
+    of ``clean`` [Q] (scores of images standing in for clean ones, the decoys' probes), or of the pool itself
+    (``pool_scores``: its score histogram against the protected set; whatever it holds, no more clean images than
+    that are removed), whichever allows the lower threshold. Returns (threshold, its parts and the estimates)."""
+    by_decoys = float(np.quantile(clean, 1.0 - max_removed)) if len(clean) else NO_BUDGET
+    by_pool = pool_bound(pool_scores, max_removed) if pool_scores is not None and pool_scores.sum() else NO_BUDGET
+    for_budget = min(by_decoys, by_pool)
     for_recall = float(np.quantile(positives, 1.0 - target_recall)) if len(positives) else None
     threshold = for_budget if for_recall is None else max(for_recall, for_budget)
     by_edit = {str(e): float(np.mean(positives[edits == e] > threshold)) for e in sorted(set(edits.tolist()))}
@@ -203,7 +228,7 @@ def recall_rule(
             f"target_recall={target_recall} (the estimate is measured on eight harsh edit families and was lower "
             "than the recall of the demo's milder real leaks). Raise max_removed to remove more leaks"
         )
-    if 0 < len(clean) * max_removed < MIN_PROBES_ABOVE:
+    if by_pool >= by_decoys and 0 < len(clean) * max_removed < MIN_PROBES_ABOVE:
         warnings.append(
             f"dedup_relative: {len(clean)} probes put about {len(clean) * max_removed:.0f} above the budget's "
             "threshold: the estimate of clean removals is noisy on a pool this small"
@@ -212,13 +237,24 @@ def recall_rule(
         "rule": "recall",
         "threshold_for_recall": for_recall,
         "threshold_for_budget": for_budget,
+        "threshold_for_budget_decoys": by_decoys,
+        "threshold_for_budget_pool": by_pool,
         "estimated_recall": float(np.mean(positives > threshold)) if len(positives) else None,
         "estimated_recall_by_edit": by_edit,
-        "estimated_clean_removed": float(np.mean(clean > threshold)) if len(clean) else None,
+        "estimated_clean_removed": _clean_removed(clean, pool_scores, threshold),
         "calibration_copies": len(positives),
         "probes": len(clean),
         "warnings": warnings,
     }
+
+
+def _clean_removed(clean: np.ndarray, pool_scores: np.ndarray | None, threshold: float) -> float | None:
+    """The lower of the two upper estimates of the clean share removed: the probes' share above the threshold, and
+    the pool's (leaks are among those, so clean images are no more)."""
+    shares = [float(np.mean(clean > threshold))] if len(clean) else []
+    if pool_scores is not None and pool_scores.sum():
+        shares.append(share_above(pool_scores, threshold))
+    return min(shares) if shares else None
 
 
 NO_BUDGET = 2.0  # no probes to estimate clean removals from: nothing is removed by the rule
