@@ -42,6 +42,10 @@ def _args(out: Path, demo: Path) -> list[str]:
         *TINY_EMBED,
         "ingest.files_per_part=20",
         "embed.num_actors=2",
+        # one model thread per actor in both runs: by default the actors' threads follow the node's CPUs (4 over 2
+        # actors here, 2 over 2 on one node), the embeddings then differ by ~3e-8 and a near-tie in retrieval (two
+        # scores 6e-8 apart at per_cluster's cut) once picked another image
+        "embed.threads_per_actor=1",
         "embed.images_per_part=10",  # more embed parts than ingest parts: part i of one is not part i of the other
         "dedup_exact.path=partitioned",
         "dedup_exact.partition_rows=20",
@@ -107,9 +111,9 @@ def _status(out: Path) -> dict[str, tuple[str, str | None, str | None]]:
 def _rows(out: Path, stage: str) -> tuple[list[tuple[object, ...]], list[float]]:
     """A stage's rows by image: the decisions (every non-float value) exactly, and the floats apart.
 
-    The embed actors run with other thread counts on two nodes (4 CPUs over 2 actors) than on one (2 over 2), so the
-    embeddings differ by about 3e-8; k-means can carry that into a centroid (a one-member cluster's point is its
-    centroid exactly in one run, 0.003 from it in the other) without changing any assignment or pick."""
+    With other thread counts in the embed actors the embeddings differ by about 3e-8 and k-means can carry that into a
+    centroid (a one-member cluster's point is its centroid exactly in one run, 0.003 from it in the other) without
+    changing any assignment; the runs pin the threads, the floats are still compared with a tolerance."""
     rows = pa.concat_tables([pq.read_table(p) for p in part_files(out / stage)]).to_pylist()
     rows.sort(key=lambda r: tuple(str(v) for v in r.values() if not isinstance(v, float)))
     decisions = [tuple(str(v) for v in r.values() if not isinstance(v, float)) for r in rows]
