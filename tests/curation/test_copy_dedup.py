@@ -134,6 +134,12 @@ def test_calibration_warns_when_its_estimates_cannot_be_trusted_and_says_why() -
     assert "below min_threshold" in calibration_warnings(floored, 5000, "pca", cfg)[0]
     saturated = Calibration(0.9, 1.0, 0.1, 1.0, 0.0, 1000, 5000, calibrated=0.9)
     assert "do not describe this pool's copies" in calibration_warnings(saturated, 5000, "pca", cfg)[0]
+    even = {"flip": 0.96, "jpeg": 0.9, "crop": 0.88}
+    agreeing = Calibration(0.5, 0.95, 0.91, 0.1, 0.01, 1000, 5000, calibrated=0.5, recall_by_edit=even)
+    assert calibration_warnings(agreeing, 5000, "pca", cfg) == []  # the families agree within 0.1
+    spread = Calibration(0.5, 0.95, 0.26, 0.1, 0.01, 1000, 5000, calibrated=0.5, recall_by_edit={**even, "crop": 0.0})
+    (said,) = calibration_warnings(spread, 5000, "pca", cfg)
+    assert "from 0.00 (crop) to 0.96 (flip)" in said and "overall 0.26" in said
 
 
 def _table(n: int, pixels: np.ndarray | None = None) -> pa.Table:
