@@ -164,6 +164,11 @@ class ChangedSinceIngest(RuntimeError):
     reason = CHANGED
 
 
+def listing_parts(rows: int, rows_per_part: int) -> int:
+    """The curated parts a listing file of ``rows`` rows holds: one per row group of ``rows_per_part`` rows."""
+    return -(-rows // rows_per_part)
+
+
 @dataclass(frozen=True)
 class CuratedWork(PartWork):
     """Curated part ``i``: fetch the bytes of its rows of the listing files, checking each file is unchanged.
@@ -176,9 +181,8 @@ class CuratedWork(PartWork):
     listing_rows: tuple[int, ...]
 
     def load(self, index: int) -> pa.Table:
-        per = self.cfg.rows_per_part
         for file, rows in enumerate(self.listing_rows):
-            parts = -(-rows // per)
+            parts = listing_parts(rows, self.cfg.rows_per_part)
             if index < parts:  # the listing files are written in row groups of rows_per_part
                 return pq.ParquetFile(self.listing / part_name(file)).read_row_group(index)
             index -= parts

@@ -15,7 +15,6 @@ finished parts where it left them.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +28,7 @@ from lvdkit.core.scratch_read import read_range
 from lvdkit.core.stage import PartitionedWork, Resources, Scratch, StageInputs, StageOutput
 from lvdkit.core.storage import Location
 from lvdkit.core.views import EMBED, aligned, embed_listing, embed_parts_of, ingested
-from lvdkit.curation.curated import SELECTION, CuratedConfig, merge_selections, selections
+from lvdkit.curation.curated import SELECTION, CuratedConfig, listing_parts, merge_selections, selections
 
 META = [schema.URI, schema.FORMAT, schema.WIDTH, schema.HEIGHT, schema.CONTENT_HASH]  # besides METADATA
 SEEDS = -1  # the partition of the seeds that are not pool images
@@ -165,7 +164,7 @@ class CuratedPlan(PartitionedWork):
 
     def final_stats(self, stats: dict[str, Any], parts: list[Location]) -> dict[str, Any]:
         rows = [pq.ParquetFile(p).metadata.num_rows for p in parts]
-        n_parts = sum(math.ceil(r / self.cfg.rows_per_part) for r in rows)
+        n_parts = sum(listing_parts(r, self.cfg.rows_per_part) for r in rows)
         return {"listing_rows": rows, "n_parts": n_parts}
 
 
