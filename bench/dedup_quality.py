@@ -186,8 +186,9 @@ def relative_table(demo: Path, out: Path, photo_sizes: list[int], rounds: int, s
         rows,
     )
     print(
-        "est.: the stage's own estimates (recall on synthetic copies of the protected images, clean removals on "
-        "decoys); the bar (issue 14): recall >= 0.95 with at most 1% of the clean pool removed."
+        "est.: the stage's own estimates (recall on synthetic copies of the protected images; clean removals: the "
+        "lower of the probes' shares above the threshold against the decoys and against the protected set); the bar "
+        "(issue 14): recall >= 0.95 with at most 1% of the clean pool removed."
     )
 
 

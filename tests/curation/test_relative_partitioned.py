@@ -49,7 +49,7 @@ def test_both_paths_remove_the_same_images(copied: Path, small_demo: Path, tmp_p
     # both draw the same decoys and probes and apply the same rule: the same threshold and estimates
     for key in ("threshold", "score", "estimated_recall", "estimated_clean_removed", "probes"):
         assert a.get(key) == b.get(key), key
-    # the pool's bound: the parts' summed histograms give the single task's
+    # the pool's bound, from the same probes scored against the protected set
     assert a.get("threshold_for_budget_pool") == b.get("threshold_for_budget_pool")
     if rule == "rule=recall":
         assert -1.0 < b["threshold_for_budget_pool"] < 2.0  # computed from the pool, not the no-budget default

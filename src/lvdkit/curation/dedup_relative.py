@@ -20,15 +20,7 @@ from lvdkit.core.stage import StageInputs, StageOutput
 from lvdkit.core.views import alive, dedups_before, embeddings_of
 from lvdkit.core.whitening import Whitener
 from lvdkit.curation.components import dedup_stats
-from lvdkit.curation.relative_score import (
-    copy_groups,
-    decoy_rates,
-    in_sample,
-    margins,
-    pool_bound,
-    score_histogram,
-    share_above,
-)
+from lvdkit.curation.relative_score import copy_groups, decoy_rates, in_sample, margins
 from lvdkit.curation.side_sets import SideSetReader
 
 
@@ -43,8 +35,9 @@ class DedupRelativeConfig:
     threshold: float | None = setting(None, ge=-1, le=2)  # on the score's scale; null: set by ``rule``
     # recall: the highest threshold that keeps target_recall of synthetic copies of the protected images (scored
     # against the protected set), raised if needed so that it removes at most max_removed of the clean pool: as
-    # estimated on decoys, or as bounded by the pool's own scores (at most max_removed of the pool above it),
-    # whichever allows more (a missed leak contaminates an evaluation, an extra removal costs one training image);
+    # estimated on decoys, or as bounded by the pool's own scores (at most max_removed of the probes, a sample of the
+    # pool, above it against the protected set), whichever allows more (a missed leak contaminates an evaluation, an
+    # extra removal costs one training image);
     # copy: dedup_copy's calibrated threshold, on similarity
     rule: Literal["recall", "copy"] = "recall"
     # 0.99, not the 0.95 wanted of real leaks: on photographs the synthetic copies score above real edits (estimated
@@ -122,8 +115,7 @@ def run_dedup_relative(cfg: DedupRelativeConfig, reader: SideSetReader, inputs: 
         else:
             keys = images[schema.CONTENT_HASH].to_pylist()
             decoys, probes = pool_samples(keys, inputs, len(prot.ids), cfg.probes)
-            histogram = score_histogram(scores(pool_x, prot.x, prot.groups, cfg.score)[2])
-            threshold, rule_stats = recall_threshold(cfg, prot, pool_x[decoys], pool_x[probes], histogram)
+            threshold, rule_stats = recall_threshold(cfg, prot, pool_x[decoys], pool_x[probes])
     score = cfg.scored_by()
     table = dedup_relative(images[schema.IMAGE_ID], pool_x, prot.ids, prot.x, threshold, prot.groups, score)
     stats = {"protected": len(prot.ids), "protected_unusable": prot.unusable, "score": score, "threshold": threshold}
@@ -187,17 +179,14 @@ def pool_size(inputs: StageInputs) -> int:
 
 
 def recall_threshold(
-    cfg: DedupRelativeConfig,
-    prot: Protected,
-    decoys: np.ndarray,
-    probes: np.ndarray,
-    pool_scores: np.ndarray | None = None,
+    cfg: DedupRelativeConfig, prot: Protected, decoys: np.ndarray, probes: np.ndarray
 ) -> tuple[float, dict[str, object]]:
-    """The recall rule (see :class:`DedupRelativeConfig`): (threshold, what it was made of and its estimates).
-    ``pool_scores``: :func:`~lvdkit.curation.relative_score.score_histogram` of the whole pool against the protected
-    set, for the budget's bound (none: the decoys' estimate alone)."""
+    """The recall rule (see :class:`DedupRelativeConfig`): (threshold, what it was made of and its estimates). The
+    probes are scored twice: against the decoys (clean images' scores, the decoys' copies in the pool aside) and
+    against the protected set (the pool's own scores, its leaks among them)."""
     positives = scores(prot.copies, prot.x, prot.groups, cfg.score)[2]
     probe_scores = scores(probes, decoys, copy_groups(decoys, prot.group_threshold), cfg.score)[2]
+    pool_scores = scores(probes, prot.x, prot.groups, cfg.score)[2]
     return recall_rule(positives, prot.copy_edit, probe_scores, cfg.target_recall, cfg.max_removed, pool_scores)
 
 
@@ -207,15 +196,16 @@ def recall_rule(
     clean: np.ndarray,
     target_recall: float,
     max_removed: float,
-    pool_scores: np.ndarray | None = None,
+    pool: np.ndarray | None = None,
 ) -> tuple[float, dict[str, object]]:
     """The highest threshold under which ``target_recall`` of ``positives`` [C] (scores of known copies, edit
     families [C]) stay above it, raised where needed so that at most ``max_removed`` of the clean pool is removed:
-    of ``clean`` [Q] (scores of images standing in for clean ones, the decoys' probes), or of the pool itself
-    (``pool_scores``: its score histogram against the protected set; whatever it holds, no more clean images than
-    that are removed), whichever allows the lower threshold. Returns (threshold, its parts and the estimates)."""
+    of ``clean`` [Q] (scores of images standing in for clean ones, the probes against the decoys), or of the pool
+    itself (``pool`` [Q]: a sample of the pool scored against the protected set; whatever it holds, no more clean
+    images than that share are removed), whichever allows the lower threshold. Returns (threshold, its parts and
+    the estimates)."""
     by_decoys = float(np.quantile(clean, 1.0 - max_removed)) if len(clean) else NO_BUDGET
-    by_pool = pool_bound(pool_scores, max_removed) if pool_scores is not None and pool_scores.sum() else NO_BUDGET
+    by_pool = float(np.quantile(pool, 1.0 - max_removed)) if pool is not None and len(pool) else NO_BUDGET
     for_budget = min(by_decoys, by_pool)
     for_recall = float(np.quantile(positives, 1.0 - target_recall)) if len(positives) else None
     threshold = for_budget if for_recall is None else max(for_recall, for_budget)
@@ -241,19 +231,17 @@ def recall_rule(
         "threshold_for_budget_pool": by_pool,
         "estimated_recall": float(np.mean(positives > threshold)) if len(positives) else None,
         "estimated_recall_by_edit": by_edit,
-        "estimated_clean_removed": _clean_removed(clean, pool_scores, threshold),
+        "estimated_clean_removed": _clean_removed(clean, pool, threshold),
         "calibration_copies": len(positives),
         "probes": len(clean),
         "warnings": warnings,
     }
 
 
-def _clean_removed(clean: np.ndarray, pool_scores: np.ndarray | None, threshold: float) -> float | None:
-    """The lower of the two upper estimates of the clean share removed: the probes' share above the threshold, and
-    the pool's (leaks are among those, so clean images are no more)."""
-    shares = [float(np.mean(clean > threshold))] if len(clean) else []
-    if pool_scores is not None and pool_scores.sum():
-        shares.append(share_above(pool_scores, threshold))
+def _clean_removed(clean: np.ndarray, pool: np.ndarray | None, threshold: float) -> float | None:
+    """The lower of the two upper estimates of the clean share removed: the probes' share above the threshold
+    against the decoys, and against the protected set (leaks are among those, so clean images are no more)."""
+    shares = [float(np.mean(sample > threshold)) for sample in (clean, pool) if sample is not None and len(sample)]
     return min(shares) if shares else None
 
 

@@ -3,9 +3,8 @@
 1. prepare: the protected images (and synthetic copies of them) read and embedded (an evaluation set is small
    beside the pool), whitened with ``dedup_copy``'s whitening;
 2. scatter, per embed part: the part's decoys and probes (hash-drawn samples of the pool, the same images the
-   single task draws) kept as scratch, and for the recall rule the histogram of the part's scores against the
-   protected set (fixed bins: the budget's bound on the pool, summed over parts by the plan);
-3. plan: the threshold when given or dedup_copy's; else one solve task for the recall rule;
+   single task draws) kept as scratch;
+3. plan (driver): the threshold when given or dedup_copy's; else one solve task for the recall rule;
 4. solve (the recall rule): every decoy and probe read (bounded: as many decoys as protected images, ``probes``
    probes), the rule applied exactly as the single task applies it;
 5. write, per embed part: one dedup row per image, naming the protected image where it is a copy.
@@ -35,14 +34,11 @@ from lvdkit.curation.dedup_relative import (
     pool_samples,
     protected_set,
     recall_threshold,
-    scores,
 )
-from lvdkit.curation.relative_score import SCORE_BINS, score_histogram
 from lvdkit.curation.side_sets import SideSetReader
 
 ROLE, X = "role", "x"  # scratch columns: decoy or probe, and the whitened descriptor
 THRESHOLD, RULE = "threshold", "rule"  # the solve task's one row: the threshold and the rule's figures (JSON)
-HISTOGRAM = "histogram"  # scatter summary and plan figure: the pool's scores against the protected set, binned
 
 
 @dataclass
@@ -90,32 +86,20 @@ class RelativePartitions(PartitionedWork):
                 X: pa.FixedSizeListArray.from_arrays(pa.array(y.ravel()), max(y.shape[1], 1)),
             }
         )
-        return table, {"n": len(ids), HISTOGRAM: self._histogram(state, x)}
-
-    def _histogram(self, state: State, x: np.ndarray) -> np.ndarray | None:
-        """The part's scores against the protected set, binned, where the recall rule will need them."""
-        if self.cfg.threshold is not None or self.cfg.rule != "recall" or not len(state.protected.ids):
-            return None
-        prot = state.protected
-        return score_histogram(scores(x, prot.x, prot.groups, self.cfg.score)[2] if len(x) else np.empty(0))
+        return table, {"n": len(ids)}
 
     def merge(self, total: dict[str, Any] | None, summary: dict[str, Any]) -> dict[str, Any]:
-        total = total or {"n": 0, HISTOGRAM: None}
-        histogram = summary[HISTOGRAM]
-        if total[HISTOGRAM] is not None:
-            histogram = total[HISTOGRAM] + (histogram if histogram is not None else np.zeros(SCORE_BINS, np.int64))
-        return {"n": total["n"] + summary["n"], HISTOGRAM: histogram}
+        return {"n": (total or {"n": 0})["n"] + summary["n"]}
 
     def plan(self, total: dict[str, Any] | None) -> tuple[list[Any], dict[str, Any]]:
-        total = total or {"n": 0, HISTOGRAM: None}
-        n = int(total["n"])
+        n = int((total or {"n": 0})["n"])
         threshold = self.cfg.threshold
         compared = n > 0 and bool(self.cfg.protected)
         if threshold is None and compared:
             if self.cfg.rule == "copy":
                 threshold = copy_threshold(self.inputs)
             else:
-                return ["recall rule"], {THRESHOLD: None, "n": n, HISTOGRAM: total[HISTOGRAM]}
+                return ["recall rule"], {THRESHOLD: None, "n": n}
         return [], {THRESHOLD: threshold, "n": n}
 
     def solve(self, state: State, figures: Any, partition: Any, scratch: list[Location]) -> pa.Table:
@@ -123,7 +107,7 @@ class RelativePartitions(PartitionedWork):
         x = rows[X].combine_chunks()
         x = x.flatten().to_numpy().reshape(len(x), -1) if len(x) else np.zeros((0, 1), np.float32)
         decoys = pc.equal(rows[ROLE], "decoy").to_numpy(zero_copy_only=False)
-        threshold, stats = recall_threshold(self.cfg, state.protected, x[decoys], x[~decoys], figures[HISTOGRAM])
+        threshold, stats = recall_threshold(self.cfg, state.protected, x[decoys], x[~decoys])
         return pa.table({THRESHOLD: [threshold], RULE: [json.dumps(stats)]})
 
     def reduce(self, state: State, figures: dict[str, Any], solved: list[Location]) -> StageOutput:

@@ -17,9 +17,9 @@ probes' margins against the decoys are distributed as clean pool images' margins
 size drawn from a pool like this one. Where self-dedup left copies in the pool the decoys' own copies are among the
 probes and the estimate runs high (photo pools with most copies surviving: 80-90% of the probes above the budget's
 threshold were copies of their decoy or other parts of its photograph; 1% estimated where 0-0.1% were removed).
-So the budget also has a bound that needs no estimate: the pool's own scores against the protected set
-(:func:`score_histogram`, :func:`pool_bound`): a threshold with at most ``max_removed`` of the pool above it removes
-at most that many clean images, whatever the pool holds.
+So the budget is also measured on the pool's own scores: the probes (a uniform sample of the pool) scored against
+the protected set itself. Whatever the pool holds, a threshold with ``max_removed`` of them above it removes about
+that share of the pool, leaks included, so no more clean images than that (up to the sample's error).
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ import numpy as np
 from lvdkit.core.partitions import top_against
 from lvdkit.curation.components import connected_components
 
-SCORE_LOW, SCORE_HIGH, SCORE_BINS = -1.0, 2.0, 3000  # margins and similarities of unit vectors lie in [-1, 2]
 NEIGHBOURS = 8  # protected matches looked at for the best one outside the best match's group
 NO_MATCH = -1.0  # the second similarity where no protected image lies outside the best match's group
 
@@ -101,27 +100,3 @@ def decoy_rates(n_pool: int, n_protected: int, n_probes: int) -> tuple[float, fl
         return 0.0, 0.0
     decoys = min(n_protected / n_pool, 0.5)
     return decoys, min(1.0, n_probes / (n_pool * (1.0 - decoys)))
-
-
-def score_histogram(values: np.ndarray) -> np.ndarray:
-    """Counts [SCORE_BINS] (int64) of ``values`` [N] in bins of 0.001 over [SCORE_LOW, SCORE_HIGH]: what a part of the
-    pool sends for :func:`pool_bound` (fixed bins, so parts' histograms add up)."""
-    width = (SCORE_HIGH - SCORE_LOW) / SCORE_BINS
-    at = np.clip(np.floor((np.asarray(values, np.float64) - SCORE_LOW) / width), 0, SCORE_BINS - 1).astype(np.int64)
-    return np.bincount(at, minlength=SCORE_BINS).astype(np.int64)
-
-
-def pool_bound(histogram: np.ndarray, max_removed: float) -> float:
-    """The lowest bin edge with at most ``max_removed`` of the histogram's images in the bins from it up: every image
-    scoring above it is counted there, so no more are removed (SCORE_HIGH where none may be)."""
-    allowed = np.floor(max_removed * float(histogram.sum()) + 1e-9)
-    from_here = np.cumsum(histogram[::-1])[::-1]  # [j]: images in bins j and above
-    ok = np.nonzero(from_here <= allowed)[0]
-    j = int(ok[0]) if len(ok) else SCORE_BINS
-    return SCORE_LOW + j * (SCORE_HIGH - SCORE_LOW) / SCORE_BINS
-
-
-def share_above(histogram: np.ndarray, threshold: float) -> float:
-    """The share of the histogram's images in bins that reach above ``threshold`` (at least those scoring above it)."""
-    upper = SCORE_LOW + np.arange(1, SCORE_BINS + 1) * (SCORE_HIGH - SCORE_LOW) / SCORE_BINS
-    return float(histogram[upper > threshold].sum()) / max(float(histogram.sum()), 1.0)
