@@ -32,7 +32,7 @@ from _common import machine_line, print_table
 from dedup_quality import _flat_name, cnn_duplicates, flatten, pairs_from, phash_duplicates
 from lvdkit.core.settings import load_config
 from lvdkit.curation.components import connected_components, representatives
-from lvdkit.photo_copies import PHOTO_EDITS, make_photo_pool
+from lvdkit.photo_copies import PHOTO_EDITS, make_photo_pool, photograph
 from lvdkit.pipeline.config import CurateConfig
 from lvdkit.pipeline.runner import run
 from lvdkit.truth import families, load_truth, near_found_by_transform, score_groups, status_groups
@@ -99,7 +99,7 @@ def same_photo_links(truth, uris: list[str], reps: list[str]) -> tuple[int, int]
     label = dict(zip(truth["uri"].to_pylist(), truth["label"].to_pylist(), strict=True))
 
     def photo(uri: str) -> str:
-        return str(label.get(uri) or uri).rsplit("_q", 1)[0]
+        return photograph(str(label.get(uri) or uri))
 
     wrong = [(u, r) for u, r in zip(uris, reps, strict=True) if u != r and family.get(u, u) != family.get(r, r)]
     return len(wrong), sum(photo(u) == photo(r) for u, r in wrong)

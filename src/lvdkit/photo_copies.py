@@ -231,7 +231,7 @@ def _spread(tiles: list[tuple[str, Image.Image]], rng: np.random.Generator) -> l
     seen: dict[str, int] = {}
     rank: list[tuple[int, int, int]] = []
     for i in order:
-        photo = tiles[i][0].rsplit("_q", 1)[0]
+        photo = photograph(tiles[i][0])
         rank.append((seen.get(photo, 0), len(rank), int(i)))
         seen[photo] = seen.get(photo, 0) + 1
     return [tiles[i] for _, _, i in sorted(rank)]
