@@ -12,7 +12,7 @@ import pytest
 from lvdkit.core import schema
 from lvdkit.core.io import part_name
 from lvdkit.core.stage import StageInputs
-from lvdkit.core.views import embed_parts_of, embeddings_of
+from lvdkit.core.views import embed_listing_rows, embed_parts_of, embeddings_of
 
 
 def _embed_parts(out: Path, parts: int, rows: int, dim: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -67,6 +67,23 @@ def test_embed_parts_of_names_the_part_listing_each_image_and_null_for_an_unlist
     inputs = StageInputs(str(tmp_path), ("embed",))
     got = embed_parts_of(inputs, pa.chunked_array([["img21", "nowhere", "img03", "img12"]]))
     assert got.type == pa.int32() and got.to_pylist() == [2, None, 0, 1]
+
+
+def test_embed_listing_rows_reads_one_parts_row_group_in_the_order_asked_and_refuses_an_unlisted_image(
+    tmp_path: Path,
+) -> None:
+    """What the partitioned stages read of embed's work list for one embed part (content hashes, sizes, metadata)."""
+    (tmp_path / "embed").mkdir()
+    with pq.ParquetWriter(tmp_path / "embed" / schema.LISTING, _listing_schema()) as writer:
+        for p in range(3):
+            ids = pa.array([f"img{p}{r}" for r in range(4)], pa.string())
+            writer.write_table(pa.table({schema.IMAGE_ID: ids, schema.PART: pa.array(np.full(4, p))}), 4)
+    inputs = StageInputs(str(tmp_path), ("embed",))
+    got = embed_listing_rows(inputs, 1, pa.chunked_array([["img13", "img10"]]), [schema.PART])
+    assert got.column_names == [schema.IMAGE_ID, schema.PART]
+    assert got.to_pylist() == [{schema.IMAGE_ID: "img13", schema.PART: 1}, {schema.IMAGE_ID: "img10", schema.PART: 1}]
+    with pytest.raises(RuntimeError, match="part 1 holds images its work list lacks"):
+        embed_listing_rows(inputs, 1, pa.array(["img13", "img23"]), [schema.PART])  # img23 is part 2's
 
 
 def _listing_schema() -> pa.Schema:

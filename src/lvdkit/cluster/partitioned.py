@@ -37,7 +37,7 @@ from lvdkit.core.scratch_read import read_range
 from lvdkit.core.stage import PartitionedWork, Resources, Scratch, StageInputs, StageOutput, scratch_row_group_rows
 from lvdkit.core.storage import Location
 from lvdkit.core.timing import timed
-from lvdkit.core.views import DEDUP_STAGES, EMBED, alive_embedded, embed_listing
+from lvdkit.core.views import DEDUP_STAGES, EMBED, alive_embedded, embed_listing_rows
 
 CELL, X, LOCAL, PARTITION, SIZE, CENTROID = "cell", "x", "local", "partition", "size", "centroid"
 
@@ -250,11 +250,8 @@ def split_k(k: int, rows: np.ndarray) -> np.ndarray:
 def _with_hashes(inputs: StageInputs, index: int, rows: pa.Table) -> pa.Table:
     """Add each image's content hash (from the embed work list's row group ``index``): the order and the random
     keys of clustering follow content, not where the files lie."""
-    listing = pq.ParquetFile(embed_listing(inputs)).read_row_group(
-        index, columns=[schema.IMAGE_ID, schema.CONTENT_HASH]
-    )
-    at = pc.index_in(rows[schema.IMAGE_ID], value_set=listing[schema.IMAGE_ID])
-    return rows.append_column(schema.CONTENT_HASH, listing[schema.CONTENT_HASH].take(at))
+    hashes = embed_listing_rows(inputs, index, rows[schema.IMAGE_ID], [schema.CONTENT_HASH])[schema.CONTENT_HASH]
+    return rows.append_column(schema.CONTENT_HASH, hashes)
 
 
 def _centroid_rows(path: Location) -> tuple[np.ndarray, np.ndarray]:

@@ -200,6 +200,20 @@ def embed_listing(inputs: StageInputs) -> Location:
     return inputs.folder(EMBED) / schema.LISTING
 
 
+def embed_listing_rows(
+    inputs: StageInputs, index: int, ids: pa.Array | pa.ChunkedArray, columns: list[str]
+) -> pa.Table:
+    """``image_id`` and ``columns`` of embed's work list for embed part ``index`` (its row group ``index``), in the
+    order of ``ids`` (images of that part); ``RuntimeError`` when the part holds an image its work list lacks."""
+    listing = pq.ParquetFile(embed_listing(inputs)).read_row_group(
+        index, columns=list(dict.fromkeys([schema.IMAGE_ID, *columns]))
+    )
+    at = pc.index_in(ids, value_set=listing[schema.IMAGE_ID].combine_chunks())
+    if at.null_count:
+        raise RuntimeError(f"{inputs.folder(EMBED)}: part {index} holds images its work list lacks: rerun embed")
+    return listing.take(at)
+
+
 def embed_parts_of(inputs: StageInputs, ids: pa.Array | pa.ChunkedArray) -> pa.Array:
     """The embed part holding each of ``ids`` (int32; null for an image embed did not list), from embed's work list
     read one row group at a time: memory holds ``ids`` and one part's rows."""

@@ -34,7 +34,7 @@ from lvdkit.core.scratch_read import read_range
 from lvdkit.core.stage import PartitionedWork, Resources, Scratch, StageInputs, StageOutput, scratch_row_group_rows
 from lvdkit.core.storage import Location
 from lvdkit.core.timing import timed
-from lvdkit.core.views import EMBED
+from lvdkit.core.views import EMBED, embed_listing_rows
 from lvdkit.core.whitening import Whitener, fit_whitener
 from lvdkit.curation.components import NODE_COLUMNS, dedup_rows, found_pairs, group_found
 from lvdkit.curation.dedup_copy import (
@@ -293,8 +293,4 @@ def _matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
 def _nodes(inputs: StageInputs, index: int, ids: pa.ChunkedArray) -> pa.Table:
     """What ranks the images of embed part ``index`` for keeping (size, content hash, id), in the order of ``ids``:
     from the embed work list, whose row group ``index`` holds that part's images."""
-    listing = pq.ParquetFile(inputs.folder(EMBED) / schema.LISTING).read_row_group(index, columns=NODE_COLUMNS)
-    at = pc.index_in(ids, value_set=listing[schema.IMAGE_ID])
-    if pc.any(pc.is_null(at)).as_py():
-        raise RuntimeError(f"{inputs.folder(EMBED)}: part {index} holds images its work list lacks: rerun embed")
-    return listing.take(at)
+    return embed_listing_rows(inputs, index, ids, NODE_COLUMNS)

@@ -27,7 +27,7 @@ from lvdkit.core import schema
 from lvdkit.core.scratch_read import read_range
 from lvdkit.core.stage import PartitionedWork, Resources, Scratch, StageInputs, StageOutput
 from lvdkit.core.storage import Location
-from lvdkit.core.views import EMBED, aligned, embed_listing, embed_parts_of, ingested
+from lvdkit.core.views import EMBED, aligned, embed_listing, embed_listing_rows, embed_parts_of, ingested
 from lvdkit.curation.curated import SELECTION, CuratedConfig, listing_parts, merge_selections, selections
 
 META = [schema.URI, schema.FORMAT, schema.WIDTH, schema.HEIGHT, schema.CONTENT_HASH]  # besides METADATA
@@ -133,11 +133,10 @@ class CuratedPlan(PartitionedWork):
 
     def _metadata(self, part: int, ids: pa.ChunkedArray) -> pa.Table:
         """``ids``' metadata from row group ``part`` of embed's work list (which lists that part's images)."""
-        listing = pq.ParquetFile(embed_listing(self.inputs))
         wanted = [schema.IMAGE_ID, *META, schema.METADATA]
-        if not set(wanted) <= set(listing.schema_arrow.names):  # a work list from before these columns
+        if not set(wanted) <= set(pq.ParquetFile(embed_listing(self.inputs)).schema_arrow.names):  # from before them
             return aligned(ids, ingested(self.inputs, wanted, ids))
-        return aligned(ids, listing.read_row_group(part, columns=wanted))
+        return embed_listing_rows(self.inputs, part, ids, wanted)
 
     def _embeddings(self, part: int, ids: pa.ChunkedArray) -> pa.ChunkedArray:
         assert self.cfg.embedding is not None

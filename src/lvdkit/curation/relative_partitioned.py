@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from lvdkit.core import schema
 from lvdkit.core.stage import PartitionedWork, Resources, Scratch, StageInputs, StageOutput
 from lvdkit.core.storage import Location
-from lvdkit.core.views import EMBED, alive_embedded
+from lvdkit.core.views import EMBED, alive_embedded, embed_listing_rows
 from lvdkit.core.whitening import Whitener
 from lvdkit.curation.dedup_relative import (
     DedupRelativeConfig,
@@ -141,13 +141,7 @@ class RelativePartitions(PartitionedWork):
 
 def _content_hashes(inputs: StageInputs, index: int, ids: pa.Array | pa.ChunkedArray) -> list[str]:
     """The content hash of each image ``ids`` of embed part ``index`` (from embed's work list, the part's row group)."""
-    listing = pq.ParquetFile(inputs.folder(EMBED) / schema.LISTING).read_row_group(
-        index, columns=[schema.IMAGE_ID, schema.CONTENT_HASH]
-    )
-    at = pc.index_in(ids, value_set=listing[schema.IMAGE_ID].combine_chunks())
-    if at.null_count:
-        raise RuntimeError(f"{inputs.folder(EMBED)}: part {index} holds images its work list lacks: rerun embed")
-    return listing[schema.CONTENT_HASH].take(at).to_pylist()
+    return embed_listing_rows(inputs, index, ids, [schema.CONTENT_HASH])[schema.CONTENT_HASH].to_pylist()
 
 
 def _whitened(whitener: Whitener, column: pa.ChunkedArray | pa.Array) -> np.ndarray:
