@@ -342,3 +342,38 @@ def test_a_protected_set_that_is_one_copy_group_leaves_a_copy_its_whole_similari
     protected = _unit(source + 0.05 * rng.normal(size=(3, 16)) / 4)  # three near copies of one image: one group
     sim, _, margin = margins(_unit(source + 0.3 * rng.normal(size=16) / 4)[None], protected, np.zeros(3, np.int64))
     assert margin[0] == pytest.approx(sim[0] - NO_MATCH)  # no protected image outside its group at all
+
+
+def test_the_nearest_background_image_is_neither_the_query_nor_a_copy_of_it() -> None:
+    from lvdkit.curation.relative_score import nearest_background
+
+    e = np.eye(8, dtype=np.float32)
+    background = _unit(np.stack([e[0], e[0] + 0.2 * e[1], e[0] + e[2], e[3]]))  # itself, a copy, a look-alike
+    near = nearest_background(background[:1], background, copy_threshold=0.9)
+    assert near[0] == pytest.approx(float(background[0] @ background[2]))  # 0.71: the look-alike
+    assert nearest_background(background[:1], background, copy_threshold=None)[0] == pytest.approx(
+        float(background[0] @ background[1])  # no copy threshold: only itself left out
+    )
+    assert np.isnan(nearest_background(background[:1], background[:2], 0.9)).all()  # nothing but copies
+    assert np.isnan(nearest_background(background[:2], background[:0], 0.9)).all()  # no background set
+
+
+def test_the_pools_own_crowd_tells_an_isolated_leak_from_a_clean_image_with_company_in_the_pool() -> None:
+    """A photograph among other shots of its scene looks like a protected image as much as a heavily edited leak
+    looks like its source, and the margin ranks it above the leak; its nearest pool image (another shot) takes
+    that back, the leak has no such company. Weight 0 is the margin; no background image: the margin."""
+    from lvdkit.curation.relative_score import background_margins, margins, nearest_background
+
+    e = np.eye(12, dtype=np.float32)
+    protected = e[[0, 1, 8, 9, 10, 11]]  # unrelated images; 0 and 1 matter
+    leak = 0.68 * e[0] + np.sqrt(1 - 0.68**2) * e[2]  # an edited copy of protected image 0: similarity 0.68
+    shot = 0.75 * e[1] + np.sqrt(1 - 0.75**2) * e[3]  # a clean photograph like protected image 1 (0.75)
+    other_shot = _unit(shot + 1.2 * e[4])  # another shot of its scene: similar (0.57), not a copy
+    pool = _unit(np.stack([leak, shot, other_shot, e[5], e[6]]))
+    sim, _, margin = margins(pool, protected, np.arange(len(protected)))
+    near = nearest_background(pool, pool, copy_threshold=0.9)
+    assert margin[0] < margin[1]  # the margin alone ranks the clean shot above the leak
+    mixed = background_margins(sim, margin, near, 0.5)
+    assert mixed[0] > mixed[1] and mixed[0] > mixed[2:].max()  # with the pool's reference the leak stands out
+    assert np.allclose(background_margins(sim, margin, near, 0.0), margin)
+    assert np.allclose(background_margins(sim, margin, np.full(len(pool), np.nan, np.float32), 0.5), margin)

@@ -20,7 +20,14 @@ from lvdkit.core.stage import StageInputs, StageOutput
 from lvdkit.core.views import alive, dedups_before, embeddings_of
 from lvdkit.core.whitening import Whitener
 from lvdkit.curation.components import dedup_stats
-from lvdkit.curation.relative_score import copy_groups, decoy_rates, in_sample, margins
+from lvdkit.curation.relative_score import (
+    background_margins,
+    copy_groups,
+    decoy_rates,
+    in_sample,
+    margins,
+    nearest_background,
+)
 from lvdkit.curation.side_sets import SideSetReader
 
 
@@ -32,6 +39,12 @@ class DedupRelativeConfig:
     # margin: similarity to the best protected match less that to the best protected image outside its copy group
     # (lvdkit.curation.relative_score); similarity: cosine to the best match (after dedup_copy's whitening)
     score: Literal["margin", "similarity"] = "margin"
+    # the margin's reference mixed with the pool's: this share of it is the similarity to the nearest image of the
+    # background set that is not a copy (relative_score.background_margins); 0: the margin alone. 0.5, measured
+    # (bench/dedup_quality.py --relative): photo leak pools of 1,000 / 5,000, 57 -> 61 and 57 -> 61 of 64 leaks;
+    # the demo 39 of 40 either way; 1.0 (the pool alone) misses a leak the pool holds twice
+    background_weight: float = setting(0.5, ge=0, le=1)
+    background: int = setting(20_000, ge=0)  # pool images drawn as the background set (decoys aside)
     threshold: float | None = setting(None, ge=-1, le=2)  # on the score's scale; null: set by ``rule``
     # recall: the highest threshold that keeps target_recall of synthetic copies of the protected images (scored
     # against the protected set), raised if needed so that it removes at most max_removed of the clean pool: as
@@ -57,6 +70,10 @@ class DedupRelativeConfig:
         """The score the threshold applies to (dedup_copy's threshold is a similarity)."""
         return "similarity" if self.rule == "copy" and self.threshold is None else self.score
 
+    def uses_background(self) -> bool:
+        """Whether the score takes part of its reference from a background set drawn from the pool."""
+        return self.scored_by() == "margin" and self.background_weight > 0 and self.background > 0
+
 
 def dedup_relative(
     pool_ids: pa.Array | pa.ChunkedArray,
@@ -66,17 +83,19 @@ def dedup_relative(
     threshold: float | None,
     groups: np.ndarray | None = None,
     score: str = "similarity",
+    background: np.ndarray | None = None,
+    weight: float = 0.0,
 ) -> pa.Table:
     """Mark pool images (descriptors pool_x [N, D], whitened) whose ``score`` against protected_x [P, D] (copy
-    groups [P]; default: one per image) exceeds ``threshold``. dup_of / group_id name the best protected match (its
-    id), distance = 1 - its similarity."""
+    groups [P]; default: one per image; ``background`` [N] and its ``weight``: see :func:`scores`) exceeds
+    ``threshold``. dup_of / group_id name the best protected match (its id), distance = 1 - its similarity."""
     n = len(pool_ids)
     ids = np.asarray(
         pool_ids.to_numpy(zero_copy_only=False) if hasattr(pool_ids, "to_numpy") else pool_ids, dtype=object
     )
     if n and len(protected_ids) and threshold is None:
         raise ValueError("dedup_relative: a threshold is needed to compare a pool with a protected set")
-    best_sim, best, value = scores(pool_x, protected_x, groups, score)
+    best_sim, best, value = scores(pool_x, protected_x, groups, score, background, weight)
     hit = value > threshold if threshold is not None and len(protected_ids) else np.zeros(n, bool)
     matched = np.asarray(protected_ids, dtype=object)[best] if len(protected_ids) else np.full(n, None)
     return pa.table(
@@ -92,12 +111,23 @@ def dedup_relative(
 
 
 def scores(
-    x: np.ndarray, protected_x: np.ndarray, groups: np.ndarray | None, score: str
+    x: np.ndarray,
+    protected_x: np.ndarray,
+    groups: np.ndarray | None,
+    score: str,
+    background: np.ndarray | None = None,
+    weight: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(best similarity [N], best match [N], the score [N]) of queries x [N, D] against the protected set."""
+    """(best similarity [N], best match [N], the score [N]) of queries x [N, D] against the protected set; the
+    margin with ``weight`` of its reference from ``background`` [N] (each query's nearest background image, from
+    :func:`~lvdkit.curation.relative_score.nearest_background`) where given."""
     groups = np.arange(len(protected_x), dtype=np.int64) if groups is None else groups
     best_sim, best, margin = margins(x, protected_x, groups)
-    return best_sim, best, (margin if score == "margin" else best_sim)
+    if score != "margin":
+        return best_sim, best, best_sim
+    if background is not None and weight > 0:
+        margin = background_margins(best_sim, margin, background, weight)
+    return best_sim, best, margin
 
 
 def run_dedup_relative(cfg: DedupRelativeConfig, reader: SideSetReader, inputs: StageInputs) -> StageOutput:
@@ -109,16 +139,33 @@ def run_dedup_relative(cfg: DedupRelativeConfig, reader: SideSetReader, inputs: 
     prot = protected_set(cfg, reader, inputs, whitener)
     compared = len(images) > 0 and len(prot.ids) > 0  # an empty pool or protected set needs no threshold
     threshold, rule_stats = cfg.threshold, dict[str, object]()
+    samples = pool_samples(images[schema.CONTENT_HASH].to_pylist(), inputs, len(prot.ids), cfg)
+    background_x = pool_x[samples.background]
     if threshold is None and compared:
         if cfg.rule == "copy":
             threshold = copy_threshold(inputs)
         else:
-            keys = images[schema.CONTENT_HASH].to_pylist()
-            decoys, probes = pool_samples(keys, inputs, len(prot.ids), cfg.probes)
-            threshold, rule_stats = recall_threshold(cfg, prot, pool_x[decoys], pool_x[probes])
+            decoys, probes = pool_x[samples.decoys], pool_x[samples.probes]
+            threshold, rule_stats = recall_threshold(cfg, prot, decoys, probes, background_x)
     score = cfg.scored_by()
-    table = dedup_relative(images[schema.IMAGE_ID], pool_x, prot.ids, prot.x, threshold, prot.groups, score)
-    stats = {"protected": len(prot.ids), "protected_unusable": prot.unusable, "score": score, "threshold": threshold}
+    table = dedup_relative(
+        images[schema.IMAGE_ID],
+        pool_x,
+        prot.ids,
+        prot.x,
+        threshold,
+        prot.groups,
+        score,
+        background_of(cfg, prot, pool_x, background_x) if compared else None,
+        cfg.background_weight,
+    )
+    stats = {
+        "protected": len(prot.ids),
+        "protected_unusable": prot.unusable,
+        "score": score,
+        "threshold": threshold,
+        **background_stats(cfg, len(background_x)),
+    }
     sides = {schema.PROTECTED_FILE: prot.rows} if prot.rows is not None else {}
     return StageOutput(table, dedup_stats(table, {**stats, **rule_stats}), dict(sides))
 
@@ -162,14 +209,35 @@ def group_threshold(inputs: StageInputs) -> float | None:
     return None if value is None else float(value)
 
 
-def pool_samples(
-    keys: list[str], inputs: StageInputs, n_protected: int, n_probes: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The decoys and the probes among pool images (masks [N]), drawn by their content hashes ``keys``: the same
-    images on either path, wherever the files lie."""
-    rate_decoys, rate_probes = decoy_rates(pool_size(inputs), n_protected, n_probes)
-    decoys = in_sample(keys, rate_decoys, "decoy")
-    return decoys, in_sample(keys, rate_probes, "probe") & ~decoys
+@dataclass
+class Samples:
+    """Pool images drawn for the rule and the score (masks [N]): decoys, probes and the background set (the latter
+    two overlap; neither holds a decoy)."""
+
+    decoys: np.ndarray
+    probes: np.ndarray
+    background: np.ndarray
+
+
+def pool_samples(keys: list[str], inputs: StageInputs, n_protected: int, cfg: DedupRelativeConfig) -> Samples:
+    """The samples of the pool images with content hashes ``keys``: the same images on either path, wherever the
+    files lie. No background set where the score takes none."""
+    n_background = cfg.background if cfg.uses_background() else 0
+    rates = decoy_rates(pool_size(inputs), n_protected, cfg.probes, n_background)
+    decoys = in_sample(keys, rates[0], "decoy")
+    probes = in_sample(keys, rates[1], "probe") & ~decoys
+    return Samples(decoys, probes, in_sample(keys, rates[2], "background") & ~decoys)
+
+
+def background_of(
+    cfg: DedupRelativeConfig, prot: Protected, x: np.ndarray, background_x: np.ndarray
+) -> np.ndarray | None:
+    """Each of x's [N, D] nearest background image that is not a copy of it [N] (None where the score takes none)."""
+    return nearest_background(x, background_x, prot.group_threshold) if cfg.uses_background() else None
+
+
+def background_stats(cfg: DedupRelativeConfig, n_background: int) -> dict[str, object]:
+    return {"background": n_background, "background_weight": cfg.background_weight if cfg.uses_background() else 0.0}
 
 
 def pool_size(inputs: StageInputs) -> int:
@@ -179,14 +247,18 @@ def pool_size(inputs: StageInputs) -> int:
 
 
 def recall_threshold(
-    cfg: DedupRelativeConfig, prot: Protected, decoys: np.ndarray, probes: np.ndarray
+    cfg: DedupRelativeConfig, prot: Protected, decoys: np.ndarray, probes: np.ndarray, background: np.ndarray
 ) -> tuple[float, dict[str, object]]:
     """The recall rule (see :class:`DedupRelativeConfig`): (threshold, what it was made of and its estimates). The
     probes are scored twice: against the decoys (clean images' scores, the decoys' copies in the pool aside) and
-    against the protected set (the pool's own scores, its leaks among them)."""
-    positives = scores(prot.copies, prot.x, prot.groups, cfg.score)[2]
-    probe_scores = scores(probes, decoys, copy_groups(decoys, prot.group_threshold), cfg.score)[2]
-    pool_scores = scores(probes, prot.x, prot.groups, cfg.score)[2]
+    against the protected set (the pool's own scores, its leaks among them). ``background`` [B, D]: the background
+    set (holds no decoy, so it stands to the decoys as the pool to the protected set)."""
+    w = cfg.background_weight
+    copies_bg, probes_bg = (background_of(cfg, prot, q, background) for q in (prot.copies, probes))
+    positives = scores(prot.copies, prot.x, prot.groups, cfg.score, copies_bg, w)[2]
+    decoy_groups = copy_groups(decoys, prot.group_threshold)
+    probe_scores = scores(probes, decoys, decoy_groups, cfg.score, probes_bg, w)[2]
+    pool_scores = scores(probes, prot.x, prot.groups, cfg.score, probes_bg, w)[2]
     return recall_rule(positives, prot.copy_edit, probe_scores, cfg.target_recall, cfg.max_removed, pool_scores)
 
 

@@ -2,11 +2,13 @@
 
 1. prepare: the protected images (and synthetic copies of them) read and embedded (an evaluation set is small
    beside the pool), whitened with ``dedup_copy``'s whitening;
-2. scatter, per embed part: the part's decoys and probes (hash-drawn samples of the pool, the same images the
-   single task draws) kept as scratch;
-3. plan (driver): the threshold when given or dedup_copy's; else one solve task for the recall rule;
-4. solve (the recall rule): every decoy and probe read (bounded: as many decoys as protected images, ``probes``
-   probes), the rule applied exactly as the single task applies it;
+2. scatter, per embed part: the part's decoys, probes and background images (hash-drawn samples of the pool, the
+   same images the single task draws) kept as scratch;
+3. plan (driver): the threshold when given or dedup_copy's; one solve task for the recall rule or the background
+   set, where either is needed;
+4. solve: every decoy, probe and background image read (bounded: as many decoys as protected images, ``probes``
+   probes, ``background`` background images), the rule applied exactly as the single task applies it; its table
+   (the threshold's row and the background set's) is the decisions every write receives;
 5. write, per embed part: one dedup row per image, naming the protected image where it is a copy.
 """
 
@@ -29,6 +31,8 @@ from lvdkit.core.whitening import Whitener
 from lvdkit.curation.dedup_relative import (
     DedupRelativeConfig,
     Protected,
+    background_of,
+    background_stats,
     copy_threshold,
     dedup_relative,
     pool_samples,
@@ -37,8 +41,10 @@ from lvdkit.curation.dedup_relative import (
 )
 from lvdkit.curation.side_sets import SideSetReader
 
-ROLE, X = "role", "x"  # scratch columns: decoy or probe, and the whitened descriptor
-THRESHOLD, RULE = "threshold", "rule"  # the solve task's one row: the threshold and the rule's figures (JSON)
+ROLE, X = "role", "x"  # scratch columns: decoy, probe or background, and the whitened descriptor
+# the solve's table: one "threshold" row (the threshold, the rule's figures as JSON), then the background set
+THRESHOLD, RULE = "threshold", "rule"
+DECOY, PROBE, BACKGROUND = "decoy", "probe", "background"
 
 
 @dataclass
@@ -77,16 +83,9 @@ class RelativePartitions(PartitionedWork):
         ids, col = self._pool(index)
         x = _whitened(state.whitener, col)
         keys = _content_hashes(self.inputs, index, ids)
-        decoys, probes = pool_samples(keys, self.inputs, len(state.protected.ids), self.cfg.probes)
-        picked = decoys | probes
-        y = np.ascontiguousarray(x[picked], dtype=np.float32)
-        table = pa.table(
-            {
-                ROLE: pa.array(np.where(decoys[picked], "decoy", "probe"), pa.string()),
-                X: pa.FixedSizeListArray.from_arrays(pa.array(y.ravel()), max(y.shape[1], 1)),
-            }
-        )
-        return table, {"n": len(ids)}
+        samples = pool_samples(keys, self.inputs, len(state.protected.ids), self.cfg)
+        roles = ((DECOY, samples.decoys), (PROBE, samples.probes), (BACKGROUND, samples.background))
+        return pa.concat_tables([_rows(role, x[mask]) for role, mask in roles]), {"n": len(ids)}
 
     def merge(self, total: dict[str, Any] | None, summary: dict[str, Any]) -> dict[str, Any]:
         return {"n": (total or {"n": 0})["n"] + summary["n"]}
@@ -95,26 +94,27 @@ class RelativePartitions(PartitionedWork):
         n = int((total or {"n": 0})["n"])
         threshold = self.cfg.threshold
         compared = n > 0 and bool(self.cfg.protected)
-        if threshold is None and compared:
-            if self.cfg.rule == "copy":
-                threshold = copy_threshold(self.inputs)
-            else:
-                return ["recall rule"], {THRESHOLD: None, "n": n}
-        return [], {THRESHOLD: threshold, "n": n}
+        if threshold is None and compared and self.cfg.rule == "copy":
+            threshold = copy_threshold(self.inputs)
+        needed = compared and (threshold is None or self.cfg.uses_background())
+        return (["rule and background"] if needed else []), {THRESHOLD: threshold, "n": n}
 
     def solve(self, state: State, figures: Any, partition: Any, scratch: list[Location]) -> pa.Table:
         rows = pa.concat_tables([pq.read_table(p) for p in scratch])
-        x = rows[X].combine_chunks()
-        x = x.flatten().to_numpy().reshape(len(x), -1) if len(x) else np.zeros((0, 1), np.float32)
-        decoys = pc.equal(rows[ROLE], "decoy").to_numpy(zero_copy_only=False)
-        threshold, stats = recall_threshold(self.cfg, state.protected, x[decoys], x[~decoys])
-        return pa.table({THRESHOLD: [threshold], RULE: [json.dumps(stats)]})
+        x = _matrix(rows[X], state.whitener.dim)
+        role = {r: pc.equal(rows[ROLE], r).to_numpy(zero_copy_only=False) for r in (DECOY, PROBE, BACKGROUND)}
+        threshold, stats = figures[THRESHOLD], dict[str, object]()
+        if threshold is None:
+            prot = state.protected
+            threshold, stats = recall_threshold(self.cfg, prot, x[role[DECOY]], x[role[PROBE]], x[role[BACKGROUND]])
+        return _decisions(threshold, stats, x[role[BACKGROUND]])
 
     def reduce(self, state: State, figures: dict[str, Any], solved: list[Location]) -> StageOutput:
-        threshold, rule = figures[THRESHOLD], {}
         if solved:
-            row = pq.read_table(solved[0]).to_pylist()[0]
-            threshold, rule = row[THRESHOLD], json.loads(row[RULE])
+            decisions = pq.read_table(solved[0])
+        else:
+            decisions = _decisions(figures[THRESHOLD], {}, np.zeros((0, state.whitener.dim), np.float32))
+        threshold, rule, background = _decided(decisions)
         prot = state.protected
         sides = {schema.PROTECTED_FILE: prot.rows} if prot.rows is not None else {}
         stats = {
@@ -122,16 +122,20 @@ class RelativePartitions(PartitionedWork):
             "protected_unusable": prot.unusable,
             "score": self.cfg.scored_by(),
             "threshold": threshold,
+            **background_stats(self.cfg, len(background)),
             **rule,
         }
-        return StageOutput(pa.table({THRESHOLD: pa.array([threshold], pa.float64())}), stats, dict(sides))
+        return StageOutput(decisions, stats, dict(sides))
 
     def write(self, state: State, figures: Any, decisions: pa.Table, index: int, scratch: Scratch) -> pa.Table:
         ids, col = self._pool(index)
         prot = state.protected
-        threshold = decisions[THRESHOLD][0].as_py()
+        threshold, _, background = _decided(decisions)
         x = _whitened(state.whitener, col)
-        return dedup_relative(ids, x, prot.ids, prot.x, threshold, prot.groups, self.cfg.scored_by())
+        near = background_of(self.cfg, prot, x, background)
+        return dedup_relative(
+            ids, x, prot.ids, prot.x, threshold, prot.groups, self.cfg.scored_by(), near, self.cfg.background_weight
+        )
 
     def final_stats(self, stats: dict[str, Any], parts: list[Location]) -> dict[str, Any]:
         removed = sum(_removed(p) for p in parts)
@@ -147,8 +151,36 @@ def _content_hashes(inputs: StageInputs, index: int, ids: pa.Array | pa.ChunkedA
 def _whitened(whitener: Whitener, column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     c = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     if not len(c):
-        return np.zeros((0, 1), np.float32)
+        return np.zeros((0, whitener.dim), np.float32)
     return whitener(c.flatten().to_numpy().reshape(len(c), -1))
+
+
+def _rows(role: str, y: np.ndarray) -> pa.Table:
+    """Scratch rows: ``role`` and the descriptors y [N, D]."""
+    y = np.ascontiguousarray(y if y.shape[1] else np.zeros((len(y), 1)), dtype=np.float32)  # an empty pool: no width
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(y.ravel(), pa.float32()), y.shape[1])
+    return pa.table({ROLE: pa.array([role] * len(y), pa.string()), X: vectors})
+
+
+def _matrix(column: pa.ChunkedArray, dim: int) -> np.ndarray:
+    c = column.combine_chunks()
+    return c.flatten().to_numpy().reshape(len(c), -1) if len(c) else np.zeros((0, dim), np.float32)
+
+
+def _decisions(threshold: float | None, rule: dict[str, Any], background: np.ndarray) -> pa.Table:
+    """What every write receives: the threshold's row (threshold, the rule's figures), then the background set."""
+    rows = pa.concat_tables(
+        [_rows(THRESHOLD, np.zeros((1, background.shape[1]), np.float32)), _rows(BACKGROUND, background)]
+    )
+    filler = [None] * len(background)
+    rows = rows.append_column(THRESHOLD, pa.array([threshold, *filler], pa.float64()))
+    return rows.append_column(RULE, pa.array([json.dumps(rule), *filler], pa.string()))
+
+
+def _decided(decisions: pa.Table) -> tuple[float | None, dict[str, Any], np.ndarray]:
+    """(threshold, the rule's figures, the background set [B, D]) from :func:`_decisions`' table."""
+    x = _matrix(decisions[X], 1)
+    return decisions[THRESHOLD][0].as_py(), json.loads(decisions[RULE][0].as_py()), x[1:]
 
 
 def _removed(part: Location) -> int:
