@@ -9,7 +9,9 @@ catch at that budget; what a rule then loses is the rule's doing.
 - descriptors: as the stage compares them (``dedup_copy``'s whitening of the pool), raw (L2-normalised) and centred;
 - scores: ``similarity`` (cosine to the best protected image), ``margin`` (the stage's: less the best protected
   image outside the match's copy group) and ``background`` (cosine to the best protected image less the cosine to
-  the image's nearest other pool image: SSCD's score normalisation with the pool as the background set);
+  the image's nearest other pool image: SSCD's score normalisation with the pool as the background set) and
+  ``mixed`` (the stage's default: half of each reference, ``background_weight`` 0.5; here the whole pool is the
+  background set, copies of the image included);
 - ``--verify`` (needs ``opencv-python-headless``, not a dependency): SIFT key points matched with Lowe's ratio test
   between each pool image and its 3 most similar protected images (centred), a similarity transform fitted by
   RANSAC (mirrored query tried too); the inlier count as the score. Prints the most inliers of any clean image, the
@@ -42,7 +44,7 @@ from lvdkit.core.stage import StageInputs
 from lvdkit.core.views import alive, dedups_before, embeddings_of
 from lvdkit.core.whitening import Whitener, fit_whitener
 from lvdkit.curation.dedup_relative import group_threshold, scores
-from lvdkit.curation.relative_score import copy_groups
+from lvdkit.curation.relative_score import background_margins, copy_groups
 from lvdkit.curation.side_sets import SideSetReader
 from lvdkit.pipeline.config import CurateConfig
 from lvdkit.pipeline.names import CURATE_ORDER
@@ -86,7 +88,8 @@ def score_variants(pool: np.ndarray, protected: np.ndarray, groups: np.ndarray) 
     best, _, margin = scores(pool, protected, groups, "margin")
     nearest, _ = top_against(pool, pool, np.arange(len(pool), dtype=np.int64), 2)
     background = nearest[:, 1]  # the first is the image itself
-    return {"similarity": best, "margin": margin, "background": best - background}
+    mixed = background_margins(best, margin, background, 0.5)
+    return {"similarity": best, "margin": margin, "background": best - background, "mixed": mixed}
 
 
 def oracle_threshold(value: np.ndarray, leak: np.ndarray, budget: float) -> float:

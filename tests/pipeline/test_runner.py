@@ -183,8 +183,8 @@ def test_rerun_skips_and_changes_redo_only_what_they_affect(
 
     extra = small_demo / "raw" / "zz_added_later.txt"  # a new input file changes the ingest fingerprint
     extra.write_text("not an image")
-    try:
-        summary = run(_config(out, small_demo, "dedup_phash.max_distance=2"))
+    try:  # (the stages that read ingest's output directly: what follows them is redone as the embed case shows)
+        summary = run(_config(out, small_demo, "dedup_phash.max_distance=2"), stages=tuple(mtimes))
         assert all((out / s / "_SUCCESS").stat().st_mtime_ns != after[s] for s in after)
         assert summary["quarantined_by_reason"].get(schema.REASON_NOT_IMAGE, 0) >= 1
     finally:

@@ -7,6 +7,7 @@ interrupted stage keeps its finished parts only if its ``_RUNNING`` marker match
 from __future__ import annotations
 
 import hashlib
+import secrets
 import sys
 import time
 from dataclasses import dataclass
@@ -96,6 +97,7 @@ def finish(
         "lvdkit_version": __version__,
         "seconds": round(seconds, 3),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "run_id": secrets.token_hex(8),  # two runs finished in the same second are two outputs all the same
         "parts": sorted(p.name for p in stage_dir.glob("part-*.parquet")),  # readers trust these (and _commits)
         "part_bytes": committed_sizes(stage_dir),  # checked (a stat each) before a rerun skips the stage
         "nodes": nodes or [],  # the Ray nodes whose tasks did this run's work (resumed runs: the last attempt's)
@@ -129,5 +131,6 @@ def _identity(record: dict[str, Any], used: tuple[str, ...] | None) -> str:
     under the same config, and what read the earlier output is then out of date); by views: their identities."""
     views = record.get("views")
     if used is None or not isinstance(views, dict) or not all(k in views for k in used):
-        return f"{record['config_hash']}@{record.get('finished_at', '')}"
+        run = f"/{record['run_id']}" if "run_id" in record else ""  # records before 2026-12-05 have none
+        return f"{record['config_hash']}@{record.get('finished_at', '')}{run}"
     return ",".join(f"{k}={views[k]}" for k in sorted(set(used)))
