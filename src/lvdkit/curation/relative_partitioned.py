@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lvdkit.core import schema
+from lvdkit.core.packed import pack, unpack
 from lvdkit.core.stage import PartitionedWork, Resources, Scratch, StageInputs, StageOutput
 from lvdkit.core.storage import Location
 from lvdkit.core.views import EMBED, alive_embedded, embed_listing_rows
@@ -101,7 +102,7 @@ class RelativePartitions(PartitionedWork):
 
     def solve(self, state: State, figures: Any, partition: Any, scratch: list[Location]) -> pa.Table:
         rows = pa.concat_tables([pq.read_table(p) for p in scratch])
-        x = _matrix(rows[X], state.whitener.dim)
+        x = unpack(rows[X], state.whitener.dim)
         role = {r: pc.equal(rows[ROLE], r).to_numpy(zero_copy_only=False) for r in (DECOY, PROBE, BACKGROUND)}
         threshold, stats = figures[THRESHOLD], dict[str, object]()
         if threshold is None:
@@ -156,22 +157,14 @@ def _whitened(whitener: Whitener, column: pa.ChunkedArray | pa.Array) -> np.ndar
 
 
 def _rows(role: str, y: np.ndarray) -> pa.Table:
-    """Scratch rows: ``role`` and the descriptors y [N, D]."""
-    y = np.ascontiguousarray(y if y.shape[1] else np.zeros((len(y), 1)), dtype=np.float32)  # an empty pool: no width
-    vectors = pa.FixedSizeListArray.from_arrays(pa.array(y.ravel(), pa.float32()), y.shape[1])
-    return pa.table({ROLE: pa.array([role] * len(y), pa.string()), X: vectors})
-
-
-def _matrix(column: pa.ChunkedArray, dim: int) -> np.ndarray:
-    c = column.combine_chunks()
-    return c.flatten().to_numpy().reshape(len(c), -1) if len(c) else np.zeros((0, dim), np.float32)
+    """Scratch rows: ``role`` and the descriptors y [N, D] (packed)."""
+    return pa.table({ROLE: pa.array([role] * len(y), pa.string()), X: pack(y)})
 
 
 def _decisions(threshold: float | None, rule: dict[str, Any], background: np.ndarray) -> pa.Table:
     """What every write receives: the threshold's row (threshold, the rule's figures), then the background set."""
-    rows = pa.concat_tables(
-        [_rows(THRESHOLD, np.zeros((1, background.shape[1]), np.float32)), _rows(BACKGROUND, background)]
-    )
+    blank = np.zeros((1, max(background.shape[1], 1)), np.float32)  # as wide as pack makes an empty pool's
+    rows = pa.concat_tables([_rows(THRESHOLD, blank), _rows(BACKGROUND, background)])
     filler = [None] * len(background)
     rows = rows.append_column(THRESHOLD, pa.array([threshold, *filler], pa.float64()))
     return rows.append_column(RULE, pa.array([json.dumps(rule), *filler], pa.string()))
@@ -179,7 +172,7 @@ def _decisions(threshold: float | None, rule: dict[str, Any], background: np.nda
 
 def _decided(decisions: pa.Table) -> tuple[float | None, dict[str, Any], np.ndarray]:
     """(threshold, the rule's figures, the background set [B, D]) from :func:`_decisions`' table."""
-    x = _matrix(decisions[X], 1)
+    x = unpack(decisions[X])
     return decisions[THRESHOLD][0].as_py(), json.loads(decisions[RULE][0].as_py()), x[1:]
 
 
