@@ -23,10 +23,10 @@ from lvdkit.curation.components import dedup_stats
 from lvdkit.curation.relative_score import (
     background_margins,
     copy_groups,
-    decoy_rates,
     in_sample,
     margins,
     nearest_background,
+    sample_rates,
 )
 from lvdkit.curation.side_sets import SideSetReader
 
@@ -139,12 +139,13 @@ def run_dedup_relative(cfg: DedupRelativeConfig, reader: SideSetReader, inputs: 
     prot = protected_set(cfg, reader, inputs, whitener)
     compared = len(images) > 0 and len(prot.ids) > 0  # an empty pool or protected set needs no threshold
     threshold, rule_stats = cfg.threshold, dict[str, object]()
-    samples = pool_samples(images[schema.CONTENT_HASH].to_pylist(), inputs, len(prot.ids), cfg)
-    background_x = pool_x[samples.background]
-    if threshold is None and compared:
-        if cfg.rule == "copy":
+    background_x = np.empty((0, pool_x.shape[1]), np.float32)
+    if compared:  # (no protected set, the common case: no samples to draw, no hashes to read)
+        samples = pool_samples(images[schema.CONTENT_HASH].to_pylist(), inputs, len(prot.ids), cfg)
+        background_x = pool_x[samples.background]
+        if threshold is None and cfg.rule == "copy":
             threshold = copy_threshold(inputs)
-        else:
+        elif threshold is None:
             decoys, probes = pool_x[samples.decoys], pool_x[samples.probes]
             threshold, rule_stats = recall_threshold(cfg, prot, decoys, probes, background_x)
     score = cfg.scored_by()
@@ -223,7 +224,7 @@ def pool_samples(keys: list[str], inputs: StageInputs, n_protected: int, cfg: De
     """The samples of the pool images with content hashes ``keys``: the same images on either path, wherever the
     files lie. No background set where the score takes none."""
     n_background = cfg.background if cfg.uses_background() else 0
-    rates = decoy_rates(pool_size(inputs), n_protected, cfg.probes, n_background)
+    rates = sample_rates(pool_size(inputs), n_protected, cfg.probes, n_background)
     decoys = in_sample(keys, rates[0], "decoy")
     probes = in_sample(keys, rates[1], "probe") & ~decoys
     return Samples(decoys, probes, in_sample(keys, rates[2], "background") & ~decoys)

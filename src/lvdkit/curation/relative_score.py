@@ -126,7 +126,7 @@ def in_sample(ids: list[str], rate: float, salt: str) -> np.ndarray:
     return out
 
 
-def decoy_rates(n_pool: int, n_protected: int, n_probes: int, n_background: int = 0) -> tuple[float, float, float]:
+def sample_rates(n_pool: int, n_protected: int, n_probes: int, n_background: int = 0) -> tuple[float, float, float]:
     """Sampling rates (decoys, probes, background) for a pool of ``n_pool`` images: as many decoys as protected
     images (at most half the pool), ``n_probes`` probes and ``n_background`` background images among the rest
     (fewer where the pool is small)."""
