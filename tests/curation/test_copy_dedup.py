@@ -304,6 +304,38 @@ def test_the_pools_own_scores_bound_the_budget_when_the_decoys_overestimate_it()
     assert parts["threshold_for_budget"] == parts["threshold_for_budget_decoys"] < parts["threshold_for_budget_pool"]
 
 
+def test_several_decoy_draws_bound_the_clean_share_that_one_more_draw_removes() -> None:
+    """Each decoy draw's probes estimate the clean share removed up to the draw's luck; the pool against the
+    protected set is one more draw. One draw's quantile is exceeded by the next draw about half the time; the
+    bound over four draws at confidence 0.9 rarely."""
+    from lvdkit.curation.dedup_relative import budget_threshold, recall_rule
+
+    rng = np.random.default_rng(11)
+
+    def draw() -> np.ndarray:  # a draw's clean scores: its decoys put the whole distribution a little up or down
+        return rng.normal(rng.normal(0.0, 0.1), 1.0, 4000)
+
+    over_one = over_four = 0
+    trials = 200
+    for _ in range(trials):
+        draws = [draw() for _ in range(4)]
+        new = draw()
+        over_one += np.mean(new > budget_threshold(draws[:1], 0.01, 0.9)) > 0.01
+        over_four += np.mean(new > budget_threshold(draws, 0.01, 0.9)) > 0.01
+    assert over_one / trials > 0.35 and over_four / trials < 0.2
+    same = draw()  # draws that agree: no spread, the bound is their quantile
+    bound = budget_threshold([same, same.copy(), same.copy()], 0.01, 0.9)
+    assert np.mean(same > bound) <= 0.01 < np.mean(same >= np.max(same[same < bound]))
+    assert bound == pytest.approx(np.quantile(same, 0.99), abs=0.01)
+    positives, edits = rng.uniform(0.0, 0.5, 1000), np.full(1000, "crop")
+    draws = [0.1 * draw() for _ in range(4)]  # margins' scale (the rule's "no budget" is 2)
+    threshold, parts = recall_rule(positives, edits, draws, 0.99, 0.01, confidence=0.9)
+    assert parts["decoy_draws"] == 4 and len(parts["estimated_clean_removed_by_draw"]) == 4
+    assert threshold == parts["threshold_for_budget_decoys"] == budget_threshold(draws, 0.01, 0.9)
+    assert parts["estimated_clean_removed"] == pytest.approx(np.mean(parts["estimated_clean_removed_by_draw"]))
+    assert parts["estimated_clean_removed"] < 0.009  # the draws' mean, held below the budget by their spread
+
+
 def test_the_margin_score_tells_a_copy_from_an_image_that_merely_looks_like_many_protected_ones() -> None:
     """A common look (many protected images alike) gives a high similarity but no margin; a copy stands out from
     its source's neighbours. Protected images that copy each other form one group, so a leak of an image the

@@ -8,6 +8,7 @@ Descriptors go through the same whitening that ``dedup_copy`` fitted on the pool
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from statistics import NormalDist
 from typing import Literal
 
 import numpy as np
@@ -58,6 +59,13 @@ class DedupRelativeConfig:
     # (bench/dedup_quality.py --relative: photo pool of 5,000, 14 -> 15 of 16 leaks, 0.59 -> 0.74% clean removed)
     target_recall: float = setting(0.99, gt=0, le=1)
     max_removed: float = setting(0.01, ge=0, le=1)
+    # the decoys' estimate of clean removals, drawn this many times (independent hash draws): the budget holds where
+    # the draws' mean share plus budget_confidence's one-sided normal bound on one more draw (their spread) stays
+    # within max_removed, as the pool against the protected set is one more such draw. One draw's estimate is off by
+    # about +-0.2 points on the demo, and one draw aimed at 1% removed 1.13% there (bench/dedup_quality.py
+    # --relative); 1: one draw's share, no bound
+    decoy_draws: int = setting(4, ge=1)
+    budget_confidence: float = setting(0.9, gt=0, le=0.999)
     calibration_copies: int = setting(1000, ge=0)  # synthetic copies of protected images the recall is measured on
     probes: int = setting(20_000, ge=0)  # pool images scored against the decoys to estimate clean removals
     embedding: str = "copy"  # which embed model (must match dedup_copy's)
@@ -142,12 +150,11 @@ def run_dedup_relative(cfg: DedupRelativeConfig, reader: SideSetReader, inputs: 
     background_x = np.empty((0, pool_x.shape[1]), np.float32)
     if compared:  # (no protected set, the common case: no samples to draw, no hashes to read)
         samples = pool_samples(images[schema.CONTENT_HASH].to_pylist(), inputs, len(prot.ids), cfg)
-        background_x = pool_x[samples.background]
+        background_x = pool_x[samples.background & ~samples.decoys[0]]
         if threshold is None and cfg.rule == "copy":
             threshold = copy_threshold(inputs)
         elif threshold is None:
-            decoys, probes = pool_x[samples.decoys], pool_x[samples.probes]
-            threshold, rule_stats = recall_threshold(cfg, prot, decoys, probes, background_x)
+            threshold, rule_stats = recall_threshold(cfg, prot, samples.of(pool_x))
     score = cfg.scored_by()
     table = dedup_relative(
         images[schema.IMAGE_ID],
@@ -212,22 +219,56 @@ def group_threshold(inputs: StageInputs) -> float | None:
 
 @dataclass
 class Samples:
-    """Pool images drawn for the rule and the score (masks [N]): decoys, probes and the background set (the latter
-    two overlap; neither holds a decoy)."""
+    """Pool images drawn for the rule and the score, as masks: decoys [K, N] (one row per draw), probes [N] and
+    background [N] (overlapping; a draw's probes and background set leave its decoys out, :meth:`draws`)."""
 
     decoys: np.ndarray
     probes: np.ndarray
     background: np.ndarray
 
+    def draws(self, mask: np.ndarray) -> np.ndarray:
+        """The draws [M] in which each of ``mask``'s images [M] is a decoy, as bits (draw k: bit k)."""
+        return (self.decoys[:, mask].astype(np.int64) << np.arange(len(self.decoys))[:, None]).sum(axis=0)
+
+    def any_decoy(self) -> np.ndarray:
+        """The images [N] that are a decoy of some draw."""
+        return np.asarray(self.decoys.any(axis=0), bool)
+
+    def of(self, x: np.ndarray) -> RuleSample:
+        """The rule's descriptors, taken from the pool's x [N, D]."""
+        decoys = self.any_decoy()
+        return RuleSample(
+            x[decoys], self.draws(decoys), x[self.probes], self.draws(self.probes), x[self.background],
+            self.draws(self.background),
+        )  # fmt: skip
+
+
+@dataclass
+class RuleSample:
+    """The rule's pool samples (descriptors whitened; draws: bit k set where the image is a decoy of draw k):
+    decoys [M, D], probes [Q, D] and the background set [B, D]."""
+
+    decoys: np.ndarray
+    decoy_draws: np.ndarray
+    probes: np.ndarray
+    probe_draws: np.ndarray
+    background: np.ndarray
+    background_draws: np.ndarray
+
+    def not_in(self, draws: np.ndarray, k: int) -> np.ndarray:
+        """Which of the images with ``draws`` [M] (bits) are not decoys of draw ``k``."""
+        return (draws >> k) & 1 == 0
+
 
 def pool_samples(keys: list[str], inputs: StageInputs, n_protected: int, cfg: DedupRelativeConfig) -> Samples:
     """The samples of the pool images with content hashes ``keys``: the same images on either path, wherever the
-    files lie. No background set where the score takes none."""
+    files lie (draw 0's decoys by the salt "decoy", draw k's by "decoy<k>"). No background set where the score
+    takes none."""
     n_background = cfg.background if cfg.uses_background() else 0
     rates = sample_rates(pool_size(inputs), n_protected, cfg.probes, n_background)
-    decoys = in_sample(keys, rates[0], "decoy")
-    probes = in_sample(keys, rates[1], "probe") & ~decoys
-    return Samples(decoys, probes, in_sample(keys, rates[2], "background") & ~decoys)
+    salts = ["decoy", *(f"decoy{k}" for k in range(1, cfg.decoy_draws))]
+    decoys = np.stack([in_sample(keys, rates[0], salt) for salt in salts]).reshape(len(salts), len(keys))
+    return Samples(decoys, in_sample(keys, rates[1], "probe"), in_sample(keys, rates[2], "background"))
 
 
 def background_of(
@@ -247,42 +288,61 @@ def pool_size(inputs: StageInputs) -> int:
     return int(record.get("stats", {}).get("kept", record.get("rows") or 0))
 
 
-def recall_threshold(
-    cfg: DedupRelativeConfig, prot: Protected, decoys: np.ndarray, probes: np.ndarray, background: np.ndarray
-) -> tuple[float, dict[str, object]]:
+def recall_threshold(cfg: DedupRelativeConfig, prot: Protected, sample: RuleSample) -> tuple[float, dict[str, object]]:
     """The recall rule (see :class:`DedupRelativeConfig`): (threshold, what it was made of and its estimates). The
-    probes are scored twice: against the decoys (clean images' scores, the decoys' copies in the pool aside) and
-    against the protected set (the pool's own scores, its leaks among them). ``background`` [B, D]: the background
-    set (holds no decoy, so it stands to the decoys as the pool to the protected set)."""
+    probes are scored against each draw's decoys (clean images' scores, the decoys' copies in the pool aside; the
+    draw's decoys left out of the probes and of the background set, which then stands to the decoys as the pool to
+    the protected set), and against the protected set (the pool's own scores, its leaks among them; draw 0's decoys
+    left out, as from the pool's background set)."""
     w = cfg.background_weight
-    copies_bg, probes_bg = (background_of(cfg, prot, q, background) for q in (prot.copies, probes))
+    k_draws = cfg.decoy_draws
+    leave = np.stack([~sample.not_in(sample.background_draws, k) for k in range(k_draws)])
+    copies_bg = background_of(cfg, prot, prot.copies, sample.background[~leave[0]])
     positives = scores(prot.copies, prot.x, prot.groups, cfg.score, copies_bg, w)[2]
-    decoy_groups = copy_groups(decoys, prot.group_threshold)
-    probe_scores = scores(probes, decoys, decoy_groups, cfg.score, probes_bg, w)[2]
-    pool_scores = scores(probes, prot.x, prot.groups, cfg.score, probes_bg, w)[2]
-    return recall_rule(positives, prot.copy_edit, probe_scores, cfg.target_recall, cfg.max_removed, pool_scores)
+    if cfg.uses_background():
+        probes_bg = nearest_background(sample.probes, sample.background, prot.group_threshold, leave)
+    else:
+        probes_bg = np.full((k_draws, len(sample.probes)), np.nan, np.float32)
+    clean = []
+    for k in range(k_draws):
+        decoys = sample.decoys[~sample.not_in(sample.decoy_draws, k)]
+        if not len(decoys):  # a pool too small to draw any: no estimate from this draw
+            continue
+        mine = sample.not_in(sample.probe_draws, k)
+        groups = copy_groups(decoys, prot.group_threshold)
+        clean.append(scores(sample.probes[mine], decoys, groups, cfg.score, probes_bg[k][mine], w)[2])
+    mine = sample.not_in(sample.probe_draws, 0)
+    pool_scores = scores(sample.probes[mine], prot.x, prot.groups, cfg.score, probes_bg[0][mine], w)[2]
+    return recall_rule(
+        positives, prot.copy_edit, clean, cfg.target_recall, cfg.max_removed, pool_scores, cfg.budget_confidence
+    )
 
 
 def recall_rule(
     positives: np.ndarray,
     edits: np.ndarray,
-    clean: np.ndarray,
+    clean: np.ndarray | list[np.ndarray],
     target_recall: float,
     max_removed: float,
     pool: np.ndarray | None = None,
+    confidence: float = 0.9,
 ) -> tuple[float, dict[str, object]]:
     """The highest threshold under which ``target_recall`` of ``positives`` [C] (scores of known copies, edit
     families [C]) stay above it, raised where needed so that at most ``max_removed`` of the clean pool is removed:
-    of ``clean`` [Q] (scores of images standing in for clean ones, the probes against the decoys), or of the pool
-    itself (``pool`` [Q]: a sample of the pool scored against the protected set; whatever it holds, no more clean
-    images than that share are removed), whichever allows the lower threshold. Returns (threshold, its parts and
-    the estimates)."""
-    by_decoys = float(np.quantile(clean, 1.0 - max_removed)) if len(clean) else NO_BUDGET
+    as estimated on ``clean`` (scores of images standing in for clean ones, the probes against the decoys: [Q], or
+    one array per decoy draw, bounded at ``confidence`` by :func:`budget_threshold`), or of the pool itself
+    (``pool`` [Q]: a sample of the pool scored against the protected set; whatever it holds, no more clean images
+    than that share are removed), whichever allows the lower threshold. Returns (threshold, its parts and the
+    estimates)."""
+    draws = [clean] if isinstance(clean, np.ndarray) else list(clean)
+    draws = [c for c in draws if len(c)]
+    by_decoys = budget_threshold(draws, max_removed, confidence)
     by_pool = float(np.quantile(pool, 1.0 - max_removed)) if pool is not None and len(pool) else NO_BUDGET
     for_budget = min(by_decoys, by_pool)
     for_recall = float(np.quantile(positives, 1.0 - target_recall)) if len(positives) else None
     threshold = for_budget if for_recall is None else max(for_recall, for_budget)
     by_edit = {str(e): float(np.mean(positives[edits == e] > threshold)) for e in sorted(set(edits.tolist()))}
+    n_probes = len(draws[0]) if draws else 0
     warnings = []
     if for_recall is not None and for_budget > for_recall:
         warnings.append(
@@ -291,9 +351,9 @@ def recall_rule(
             f"target_recall={target_recall} (the estimate is measured on eight harsh edit families and was lower "
             "than the recall of the demo's milder real leaks). Raise max_removed to remove more leaks"
         )
-    if by_pool >= by_decoys and 0 < len(clean) * max_removed < MIN_PROBES_ABOVE:
+    if by_pool >= by_decoys and 0 < n_probes * max_removed < MIN_PROBES_ABOVE:
         warnings.append(
-            f"dedup_relative: {len(clean)} probes put about {len(clean) * max_removed:.0f} above the budget's "
+            f"dedup_relative: {n_probes} probes put about {n_probes * max_removed:.0f} above the budget's "
             "threshold: the estimate of clean removals is noisy on a pool this small"
         )
     return threshold, {
@@ -304,17 +364,42 @@ def recall_rule(
         "threshold_for_budget_pool": by_pool,
         "estimated_recall": float(np.mean(positives > threshold)) if len(positives) else None,
         "estimated_recall_by_edit": by_edit,
-        "estimated_clean_removed": _clean_removed(clean, pool, threshold),
+        "estimated_clean_removed": _clean_removed(draws, pool, threshold),
+        "estimated_clean_removed_by_draw": [float(np.mean(c > threshold)) for c in draws],
         "calibration_copies": len(positives),
-        "probes": len(clean),
+        "probes": n_probes,
+        "decoy_draws": len(draws),
         "warnings": warnings,
     }
 
 
-def _clean_removed(clean: np.ndarray, pool: np.ndarray | None, threshold: float) -> float | None:
+def budget_threshold(draws: list[np.ndarray], max_removed: float, confidence: float) -> float:
+    """The lowest threshold at which the clean share removed stays within ``max_removed``, from the scores of one
+    or more decoy draws (each [Q_k]). One draw: its (1 - max_removed) quantile. Several: the lowest threshold (at or
+    above which every threshold also holds) where the draws' mean share above it plus ``confidence``'s one-sided
+    normal bound on one more draw, mean + z * sd * sqrt(1 + 1/K), is at most ``max_removed``: the pool against the
+    protected set is that one more draw. No draws: :data:`NO_BUDGET`."""
+    if not draws:
+        return NO_BUDGET
+    if len(draws) == 1:
+        return float(np.quantile(draws[0], 1.0 - max_removed))
+    ordered = [np.sort(d) for d in draws]
+    candidates = np.unique(np.concatenate(ordered))  # ascending
+    shares = np.stack([1.0 - np.searchsorted(d, candidates, side="right") / len(d) for d in ordered])  # [K, T]
+    z = NormalDist().inv_cdf(confidence) * (1.0 + 1.0 / len(draws)) ** 0.5
+    bad = np.nonzero(shares.mean(axis=0) + z * shares.std(axis=0, ddof=1) > max_removed)[0]
+    if not len(bad):
+        return float(candidates[0])
+    return float(candidates[min(bad[-1] + 1, len(candidates) - 1)])
+
+
+def _clean_removed(draws: list[np.ndarray], pool: np.ndarray | None, threshold: float) -> float | None:
     """The lower of the two upper estimates of the clean share removed: the probes' share above the threshold
-    against the decoys, and against the protected set (leaks are among those, so clean images are no more)."""
-    shares = [float(np.mean(sample > threshold)) for sample in (clean, pool) if sample is not None and len(sample)]
+    against the decoys (the draws' mean), and against the protected set (leaks are among those, so clean images
+    are no more)."""
+    shares = [float(np.mean([np.mean(c > threshold) for c in draws]))] if draws else []
+    if pool is not None and len(pool):
+        shares.append(float(np.mean(pool > threshold)))
     return min(shares) if shares else None
 
 

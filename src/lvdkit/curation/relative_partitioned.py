@@ -6,8 +6,9 @@
    same images the single task draws) kept as scratch;
 3. plan (driver): the threshold when given or dedup_copy's; one solve task for the recall rule or the background
    set, where either is needed;
-4. solve: every decoy, probe and background image read (bounded: as many decoys as protected images, ``probes``
-   probes, ``background`` background images), the rule applied exactly as the single task applies it; its table
+4. solve: every decoy, probe and background image read, with the decoy draws each is in (bounded: ``decoy_draws``
+   x as many decoys as protected images, ``probes`` probes, ``background`` background images), the rule applied
+   exactly as the single task applies it; its table
    (the threshold's row and the background set's) is the decisions every write receives;
 5. write, per embed part: one dedup row per image, naming the protected image where it is a copy.
 """
@@ -32,6 +33,7 @@ from lvdkit.core.whitening import Whitener
 from lvdkit.curation.dedup_relative import (
     DedupRelativeConfig,
     Protected,
+    RuleSample,
     background_of,
     background_stats,
     copy_threshold,
@@ -42,7 +44,8 @@ from lvdkit.curation.dedup_relative import (
 )
 from lvdkit.curation.side_sets import SideSetReader
 
-ROLE, X = "role", "x"  # scratch columns: decoy, probe or background, and the whitened descriptor
+# scratch columns: decoy, probe or background; the decoy draws the image is in (bit k: draw k); the whitened descriptor
+ROLE, DRAWS, X = "role", "draws", "x"
 # the solve's table: one "threshold" row (the threshold, the rule's figures as JSON), then the background set
 THRESHOLD, RULE = "threshold", "rule"
 DECOY, PROBE, BACKGROUND = "decoy", "probe", "background"
@@ -85,8 +88,9 @@ class RelativePartitions(PartitionedWork):
         x = _whitened(state.whitener, col)
         keys = _content_hashes(self.inputs, index, ids)
         samples = pool_samples(keys, self.inputs, len(state.protected.ids), self.cfg)
-        roles = ((DECOY, samples.decoys), (PROBE, samples.probes), (BACKGROUND, samples.background))
-        return pa.concat_tables([_rows(role, x[mask]) for role, mask in roles]), {"n": len(ids)}
+        roles = ((DECOY, samples.any_decoy()), (PROBE, samples.probes), (BACKGROUND, samples.background))
+        tables = [_rows(role, x[mask]).append_column(DRAWS, pa.array(samples.draws(mask))) for role, mask in roles]
+        return pa.concat_tables(tables), {"n": len(ids)}
 
     def merge(self, total: dict[str, Any] | None, summary: dict[str, Any]) -> dict[str, Any]:
         return {"n": (total or {"n": 0})["n"] + summary["n"]}
@@ -103,12 +107,13 @@ class RelativePartitions(PartitionedWork):
     def solve(self, state: State, figures: Any, partition: Any, scratch: list[Location]) -> pa.Table:
         rows = pa.concat_tables([pq.read_table(p) for p in scratch])
         x = unpack(rows[X], state.whitener.dim)
+        draws = rows[DRAWS].to_numpy()
         role = {r: pc.equal(rows[ROLE], r).to_numpy(zero_copy_only=False) for r in (DECOY, PROBE, BACKGROUND)}
+        sample = RuleSample(*(a for r in (DECOY, PROBE, BACKGROUND) for a in (x[role[r]], draws[role[r]])))
         threshold, stats = figures[THRESHOLD], dict[str, object]()
         if threshold is None:
-            prot = state.protected
-            threshold, stats = recall_threshold(self.cfg, prot, x[role[DECOY]], x[role[PROBE]], x[role[BACKGROUND]])
-        return _decisions(threshold, stats, x[role[BACKGROUND]])
+            threshold, stats = recall_threshold(self.cfg, state.protected, sample)
+        return _decisions(threshold, stats, sample.background[sample.not_in(sample.background_draws, 0)])
 
     def reduce(self, state: State, figures: dict[str, Any], solved: list[Location]) -> StageOutput:
         if solved:

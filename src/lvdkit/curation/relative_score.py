@@ -42,6 +42,9 @@ from lvdkit.curation.components import connected_components
 NEIGHBOURS = 8  # protected matches looked at for the best one outside the best match's group
 NO_MATCH = -1.0  # the second similarity where no protected image lies outside the best match's group
 SELF = 0.9999  # a background image at least this similar to a query is the query itself (or an exact copy)
+# background images looked at for the nearest that is neither the query nor a copy of it (nor, for a decoy draw's
+# probes, one of that draw's decoys: about protected/pool of the background)
+BACKGROUND_NEIGHBOURS = 16
 
 
 def copy_groups(x: np.ndarray, threshold: float | None) -> np.ndarray:
@@ -78,17 +81,27 @@ def margins(
     return sims[:, 0].astype(np.float32), nn[:, 0], margin.astype(np.float32)
 
 
-def nearest_background(queries: np.ndarray, background: np.ndarray, copy_threshold: float | None) -> np.ndarray:
+def nearest_background(
+    queries: np.ndarray, background: np.ndarray, copy_threshold: float | None, excluded: np.ndarray | None = None
+) -> np.ndarray:
     """Per query [N, D]: the similarity to its most similar image of ``background`` [B, D] (both whitened, unit
     rows) that is neither itself nor a copy of it (similar above ``copy_threshold``, dedup_copy's). NaN where there
-    is none among its nearest ``NEIGHBOURS`` (or no background): the score falls back to the plain margin there."""
-    n = len(queries)
-    if n == 0 or len(background) == 0:
-        return np.full(n, np.nan, np.float32)
-    sims, nn = top_against(queries, background, np.arange(len(background), dtype=np.int64), NEIGHBOURS)
+    is none among its nearest ``BACKGROUND_NEIGHBOURS`` (or no background): the score falls back to the plain margin
+    there. ``excluded``: [K, B] bool, K background sets in one search (each leaves out its rows): [K, N]."""
+    sims, nn = top_against(queries, background, np.arange(len(background), dtype=np.int64), BACKGROUND_NEIGHBOURS)
     limit = SELF if copy_threshold is None else min(copy_threshold, SELF)
     distinct = (nn >= 0) & (sims < limit)
-    return np.where(distinct.any(axis=1), _first_where(sims, distinct), np.nan).astype(np.float32)
+    if excluded is None:
+        return _nearest(sims, distinct)
+    return np.stack([_nearest(sims, distinct & ~leave[np.maximum(nn, 0)]) for leave in excluded]).reshape(
+        len(excluded), len(queries)
+    )
+
+
+def _nearest(sims: np.ndarray, usable: np.ndarray) -> np.ndarray:
+    if not len(sims):
+        return np.empty(0, np.float32)
+    return np.where(usable.any(axis=1), _first_where(sims, usable), np.nan).astype(np.float32)
 
 
 def background_margins(sim: np.ndarray, margin: np.ndarray, background: np.ndarray, weight: float) -> np.ndarray:
