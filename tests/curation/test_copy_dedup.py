@@ -255,7 +255,7 @@ def test_pca_whitening_falls_back_to_centering_on_a_sample_too_small_to_fit_it_a
 
 
 def test_the_recall_rule_keeps_the_target_share_of_copies_unless_that_would_remove_too_much_of_the_pool() -> None:
-    from lvdkit.curation.dedup_relative import NO_BUDGET, recall_rule
+    from lvdkit.curation.relative_rule import NO_BUDGET, recall_rule
 
     rng = np.random.default_rng(3)
     positives = rng.uniform(0.5, 1.0, 1000)  # known copies' scores against the protected set
@@ -284,7 +284,7 @@ def test_the_pools_own_scores_bound_the_budget_when_the_decoys_overestimate_it()
     """Decoys whose copies self-dedup left in the pool make the probes' estimate run high; the probes' scores against
     the protected set (the pool's own) bound the clean removals whatever the pool holds, and the rule takes the
     lower threshold."""
-    from lvdkit.curation.dedup_relative import recall_rule
+    from lvdkit.curation.relative_rule import recall_rule
 
     rng = np.random.default_rng(5)
     positives = rng.uniform(0.1, 1.0, 1000)
@@ -308,7 +308,7 @@ def test_several_decoy_draws_bound_the_clean_share_that_one_more_draw_removes() 
     """Each decoy draw's probes estimate the clean share removed up to the draw's luck; the pool against the
     protected set is one more draw. One draw's quantile is exceeded by the next draw about half the time; the
     bound over four draws at confidence 0.9 rarely."""
-    from lvdkit.curation.dedup_relative import budget_threshold, recall_rule
+    from lvdkit.curation.relative_rule import budget_threshold, recall_rule
 
     rng = np.random.default_rng(11)
 

@@ -20,6 +20,8 @@ threshold were copies of their decoy or other parts of its photograph; 1% estima
 So the budget is also measured on the pool's own scores: the probes (a uniform sample of the pool) scored against
 the protected set itself. Whatever the pool holds, a threshold with ``max_removed`` of them above it removes about
 that share of the pool, leaks included, so no more clean images than that (up to the sample's error).
+One draw's estimate moves with the draw (about +-0.2 points at 1% on the demo), so it is drawn several times and
+the budget bounds one more draw, the pool against the protected set (``relative_rule.budget_threshold``).
 
 The margin's reference can also be taken partly from the pool (``background``): an image's similarity to the nearest
 image of a background set (a hash-drawn sample of the pool, the decoys left out) that is neither itself nor a copy
