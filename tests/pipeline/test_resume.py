@@ -84,8 +84,11 @@ assert {k.stage for k in KILL_POINTS} == {*CURATE_ORDER, SUMMARY}, "a stage with
 # (the one with the most side files) runs in `make test`, the others in `make test-all` (about 20 s each).
 # Ingest's Ray Data part tasks share their kill-and-resume path with the curated set's (about 70 s): also test-all.
 # The curated set's kill point also runs in `make test` on object storage (tests/pipeline/test_object_storage.py).
+# Embed's (about 80 s, a killed actor pool) is test-all too, so that `make test` stays under 20 minutes: its resume
+# part by part is also shown in `make test` by tests/pipeline/test_embed.py (a lost part redone, the others kept,
+# the same embeddings), and a killed process tree's resume by the dedup_copy and object-storage kill points.
 SAME_PATH_AS_DEDUP_COPY = {"dedup_exact", "dedup_phash", "dedup_relative", "cluster", "retrieve"}
-SLOW_KILLS = SAME_PATH_AS_DEDUP_COPY | {"ingest", "curated"}
+SLOW_KILLS = SAME_PATH_AS_DEDUP_COPY | {"ingest", "curated", "embed"}
 KILL_PARAMS = [
     pytest.param(k, id=k.stage, marks=[pytest.mark.slow] if k.stage in SLOW_KILLS else []) for k in KILL_POINTS
 ]
