@@ -55,4 +55,8 @@ def test_both_paths_remove_the_same_images(copied: Path, small_demo: Path, tmp_p
     assert a.get("threshold_for_budget_pool") == b.get("threshold_for_budget_pool")
     if rule == "rule=recall":
         assert -1.0 < b["threshold_for_budget_pool"] < 2.0  # computed from the pool, not the no-budget default
+        # every decoy draw, each image's draws carried through the scatter: the same shares per draw
+        assert a["decoy_draws"] == b["decoy_draws"] > 1
+        assert a["estimated_clean_removed_by_draw"] == b["estimated_clean_removed_by_draw"]
+        assert a["threshold_for_budget_decoys"] == b["threshold_for_budget_decoys"]
     assert (tmp_path / "parted" / "dedup_relative" / schema.PROTECTED_FILE).is_file()
