@@ -327,6 +327,8 @@ def test_several_decoy_draws_bound_the_clean_share_that_one_more_draw_removes() 
     bound = budget_threshold([same, same.copy(), same.copy()], 0.01, 0.9)
     assert np.mean(same > bound) <= 0.01 < np.mean(same >= np.max(same[same < bound]))
     assert bound == pytest.approx(np.quantile(same, 0.99), abs=0.01)
+    steps = np.arange(100.0)  # a share of exactly max_removed is within it (1 of 100 above 98)
+    assert budget_threshold([steps, steps.copy()], 0.01, 0.9) == 98.0
     positives, edits = rng.uniform(0.0, 0.5, 1000), np.full(1000, "crop")
     draws = [0.1 * draw() for _ in range(4)]  # margins' scale (the rule's "no budget" is 2)
     threshold, parts = recall_rule(positives, edits, draws, 0.99, 0.01, confidence=0.9)
@@ -388,6 +390,15 @@ def test_the_nearest_background_image_is_neither_the_query_nor_a_copy_of_it() ->
     )
     assert np.isnan(nearest_background(background[:1], background[:2], 0.9)).all()  # nothing but copies
     assert np.isnan(nearest_background(background[:2], background[:0], 0.9)).all()  # no background set
+    # several background sets in one search (a decoy draw's set leaves its decoys out): one row per set
+    leave = np.array([[False, False, False, False], [False, False, True, False], [True, True, True, True]])
+    per_set = nearest_background(background[:1], background, 0.9, excluded=leave)
+    assert per_set.shape == (3, 1)
+    assert per_set[0, 0] == pytest.approx(float(background[0] @ background[2]))  # as without sets
+    assert per_set[1, 0] == pytest.approx(float(background[0] @ background[3]))  # the look-alike left out
+    assert np.isnan(per_set[2, 0])  # every image left out
+    assert nearest_background(background[:2], background[:0], 0.9, excluded=leave[:, :0]).shape == (3, 2)
+    assert np.isnan(nearest_background(background[:2], background[:0], 0.9, excluded=leave[:, :0])).all()
 
 
 def test_the_pools_own_crowd_tells_an_isolated_leak_from_a_clean_image_with_company_in_the_pool() -> None:

@@ -49,7 +49,8 @@ def test_both_paths_remove_the_same_images(copied: Path, small_demo: Path, tmp_p
     # both draw the same decoys and probes and apply the same rule: the same threshold and estimates
     for key in ("threshold", "score", "estimated_recall", "estimated_clean_removed", "probes"):
         assert a.get(key) == b.get(key), key
-    # and the same background set (the small pool's every image but the decoys) for the margin's pool reference
+    # and the same background set (the small pool's every image but the first draw's decoys) for the margin's pool
+    # reference
     assert a["background"] == b["background"] > 0 and a["background_weight"] == b["background_weight"] > 0
     # the pool's bound, from the same probes scored against the protected set
     assert a.get("threshold_for_budget_pool") == b.get("threshold_for_budget_pool")

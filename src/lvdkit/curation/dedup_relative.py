@@ -65,7 +65,7 @@ class DedupRelativeConfig:
     # about +-0.2 points on the demo, and one draw aimed at 1% removed 1.13% there (bench/dedup_quality.py
     # --relative); 1: one draw's share, no bound
     decoy_draws: int = setting(4, ge=1, le=32)  # (each image's draws are bits of one int64)
-    budget_confidence: float = setting(0.9, gt=0, le=0.999)
+    budget_confidence: float = setting(0.9, ge=0.5, le=0.999)  # (below 0.5 the bound would sit below the mean)
     calibration_copies: int = setting(1000, ge=0)  # synthetic copies of protected images the recall is measured on
     probes: int = setting(20_000, ge=0)  # pool images scored against the decoys to estimate clean removals
     embedding: str = "copy"  # which embed model (must match dedup_copy's)

@@ -79,7 +79,8 @@ def budget_threshold(draws: list[np.ndarray], max_removed: float, confidence: fl
         return float(np.quantile(draws[0], 1.0 - max_removed))
     ordered = [np.sort(d) for d in draws]
     candidates = np.unique(np.concatenate(ordered))  # ascending
-    shares = np.stack([1.0 - np.searchsorted(d, candidates, side="right") / len(d) for d in ordered])  # [K, T]
+    # shares above each candidate, counted then divided (1 - i/n rounds a share of exactly max_removed above it)
+    shares = np.stack([(len(d) - np.searchsorted(d, candidates, side="right")) / len(d) for d in ordered])  # [K, T]
     z = NormalDist().inv_cdf(confidence) * (1.0 + 1.0 / len(draws)) ** 0.5
     bad = np.nonzero(shares.mean(axis=0) + z * shares.std(axis=0, ddof=1) > max_removed)[0]
     if not len(bad):

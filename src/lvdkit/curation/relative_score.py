@@ -90,6 +90,9 @@ def nearest_background(
     rows) that is neither itself nor a copy of it (similar above ``copy_threshold``, dedup_copy's). NaN where there
     is none among its nearest ``BACKGROUND_NEIGHBOURS`` (or no background): the score falls back to the plain margin
     there. ``excluded``: [K, B] bool, K background sets in one search (each leaves out its rows): [K, N]."""
+    if not len(background):
+        empty = np.full((len(queries),), np.nan, np.float32)
+        return empty if excluded is None else np.tile(empty, (len(excluded), 1))
     sims, nn = top_against(queries, background, np.arange(len(background), dtype=np.int64), BACKGROUND_NEIGHBOURS)
     limit = SELF if copy_threshold is None else min(copy_threshold, SELF)
     distinct = (nn >= 0) & (sims < limit)
