@@ -33,19 +33,17 @@ from lvdkit.core import schema
 from lvdkit.core.io import read_parts
 from lvdkit.core.whitening import Whitener
 from lvdkit.curation.dedup_copy import Calibration, DedupCopyConfig, calibrate, nearest_other
-from lvdkit.truth import load_truth
+from lvdkit.truth import families, load_truth
 
 K = 64
 VARIANTS = ((0, 0.0), (5, 0.5), (5, 1.0), (10, 1.0))  # (k of the density, beta); beta 0: raw cosine
 
 
 def _families(truth_dir: Path) -> tuple[dict[str, str], dict[str, str]]:
-    """uri -> its original's uri (itself for an original), uri -> kind."""
+    """uri -> family key (:func:`lvdkit.truth.families`; images of no family: their own uri), uri -> kind."""
     truth = load_truth(truth_dir)
-    root = truth_dir.resolve()
-    rows = truth.to_pylist()
-    family = {r["uri"]: str(root / r["original"]) if r["original"] else r["uri"] for r in rows}
-    return family, {r["uri"]: r["kind"] for r in rows}
+    kind = dict(zip(truth[schema.URI].to_pylist(), truth[schema.TRUTH_KIND].to_pylist(), strict=True))
+    return families(truth), kind
 
 
 def _removed_before(out: Path) -> set[str]:
@@ -75,7 +73,7 @@ def main() -> None:
     whitener = Whitener.from_bytes((args.out / "dedup_copy" / schema.WHITENING_FILE).read_bytes())
     x = whitener(_matrix(embed, col)[alive])
     fam = np.array([family.get(uri_of[i], uri_of[i]) for i in ids])
-    copy = np.array([kind.get(uri_of[i]) == "near_dup" for i in ids]) & (
+    copy = np.array([kind.get(uri_of[i]) == schema.TRUTH_NEAR for i in ids]) & (
         np.unique(fam, return_counts=True)[1][np.unique(fam, return_inverse=True)[1]] > 1
     )
     index = faiss.IndexFlatIP(x.shape[1])

@@ -267,7 +267,7 @@ def pool_samples(keys: list[str], inputs: StageInputs, n_protected: int, cfg: De
     n_background = cfg.background if cfg.uses_background() else 0
     rates = sample_rates(pool_size(inputs), n_protected, cfg.probes, n_background)
     salts = ["decoy", *(f"decoy{k}" for k in range(1, cfg.decoy_draws))]
-    decoys = np.stack([in_sample(keys, rates[0], salt) for salt in salts]).reshape(len(salts), len(keys))
+    decoys = np.stack([in_sample(keys, rates[0], salt) for salt in salts])
     return Samples(decoys, in_sample(keys, rates[1], "probe"), in_sample(keys, rates[2], "background"))
 
 

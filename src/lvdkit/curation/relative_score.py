@@ -98,9 +98,7 @@ def nearest_background(
     distinct = (nn >= 0) & (sims < limit)
     if excluded is None:
         return _nearest(sims, distinct)
-    return np.stack([_nearest(sims, distinct & ~leave[np.maximum(nn, 0)]) for leave in excluded]).reshape(
-        len(excluded), len(queries)
-    )
+    return np.stack([_nearest(sims, distinct & ~leave[np.maximum(nn, 0)]) for leave in excluded])
 
 
 def _nearest(sims: np.ndarray, usable: np.ndarray) -> np.ndarray:
