@@ -15,7 +15,10 @@ from lvdkit.curation.dedup_copy import (
     calibrate,
     calibration_warnings,
     dedup_copy,
+    distinct_tail,
+    gev_sf,
     nearest_other,
+    tail_gate,
 )
 from lvdkit.curation.dedup_relative import dedup_relative
 
@@ -108,10 +111,10 @@ def test_calibrate_estimates_prevalence_and_meets_precision_on_a_known_mixture()
 
 def test_a_raised_threshold_reports_the_estimates_it_gives_and_recall_per_edit_family() -> None:
     rng = np.random.default_rng(4)
-    best = np.concatenate([rng.normal(0.8, 0.05, 500), rng.normal(0.3, 0.05, 9500)])
+    best = np.concatenate([rng.normal(0.8, 0.05, 500), rng.gumbel(0.3, 0.02, 9500)])  # distinct: a maximum's law
     pos = np.concatenate([rng.normal(0.85, 0.03, 1000), rng.normal(0.55, 0.03, 1000)])  # an easy and a hard family
     edits = np.array(["jpeg"] * 1000 + ["rotate"] * 1000, dtype=object)
-    neg = rng.normal(0.28, 0.05, 10000)
+    neg = rng.gumbel(0.27, 0.02, 10000)
     free = calibrate(pos, neg, best, 0.95, edits=edits)
     raised = calibrate(pos, neg, best, 0.95, min_threshold=0.7, edits=edits)
     assert free.threshold < 0.55 and free.calibrated == free.threshold
@@ -122,6 +125,64 @@ def test_a_raised_threshold_reports_the_estimates_it_gives_and_recall_per_edit_f
     assert free.recall_by_edit["rotate"] > 0.9
 
 
+def _paired_look_alikes(seed: int, n: int = 20000, n_copy: int = 1000) -> tuple[np.ndarray, ...]:
+    """A pool whose distinct look-alikes come in pairs, as the demo's handwritten 1s: each image's best distinct match
+    is Gumbel(0.30, 0.05) and its second far below (a second neighbour never shows the pair); 5% of images have a
+    copy, milder than the synthetic copies (so pi R(t) / M(t) is optimistic too, as on the demo)."""
+    rng = np.random.default_rng(seed)
+    distinct = rng.gumbel(0.30, 0.05, n)
+    copy = np.full(n, -np.inf)
+    copy[:n_copy] = rng.normal(0.72, 0.08, n_copy)
+    best = np.maximum(distinct, copy)
+    neg = np.minimum(np.maximum(np.minimum(distinct, copy), rng.gumbel(0.15, 0.03, n)), best)
+    return rng.normal(0.62, 0.12, 4000), neg, best, copy > distinct
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_fitted_tail_sees_false_matches_that_come_in_pairs(seed: int) -> None:
+    pos, neg, best, true = _paired_look_alikes(seed)
+    for tail_fit, honest in ((False, False), (True, True)):
+        cal = calibrate(pos, neg, best, 0.95, -1.0, None, *tail_gate(DedupCopyConfig(tail_fit=tail_fit)))
+        flagged = best > cal.threshold
+        actual = float(true[flagged].mean())
+        assert (abs(actual - cal.precision) <= 0.05) == honest, (tail_fit, cal.precision, actual)
+        assert cal.precision >= 0.95
+    assert cal.false_match_tail > cal.false_match_second and cal.false_match_rate == cal.false_match_tail
+    assert cal.tail_location == pytest.approx(0.30, abs=0.01) and cal.tail_scale == pytest.approx(0.05, abs=0.004)
+
+
+def test_the_tail_is_fitted_only_where_the_bulk_of_best_matches_is_distinct_images() -> None:
+    pos, neg, best, _ = _paired_look_alikes(0)
+    gate = tail_gate(DedupCopyConfig())
+    assert not np.isnan(calibrate(pos, neg, best, 0.95, -1.0, None, *gate).false_match_tail)
+    small = calibrate(pos, neg[:999], best[:999], 0.95, -1.0, None, *gate)  # fewer than reliable_min_images
+    assert np.isnan(small.false_match_tail) and small.false_match_rate == small.false_match_second
+    rng = np.random.default_rng(0)
+    crowded = np.maximum(best, rng.normal(0.70, 0.10, len(best)) * (rng.random(len(best)) < 0.5))  # half have copies
+    many = calibrate(pos, neg, crowded, 0.95, -1.0, None, *gate)
+    assert many.prevalence > 0.35 and np.isnan(many.false_match_tail)
+    off = calibrate(pos, neg, best, 0.95, -1.0, None, *tail_gate(DedupCopyConfig(tail_fit=False)))
+    assert np.isnan(off.false_match_tail) and np.isnan(off.tail_location)
+
+
+def test_distinct_tail_recovers_an_extreme_value_law_below_the_copies() -> None:
+    rng = np.random.default_rng(3)
+    best = rng.gumbel(0.4, 0.03, 10000)
+    best[:1000] = 0.9  # copies on top: left out of the fitted quantiles, which shift by their share
+    location, scale, shape = distinct_tail(best, above=0.1)
+    assert location == pytest.approx(0.4, abs=0.002) and scale == pytest.approx(0.03, abs=0.001)
+    assert shape == pytest.approx(0.0, abs=0.05)
+    assert distinct_tail(best)[1] > 0.03 * 1.05  # not told the copies' share, the fit spreads the law
+    t = np.array([0.4, 0.5])
+    np.testing.assert_allclose(gev_sf(t, location, scale, 0.0), 1 - np.exp(-np.exp(-(t - location) / scale)))
+    # a bounded law (the best of a few cosines in tight clusters): the fit finds its shape, and nothing above its end
+    bounded = 0.9 - 0.1 * rng.weibull(3.0, 10000)  # reversed Weibull: shape -1/3, upper end 0.9
+    location, scale, shape = distinct_tail(bounded)
+    assert shape == pytest.approx(-1 / 3, abs=0.05)
+    above_end = np.array([0.95])
+    assert gev_sf(above_end, location, scale, shape)[0] < 1e-3 < gev_sf(above_end, location, scale, 0.0)[0]
+
+
 def test_calibration_warns_when_its_estimates_cannot_be_trusted_and_says_why() -> None:
     cfg = DedupCopyConfig()
     sound = Calibration(0.5, 0.95, 0.8, 0.1, 0.01, 1000, 5000, calibrated=0.5)
@@ -130,8 +191,11 @@ def test_calibration_warns_when_its_estimates_cannot_be_trusted_and_says_why() -
     assert len(said) == 2 and "only 200 images" in said[0] and "'center' instead of 'pca'" in said[1]
     crowded = Calibration(0.5, 0.95, 0.8, 0.45, 0.01, 1000, 5000, calibrated=0.5)
     assert "45% of images" in calibration_warnings(crowded, 5000, "pca", cfg)[0]
-    floored = Calibration(0.4, 0.9, 0.8, 0.1, 0.01, 1000, 5000, calibrated=-0.6)
+    floored = Calibration(0.4, 0.95, 0.8, 0.1, 0.01, 1000, 5000, calibrated=-0.6)
     assert "below min_threshold" in calibration_warnings(floored, 5000, "pca", cfg)[0]
+    unreached = Calibration(0.62, 0.81, 0.3, 0.05, 0.006, 1000, 5000, calibrated=0.62)
+    (said,) = calibration_warnings(unreached, 5000, "pca", cfg)
+    assert "no threshold reached target_precision=0.95" in said and "estimated precision is 0.81" in said
     saturated = Calibration(0.9, 1.0, 0.1, 1.0, 0.0, 1000, 5000, calibrated=0.9)
     assert "do not describe this pool's copies" in calibration_warnings(saturated, 5000, "pca", cfg)[0]
     even = {"flip": 0.96, "jpeg": 0.9, "crop": 0.88}

@@ -42,6 +42,7 @@ from lvdkit.curation.dedup_copy import (
     DedupCopyConfig,
     calibrate,
     calibration_warnings,
+    tail_gate,
     whitening_mode,
 )
 
@@ -207,7 +208,7 @@ class CopyPartitions(PartitionedWork):
         edits = np.concatenate(total.edits) if total.edits else np.empty(0, object)
         cfg = self.cfg
         neg, best = ranked[:, cfg.negative_rank - 1], ranked[:, 0]
-        return calibrate(pos, neg, best, cfg.target_precision, cfg.min_threshold, edits)
+        return calibrate(pos, neg, best, cfg.target_precision, cfg.min_threshold, edits, *tail_gate(cfg))
 
     # --- 4. solve --------------------------------------------------------------------------------------------------
 
