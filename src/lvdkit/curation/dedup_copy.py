@@ -56,7 +56,7 @@ class DedupCopyConfig:
     negative_rank: int = setting(2, ge=1)
     # false matches also from an extreme-value law fitted to the best matches (see calibrate), on pools of at least
     # reliable_min_images where at most 35% of the images seem to have a copy. Measured (bench/copy_calibration.py):
-    # on the demo, second neighbours alone estimated precision 0.95 where it was 0.855; with the tail, 0.951
+    # on the demo, second neighbours alone estimated precision 0.95 where it was 0.855; with the tail, 0.931
     tail_fit: bool = True
     # floor for a calibrated threshold: tiny pools or useless descriptors calibrate badly
     min_threshold: float = setting(0.4, ge=-1, le=1)
