@@ -128,9 +128,10 @@ def _calibration_table(pool: Pool, target: float) -> None:
         p, r = _actual(pool.sims, pool.same, pool.copy, cal.threshold)
         best = pool.sims[:, 0]
         false = float(((best > cal.threshold) & ~pool.same[:, 0]).mean())
+        tail = "-" if cal.false_match_tail is None else f"{cal.false_match_tail:.4f}"  # not fitted
         rows.append((
             name, f"{cal.threshold:.3f}", f"{cal.precision:.3f}", f"{p:.3f}", f"{cal.recall:.2f}", f"{r:.3f}",
-            f"{cal.false_match_second:.4f}", f"{cal.false_match_tail:.4f}", f"{false:.4f}", f"{cal.prevalence:.3f}",
+            f"{cal.false_match_second:.4f}", tail, f"{false:.4f}", f"{cal.prevalence:.3f}",
         ))  # fmt: skip
     headers = ["false matches from", "t", "est P", "actual P", "est R", "actual R", "F 2nd", "F tail", "F actual"]
     print_table([*headers, "prevalence est"], rows)

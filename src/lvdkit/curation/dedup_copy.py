@@ -124,12 +124,12 @@ class Calibration:
     calibrated: float = float("nan")  # the lowest threshold reaching target_precision, before the floor
     recall_by_edit: dict[str, float] = field(default_factory=dict)  # estimated recall per synthetic edit family
     # the two false-match rates at the threshold (false_match_rate is the higher): second neighbours above it, and
-    # the extreme-value law fitted to the best matches (NaN where not fitted: a small pool, or many images with a copy)
+    # the extreme-value law fitted to the best matches (None where not fitted: a small pool, many images with a copy)
     false_match_second: float = float("nan")
-    false_match_tail: float = float("nan")
-    tail_location: float = float("nan")
-    tail_scale: float = float("nan")
-    tail_shape: float = float("nan")
+    false_match_tail: float | None = None
+    tail_location: float | None = None
+    tail_scale: float | None = None
+    tail_shape: float | None = None
 
 
 def calibrate(
@@ -186,7 +186,7 @@ def calibrate(
         by_edit = {str(e): float(np.mean(pos[edits == e] > t)) for e in np.unique(edits)}
     est = float(_precision(at, pos_s, false_rate(at), best_s, pi)[0])
     second = float(_above(neg_s, t))
-    fitted = (float("nan"),) * 4 if tail is None else (float((1.0 - m0) * gev_sf(at, *tail)[0]), *tail)
+    fitted = (None,) * 4 if tail is None else (float((1.0 - m0) * gev_sf(at, *tail)[0]), *tail)
     return Calibration(
         t, est, float(_above(pos_s, t)), pi, float(false_rate(at)[0]), len(pos), len(neg), chosen, by_edit, second,
         *fitted,
