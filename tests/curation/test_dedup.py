@@ -506,9 +506,32 @@ def test_images_without_structure_get_no_phash_and_are_never_phash_duplicates(tm
     paths.append(tmp_path / "blocks_copy.bmp")
     rows = ingest_files([str(p) for p in paths], IngestConfig())
     assert rows[schema.PHASH].to_pylist()[:5] == [None] * 5 and None not in rows[schema.PHASH].to_pylist()[5:]
+    from imagededup.methods import DHash
+
+    # the DHash beside every PHash: imagededup's, of the decoded pixels (both copies of the blocks alike)
+    dhash = int(DHash(verbose=False).encode_image(image_array=np.asarray(Image.open(paths[5]).convert("RGB"))), 16)
+    assert rows[schema.DHASH].to_pylist() == [None] * 5 + [dhash, dhash]
     table, stats = dedup_phash(
         rows.select([schema.IMAGE_ID, schema.PHASH, schema.WIDTH, schema.HEIGHT]), DedupPhashConfig()
     )
     removed = set(table.filter(pc.invert(table[schema.KEEP]))[schema.IMAGE_ID].to_pylist())
     assert removed == {rows[schema.IMAGE_ID][6].as_py()} or removed == {rows[schema.IMAGE_ID][5].as_py()}
     assert stats["without_phash"] == 5
+
+
+def test_dedup_phash_counts_a_pair_only_where_the_dhashes_agree() -> None:
+    rows = [("a", 7, 10, 10), ("b", 7, 9, 9), ("c", 7, 8, 8), ("d", 7, 7, 7), ("e", 9, 6, 6)]
+    table = phash_table(rows).append_column(
+        schema.DHASH, pa.array([0b1111, 0b0111, 0xFFFF0000, None, 0b1111], pa.uint64())
+    )
+    out, stats = dedup_phash(table, DedupPhashConfig())  # max_distance 0, confirm_dhash 3
+    dup_of = {r[schema.IMAGE_ID]: r[schema.DUP_OF] for r in out.to_pylist()}
+    # b: 1 bit from a; c: equal PHash but a different gradient picture; d: no DHash (ingested before), PHash alone;
+    # e: its DHash equals a's, but its PHash does not
+    assert dup_of == {"a": None, "b": "a", "c": None, "d": "a", "e": None}
+    assert stats["pairs"] == 4  # of the 6 equal-PHash pairs, a-c and b-c fail (c-d stands, d's DHash unknown)
+    alone, alone_stats = dedup_phash(table, DedupPhashConfig(confirm_dhash=None))
+    assert {r[schema.DUP_OF] for r in alone.to_pylist() if r[schema.IMAGE_ID] != "e"} == {None, "a"}
+    assert alone.filter(pc.invert(alone[schema.KEEP])).num_rows == 3 and alone_stats["pairs"] == 6
+    unknown = table.set_column(4, schema.DHASH, pa.nulls(5, pa.uint64()))  # a pool ingested before DHashes
+    assert dedup_phash(unknown, DedupPhashConfig())[0].equals(alone)

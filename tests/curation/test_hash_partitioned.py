@@ -47,24 +47,35 @@ def _decisions(out: Path, stage: str) -> dict[str, tuple[bool, str | None, float
     return {r[schema.IMAGE_ID]: (r[schema.KEEP], r[schema.DUP_OF], r[schema.DISTANCE]) for r in rows}
 
 
-@pytest.mark.parametrize("distance", [0, 3])
+@pytest.mark.parametrize(("distance", "confirm"), [(0, 3), (3, 3), (3, 0)])
 def test_exact_and_phash_decide_the_same_on_both_paths(
-    ingested: Path, small_demo: Path, tmp_path: Path, distance: int
+    ingested: Path, small_demo: Path, tmp_path: Path, distance: int, confirm: int
 ) -> None:
     found = {}
-    for path in ("single", "partitioned"):
+    for path in ("single", "partitioned", "unconfirmed"):
         out = tmp_path / path
         shutil.copytree(ingested, out)
         extra = [f"dedup_exact.path={path}", f"dedup_phash.path={path}", f"dedup_phash.max_distance={distance}"]
+        extra += [f"dedup_phash.confirm_dhash={confirm}"]
+        if path == "unconfirmed":  # PHash alone, one task
+            extra = [*extra[2:-1], "dedup_phash.confirm_dhash=null", "dedup_exact.path=single"]
+            extra += ["dedup_phash.path=single"]
         extra += ["dedup_exact.partition_rows=20", "dedup_phash.partition_rows=40"]  # several partitions
         run(_cfg(out, small_demo, *extra), ("dedup_exact", "dedup_phash"))
         found[path] = {stage: _decisions(out, stage) for stage in ("dedup_exact", "dedup_phash")}
         for stage in ("dedup_exact", "dedup_phash"):
             record = read_json(out / stage / "_SUCCESS") or {}
-            assert record["stats"]["path"] == path
+            assert record["stats"]["path"] == (path if path != "unconfirmed" else "single")
     for stage in ("dedup_exact", "dedup_phash"):
         assert any(not keep for keep, _, _ in found["single"][stage].values()), stage  # something to decide
         assert found["partitioned"][stage] == found["single"][stage], stage
+
+    def removed(path: str) -> int:
+        return sum(not keep for keep, _, _ in found[path]["dedup_phash"].values())
+
+    assert removed("single") <= removed("unconfirmed")  # DHashes only ever veto PHash pairs
+    if confirm == 0:
+        assert removed("single") < removed("unconfirmed")  # the small demo has PHash pairs with other gradients
     record = read_json(tmp_path / "partitioned" / "dedup_exact" / "_SUCCESS") or {}
     assert len(record["parts"]) == len(part_files(ingested / "ingest"))  # part i holds ingest part i's images
 

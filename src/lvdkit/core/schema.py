@@ -18,6 +18,7 @@ STATUS_COL = "status"  # ok | quarantined (ingest); kept | duplicate | quarantin
 ERROR = "error"  # ingest: the quarantine reason
 CONTENT_HASH = "content_hash"  # blake2b-128 hex of the file bytes
 PHASH = "phash"  # imagededup PHash (64 bits)
+DHASH = "dhash"  # imagededup DHash (64 bits): confirms PHash matches
 IMAGE = "image"  # curated set: the file's bytes (or re-encoded at curated.max_side)
 IMAGE_BYTES = "image_bytes"  # ingest: the file's bytes, only with ingest.keep_bytes=true
 WIDTH, HEIGHT, FORMAT = "width", "height", "format"  # after EXIF orientation; Pillow's format name
@@ -81,6 +82,7 @@ INGEST = pa.schema(
         pa.field(MODE, pa.string()),  # Pillow mode of the stored image: RGB, L, CMYK, P, I;16, ...
         pa.field(N_FRAMES, pa.int32()),  # >1 for animated images; the first frame is used
         pa.field(PHASH, pa.uint64()),  # imagededup PHash (64 bits), computed while the image is decoded
+        pa.field(DHASH, pa.uint64()),  # imagededup DHash (64 bits), with the PHash: dedup_phash.confirm_dhash
         pa.field(STATUS_COL, pa.string(), nullable=False),  # ok | quarantined
         pa.field(ERROR, pa.string()),  # quarantine reason (one of REASONS) for quarantined rows
         pa.field(ERROR_DETAIL, pa.string()),  # the exception text, for humans

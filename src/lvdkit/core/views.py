@@ -52,7 +52,7 @@ def alive_by_part(inputs: StageInputs, after: tuple[str, ...], columns: list[str
     removed = [_removed_ids(inputs, stage) for stage in after]
     wanted = list(dict.fromkeys([schema.IMAGE_ID, schema.STATUS_COL, *columns]))
     for part in inputs.parts(INGEST):
-        table = pq.read_table(part, columns=wanted)
+        table = pq.read_table(part, columns=wanted, schema=schema.INGEST)  # a column added since: null
         table = table.filter(pc.equal(table[schema.STATUS_COL], schema.STATUS_OK))
         for ids in removed:
             table = table.filter(pc.invert(pc.is_in(table[schema.IMAGE_ID], value_set=ids)))
@@ -75,7 +75,7 @@ def _removed_in(parts: list[Location]) -> pa.Array:
 def alive_in_part(inputs: StageInputs, index: int, after: tuple[str, ...], columns: list[str]) -> pa.Table:
     """:func:`alive` for the rows of ingest part ``index`` only (what a per-part task of a partitioned stage reads)."""
     wanted = list(dict.fromkeys([schema.IMAGE_ID, schema.STATUS_COL, *columns]))
-    table = pq.read_table(inputs.parts(INGEST)[index], columns=wanted)
+    table = pq.read_table(inputs.parts(INGEST)[index], columns=wanted, schema=schema.INGEST)
     table = table.filter(pc.equal(table[schema.STATUS_COL], schema.STATUS_OK))
     return _drop_removed(inputs, table, index, after).select(list(dict.fromkeys([schema.IMAGE_ID, *columns])))
 

@@ -32,7 +32,7 @@ from lvdkit.core.storage import Location
 from lvdkit.core.views import INGEST, alive_in_part, dedups_before
 from lvdkit.curation.components import NODE_COLUMNS, dedup_rows, found_pairs, group_found
 from lvdkit.curation.dedup_exact import DedupExactConfig, dedup_exact
-from lvdkit.curation.dedup_phash import DedupPhashConfig, hamming_pairs
+from lvdkit.curation.dedup_phash import DedupPhashConfig, confirmed, dhashes_of, hamming_pairs
 
 BUCKET, KEY = "bucket", "key"
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: spreads band values over buckets
@@ -131,7 +131,8 @@ class PhashPartitions(_HashWork):
         return cls._sized(inputs, "dedup_phash", cfg.partition_rows, copies, cfg=cfg)  # type: ignore[no-any-return]
 
     def scatter(self, state: None, index: int) -> tuple[pa.Table, dict[str, Any]]:
-        rows = alive_in_part(self.inputs, index, dedups_before("dedup_phash"), [schema.PHASH, *NODE_COLUMNS[1:]])
+        columns = [schema.PHASH, schema.DHASH, *NODE_COLUMNS[1:]]
+        rows = alive_in_part(self.inputs, index, dedups_before("dedup_phash"), columns)
         keys = row_keys(index, rows.num_rows)
         hashed = pc.is_valid(rows[schema.PHASH]).to_numpy(zero_copy_only=False)
         rows = rows.append_column(KEY, pa.array(keys)).filter(pa.array(hashed))
@@ -148,6 +149,8 @@ class PhashPartitions(_HashWork):
         rows = rows.take(pa.array(np.sort(first)))
         hashes = rows[schema.PHASH].to_numpy(zero_copy_only=False).astype(np.uint64)
         pairs, dist = hamming_pairs(hashes, self.cfg.max_distance, self.cfg.query_chunk)
+        keep = confirmed(pairs, dhashes_of(rows, self.cfg.confirm_dhash), self.cfg.confirm_dhash)
+        pairs, dist = pairs[keep], dist[keep]
         a, b = rows.take(pa.array(pairs[:, 0])), rows.take(pa.array(pairs[:, 1]))
         return found_pairs(a, b, a[KEY], b[KEY], dist.astype(np.float32))
 

@@ -65,7 +65,7 @@ class IngestConfig:
     max_expansion: float = setting(200.0, ge=0)
     max_file_mb: float = setting(256.0, gt=0)  # larger files are quarantined without being read
     min_side: int = setting(16, ge=1)  # images whose shorter side is below this are quarantined (too_small)
-    phash: bool = True  # compute imagededup's PHash for dedup_phash
+    phash: bool = True  # compute imagededup's PHash and DHash for dedup_phash
     # images with less structure than this at 32x32 (grey-level std; measured: demo images >= 35, solid colours and
     # fine chessboards < 0.3) get no PHash, so PHash dedup never groups them (copy dedup still sees them)
     phash_min_std: float = setting(2.0, ge=0)
@@ -88,6 +88,13 @@ def _phasher() -> Any:
     return PHash(verbose=False)
 
 
+@functools.cache
+def _dhasher() -> Any:
+    from imagededup.methods import DHash
+
+    return DHash(verbose=False)
+
+
 def structure(rgb: Image.Image) -> float:
     """Standard deviation (grey levels) of the image at 32x32, the scale PHash looks at. Solid colours and fine
     patterns (a chessboard of small squares) are near 0 there; their PHashes say nothing and would all coincide."""
@@ -97,6 +104,11 @@ def structure(rgb: Image.Image) -> float:
 def phash64(rgb: np.ndarray) -> int:
     """imagededup's PHash of an RGB array as an unsigned 64-bit integer (its hex string, parsed)."""
     return int(_phasher().encode_image(image_array=rgb), 16)
+
+
+def dhash64(rgb: np.ndarray) -> int:
+    """imagededup's DHash (gradient signs at 9x8) of an RGB array as an unsigned 64-bit integer."""
+    return int(_dhasher().encode_image(image_array=rgb), 16)
 
 
 def inspect_file(uri: str, cfg: IngestConfig, outside: str | None = None) -> dict[str, object]:
@@ -137,7 +149,8 @@ def inspect_bytes(row: dict[str, object], data: bytes, cfg: IngestConfig) -> dic
     if cfg.phash:
         rgb = to_rgb(dec.image)
         if structure(rgb) >= cfg.phash_min_std:  # else no PHash: it would equal every other flat image's
-            row[schema.PHASH] = phash64(np.asarray(rgb))
+            pixels = np.asarray(rgb)
+            row[schema.PHASH], row[schema.DHASH] = phash64(pixels), dhash64(pixels)
     row[schema.STATUS_COL] = schema.STATUS_OK
     return row
 

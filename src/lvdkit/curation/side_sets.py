@@ -46,7 +46,7 @@ class SideSetReader:
             raise ValueError(f"{key!r} is not a key of embed.models ({', '.join(self.embed.models)})")
         listed = list(list_for_ingest(inputs, self.ingest))
         rows = ingest_files([u for u, _ in listed], self.ingest, [o for _, o in listed])
-        rows = rows.drop_columns([schema.IMAGE_BYTES, schema.PHASH])
+        rows = rows.drop_columns([schema.IMAGE_BYTES, schema.PHASH, schema.DHASH])
         ok = rows.filter(pc.equal(rows[schema.STATUS_COL], schema.STATUS_OK))
         model = create_embedder(self.embed.models[key], **self.embed.options(key))
         ids, uris = ok[schema.IMAGE_ID].to_pylist(), ok[schema.URI].to_pylist()
