@@ -175,6 +175,11 @@ def test_distinct_tail_recovers_an_extreme_value_law_below_the_copies() -> None:
     assert distinct_tail(best)[1] > 0.03 * 1.05  # not told the copies' share, the fit spreads the law
     t = np.array([0.4, 0.5])
     np.testing.assert_allclose(gev_sf(t, location, scale, 0.0), 1 - np.exp(-np.exp(-(t - location) / scale)))
+    from scipy.stats import genextreme  # scipy's shape parameter is the negative of ours
+
+    grid = np.linspace(-0.5, 1.5, 9)
+    for shape in (-0.45, -0.2, 0.2):
+        np.testing.assert_allclose(gev_sf(grid, 0.3, 0.1, shape), genextreme.sf(grid, -shape, 0.3, 0.1), atol=1e-12)
     # a bounded law (the best of a few cosines in tight clusters): the fit finds its shape, and nothing above its end
     bounded = 0.9 - 0.1 * rng.weibull(3.0, 10000)  # reversed Weibull: shape -1/3, upper end 0.9
     location, scale, shape = distinct_tail(bounded)

@@ -529,9 +529,29 @@ def test_dedup_phash_counts_a_pair_only_where_the_dhashes_agree() -> None:
     # b: 1 bit from a; c: equal PHash but a different gradient picture; d: no DHash (ingested before), PHash alone;
     # e: its DHash equals a's, but its PHash does not
     assert dup_of == {"a": None, "b": "a", "c": None, "d": "a", "e": None}
-    assert stats["pairs"] == 4  # of the 6 equal-PHash pairs, a-c and b-c fail (c-d stands, d's DHash unknown)
+    assert stats["pairs"] == 6  # PHash pairs; a-c and b-c fail the DHash check (c-d stands, d's DHash is unknown)
     alone, alone_stats = dedup_phash(table, DedupPhashConfig(confirm_dhash=None))
     assert {r[schema.DUP_OF] for r in alone.to_pylist() if r[schema.IMAGE_ID] != "e"} == {None, "a"}
     assert alone.filter(pc.invert(alone[schema.KEEP])).num_rows == 3 and alone_stats["pairs"] == 6
     unknown = table.set_column(4, schema.DHASH, pa.nulls(5, pa.uint64()))  # a pool ingested before DHashes
     assert dedup_phash(unknown, DedupPhashConfig())[0].equals(alone)
+
+
+def test_the_star_rule_inside_equal_phash_buckets_is_the_star_rule_on_the_confirmed_pairs() -> None:
+    """At max_distance 0 the pairs are not listed (a bucket of k equal PHashes has k(k-1)/2 of them): the same
+    groups as star_groups over the listed, DHash-confirmed pairs, unknown DHashes included."""
+    from lvdkit.curation.components import group, keep_priority
+    from lvdkit.curation.dedup_phash import confirmed, dhashes_of, hamming_pairs
+
+    rng = np.random.default_rng(7)
+    for trial in range(12):
+        n = int(rng.integers(2, 200))
+        dh = [None if rng.random() < 0.15 else int(v) for v in rng.integers(0, 16, n) << int(rng.integers(0, 4))]
+        rows = [(f"{i:04d}", int(rng.integers(0, 5)), int(rng.integers(5, 9)), 10) for i in range(n)]
+        table = phash_table(rows).append_column(schema.DHASH, pa.array(dh, pa.uint64()))
+        bits = int(rng.integers(0, 4))
+        out, _ = dedup_phash(table, DedupPhashConfig(confirm_dhash=bits))
+        pairs = hamming_pairs(table[schema.PHASH].to_numpy().astype(np.uint64), 0)[0]
+        rep = group(n, pairs[confirmed(pairs, dhashes_of(table, bits), bits)], keep_priority(table), "star")
+        expected = {f"{i:04d}": f"{rep[i]:04d}" for i in range(n)}
+        assert {r[schema.IMAGE_ID]: r[schema.GROUP_ID] for r in out.to_pylist()} == expected, trial

@@ -167,9 +167,12 @@ def calibrate(
     t0 = float(neg_s[-1])
     r0 = float(_above(pos_s, t0))
     pi = float(np.clip(_above(best_s, t0) / r0, 1e-4, 1.0)) if r0 > 0 else 1e-4
-    fit = len(best) >= tail_min_images and pi <= tail_max_prevalence
     m0 = float(_above(best_s, t0))  # matched where no second neighbour reaches: copies, a lower bound on their share
-    tail = distinct_tail(best, hi=min(TAIL_HI, 1.0 - 2.0 * pi), above=m0) if fit else None
+    share = max(pi, m0)  # pi is floored at 1e-4 where no synthetic copy reaches t0
+    finite = best[np.isfinite(best)]  # a padded neighbour list has -inf
+    tail = None
+    if len(finite) >= tail_min_images and share <= tail_max_prevalence:
+        tail = distinct_tail(finite, hi=min(TAIL_HI, 1.0 - 2.0 * share), above=m0)
 
     def false_rate(t: np.ndarray) -> np.ndarray:
         second = _above(neg_s, t)
@@ -178,7 +181,7 @@ def calibrate(
     cands = np.unique(np.concatenate([pos_s, best_s]))
     precision = _precision(cands, pos_s, false_rate(cands), best_s, pi)
     ok = np.nonzero((precision >= target_precision) & (_above(pos_s, cands) > 0))[0]
-    chosen = float(cands[int(ok[0])]) if len(ok) else t0
+    chosen = float(cands[int(ok[0])]) if len(ok) else t0  # none: give up at the distinct images' top (and warn)
     t = max(chosen, min_threshold)
     at = np.array([t])
     by_edit = {}
@@ -187,9 +190,9 @@ def calibrate(
     est = float(_precision(at, pos_s, false_rate(at), best_s, pi)[0])
     second = float(_above(neg_s, t))
     fitted = (None,) * 4 if tail is None else (float((1.0 - m0) * gev_sf(at, *tail)[0]), *tail)
+    false = min(float(false_rate(at)[0]), float(_above(best_s, t)))  # no more false matches than matches
     return Calibration(
-        t, est, float(_above(pos_s, t)), pi, float(false_rate(at)[0]), len(pos), len(neg), chosen, by_edit, second,
-        *fitted,
+        t, est, float(_above(pos_s, t)), pi, false, len(pos), len(neg), chosen, by_edit, second, *fitted,
     )  # fmt: skip
 
 
@@ -224,7 +227,10 @@ def gev_sf(t: np.ndarray, location: float, scale: float, shape: float) -> np.nda
     if shape == 0:
         return -np.expm1(-np.exp(-z))
     base = 1.0 + shape * z
-    return np.where(base > 0, -np.expm1(-np.power(np.maximum(base, 1e-300), -1.0 / shape)), 0.0)
+    outside = 0.0 if shape < 0 else 1.0  # above the upper end (shape < 0), below the lower end (shape > 0)
+    with np.errstate(over="ignore"):
+        inside = -np.expm1(-np.power(np.maximum(base, 1e-300), -1.0 / shape))
+    return np.where(base > 0, inside, outside)
 
 
 def _above(sorted_x: np.ndarray, t: np.ndarray | float) -> np.ndarray:
@@ -329,7 +335,7 @@ def calibration_warnings(cal: Calibration, n: int, whitening: str, cfg: DedupCop
             f"the calibrated threshold {cal.calibrated:.3f} was below min_threshold and {cal.threshold:.3f} applies: "
             "the descriptors barely separate copies from distinct images here"
         )
-    if cal.precision < cfg.target_precision:
+    if cal.precision < cfg.target_precision and cal.threshold <= cal.calibrated:  # floored: said above
         said.append(
             f"no threshold reached target_precision={cfg.target_precision:g}: at {cal.threshold:.3f} the estimated "
             f"precision is {cal.precision:.2f} (false matches {cal.false_match_rate:.4f} of the images against "

@@ -34,9 +34,9 @@ class DedupPhashConfig:
     # Hamming bits; imagededup's default of 10 merges unrelated low-detail images
     max_distance: int = setting(0, ge=0, le=64)
     # a PHash pair counts only where the two images' DHashes (ingest's, imagededup's) are within this many bits;
-    # null: PHash alone. Measured on the demo's PHash pairs (max_distance 0): DHash within 3 bits keeps 142 of 146
-    # true pairs and 3 of 25 false ones (two different handwritten 1s or 7s with equal PHashes); on the photo pools
-    # 30 of 32 true pairs (the other two: shrink + JPEG 30, DHash 4 bits apart); within 2: 132 and 0; 26 of 32
+    # null: PHash alone. Measured on the demo's 171 PHash pairs (max_distance 0): DHash within 3 bits keeps 142 of
+    # the 146 true pairs and 3 of the 25 false ones (two different handwritten 1s or 7s with equal PHashes); on the
+    # photo pools 30 of 32 true pairs (the other two: shrink + JPEG 30, DHash 4 bits apart); within 2: 132 and 0; 26
     confirm_dhash: int | None = setting(3, ge=0, le=64)
     grouping: Literal["star", "components"] = "star"  # star: linked to the kept image; components: union-find
     query_chunk: int = setting(65536, ge=1)  # queries per Faiss range search (bounds memory)
@@ -133,21 +133,43 @@ def dedup_phash(images: pa.Table, cfg: DedupPhashConfig) -> tuple[pa.Table, dict
     if cfg.grouping not in ("star", "components"):
         raise ValueError(f"dedup_phash.grouping={cfg.grouping!r}; valid: 'star', 'components'")
     dhashes = dhashes_of(images, cfg.confirm_dhash)
-    if cfg.enabled and n and cfg.max_distance == 0 and dhashes is None:
-        # Equal hashes form cliques, so star and components agree: group by value, no pair list needed.
+    if cfg.enabled and n and cfg.max_distance == 0 and (dhashes is None or cfg.grouping == "star"):
+        # Equal hashes form cliques, so star and components agree: group by value, no pair list needed (a bucket of
+        # k equal hashes has k(k-1)/2 pairs). With DHashes the star rule runs inside each bucket.
         labels = np.unique(hashes, return_inverse=True)[1].ravel()
-        rep = representatives(labels, priority)
+        if dhashes is None:
+            rep = representatives(labels, priority)
+        else:
+            rep = _star_within(labels, dhashes, cfg.confirm_dhash, priority)
         sizes = np.bincount(labels)
         n_pairs = int((sizes * (sizes - 1) // 2).sum())
     else:
         pairs = hamming_pairs(hashes, cfg.max_distance, cfg.query_chunk)[0] if cfg.enabled and n else np.empty((0, 2))
-        pairs = pairs[confirmed(pairs, dhashes, cfg.confirm_dhash)]
-        rep = group(n, pairs, priority, cfg.grouping)
         n_pairs = len(pairs)
+        rep = group(n, pairs[confirmed(pairs, dhashes, cfg.confirm_dhash)], priority, cfg.grouping)
     distance = _distance_to_rep(hashes, rep)
     sizes = component_sizes(rep) if n else np.zeros(1, np.int64)
     stats = {"pairs": n_pairs, "groups_with_duplicates": int((sizes > 1).sum()), "largest_group": int(sizes.max())}
     return groups_table(images[schema.IMAGE_ID], rep, distance.astype(np.float32)), stats
+
+
+def _star_within(labels: np.ndarray, dhashes: Dhashes, max_bits: int | None, priority: np.ndarray) -> np.ndarray:
+    """:func:`~lvdkit.curation.components.star_groups` over the pairs of equal ``labels`` (PHash buckets) that
+    :func:`confirmed` keeps, without listing them: best priority first, an unassigned image becomes a representative
+    and claims the unassigned images of its bucket whose DHash is within ``max_bits`` (or unknown). Memory O(N); time
+    O(bucket x representatives in it)."""
+    order = np.lexsort((np.arange(len(labels)), priority, labels))  # by bucket, best first
+    bounds = np.flatnonzero(np.diff(labels[order])) + 1
+    rep = np.arange(len(labels), dtype=np.int64)
+    for bucket in np.split(order, bounds):
+        free = bucket
+        while len(free) > 1:
+            head, rest = free[0], free[1:]
+            pair = np.stack([np.full(len(rest), head), rest], axis=1)
+            joined = confirmed(pair, dhashes, max_bits)
+            rep[rest[joined]] = head
+            free = rest[~joined]
+    return rep
 
 
 def dhashes_of(images: pa.Table, max_bits: int | None) -> Dhashes | None:

@@ -195,7 +195,10 @@ def _phash_partitioned(c: CurateConfig, inputs: StageInputs) -> bool:
             f"dedup_phash.path=partitioned works up to dedup_phash.max_distance={MULTIHASH_MAX_DISTANCE} "
             f"(it is {cfg.max_distance}): lower it or set dedup_phash.path=single"
         )
-    return cfg.max_distance <= MULTIHASH_MAX_DISTANCE and _by_size("dedup_phash", cfg, inputs, "ingest")
+    if cfg.path == "partitioned" and cfg.grouping != "star":  # pairs found piecewise are grouped by the star rule
+        raise ValueError("dedup_phash.path=partitioned groups with the star rule only: set dedup_phash.grouping=star")
+    fits = cfg.max_distance <= MULTIHASH_MAX_DISTANCE and (cfg.path != "auto" or cfg.grouping == "star")
+    return fits and _by_size("dedup_phash", cfg, inputs, "ingest")
 
 
 def _copy_partitioned(c: CurateConfig, inputs: StageInputs) -> bool:
