@@ -166,8 +166,8 @@ def calibrate(
     pos_s, neg_s, best_s = np.sort(pos), np.sort(neg), np.sort(best)
     t0 = float(neg_s[-1])
     r0 = float(_above(pos_s, t0))
-    pi = float(np.clip(_above(best_s, t0) / r0, 1e-4, 1.0)) if r0 > 0 else 1e-4
     m0 = float(_above(best_s, t0))  # matched where no second neighbour reaches: copies, a lower bound on their share
+    pi = float(np.clip(m0 / r0, 1e-4, 1.0)) if r0 > 0 else 1e-4
     share = max(pi, m0)  # pi is floored at 1e-4 where no synthetic copy reaches t0
     finite = best[np.isfinite(best)]  # a padded neighbour list has -inf
     tail = None
@@ -187,10 +187,11 @@ def calibrate(
     by_edit = {}
     if edits is not None:
         by_edit = {str(e): float(np.mean(pos[edits == e] > t)) for e in np.unique(edits)}
-    est = float(_precision(at, pos_s, false_rate(at), best_s, pi)[0])
+    false_at = false_rate(at)
+    est = float(_precision(at, pos_s, false_at, best_s, pi)[0])
     second = float(_above(neg_s, t))
     fitted = (None,) * 4 if tail is None else (float((1.0 - m0) * gev_sf(at, *tail)[0]), *tail)
-    false = min(float(false_rate(at)[0]), float(_above(best_s, t)))  # no more false matches than matches
+    false = min(float(false_at[0]), float(_above(best_s, t)))  # no more false matches than matches
     return Calibration(
         t, est, float(_above(pos_s, t)), pi, false, len(pos), len(neg), chosen, by_edit, second, *fitted,
     )  # fmt: skip

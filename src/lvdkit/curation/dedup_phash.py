@@ -105,8 +105,7 @@ def confirmed(pairs: np.ndarray, dhashes: Dhashes | None, max_bits: int | None) 
     if max_bits is None or dhashes is None or not len(pairs):
         return np.ones(len(pairs), bool)
     values, known = dhashes
-    xor = np.bitwise_xor(values[pairs[:, 0]], values[pairs[:, 1]])
-    bits = np.unpackbits(xor.view(np.uint8).reshape(-1, 8), axis=1).sum(axis=1)
+    bits = _hamming(values[pairs[:, 0]], values[pairs[:, 1]])
     return (bits <= max_bits) | ~(known[pairs[:, 0]] & known[pairs[:, 1]])
 
 
@@ -187,8 +186,12 @@ def _distance_to_rep(hashes: np.ndarray, rep: np.ndarray) -> np.ndarray:
     """Hamming distance of each hash to its representative's hash."""
     if not len(hashes):
         return np.empty(0, np.int64)
-    xor = np.bitwise_xor(hashes, hashes[rep])
-    return np.unpackbits(xor.view(np.uint8).reshape(-1, 8), axis=1).sum(axis=1)
+    return _hamming(hashes, hashes[rep])
+
+
+def _hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Bits that differ between 64-bit hashes ``a`` and ``b`` [N] uint64 -> [N]."""
+    return np.unpackbits(np.bitwise_xor(a, b).view(np.uint8).reshape(-1, 8), axis=1).sum(axis=1)
 
 
 def run_dedup_phash(cfg: DedupPhashConfig, inputs: StageInputs) -> StageOutput:
