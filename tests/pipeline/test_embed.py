@@ -150,3 +150,27 @@ def test_copy_and_relative_dedup_with_sscd_on_the_demo(embedded: Path, small_dem
     relative = [r for r in status if r["reason"] == "dedup_relative"]
     protected = pq.read_table(out / "dedup_relative" / "protected.parquet")
     assert {r[schema.DUP_OF] for r in relative} <= set(protected[schema.IMAGE_ID].to_pylist())
+
+
+def test_rotated_views_are_embedded_searched_and_dropped_again(
+    embedded: Path, small_demo: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    for stage in UP_TO_EMBED[:-1]:
+        shutil.copytree(embedded / stage, out / stage)
+    one_model = ("embed.models={copy: 'timm:resnet10t'}", "embed.calibration_copies=20")
+    stages = (*UP_TO_EMBED, "dedup_copy")
+    run(_config(out, small_demo, *one_model, "embed.copy_views=[6, -6]"), stages=stages)
+    images, views = read_parts(out / "embed"), read_parts(out / "embed" / schema.VIEWS)
+    assert views.num_rows == 2 * images.num_rows
+    edits = {schema.view_edit(-6), schema.view_edit(6)}
+    assert set(views[schema.EDIT].to_pylist()) == edits == {"view_rotate-6", "view_rotate+6"}
+    assert not set(read_parts(out / "embed" / "calibration")[schema.EDIT].to_pylist()) & set(views[schema.EDIT])
+    record = json.loads((out / "dedup_copy" / "_SUCCESS").read_text())
+    assert record["stats"]["views"] == 2 and record["stats"]["path"] == "single"
+    with pytest.raises(ValueError, match=r"embed\.copy_views"):
+        views_on = ("embed.copy_views=[6, -6]", "dedup_copy.path=partitioned")
+        run(_config(out, small_demo, *one_model, *views_on), stages=stages)
+    run(_config(out, small_demo, *one_model), stages=stages)  # views off again: embed redone without them
+    assert not part_files(out / "embed" / schema.VIEWS)
+    assert json.loads((out / "dedup_copy" / "_SUCCESS").read_text())["stats"]["views"] == 0

@@ -82,3 +82,20 @@ def pairs_above(sims: np.ndarray, ids: np.ndarray, threshold: float) -> tuple[np
         return pairs.astype(np.int64), s
     uniq, first = np.unique(pairs, axis=0, return_index=True)
     return uniq.astype(np.int64), s[first]
+
+
+def best_per_owner(sims: np.ndarray, rows: np.ndarray, owner_count: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Search results over an index whose row r belongs to owner ``r % owner_count`` (an image and its views, stacked
+    slab by slab) -> each query's top-``k`` owners, each at its best row's similarity. [Q, K'] -> [Q, k] float32 and
+    int64; -inf and -1 where fewer than ``k`` owners were found."""
+    owners = np.where(rows >= 0, rows % max(owner_count, 1), -1)
+    order = np.argsort(owners, axis=1, kind="stable")  # by owner; within one, in search order (best first)
+    grouped = np.take_along_axis(owners, order, axis=1)
+    first = np.ones(grouped.shape, bool)
+    first[:, 1:] = grouped[:, 1:] != grouped[:, :-1]
+    keep = np.zeros(grouped.shape, bool)
+    np.put_along_axis(keep, order, first, axis=1)
+    masked = np.where(keep & (owners >= 0), sims, -np.inf).astype(np.float32)
+    top = np.argsort(-masked, axis=1, kind="stable")[:, :k]
+    best = np.take_along_axis(masked, top, axis=1)
+    return best, np.where(np.isfinite(best), np.take_along_axis(owners, top, axis=1), -1).astype(np.int64)

@@ -198,10 +198,17 @@ INGEST_LISTING = pa.schema([(URI, pa.string()), (OUTSIDE, pa.string())])
 # --- side files: every output of a stage that is not one of its parts ------------------------------------------
 QUARANTINED = "_quarantined"  # part sub-folder: rows a per-part stage left out (on_part_error=quarantine)
 CALIBRATION = "calibration"  # embed's part sub-folder: embeddings of the synthetic copies dedup_copy calibrates on
+VIEWS = "views"  # embed's part sub-folder: every image rotated by each of embed.copy_views (dedup_copy's index)
+VIEW_PREFIX = "view_rotate"  # the edit of a view: this + the angle, e.g. view_rotate+6
 WHITENING_FILE = "whitening.npz"  # dedup_copy: the fitted descriptor post-processing (dedup_relative reuses it)
 THRESHOLD_FILE = "threshold.json"  # dedup_copy: the similarity threshold it applied (dedup_relative's default)
 PROTECTED_FILE = "protected.parquet"  # dedup_relative: the protected images as ingested (ids, uris, status)
 CENTROIDS_FILES = "centroids_level*.npy"  # cluster: the centroids of each level, [K, D] float32
+
+
+def view_edit(angle: float) -> str:
+    """The ``edit`` label of an image's view rotated by ``angle`` degrees (counter-clockwise)."""
+    return f"{VIEW_PREFIX}{angle:+g}"
 
 
 def centroids_file(level: int) -> str:

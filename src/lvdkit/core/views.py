@@ -242,6 +242,28 @@ def calibration_copies(inputs: StageInputs, key: str) -> tuple[pa.Table, np.ndar
     return table.select([schema.IMAGE_ID, schema.EDIT]), x
 
 
+def rotated_views(inputs: StageInputs, key: str, ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Model ``key``'s embeddings of embed's views (``embed.copy_views``) of ``ids``, as [A, N, D] float32 (one
+    slab per angle, rows in ``ids``' order); [0, N, D] where embed made none. An image a view is missing for gets
+    its own embedding there (a view adds candidates, it never removes one)."""
+    col = schema.embedding_column(key)
+    parts = inputs.parts(EMBED, schema.VIEWS)
+    own = embeddings_of(inputs, key, ids)
+    if not parts:
+        return own[None][:0]
+    table = inputs.table(EMBED, columns=[schema.IMAGE_ID, schema.EDIT, col], sub=schema.VIEWS)
+    slabs = []
+    for edit in sorted(set(table[schema.EDIT].to_pylist())):
+        rows = table.filter(pc.equal(table[schema.EDIT], edit))
+        at = pc.index_in(ids, value_set=rows[schema.IMAGE_ID]).to_numpy(zero_copy_only=False)
+        x = rows[col].combine_chunks().flatten().to_numpy().reshape(rows.num_rows, -1).astype(np.float32)
+        found = ~np.isnan(at.astype(np.float64))
+        slab = own.copy()
+        slab[found] = x[at[found].astype(np.int64)]
+        slabs.append(slab)
+    return np.stack(slabs)
+
+
 def embeddings_of(
     inputs: StageInputs,
     key: str,

@@ -27,10 +27,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from lvdkit.core import schema
-from lvdkit.core.knn import IndexKind, build_index, knn, pairs_above
+from lvdkit.core.knn import IndexKind, best_per_owner, build_index, knn, pairs_above
 from lvdkit.core.settings import setting
 from lvdkit.core.stage import StageInputs, StageOutput
-from lvdkit.core.views import alive, calibration_copies, dedups_before, embeddings_of
+from lvdkit.core.views import alive, calibration_copies, dedups_before, embeddings_of, rotated_views
 from lvdkit.core.whitening import Whitener, fit_whitener
 from lvdkit.curation.components import component_sizes, connected_components, dedup_stats, group, keep_priority
 from lvdkit.curation.dedup_exact import groups_table
@@ -141,6 +141,7 @@ def calibrate(
     edits: np.ndarray | None = None,
     tail_min_images: int = 1000,
     tail_max_prevalence: float = TAIL_MAX_PREVALENCE,
+    prevalence: float | None = None,
 ) -> Calibration:
     """Lowest threshold t (not below ``min_threshold``) whose estimated precision reaches ``target_precision`` (a pair
     is a copy when sim > t), with the estimates at that t.
@@ -160,6 +161,7 @@ def calibrate(
     Precision: the lower of 1 - F(t) / M(t) and pi R(t) / M(t). Each alone was optimistic somewhere: the second on
     the photo benchmark and the demo (synthetic copies harder or easier than the pool's own bias pi through R(t0)),
     the first on pools where an image's second neighbour is well below its first distinct one.
+    prevalence: pi estimated elsewhere (``dedup_copy`` with views: on the plain descriptors), used instead.
     """
     if not len(pos) or not len(neg) or not len(best):
         raise ValueError("calibration needs synthetic copies and at least two images")
@@ -168,6 +170,8 @@ def calibrate(
     r0 = float(_above(pos_s, t0))
     m0 = float(_above(best_s, t0))  # matched where no second neighbour reaches: copies, a lower bound on their share
     pi = float(np.clip(m0 / r0, 1e-4, 1.0)) if r0 > 0 else 1e-4
+    if prevalence is not None:
+        pi = prevalence
     share = max(pi, m0)  # pi is floored at 1e-4 where no synthetic copy reaches t0
     finite = best[np.isfinite(best)]  # a padded neighbour list has -inf
     tail = None
@@ -262,11 +266,14 @@ def dedup_copy(
     calib_embeddings: np.ndarray,
     cfg: DedupCopyConfig,
     calib_edits: np.ndarray | None = None,
+    views: np.ndarray | None = None,
 ) -> tuple[pa.Table, dict[str, Any], Whitener]:
     """Self-dedup ``images`` (``image_id``, ``width``, ``height``) on ``embeddings`` [N, D].
 
     calib_source: [C] row index (into ``images``) of each synthetic copy; calib_embeddings: [C, D] their descriptors;
     calib_edits: [C] their edit families (for the per-family recall estimate).
+    views: [A, N, D] descriptors of each image turned by each of ``embed.copy_views``: they join the index, and a
+    pair's similarity is the best over either image's views (:func:`search_views`).
     Returns dedup rows (schema.DEDUP, distance = 1 - cosine to the kept image), stats and the fitted whitener.
     """
     n = images.num_rows
@@ -278,13 +285,19 @@ def dedup_copy(
         return groups_table(images[schema.IMAGE_ID], np.arange(n), np.zeros(n, np.float32)), {}, whitener
     x = whitener(embeddings)  # [N, D_out], unit rows
     sims, ids = knn(build_index(x, cfg.index, cfg.flat_max, cfg.nprobe, cfg.seed), x, cfg.k + 1)  # +1: itself
-    stats: dict[str, Any] = {}
+    slabs = [x] + ([whitener(v) for v in views] if views is not None else [])
+    plain = sims, ids
+    if len(slabs) > 1:
+        sims, ids = search_views(slabs, cfg)
+    stats: dict[str, Any] = {"views": len(slabs) - 1}
     threshold = cfg.threshold
     if threshold is None:
-        pos = np.sum(whitener(calib_embeddings) * x[calib_source], axis=1)
-        neg = nearest_other(sims, ids, cfg.negative_rank)
-        best = nearest_other(sims, ids, 1)
-        cal = calibrate(pos, neg, best, cfg.target_precision, cfg.min_threshold, calib_edits, *tail_gate(cfg))
+        copies = whitener(calib_embeddings)
+        # the share of images with a copy is the pool's, read where the plain descriptors' distinct images end:
+        # with views that level (the top second neighbour) rises and the share estimated there falls (demo: 0.15
+        # -> 0.12, which set the threshold at 0.70 and found fewer copies than no views did)
+        prevalence = _calibrate(copies, x, *plain, calib_source, cfg, None).prevalence if len(slabs) > 1 else None
+        cal = _calibrate(copies, slabs, sims, ids, calib_source, cfg, calib_edits, prevalence)
         threshold = cal.threshold
         stats["calibration"] = asdict(cal)
         stats["warnings"] = calibration_warnings(cal, n, mode, cfg)
@@ -304,6 +317,33 @@ def dedup_copy(
         index=cfg.index if cfg.index != "auto" else ("flat" if n <= cfg.flat_max else "ivf"),
     )
     return groups_table(images[schema.IMAGE_ID], rep, distance.astype(np.float32)), stats, whitener
+
+
+def search_views(slabs: list[np.ndarray], cfg: DedupCopyConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Each image's ``k`` + 1 nearest images, searching the images and their views (``slabs``: [N, D_out] each,
+    the images first), an image's similarity to another the best over that one's views."""
+    n, stacked = len(slabs[0]), np.concatenate(slabs)
+    index = build_index(stacked, cfg.index, cfg.flat_max * len(slabs), cfg.nprobe, cfg.seed)
+    sims, rows = knn(index, slabs[0], (cfg.k + 1) * len(slabs))
+    return best_per_owner(sims, rows, n, cfg.k + 1)
+
+
+def _calibrate(
+    copies: np.ndarray,
+    slabs: np.ndarray | list[np.ndarray],
+    sims: np.ndarray,
+    ids: np.ndarray,
+    source: np.ndarray,
+    cfg: DedupCopyConfig,
+    edits: np.ndarray | None,
+    prevalence: float | None = None,
+) -> Calibration:
+    """:func:`calibrate` on a search's results: a synthetic copy's similarity is its best to its source's views."""
+    views = [slabs] if isinstance(slabs, np.ndarray) else slabs
+    pos = np.max([np.sum(copies * v[source], axis=1) for v in views], axis=0)
+    neg, best = nearest_other(sims, ids, cfg.negative_rank), nearest_other(sims, ids, 1)
+    gate = tail_gate(cfg)
+    return calibrate(pos, neg, best, cfg.target_precision, cfg.min_threshold, edits, *gate, prevalence=prevalence)
 
 
 def tail_gate(cfg: DedupCopyConfig) -> tuple[int, float]:
@@ -378,6 +418,7 @@ def run_dedup_copy(cfg: DedupCopyConfig, inputs: StageInputs) -> StageOutput:
     edits = calib[schema.EDIT].to_numpy(zero_copy_only=False)
     if not len(calib):
         calib_emb = emb[:0]
-    table, stats, whitener = dedup_copy(images, emb, calib_src.astype(np.int64), calib_emb, cfg, edits)
+    views = rotated_views(inputs, cfg.embedding, images[schema.IMAGE_ID])
+    table, stats, whitener = dedup_copy(images, emb, calib_src.astype(np.int64), calib_emb, cfg, edits, views)
     sides = {schema.WHITENING_FILE: whitener.to_bytes(), schema.THRESHOLD_FILE: {"threshold": stats.get("threshold")}}
     return StageOutput(table, dedup_stats(table, stats), sides)

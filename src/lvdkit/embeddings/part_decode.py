@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from PIL import Image
 
 from lvdkit.core import schema
 from lvdkit.core.device_jpeg import plain_jpeg
@@ -18,8 +19,6 @@ from lvdkit.core.image import decode_rgb
 from lvdkit.curation.augment import COPY_EDITS, edit_families, synthetic_copy
 
 if TYPE_CHECKING:
-    from PIL import Image
-
     from lvdkit.embeddings.preprocess import Preprocess
     from lvdkit.embeddings.stage import EmbedConfig
 
@@ -70,7 +69,7 @@ def decode_batch(
     for image_id, uri, key in zip(image_ids, uris, keys if keys is not None else image_ids, strict=True):
         data = _read(uri)
         n_copies = copies_of(key, rate, cfg.seed)
-        if on_device and n_copies == 0 and plain_jpeg(data, cfg.max_pixels):
+        if on_device and n_copies == 0 and not cfg.copy_views and plain_jpeg(data, cfg.max_pixels):
             rows.append((image_id, "", data, uri))
             continue
         image = decode_input(data, uri, cfg.max_pixels)
@@ -78,6 +77,7 @@ def decode_batch(
         seed = _seed_of(key, cfg.seed)
         for i, family in enumerate(edit_families(seed, n_copies)):
             variants.append(synthetic_copy(image, seed=seed + i, edit=family))
+        variants += [(rotated_view(image, angle), schema.view_edit(angle)) for angle in cfg.copy_views]
         for img, edit in variants:
             rows.append((image_id, edit, None, uri))
             for key, pre in preprocess.items():
@@ -90,6 +90,11 @@ def decode_batch(
         empty = np.empty((0, *preprocess[key].size, 3), np.uint8)
         out[PIXELS_PREFIX + key] = np.stack(arrays) if arrays else empty
     return out
+
+
+def rotated_view(image: Image.Image, angle: float) -> Image.Image:
+    """``image`` turned by ``angle`` degrees about its centre, same size, corners black: as Pillow rotates a copy."""
+    return image.convert("RGB").rotate(angle, resample=Image.Resampling.BILINEAR)
 
 
 def _objects(values: list[Any]) -> np.ndarray:

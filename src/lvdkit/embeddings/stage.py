@@ -66,6 +66,10 @@ class EmbedConfig:
     # GPU; other formats still Pillow), auto (device when the actors get a GPU). See lvdkit.embeddings.device_decode
     decode: Literal["auto", "pillow", "device"] = "auto"
     calibration_copies: int = setting(1000, ge=0)  # synthetic copies embedded for dedup_copy's threshold calibration
+    # rotations (degrees) of every image also embedded, by every model, into embed/views: dedup_copy searches them
+    # too, so a rotated copy meets a view turned its way (the demo: [6, -6], rotated copies 29 -> 48 of 53 found).
+    # Each angle costs one more embedding per image; dedup_copy then runs on one task (path single)
+    copy_views: list[float] = field(default_factory=list)
     max_pixels: int = setting(100_000_000, ge=1)
     seed: int = 0
 
@@ -181,14 +185,16 @@ class EmbedWork(PartWork):
             # not the rows the earlier part held (a subset being retried, say): compute every model
             table = with_kept if with_kept is not None else self._embed(batches, list(self.models))
         table = table.select([schema.IMAGE_ID, schema.EDIT, *(schema.embedding_column(k) for k in self.cfg.models)])
-        is_copy = pc.not_equal(table[schema.EDIT], "")
-        images = table.filter(pc.invert(is_copy)).drop_columns([schema.EDIT])
-        return {
+        is_view = pc.starts_with(table[schema.EDIT], schema.VIEW_PREFIX)
+        is_copy = pc.and_(pc.not_equal(table[schema.EDIT], ""), pc.invert(is_view))
+        images = table.filter(pc.equal(table[schema.EDIT], "")).drop_columns([schema.EDIT])
+        out = {
             "": images.cast(schema.embed_schema(self.dims)).sort_by(schema.IMAGE_ID),
-            schema.CALIBRATION: table.filter(is_copy)
-            .cast(schema.embed_schema(self.dims, calibration=True))
-            .sort_by([(schema.IMAGE_ID, "ascending"), (schema.EDIT, "ascending")]),
+            schema.CALIBRATION: _edited(table.filter(is_copy), self.dims),
         }
+        if self.cfg.copy_views:
+            out[schema.VIEWS] = _edited(table.filter(is_view), self.dims)
+        return out
 
     def _embed(self, batches: list[dict[str, np.ndarray]], keys: list[str]) -> pa.Table:
         """Rows (image_id, edit, the embeddings of models ``keys``) of the decoded batches, in their order."""
@@ -218,8 +224,9 @@ class EmbedWork(PartWork):
         own = own.add_column(1, schema.EDIT, pa.array([""] * own.num_rows, pa.string()))
         if not copies.exists():
             return own
-        theirs = pq.read_table(copies, columns=[*cols[:1], schema.EDIT, *cols[1:]])
-        return pa.concat_tables([own.cast(theirs.schema), theirs])
+        edited = [copies, self.previous / schema.VIEWS / name]
+        theirs = [pq.read_table(f, columns=[*cols[:1], schema.EDIT, *cols[1:]]) for f in edited if f.exists()]
+        return pa.concat_tables([own.cast(theirs[0].schema), *theirs])
 
     def _batches(self, rows: pa.Table) -> Iterator[dict[str, np.ndarray]]:
         """Decode batch by batch in this process (no decode task ran, or the part is being retried)."""
@@ -232,6 +239,12 @@ class EmbedWork(PartWork):
 
     def _empty(self) -> dict[str, np.ndarray]:
         return {k: np.empty((0, d), np.float32) for k, d in self.dims.items()}
+
+
+def _edited(rows: pa.Table, dims: dict[str, int]) -> pa.Table:
+    """Synthetic copies or views, in the calibration schema, sorted by image and edit."""
+    sorted_rows = rows.cast(schema.embed_schema(dims, calibration=True))
+    return sorted_rows.sort_by([(schema.IMAGE_ID, "ascending"), (schema.EDIT, "ascending")])
 
 
 def _with_kept(table: pa.Table, kept: pa.Table, keys: tuple[str, ...]) -> pa.Table | None:
@@ -277,4 +290,5 @@ def embed_stats(inputs: StageInputs) -> dict[str, Any]:
             if f.name.startswith(schema.EMBEDDING_PREFIX):
                 dims[f.name[len(schema.EMBEDDING_PREFIX) :]] = f.type.list_size
     copies = sum(pq.ParquetFile(p).metadata.num_rows for p in inputs.parts("embed", schema.CALIBRATION))
-    return {"dims": dims, "calibration_copies": copies}
+    views = sum(pq.ParquetFile(p).metadata.num_rows for p in inputs.parts("embed", schema.VIEWS))
+    return {"dims": dims, "calibration_copies": copies, "views": views}

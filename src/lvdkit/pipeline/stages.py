@@ -116,7 +116,7 @@ STAGES: dict[str, Stage] = {
             name="embed",
             reads=_INGESTED,
             section=lambda c: c.embed,
-            subparts=(schema.CALIBRATION,),
+            subparts=(schema.CALIBRATION, schema.VIEWS),
             plan=lambda c, inputs, fp, listing: plan_embed(c.embed, inputs, fp, listing),
             work=lambda c, listing, plan: EmbedWork.create(c.embed, listing, gpus=_embed_actors(c).num_gpus),
             stats=embed_stats,
@@ -207,7 +207,15 @@ def _copy_partitioned(c: CurateConfig, inputs: StageInputs) -> bool:
     cfg = c.dedup_copy
     if cfg.path == "partitioned" and cfg.grouping != "star":
         raise ValueError("dedup_copy.path=partitioned groups with the star rule only: set dedup_copy.grouping=star")
-    return (cfg.path != "auto" or cfg.grouping == "star") and _by_size("dedup_copy", cfg, inputs, "embed")
+    partitioned = (cfg.path != "auto" or cfg.grouping == "star") and _by_size("dedup_copy", cfg, inputs, "embed")
+    if partitioned and c.embed.copy_views:  # the views live in the single task's index only
+        rows = inputs.record("embed").get("rows")
+        raise ValueError(
+            f"embed.copy_views={c.embed.copy_views} needs dedup_copy.path=single, which holds the pool in one task, "
+            f"and this run takes the partitioned path ({rows} images, dedup_copy.path={cfg.path}, "
+            f"partition_min_rows={cfg.partition_min_rows}): set embed.copy_views=[] or dedup_copy.path=single"
+        )
+    return partitioned
 
 
 def _selects_nothing(c: CurateConfig) -> bool:
