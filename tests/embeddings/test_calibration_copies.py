@@ -75,3 +75,15 @@ def test_decode_batch_adds_every_images_rotated_views_after_its_copies(tmp_path:
     turned = pre["copy"].prepare(Image.open(uris[1]).convert("RGB").rotate(-6.0, Image.Resampling.BILINEAR))
     np.testing.assert_array_equal(out["pixels_copy"][5], turned)
     assert not np.array_equal(out["pixels_copy"][5], out["pixels_copy"][3])
+
+
+def test_side_sets_get_synthetic_copies_but_no_rotated_views(tmp_path: Path) -> None:
+    from lvdkit.curation.ingest import IngestConfig
+    from lvdkit.curation.side_sets import SideSetReader
+
+    for i in range(4):
+        photo(i, side=64).save(tmp_path / f"{i}.png")
+    embed = EmbedConfig(models={"copy": "timm:resnet10t"}, model_options={}, copy_views=[6.0, -6.0])
+    side = SideSetReader(IngestConfig(), embed).read("copy", [str(tmp_path)], copies=8)
+    assert side.x.shape[0] == 4 and side.copies is not None and side.copy_edit is not None
+    assert len(side.copies) == 8 and set(side.copy_edit) <= set(COPY_EDITS)  # two per image, no view among them

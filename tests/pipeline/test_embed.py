@@ -160,6 +160,10 @@ def test_rotated_views_are_embedded_searched_and_dropped_again(
         shutil.copytree(embedded / stage, out / stage)
     one_model = ("embed.models={copy: 'timm:resnet10t'}", "embed.calibration_copies=20")
     stages = (*UP_TO_EMBED, "dedup_copy")
+    for bad, match in (("dedup_copy.path=partitioned", r"embed\.copy_views"), ("embed.copy_views=[6, 0]", "non-zero")):
+        with pytest.raises(ValueError, match=match):  # refused when embed plans, before any view is embedded
+            run(_config(out, small_demo, *one_model, "embed.copy_views=[6, -6]", bad), stages=stages)
+        assert not (out / "embed" / "_SUCCESS").exists()
     run(_config(out, small_demo, *one_model, "embed.copy_views=[6, -6]"), stages=stages)
     images, views = read_parts(out / "embed"), read_parts(out / "embed" / schema.VIEWS)
     assert views.num_rows == 2 * images.num_rows
@@ -168,7 +172,9 @@ def test_rotated_views_are_embedded_searched_and_dropped_again(
     assert not set(read_parts(out / "embed" / "calibration")[schema.EDIT].to_pylist()) & set(views[schema.EDIT])
     record = json.loads((out / "dedup_copy" / "_SUCCESS").read_text())
     assert record["stats"]["views"] == 2 and record["stats"]["path"] == "single"
-    with pytest.raises(ValueError, match=r"embed\.copy_views"):
+    threshold = json.loads((out / "dedup_copy" / "threshold.json").read_text())["threshold"]
+    assert threshold == record["stats"]["plain_threshold"]  # what dedup_relative compares plain descriptors with
+    with pytest.raises(ValueError, match=r"embed\.copy_views"):  # embed up to date: refused by dedup_copy
         views_on = ("embed.copy_views=[6, -6]", "dedup_copy.path=partitioned")
         run(_config(out, small_demo, *one_model, *views_on), stages=stages)
     run(_config(out, small_demo, *one_model), stages=stages)  # views off again: embed redone without them

@@ -242,26 +242,24 @@ def calibration_copies(inputs: StageInputs, key: str) -> tuple[pa.Table, np.ndar
     return table.select([schema.IMAGE_ID, schema.EDIT]), x
 
 
-def rotated_views(inputs: StageInputs, key: str, ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """Model ``key``'s embeddings of embed's views (``embed.copy_views``) of ``ids``, as [A, N, D] float32 (one
-    slab per angle, rows in ``ids``' order); [0, N, D] where embed made none. An image a view is missing for gets
-    its own embedding there (a view adds candidates, it never removes one)."""
-    col = schema.embedding_column(key)
+def rotated_views(inputs: StageInputs, key: str, ids: pa.Array | pa.ChunkedArray, own: np.ndarray) -> np.ndarray:
+    """Model ``key``'s embeddings of embed's views (``embed.copy_views``) of ``ids`` (whose own embeddings are
+    ``own`` [N, D]), as [A, N, D] float32 (one slab per angle, rows in ``ids``' order); [0, N, D] where embed made
+    none. An image a view is missing for gets its own embedding there (a view adds candidates, never removes one)."""
     parts = inputs.parts(EMBED, schema.VIEWS)
-    own = embeddings_of(inputs, key, ids)
     if not parts:
         return own[None][:0]
+    col = schema.embedding_column(key)
     table = inputs.table(EMBED, columns=[schema.IMAGE_ID, schema.EDIT, col], sub=schema.VIEWS)
-    slabs = []
-    for edit in sorted(set(table[schema.EDIT].to_pylist())):
+    edits = sorted(set(table[schema.EDIT].to_pylist()))
+    slabs = np.repeat(own[None], len(edits), axis=0)
+    for slab, edit in zip(slabs, edits, strict=True):
         rows = table.filter(pc.equal(table[schema.EDIT], edit))
         at = pc.index_in(ids, value_set=rows[schema.IMAGE_ID]).to_numpy(zero_copy_only=False)
-        x = rows[col].combine_chunks().flatten().to_numpy().reshape(rows.num_rows, -1).astype(np.float32)
         found = ~np.isnan(at.astype(np.float64))
-        slab = own.copy()
+        x = rows[col].combine_chunks().flatten().to_numpy().reshape(rows.num_rows, -1)
         slab[found] = x[at[found].astype(np.int64)]
-        slabs.append(slab)
-    return np.stack(slabs)
+    return slabs
 
 
 def embeddings_of(

@@ -296,7 +296,10 @@ def dedup_copy(
         # the share of images with a copy is the pool's, read where the plain descriptors' distinct images end:
         # with views that level (the top second neighbour) rises and the share estimated there falls (demo: 0.15
         # -> 0.12, which set the threshold at 0.70 and found fewer copies than no views did)
-        prevalence = _calibrate(copies, x, *plain, calib_source, cfg, None).prevalence if len(slabs) > 1 else None
+        prevalence = None
+        if len(slabs) > 1:
+            on_plain = _calibrate(copies, x, *plain, calib_source, cfg, None)
+            prevalence, stats["plain_threshold"] = on_plain.prevalence, on_plain.threshold
         cal = _calibrate(copies, slabs, sims, ids, calib_source, cfg, calib_edits, prevalence)
         threshold = cal.threshold
         stats["calibration"] = asdict(cal)
@@ -418,7 +421,9 @@ def run_dedup_copy(cfg: DedupCopyConfig, inputs: StageInputs) -> StageOutput:
     edits = calib[schema.EDIT].to_numpy(zero_copy_only=False)
     if not len(calib):
         calib_emb = emb[:0]
-    views = rotated_views(inputs, cfg.embedding, images[schema.IMAGE_ID])
+    views = rotated_views(inputs, cfg.embedding, images[schema.IMAGE_ID], emb)
     table, stats, whitener = dedup_copy(images, emb, calib_src.astype(np.int64), calib_emb, cfg, edits, views)
-    sides = {schema.WHITENING_FILE: whitener.to_bytes(), schema.THRESHOLD_FILE: {"threshold": stats.get("threshold")}}
+    # dedup_relative compares plain descriptors: with views, the threshold calibrated on them
+    plain = stats.get("plain_threshold", stats.get("threshold"))
+    sides = {schema.WHITENING_FILE: whitener.to_bytes(), schema.THRESHOLD_FILE: {"threshold": plain}}
     return StageOutput(table, dedup_stats(table, stats), sides)

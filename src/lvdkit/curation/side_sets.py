@@ -7,7 +7,7 @@ pools go through the per-part stages instead.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
@@ -51,10 +51,11 @@ class SideSetReader:
         model = create_embedder(self.embed.models[key], **self.embed.options(key))
         ids, uris = ok[schema.IMAGE_ID].to_pylist(), ok[schema.URI].to_pylist()
         rate = calibration_rate(len(ids), copies)
+        embed = replace(self.embed, copy_views=[])  # views are the pool's index's (dedup_copy), not copies
         out, edits = [], []
         for start in range(0, len(ids), batch):
             pre = {key: model.preprocess}
-            cols = decode_batch(ids[start : start + batch], uris[start : start + batch], pre, rate, self.embed)
+            cols = decode_batch(ids[start : start + batch], uris[start : start + batch], pre, rate, embed)
             out.append(model.embed(cols[PIXELS_PREFIX + key]))
             edits.append(cols[schema.EDIT])
         if not out:

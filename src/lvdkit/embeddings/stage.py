@@ -88,6 +88,9 @@ def plan_embed(cfg: EmbedConfig, inputs: StageInputs, fingerprint: str, listing:
     # format and metadata: curated's plan joins each part's rows with this row group (lvdkit.curation.curated_plan)
     columns = [schema.URI, schema.CONTENT_HASH, schema.WIDTH, schema.HEIGHT, schema.FORMAT, schema.METADATA]
     per_part = cfg.images_per_part
+    angles = [schema.view_edit(a) for a in cfg.copy_views]
+    if len(set(angles)) != len(angles) or schema.view_edit(0) in angles:
+        raise ValueError(f"embed.copy_views must be distinct non-zero angles in degrees, got {cfg.copy_views}")
     if per_part < 1:
         raise ValueError(f"embed.images_per_part must be >= 1, got {per_part}")
     written, pending = 0, []

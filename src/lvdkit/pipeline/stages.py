@@ -12,6 +12,7 @@ import hashlib
 from collections.abc import Callable
 from typing import Any
 
+import pyarrow.parquet as pq
 import ray
 
 from lvdkit.cluster.partitioned import ClusterPartitions
@@ -117,7 +118,7 @@ STAGES: dict[str, Stage] = {
             reads=_INGESTED,
             section=lambda c: c.embed,
             subparts=(schema.CALIBRATION, schema.VIEWS),
-            plan=lambda c, inputs, fp, listing: plan_embed(c.embed, inputs, fp, listing),
+            plan=lambda c, inputs, fp, listing: _plan_embed(c, inputs, fp, listing),
             work=lambda c, listing, plan: EmbedWork.create(c.embed, listing, gpus=_embed_actors(c).num_gpus),
             stats=embed_stats,
             actors=_embed_actors,
@@ -201,18 +202,33 @@ def _phash_partitioned(c: CurateConfig, inputs: StageInputs) -> bool:
     return fits and _by_size("dedup_phash", cfg, inputs, "ingest")
 
 
+def _plan_embed(c: CurateConfig, inputs: StageInputs, fingerprint: str, listing: Any) -> Any:
+    """embed's work list; with ``copy_views``, first a check that dedup_copy will be able to use them."""
+    plan = plan_embed(c.embed, inputs, fingerprint, listing)
+    if c.embed.copy_views and c.dedup_copy.enabled:
+        _copy_path(c, pq.ParquetFile(listing).metadata.num_rows)  # refused here, before the views cost anything
+    return plan
+
+
 def _copy_partitioned(c: CurateConfig, inputs: StageInputs) -> bool:
-    """dedup_copy's path for this run: as configured, or by pool size (``path: auto``). Grouping by union-find
-    components needs every descriptor at hand to measure distances, so it keeps the single task."""
+    """dedup_copy's path for this run: as configured, or by pool size (``path: auto``)."""
+    return _copy_path(c, int(inputs.record("embed").get("rows") or 0))
+
+
+def _copy_path(c: CurateConfig, rows: int) -> bool:
+    """Whether dedup_copy takes the partitioned path for a pool of ``rows``. Grouping by union-find components needs
+    every descriptor at hand to measure distances, so it keeps the single task; so do rotated views (the single
+    task's index holds them)."""
     cfg = c.dedup_copy
     if cfg.path == "partitioned" and cfg.grouping != "star":
         raise ValueError("dedup_copy.path=partitioned groups with the star rule only: set dedup_copy.grouping=star")
-    partitioned = (cfg.path != "auto" or cfg.grouping == "star") and _by_size("dedup_copy", cfg, inputs, "embed")
-    if partitioned and c.embed.copy_views:  # the views live in the single task's index only
-        rows = inputs.record("embed").get("rows")
+    partitioned = cfg.path == "partitioned" or (
+        cfg.path == "auto" and cfg.grouping == "star" and rows >= cfg.partition_min_rows
+    )
+    if partitioned and c.embed.copy_views:
         raise ValueError(
             f"embed.copy_views={c.embed.copy_views} needs dedup_copy.path=single, which holds the pool in one task, "
-            f"and this run takes the partitioned path ({rows} images, dedup_copy.path={cfg.path}, "
+            f"and this run would take the partitioned path ({rows} images, dedup_copy.path={cfg.path}, "
             f"partition_min_rows={cfg.partition_min_rows}): set embed.copy_views=[] or dedup_copy.path=single"
         )
     return partitioned
