@@ -15,12 +15,11 @@ from lvdkit.curation.dedup_copy import (
     calibrate,
     calibration_warnings,
     dedup_copy,
-    distinct_tail,
-    gev_sf,
     nearest_other,
     tail_gate,
 )
 from lvdkit.curation.dedup_relative import dedup_relative
+from lvdkit.curation.extreme_tail import distinct_tail, gev_sf
 
 
 def _clustered(n: int, d: int, rng: np.random.Generator) -> np.ndarray:
