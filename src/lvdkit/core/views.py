@@ -6,7 +6,8 @@ later stages, the summary and the report use to ask "what survived?" and "what i
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 
 import numpy as np
 import pyarrow as pa
@@ -246,19 +247,13 @@ def rotated_views(inputs: StageInputs, key: str, ids: pa.Array | pa.ChunkedArray
     """Model ``key``'s embeddings of embed's views (``embed.copy_views``) of ``ids`` (whose own embeddings are
     ``own`` [N, D]), as [A, N, D] float32 (one slab per angle, rows in ``ids``' order); [0, N, D] where embed made
     none. An image a view is missing for gets its own embedding there (a view adds candidates, never removes one)."""
-    parts = inputs.parts(EMBED, schema.VIEWS)
-    if not parts:
+    if not inputs.parts(EMBED, schema.VIEWS):
         return own[None][:0]
-    col = schema.embedding_column(key)
-    table = inputs.table(EMBED, columns=[schema.IMAGE_ID, schema.EDIT, col], sub=schema.VIEWS)
-    edits = sorted(set(table[schema.EDIT].to_pylist()))
+    edits = sorted(set(inputs.table(EMBED, columns=[schema.EDIT], sub=schema.VIEWS)[schema.EDIT].to_pylist()))
     slabs = np.repeat(own[None], len(edits), axis=0)
     for slab, edit in zip(slabs, edits, strict=True):
-        rows = table.filter(pc.equal(table[schema.EDIT], edit))
-        at = pc.index_in(ids, value_set=rows[schema.IMAGE_ID]).to_numpy(zero_copy_only=False)
-        found = ~np.isnan(at.astype(np.float64))
-        x = rows[col].combine_chunks().flatten().to_numpy().reshape(rows.num_rows, -1)
-        slab[found] = x[at[found].astype(np.int64)]
+        x, missing = _rows_of(inputs, key, ids, schema.VIEWS, partial(_edit_is, edit))
+        slab[~missing] = x[~missing]
     return slabs
 
 
@@ -278,14 +273,38 @@ def embeddings_of(
         return np.zeros((len(ids), 0), np.float32)
     if col not in pq.read_schema(parts[0]).names:
         raise ValueError(f"no embeddings for model {key!r} in {inputs.folder(EMBED)}: set it in embed.models")
-    # kept part by part: memory holds the rows asked for and one part, not every embedding of the pool
-    table = inputs.table(EMBED, columns=[schema.IMAGE_ID, col], keep=lambda t: pc.is_in(t[schema.IMAGE_ID], ids))
-    pos = pc.index_in(ids, value_set=table[schema.IMAGE_ID])
-    missing = pc.is_null(pos).to_numpy(zero_copy_only=False)
+    out_x, missing = _rows_of(inputs, key, ids)
     if missing.any() and not allow_missing:
         raise RuntimeError(f"{inputs.folder(EMBED)} lacks embeddings for some images: rerun embed")
+    return out_x
+
+
+def _edit_is(edit: str, table: pa.Table) -> pa.ChunkedArray:
+    return pc.equal(table[schema.EDIT], edit)
+
+
+def _rows_of(
+    inputs: StageInputs,
+    key: str,
+    ids: pa.Array | pa.ChunkedArray,
+    sub: str = "",
+    also: Callable[[pa.Table], pa.ChunkedArray] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Model ``key``'s embeddings of ``ids`` [N, D] from embed's parts (sub-folder ``sub``; rows ``also`` marks,
+    at most one per image), zeros where missing, and which are missing [N]."""
+    col = schema.embedding_column(key)
+
+    def keep(t: pa.Table) -> pa.ChunkedArray:
+        wanted = pc.is_in(t[schema.IMAGE_ID], ids)
+        return wanted if also is None else pc.and_(wanted, also(t))
+
+    # kept part by part: memory holds the rows asked for and one part, not every embedding of the pool
+    columns = [schema.IMAGE_ID, col] + ([schema.EDIT] if sub else [])
+    table = inputs.table(EMBED, columns=columns, sub=sub, keep=keep)
+    pos = pc.index_in(ids, value_set=table[schema.IMAGE_ID])
+    missing = pc.is_null(pos).to_numpy(zero_copy_only=False)
     width = getattr(table.schema.field(col).type, "list_size", 0)  # none kept: the width from the schema
     flat = table[col].combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1 if table.num_rows else width)
     out_x = np.zeros((len(ids), flat.shape[1]), np.float32)
     out_x[~missing] = flat[pc.drop_null(pos).to_numpy()]
-    return out_x
+    return out_x, missing

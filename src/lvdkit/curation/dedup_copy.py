@@ -261,7 +261,7 @@ def dedup_copy(
         # -> 0.12, which set the threshold at 0.70 and found fewer copies than no views did)
         prevalence = None
         if len(slabs) > 1:
-            on_plain = _calibrate(copies, x, *plain, calib_source, cfg, None)
+            on_plain = _calibrate(copies, [x], *plain, calib_source, cfg, None)
             prevalence, stats["plain_threshold"] = on_plain.prevalence, on_plain.threshold
         cal = _calibrate(copies, slabs, sims, ids, calib_source, cfg, calib_edits, prevalence)
         threshold = cal.threshold
@@ -296,7 +296,7 @@ def search_views(slabs: list[np.ndarray], cfg: DedupCopyConfig) -> tuple[np.ndar
 
 def _calibrate(
     copies: np.ndarray,
-    slabs: np.ndarray | list[np.ndarray],
+    slabs: list[np.ndarray],
     sims: np.ndarray,
     ids: np.ndarray,
     source: np.ndarray,
@@ -305,8 +305,7 @@ def _calibrate(
     prevalence: float | None = None,
 ) -> Calibration:
     """:func:`calibrate` on a search's results: a synthetic copy's similarity is its best to its source's views."""
-    views = [slabs] if isinstance(slabs, np.ndarray) else slabs
-    pos = np.max([np.sum(copies * v[source], axis=1) for v in views], axis=0)
+    pos = np.max([np.sum(copies * v[source], axis=1) for v in slabs], axis=0)
     neg, best = nearest_other(sims, ids, cfg.negative_rank), nearest_other(sims, ids, 1)
     gate = tail_gate(cfg)
     return calibrate(pos, neg, best, cfg.target_precision, cfg.min_threshold, edits, *gate, prevalence=prevalence)
